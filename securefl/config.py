@@ -1,0 +1,239 @@
+"""Run configuration: one TOML file -> frozen dataclasses.
+
+Every error names the file, the table, the field and what is allowed, e.g.
+``examples/x.toml: [data] alpha must be > 0, got -1``.  Unknown keys are errors, so a typo is
+never silently ignored.  Each area owns its section's dataclass (``[privacy]`` lives in
+:mod:`securefl.privacy.config`, and so on); this module assembles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from securefl.confparse import FieldError, check, dump_toml, parse
+from securefl.errors import ConfigError
+from securefl.he.config import HEConfig
+from securefl.privacy.config import PrivacyConfig
+from securefl.runtime.config import NetworkConfig
+from securefl.secagg.config import SecAggConfig
+
+__all__ = [
+    "AggregationConfig",
+    "ClientConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "ProtectionConfig",
+    "RunConfig",
+    "ServerConfig",
+    "SimulationConfig",
+    "config_from_dict",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    rounds: int = 20
+    seed: int = 0
+    threat_model: str | None = None
+
+    def validate(self) -> None:
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["digits", "breast_cancer", "mnist", "fashion_mnist", "cifar10",
+                     "synthetic"] = "digits"
+    path: str | None = None
+    num_clients: int = 10
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    min_examples: int = 2
+    synthetic_samples: int = 10_000
+    synthetic_features: int = 32
+    synthetic_classes: int = 10
+
+    def validate(self) -> None:
+        check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(self.shards_per_client >= 1, "shards_per_client",
+              f"must be >= 1, got {self.shards_per_client}")
+        check(0 < self.test_fraction < 1, "test_fraction",
+              f"must be in (0, 1), got {self.test_fraction}")
+        check(0 <= self.val_fraction < 1, "val_fraction",
+              f"must be in [0, 1), got {self.val_fraction}")
+        check(self.min_examples >= 1, "min_examples", f"must be >= 1, got {self.min_examples}")
+        check(self.dataset not in ("mnist", "fashion_mnist", "cifar10") or bool(self.path),
+              "path", f"is required for dataset {self.dataset!r} (a local folder)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["logistic", "mlp", "cnn"] = "mlp"
+    hidden: tuple[int, ...] = (64,)
+
+    def validate(self) -> None:
+        check(all(h >= 1 for h in self.hidden), "hidden", f"sizes must be >= 1, got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    clients_per_round: int | None = None
+    fraction: float = 1.0
+    min_clients: int = 1
+    optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    evaluate: Literal["central", "federated", "both"] = "central"
+    timeout: float | None = None
+
+    def validate(self) -> None:
+        check(self.clients_per_round is None or self.clients_per_round >= 1,
+              "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
+        check(0 < self.fraction <= 1, "fraction", f"must be in (0, 1], got {self.fraction}")
+        check(self.min_clients >= 1, "min_clients", f"must be >= 1, got {self.min_clients}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1",
+              "and beta2 must be in [0, 1)")
+        check(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        check(self.timeout is None or self.timeout > 0, "timeout",
+              f"must be > 0 seconds, got {self.timeout}")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """``rule`` names the aggregator; every other key is passed to its constructor."""
+
+    rule: str = "fedavg"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> AggregationConfig:
+        options = {k: v for k, v in table.items() if k != "rule"}
+        rule = table.get("rule", "fedavg")
+        if not isinstance(rule, str):
+            raise FieldError("rule", f"must be a string, got {rule!r}")
+        config = cls(rule=rule, options=MappingProxyType(options))
+        config.build()  # validates the rule name and its options
+        return config
+
+    def build(self) -> Any:
+        from securefl.aggregation import build_aggregator
+
+        try:
+            return build_aggregator(self.rule, **self.options)
+        except (TypeError, ValueError) as exc:
+            raise FieldError("rule", f"{self.rule!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    kind: Literal["plain", "secagg", "he"] = "plain"
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    he: HEConfig = field(default_factory=HEConfig)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    workers: int = 1
+    wire: bool = False
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    def validate(self) -> None:
+        aggregator = self.aggregation.build()
+        if self.protection.kind != "plain" and not getattr(aggregator, "linear", False):
+            raise FieldError(
+                "rule", f"{self.aggregation.rule!r} needs plaintext updates, but protection "
+                f"{self.protection.kind!r} reveals only their sum; use rule = \"fedavg\"",
+                "aggregation")
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with whole sections, or ``section__field`` values, replaced."""
+        changes: dict[str, Any] = {}
+        for key, value in sections.items():
+            if "__" in key:
+                section, name = key.split("__", 1)
+                base = changes.get(section, getattr(self, section))
+                changes[section] = dataclasses.replace(base, **{name: value})
+            else:
+                changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+    def to_toml(self) -> str:
+        return dump_toml(self)
+
+
+def config_from_dict(table: Mapping[str, Any], *, source: str = "<config>") -> Config:
+    """Build and validate a :class:`Config`; errors become one-line :class:`ConfigError`."""
+    try:
+        return parse(Config, table)
+    except FieldError as exc:
+        raise ConfigError(exc.located(source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML config file; every problem is a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return config_from_dict(table, source=str(path))

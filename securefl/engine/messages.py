@@ -1,0 +1,320 @@
+"""Typed engine messages and their explicit, code-free wire encoding.
+
+Every message is a frozen dataclass registered with :func:`message`.  Fields may hold
+``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``numpy.ndarray`` (numeric dtypes
+only), other messages, and ``tuple``/``list``/``dict`` of those.
+
+Frame layout (all integers little-endian)::
+
+    b"SFLM" | version: u16 | header length: u32 | header (UTF-8 JSON) | blob 0 | blob 1 | ...
+
+The JSON header names the message type and describes its fields as a tree in which
+``{"$b": i}`` is blob ``i`` (raw bytes), ``{"$a": i}`` is an array whose dtype and shape sit
+in ``header["arrays"][i]`` and whose bytes are a blob, ``{"$t": [...]}`` a tuple,
+``{"$m": [[k, v], ...]}`` a dict (keys ``int`` or ``str``) and ``{"$msg": name, "f": {...}}``
+a nested message.  Decoding never executes code: arrays are rebuilt with
+:func:`numpy.frombuffer` from a whitelist of dtypes (no object dtype, no pickle), and every
+decoded field is checked against the dataclass annotations before the object is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import types
+import typing
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import numpy as np
+
+from securefl.errors import MessageError
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "WIRE_VERSION",
+    "Decline",
+    "EvaluateIns",
+    "EvaluateRes",
+    "FitIns",
+    "FitRes",
+    "Message",
+    "PlainUpdate",
+    "decode",
+    "encode",
+    "message",
+    "registered",
+]
+
+WIRE_VERSION = 1
+DEFAULT_MAX_BYTES = 1 << 31
+_MAGIC = b"SFLM"
+_PREFIX = struct.Struct("<4sHI")
+_DTYPES = frozenset(
+    np.dtype(t).str
+    for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+              "uint64", "float16", "float32", "float64", "complex64", "complex128")
+)
+
+_REGISTRY: dict[str, type] = {}
+T = TypeVar("T")
+
+
+class Message:
+    """Marker base class of every wire message."""
+
+
+def message(cls: type[T]) -> type[T]:
+    """Class decorator: make ``cls`` a frozen message dataclass and register it by name."""
+    if cls.__name__ in _REGISTRY:
+        raise TypeError(f"message type {cls.__name__!r} is already registered")
+    if not issubclass(cls, Message):
+        raise TypeError(f"{cls.__name__} must subclass securefl.engine.messages.Message")
+    data_cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    _REGISTRY[cls.__name__] = data_cls
+    return data_cls
+
+
+def registered() -> dict[str, type]:
+    """A copy of the name -> class registry (used by the round-trip contract tests)."""
+    return dict(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode(msg: Message) -> bytes:
+    """Serialize a registered message into one self-describing frame."""
+    blobs: list[bytes | memoryview] = []
+    arrays: list[dict[str, Any]] = []
+
+    def tree(value: Any) -> Any:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        if isinstance(value, bytes | bytearray):
+            blobs.append(bytes(value))
+            return {"$b": len(blobs) - 1}
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value)
+            if array.dtype.str not in _DTYPES:
+                raise MessageError(f"array dtype {array.dtype} cannot be sent")
+            blobs.append(memoryview(array).cast("B"))
+            arrays.append({"blob": len(blobs) - 1, "dtype": array.dtype.str,
+                           "shape": list(array.shape)})
+            return {"$a": len(arrays) - 1}
+        if isinstance(value, np.generic):
+            return tree(value.item())
+        if isinstance(value, tuple):
+            return {"$t": [tree(v) for v in value]}
+        if isinstance(value, list):
+            return [tree(v) for v in value]
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, int | str) or isinstance(key, bool):
+                    raise MessageError(f"dict key {key!r} must be int or str")
+            return {"$m": [[k, tree(v)] for k, v in value.items()]}
+        if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
+            return {"$msg": type(value).__name__, "f": {
+                f.name: tree(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        raise MessageError(f"cannot encode a value of type {type(value).__name__}")
+
+    body = tree(msg)
+    if not isinstance(body, dict) or "$msg" not in body:
+        raise MessageError("only registered messages can be encoded")
+    sizes = [len(b) if isinstance(b, bytes) else b.nbytes for b in blobs]
+    header = json.dumps({"body": body, "arrays": arrays, "blobs": sizes},
+                        separators=(",", ":"), allow_nan=True).encode()
+    return b"".join([_PREFIX.pack(_MAGIC, WIRE_VERSION, len(header)), header, *blobs])
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES,
+           expect: type[T] | None = None) -> T:
+    """Parse and validate a frame made by :func:`encode`.
+
+    Raises :class:`MessageError` on anything malformed: bad magic or version, a frame larger
+    than ``max_bytes``, lengths that do not add up, an unknown type, an unknown or missing
+    field, or a field whose type disagrees with the dataclass annotation.
+    """
+    view = memoryview(frame).cast("B")
+    if view.nbytes > max_bytes:
+        raise MessageError(f"message of {view.nbytes} bytes exceeds the limit of {max_bytes}")
+    if view.nbytes < _PREFIX.size:
+        raise MessageError("truncated message")
+    magic, version, header_len = _PREFIX.unpack_from(view)
+    if magic != _MAGIC:
+        raise MessageError("not a securefl message")
+    if version != WIRE_VERSION:
+        raise MessageError(f"unsupported wire version {version}, expected {WIRE_VERSION}")
+    start = _PREFIX.size + header_len
+    if start > view.nbytes:
+        raise MessageError("truncated message header")
+    try:
+        header = json.loads(bytes(view[_PREFIX.size:start]))
+        sizes = [int(s) for s in header["blobs"]]
+        arrays = header["arrays"]
+        body = header["body"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MessageError("malformed message header") from exc
+    if any(s < 0 for s in sizes) or start + sum(sizes) != view.nbytes:
+        raise MessageError("message length does not match its header")
+    offsets = np.cumsum([start, *sizes]).tolist()
+    blobs = [view[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
+
+    def blob(index: Any) -> memoryview:
+        if not isinstance(index, int) or not 0 <= index < len(blobs):
+            raise MessageError("message refers to a missing blob")
+        return blobs[index]
+
+    def array(index: Any) -> np.ndarray:
+        if not isinstance(index, int) or not 0 <= index < len(arrays):
+            raise MessageError("message refers to a missing array")
+        spec = arrays[index]
+        try:
+            dtype = np.dtype(spec["dtype"]) if spec["dtype"] in _DTYPES else None
+            shape = tuple(int(s) for s in spec["shape"])
+            raw = blob(spec["blob"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MessageError("malformed array description") from exc
+        if dtype is None:
+            raise MessageError(f"array dtype {spec['dtype']!r} is not allowed")
+        if any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != raw.nbytes:
+            raise MessageError("array shape does not match its bytes")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def build(node: Any) -> Any:
+        if node is None or isinstance(node, bool | int | float | str):
+            return node
+        if isinstance(node, list):
+            return [build(v) for v in node]
+        if isinstance(node, dict) and len(node) in (1, 2):
+            if "$b" in node:
+                return bytes(blob(node["$b"]))
+            if "$a" in node:
+                return array(node["$a"])
+            if "$t" in node and isinstance(node["$t"], list):
+                return tuple(build(v) for v in node["$t"])
+            if "$m" in node and isinstance(node["$m"], list):
+                out = {}
+                for pair in node["$m"]:
+                    if not (isinstance(pair, list) and len(pair) == 2
+                            and isinstance(pair[0], int | str) and not isinstance(pair[0], bool)):
+                        raise MessageError("malformed dict entry")
+                    out[pair[0]] = build(pair[1])
+                return out
+            if "$msg" in node and isinstance(node.get("f"), dict):
+                return _construct(node["$msg"], {k: build(v) for k, v in node["f"].items()})
+        raise MessageError("malformed message body")
+
+    msg = build(body)
+    if not isinstance(msg, Message):
+        raise MessageError("message body is not a message")
+    if expect is not None and not isinstance(msg, expect):
+        raise MessageError(f"expected {expect.__name__}, got {type(msg).__name__}")
+    return msg  # type: ignore[return-value]
+
+
+def _construct(name: Any, fields: dict[str, Any]) -> Message:
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {name!r}")
+    hints = _hints(cls)
+    if set(fields) != set(hints):
+        raise MessageError(f"{name}: fields {sorted(fields)} do not match {sorted(hints)}")
+    for key, value in fields.items():
+        if not _conforms(value, hints[key]):
+            raise MessageError(f"{name}.{key} has the wrong type ({type(value).__name__})")
+    return cls(**fields)
+
+
+_HINT_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINT_CACHE:
+        hints = typing.get_type_hints(cls)
+        _HINT_CACHE[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _HINT_CACHE[cls]
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Structural check of a decoded value against a type annotation."""
+    if hint is Any:
+        return True
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, h) for h in get_args(hint))
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str, bytes, np.ndarray):
+        return isinstance(value, hint)
+    if origin is tuple:
+        args = get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args))
+    if origin is list:
+        (arg,) = get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_conforms(v, arg) for v in value)
+    if origin is dict:
+        key_hint, value_hint = get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _conforms(k, key_hint) and _conforms(v, value_hint) for k, v in value.items())
+    if isinstance(hint, type) and issubclass(hint, Message):
+        return isinstance(value, hint)
+    return False
+
+
+# ----------------------------------------------------------------------------- engine messages
+@message
+class FitIns(Message):
+    """Server -> client: train from ``parameters``; ``protection`` opens the protection's round."""
+
+    round: int
+    parameters: np.ndarray
+    config: dict[str, Any]
+    protection: Message | None
+
+
+@message
+class FitRes(Message):
+    """Client -> server: the protection's first reply (e.g. a :class:`PlainUpdate`) and metrics."""
+
+    payload: Message
+    metrics: dict[str, float]
+
+
+@message
+class EvaluateIns(Message):
+    """Server -> client: evaluate ``parameters`` on the client's own validation split."""
+
+    round: int
+    parameters: np.ndarray
+
+
+@message
+class EvaluateRes(Message):
+    """Client -> server: weighted federated evaluation result."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+@message
+class Decline(Message):
+    """Client -> server: the client will not take part in this round (e.g. budget exhausted)."""
+
+    reason: str
+
+
+@message
+class PlainUpdate(Message):
+    """The unprotected update: the delta and its aggregation weight."""
+
+    update: np.ndarray
+    weight: float

@@ -1,0 +1,184 @@
+"""The Protection seam: how an update is protected on the client and combined on the server.
+
+A protection is a short conversation per round.  The server side (:class:`ServerRound`)
+attaches an opening payload to each client's :class:`~securefl.engine.messages.FitIns`,
+then turns every batch of replies into the next batch of requests until it can return a
+:data:`Combined` result.  The client side (:class:`ClientRound`) answers.  Both are pure
+state machines: the engine's transport moves their messages, so the same code runs
+in-process and over gRPC.
+
+* :class:`Plain` (one exchange) reveals each client's row: :class:`Rows`.
+* Secure aggregation and HE reveal only the weighted sum: :class:`WeightedSum`.
+
+Server and client halves are built separately (:class:`ServerProtection`,
+:class:`ClientProtection`) so that secret material never has to exist on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from securefl.engine.messages import Message, PlainUpdate
+
+__all__ = [
+    "ClientProtection",
+    "ClientRound",
+    "Combined",
+    "Plain",
+    "Rows",
+    "ServerProtection",
+    "ServerRound",
+    "Update",
+    "WeightedSum",
+    "check_update",
+]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Update:
+    """What local training produces: ``delta = local - global`` (float32, shape ``(d,)``)."""
+
+    delta: np.ndarray
+    weight: float
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Individual client rows, visible to the server (plain protection only)."""
+
+    client_ids: tuple[str, ...]
+    updates: np.ndarray  # (n, d) float32
+    weights: np.ndarray  # (n,) float64
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+    def weighted_sum(self) -> WeightedSum:
+        total = (self.weights.astype(np.float64) @ self.updates.astype(np.float64))
+        return WeightedSum(self.client_ids, total, float(self.weights.sum()), self.rejected)
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """Only ``total = sum_i w_i x_i`` and ``total_weight = sum_i w_i`` are revealed."""
+
+    client_ids: tuple[str, ...]
+    total: np.ndarray  # (d,) float64
+    total_weight: float
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+    def mean(self) -> np.ndarray:
+        if self.total_weight <= 0:
+            raise ValueError("cannot average: total weight is zero")
+        return (self.total / self.total_weight).astype(np.float32)
+
+
+Combined = Rows | WeightedSum
+
+
+class ServerRound(Protocol):
+    """Server half of one round's protection conversation."""
+
+    def open(self, participants: Sequence[str]) -> Mapping[str, Message | None]:
+        """Payload to attach to each participant's FitIns."""
+        ...
+
+    def step(self, replies: Mapping[str, Message],
+             dropped: Collection[str]) -> Mapping[str, Message] | Combined:
+        """Consume one batch of replies; return the next requests or the combined result.
+
+        ``dropped`` holds every client that missed this exchange or declined.  Raises
+        :class:`~securefl.errors.ProtocolAbort` when the round cannot complete.
+        """
+        ...
+
+
+class ClientRound(Protocol):
+    """Client half of one round's protection conversation."""
+
+    def open(self, update: Update, payload: Message | None) -> Message:
+        """Protect ``update``; the returned message becomes ``FitRes.payload``."""
+        ...
+
+    def step(self, request: Message) -> Message:
+        """Answer a later request of the same round."""
+        ...
+
+
+@runtime_checkable
+class ServerProtection(Protocol):
+    name: str
+    reveals_rows: bool  # True only when the server sees individual updates
+
+    def server_round(self, *, round: int, dimension: int) -> ServerRound: ...
+
+
+@runtime_checkable
+class ClientProtection(Protocol):
+    name: str
+
+    def client_round(self, *, round: int) -> ClientRound: ...
+
+
+def check_update(vector: object, dimension: int) -> str | None:
+    """Why ``vector`` is not a usable update of length ``dimension``, or ``None`` if it is."""
+    if not isinstance(vector, np.ndarray) or vector.dtype.kind != "f":
+        return "update is not a float array"
+    if vector.shape != (dimension,):
+        return f"update has shape {vector.shape}, expected ({dimension},)"
+    if not np.isfinite(vector).all():
+        return "update contains NaN or Inf"
+    return None
+
+
+# ----------------------------------------------------------------------------- plain
+class _PlainServerRound:
+    def __init__(self, dimension: int) -> None:
+        self._dimension = dimension
+
+    def open(self, participants: Sequence[str]) -> Mapping[str, Message | None]:
+        return dict.fromkeys(participants)
+
+    def step(self, replies: Mapping[str, Message], dropped: Collection[str]) -> Rows:
+        ids, rows, weights, rejected = [], [], [], {}
+        for client_id, reply in replies.items():
+            reason = (check_update(reply.update, self._dimension)
+                      if isinstance(reply, PlainUpdate) else "expected a PlainUpdate")
+            if reason is None and not (np.isfinite(reply.weight) and reply.weight > 0):
+                reason = f"weight must be finite and > 0, got {reply.weight}"
+            if reason is not None:
+                _log.warning("client %s rejected: %s", client_id, reason)
+                rejected[client_id] = reason
+                continue
+            ids.append(client_id)
+            rows.append(reply.update)
+            weights.append(float(reply.weight))
+        updates = (np.stack(rows).astype(np.float32, copy=False) if rows
+                   else np.zeros((0, self._dimension), np.float32))
+        return Rows(tuple(ids), updates, np.asarray(weights, np.float64), rejected)
+
+
+class _PlainClientRound:
+    def open(self, update: Update, payload: Message | None) -> Message:
+        return PlainUpdate(update=update.delta, weight=float(update.weight))
+
+    def step(self, request: Message) -> Message:
+        raise ValueError(f"plain protection has no further steps (got {type(request).__name__})")
+
+
+class Plain:
+    """No protection: each client's delta and weight go to the server as they are."""
+
+    name = "plain"
+    reveals_rows = True
+
+    def server_round(self, *, round: int, dimension: int) -> ServerRound:
+        return _PlainServerRound(dimension)
+
+    def client_round(self, *, round: int) -> ClientRound:
+        return _PlainClientRound()
