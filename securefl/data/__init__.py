@@ -1,0 +1,93 @@
+"""Data for simulations: load a dataset, hold out a test set, partition the rest over clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from securefl.config import DataConfig
+from securefl.data import partition
+from securefl.data.datasets import (
+    Dataset,
+    load_breast_cancer,
+    load_cifar10,
+    load_digits,
+    load_mnist,
+    make_synthetic,
+    split,
+)
+
+__all__ = ["ClientData", "Dataset", "FederatedData", "federate", "load_dataset", "partition"]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: Dataset
+    val: Dataset
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    clients: dict[str, ClientData]
+    test: Dataset
+    num_classes: int
+    shape: tuple[int, ...]
+
+
+def load_dataset(config: DataConfig, *, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+    """(train, test) for the configured dataset; embedded sets are split ``test_fraction``."""
+    if config.dataset in ("mnist", "fashion_mnist"):
+        return load_mnist(str(config.path), name=config.dataset)
+    if config.dataset == "cifar10":
+        return load_cifar10(str(config.path))
+    if config.dataset == "synthetic":
+        full = make_synthetic(num_samples=config.synthetic_samples,
+                              num_features=config.synthetic_features,
+                              num_classes=config.synthetic_classes, rng=rng)
+    elif config.dataset == "breast_cancer":
+        full = load_breast_cancer()
+    else:
+        full = load_digits()
+    train, test = split(full, config.test_fraction, rng=rng)
+    if config.dataset == "breast_cancer":
+        train, test = _standardise(train, test)
+    return train, test
+
+
+def _standardise(train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
+    """Scale features with the training split's mean and std only (no test leakage).
+
+    In a real federation each site would use its own or securely aggregated statistics; the
+    simulation uses the pooled training statistics as a stand-in.
+    """
+    mean = train.features.mean(axis=0)
+    std = train.features.std(axis=0) + 1e-8
+    scale = lambda d: Dataset(((d.features - mean) / std).astype(np.float32),  # noqa: E731
+                              d.labels, d.num_classes, d.name)
+    return scale(train), scale(test)
+
+
+def federate(config: DataConfig, *, seed: int) -> FederatedData:
+    """Load, hold out the test set, partition over ``num_clients`` and split each client's
+    shard into train and validation (``val_fraction``), all from one seeded stream."""
+    rng = np.random.default_rng([seed, 0xDA7A])
+    train, test = load_dataset(config, rng=rng)
+    kwargs = {"rng": rng, "min_examples": config.min_examples}
+    if config.partition == "iid":
+        parts = partition.iid(train.labels, config.num_clients, **kwargs)
+    elif config.partition == "dirichlet":
+        parts = partition.dirichlet(train.labels, config.num_clients, alpha=config.alpha,
+                                    **kwargs)
+    else:
+        parts = partition.shards(train.labels, config.num_clients,
+                                 shards_per_client=config.shards_per_client, **kwargs)
+    clients = {}
+    width = len(str(config.num_clients - 1))
+    for i, idx in enumerate(parts):
+        idx = rng.permutation(idx)
+        n_val = int(round(config.val_fraction * len(idx))) if len(idx) > 1 else 0
+        n_val = min(n_val, len(idx) - 1)
+        clients[f"client-{i:0{width}d}"] = ClientData(train.subset(np.sort(idx[n_val:])),
+                                                      train.subset(np.sort(idx[:n_val])))
+    return FederatedData(clients, test, train.num_classes, train.shape)

@@ -1,0 +1,150 @@
+"""Datasets: scikit-learn's embedded sets, local MNIST/CIFAR folders, a synthetic generator.
+
+Nothing is downloaded.  Image sets live in a folder the user points to; a missing file is a
+:class:`~securefl.errors.DataError` naming it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from securefl.errors import DataError
+
+__all__ = ["Dataset", "load_cifar10", "load_idx", "load_mnist", "make_synthetic", "split"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features ``(N, *shape)`` float32 and integer labels ``(N,)``."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if len(self.features) != len(self.labels):
+            raise DataError(f"{self.name}: {len(self.features)} feature rows but "
+                            f"{len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[1:])
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        return Dataset(self.features[indices], self.labels[indices], self.num_classes, self.name)
+
+
+def load_digits() -> Dataset:
+    """scikit-learn digits: 1797 8x8 grey images in [0, 1], shape (N, 1, 8, 8), 10 classes."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    return Dataset(images, bunch.target.astype(np.int64), 10, "digits")
+
+
+def load_breast_cancer() -> Dataset:
+    """scikit-learn breast cancer (Wisconsin): 569 rows of 30 raw features, 2 classes.
+
+    Features are left unscaled here; :func:`securefl.data.federate` standardises them with
+    statistics of the training split only.
+    """
+    from sklearn.datasets import load_breast_cancer as sk_cancer
+
+    bunch = sk_cancer()
+    return Dataset(bunch.data.astype(np.float32), bunch.target.astype(np.int64), 2,
+                   "breast_cancer")
+
+
+def make_synthetic(*, num_samples: int, num_features: int, num_classes: int,
+                   rng: np.random.Generator) -> Dataset:
+    """Gaussian class clusters for scale tests: ``x = mu_y + N(0, I)``, ``mu_y ~ N(0, 4 I)``."""
+    if num_samples < num_classes or num_features < 1 or num_classes < 2:
+        raise DataError("synthetic data needs samples >= classes >= 2 and features >= 1")
+    centres = rng.normal(0.0, 2.0, size=(num_classes, num_features))
+    labels = rng.integers(0, num_classes, size=num_samples)
+    features = centres[labels] + rng.normal(size=(num_samples, num_features))
+    return Dataset(features.astype(np.float32), labels.astype(np.int64), num_classes,
+                   "synthetic")
+
+
+# ----------------------------------------------------------------------------- local folders
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def load_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), optionally gzip-compressed."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"dataset file not found: {path}") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path} is not an IDX file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)) * dtype.itemsize:
+        raise DataError(f"{path}: IDX header says {dims} but the file has {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.exists():
+            return candidate
+    raise DataError(f"dataset file not found: {folder / stem} (or {stem}.gz)")
+
+
+def load_mnist(folder: str | Path, *, name: str = "mnist") -> tuple[Dataset, Dataset]:
+    """MNIST or Fashion-MNIST from the four IDX files in ``folder``: (train, test)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    out = []
+    for prefix in ("train", "t10k"):
+        images = load_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
+        labels = load_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
+        out.append(Dataset((images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64),
+                           10, name))
+    return out[0], out[1]
+
+
+def load_cifar10(folder: str | Path) -> tuple[Dataset, Dataset]:
+    """CIFAR-10 from the python batches in ``folder`` (``data_batch_1..5``, ``test_batch``).
+
+    Read by :func:`securefl.data.cifar.read_batch`, which never executes code from the file.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    from securefl.data.cifar import read_batch
+
+    train = [read_batch(root / f"data_batch_{i}") for i in range(1, 6)]
+    test = read_batch(root / "test_batch")
+    features = np.concatenate([b[0] for b in train])
+    labels = np.concatenate([b[1] for b in train])
+    return (Dataset(features, labels, 10, "cifar10"), Dataset(test[0], test[1], 10, "cifar10"))
+
+
+def split(dataset: Dataset, fraction: float, *, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+    """Stratified split into (rest, held-out ``fraction``)."""
+    held: list[np.ndarray] = []
+    for label in np.unique(dataset.labels):
+        idx = rng.permutation(np.flatnonzero(dataset.labels == label))
+        held.append(idx[: int(round(fraction * len(idx)))])
+    held_idx = np.sort(np.concatenate(held))
+    mask = np.ones(len(dataset), dtype=bool)
+    mask[held_idx] = False
+    return dataset.subset(np.flatnonzero(mask)), dataset.subset(held_idx)

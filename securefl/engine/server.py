@@ -1,0 +1,196 @@
+"""The server's round loop.  It never knows whether the transport is in-process or gRPC.
+
+One round:
+
+1. sample clients (by count or fraction) with an RNG derived from ``(seed, round)``, so a
+   resumed server samples exactly as an uninterrupted one;
+2. exchange messages: ``FitIns`` then as many protection steps as the protection needs;
+3. the protection combines the replies into :class:`Rows` or a :class:`WeightedSum`;
+4. hooks (attacks in simulation, DP-FedAvg noise) transform the combined result;
+5. the aggregator turns it into one delta (a ``WeightedSum`` only admits linear rules);
+6. the server optimizer applies the delta;
+7. evaluation: centrally (simulation only) and/or federated over the clients' validation
+   splits, weighted by their sizes;
+8. the round is recorded in the :class:`History`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from securefl.aggregation.base import Aggregator
+from securefl.engine.history import History, RoundRecord
+from securefl.engine.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message
+from securefl.engine.optim import ServerOptimizer
+from securefl.engine.protection import Combined, Rows, ServerProtection, WeightedSum
+from securefl.engine.transport import Transport
+from securefl.errors import ProtocolAbort
+
+__all__ = ["Sampler", "Server"]
+
+_log = logging.getLogger(__name__)
+
+CentralEvaluator = Callable[[np.ndarray], tuple[int, float, float]]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Pick ``count`` clients, or ``ceil(fraction * available)``, uniformly without replacement."""
+
+    count: int | None = None
+    fraction: float = 1.0
+
+    def __call__(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        n = len(available)
+        k = self.count if self.count is not None else int(np.ceil(self.fraction * n))
+        k = min(k, n)
+        chosen = rng.choice(n, size=k, replace=False) if k < n else np.arange(n)
+        return [available[i] for i in sorted(chosen)]
+
+
+class Server:
+    """Runs rounds over a :class:`Transport`; holds the global parameter vector."""
+
+    def __init__(self, transport: Transport, protection: ServerProtection,
+                 aggregator: Aggregator, optimizer: ServerOptimizer, *,
+                 parameters: np.ndarray, seed: int, sampler: Sampler = Sampler(),
+                 min_clients: int = 1, timeout: float | None = None,
+                 central_evaluator: CentralEvaluator | None = None,
+                 federated_evaluation: bool = False, hooks: Sequence[Any] = (),
+                 fit_config: Mapping[str, Any] | None = None) -> None:
+        if protection.reveals_rows is False and not getattr(aggregator, "linear", False):
+            raise ValueError(f"{aggregator!r} needs individual updates, which protection "
+                             f"{protection.name!r} hides; use FedAvg")
+        self.transport = transport
+        self.protection = protection
+        self.aggregator = aggregator
+        self.optimizer = optimizer
+        self.parameters = np.asarray(parameters, dtype=np.float32).copy()
+        self.seed = seed
+        self.sampler = sampler
+        self.min_clients = min_clients
+        self.timeout = timeout
+        self.central_evaluator = central_evaluator
+        self.federated_evaluation = federated_evaluation
+        self.hooks = list(hooks)
+        self.fit_config = dict(fit_config or {})
+        self.history = History()
+        self.aggregator_state: Any = None
+
+    def round_rng(self, round: int, purpose: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, round, purpose])
+
+    def run(self, rounds: int, *, start: int = 1,
+            on_round: Callable[[RoundRecord], None] | None = None) -> History:
+        for rnd in range(start, start + rounds):
+            record = self.run_round(rnd)
+            if on_round is not None:
+                on_round(record)
+        return self.history
+
+    def run_round(self, rnd: int) -> RoundRecord:
+        started = time.perf_counter()
+        record = RoundRecord(round=rnd)
+        record.sampled = self.sampler(self.transport.client_ids(), self.round_rng(rnd))
+        try:
+            combined = self._collect(rnd, record)
+        except ProtocolAbort as exc:
+            record.aborted = str(exc)
+            combined = None
+        if combined is not None:
+            record.rejected.update(combined.rejected)
+            if len(combined.client_ids) < self.min_clients:
+                record.aborted = (f"only {len(combined.client_ids)} usable updates, "
+                                  f"min_clients = {self.min_clients}")
+            else:
+                record.clients = list(combined.client_ids)
+                self._apply(rnd, combined, record)
+        self._evaluate(rnd, record)
+        record.seconds = time.perf_counter() - started
+        self.history.append(record)
+        return record
+
+    # ------------------------------------------------------------------ the conversation
+    def _collect(self, rnd: int, record: RoundRecord) -> Combined | None:
+        if len(record.sampled) < self.min_clients:
+            record.aborted = f"only {len(record.sampled)} clients available"
+            return None
+        protocol = self.protection.server_round(round=rnd, dimension=self.parameters.size)
+        payloads = protocol.open(record.sampled)
+        requests: Mapping[str, Message] = {
+            cid: FitIns(round=rnd, parameters=self.parameters, config=self.fit_config,
+                        protection=payloads.get(cid)) for cid in record.sampled}
+        exchange = self.transport.exchange(requests, round=rnd, timeout=self.timeout)
+        record.dropped.update(exchange.dropped)
+        first: dict[str, Message] = {}
+        train_losses = []
+        for cid, reply in exchange.replies.items():
+            if isinstance(reply, FitRes):
+                first[cid] = reply.payload
+                if "train_loss" in reply.metrics:
+                    train_losses.append(reply.metrics["train_loss"])
+            elif isinstance(reply, Decline):
+                record.declined[cid] = reply.reason
+            else:
+                record.dropped[cid] = f"unexpected reply {type(reply).__name__}"
+        if train_losses:
+            record.train_loss = float(np.mean(train_losses))
+        missing: Collection[str] = set(record.sampled) - set(first)
+        result = protocol.step(first, missing)
+        while not isinstance(result, Rows | WeightedSum):
+            exchange = self.transport.exchange(result, round=rnd, timeout=self.timeout)
+            record.dropped.update(exchange.dropped)
+            result = protocol.step(exchange.replies, set(exchange.dropped))
+        return result
+
+    # ------------------------------------------------------------------ aggregate + apply
+    def _apply(self, rnd: int, combined: Combined, record: RoundRecord) -> None:
+        for hook in self.hooks:
+            transform = getattr(hook, "transform_combined", None)
+            if transform is not None:
+                combined = transform(combined, round=rnd, rng=self.round_rng(rnd, 1))
+        if isinstance(combined, Rows):
+            delta = self._aggregate_rows(combined)
+        elif getattr(self.aggregator, "linear", False):
+            delta = combined.mean()
+        else:
+            raise ValueError(f"{self.aggregator!r} cannot aggregate a bare weighted sum")
+        for hook in self.hooks:
+            transform = getattr(hook, "transform_aggregate", None)
+            if transform is not None:
+                delta = transform(delta, round=rnd, num_clients=len(combined.client_ids),
+                                  rng=self.round_rng(rnd, 2))
+        record.update_norm = float(np.linalg.norm(delta))
+        self.parameters = self.optimizer.step(self.parameters, delta)
+
+    def _aggregate_rows(self, rows: Rows) -> np.ndarray:
+        if getattr(self.aggregator, "stateful", False):
+            delta, self.aggregator_state = self.aggregator(  # type: ignore[call-arg]
+                rows.updates, rows.weights, state=self.aggregator_state)
+            return np.asarray(delta, dtype=np.float32)
+        return np.asarray(self.aggregator(rows.updates, rows.weights), dtype=np.float32)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, rnd: int, record: RoundRecord) -> None:
+        if self.central_evaluator is not None:
+            _, record.loss, record.accuracy = self.central_evaluator(self.parameters)
+        if self.federated_evaluation:
+            ids = self.transport.client_ids()
+            request = EvaluateIns(round=rnd, parameters=self.parameters)
+            exchange = self.transport.exchange(dict.fromkeys(ids, request), round=rnd,
+                                               timeout=self.timeout)
+            results = [r for r in exchange.replies.values()
+                       if isinstance(r, EvaluateRes) and r.num_examples > 0]
+            total = sum(r.num_examples for r in results)
+            if total:
+                record.federated_loss = sum(r.loss * r.num_examples for r in results) / total
+                record.federated_accuracy = sum(
+                    r.accuracy * r.num_examples for r in results) / total
+            if self.central_evaluator is None:
+                record.loss, record.accuracy = record.federated_loss, record.federated_accuracy

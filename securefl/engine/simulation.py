@@ -1,0 +1,118 @@
+"""In-process simulation transport.
+
+* ``wire=True`` runs every request and reply through :func:`encode`/:func:`decode`, so a
+  simulation proves the wire format the gRPC runtime uses.
+* ``workers=N`` handles clients in a thread pool (torch releases the GIL while training).
+* Dropout injection: each client misses each exchange with probability ``dropout`` (seeded
+  by ``(seed, round, exchange, client)``), or exactly when ``schedule(round, exchange,
+  client_id)`` says so.  With ``sticky=True`` a client that dropped stays away for the rest
+  of the round, as a crashed site would; ``sticky=False`` lets it come back late.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from securefl.engine.messages import DEFAULT_MAX_BYTES, Message, decode, encode
+from securefl.engine.transport import ClientHandler, Exchange
+
+__all__ = ["DropSchedule", "InProcessTransport"]
+
+_log = logging.getLogger(__name__)
+
+#: ``(round, exchange index within the round (0 = FitIns), client id) -> drop?``
+DropSchedule = Callable[[int, int, str], bool]
+
+
+class InProcessTransport:
+    def __init__(self, clients: Mapping[str, ClientHandler], *, wire: bool = False,
+                 workers: int = 1, dropout: float = 0.0, schedule: DropSchedule | None = None,
+                 sticky: bool = True, seed: int = 0,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._clients = dict(clients)
+        self.wire, self.dropout, self.schedule, self.sticky = wire, dropout, schedule, sticky
+        self.seed, self.max_bytes = seed, max_bytes
+        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self._round = -1
+        self._exchange = 0
+        self._gone: set[str] = set()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def client_ids(self) -> list[str]:
+        return list(self._clients)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def _drops(self, round: int, exchange: int, client_id: str) -> bool:
+        if self.sticky and client_id in self._gone:
+            return True
+        if self.schedule is not None:
+            drop = bool(self.schedule(round, exchange, client_id))
+        elif self.dropout > 0:
+            rng = np.random.default_rng([self.seed, round, exchange, zlib.crc32(client_id.encode())])
+            drop = bool(rng.random() < self.dropout)
+        else:
+            drop = False
+        if drop:
+            self._gone.add(client_id)
+        return drop
+
+    def _carry(self, msg: Message, *, outbound: bool) -> Message:
+        if not self.wire:
+            return msg
+        frame = encode(msg)
+        if outbound:
+            self.bytes_sent += len(frame)
+        else:
+            self.bytes_received += len(frame)
+        return decode(frame, max_bytes=self.max_bytes)
+
+    def _deliver(self, client_id: str, request: Message, round: int) -> tuple[Message | None, str]:
+        handler = self._clients.get(client_id)
+        if handler is None:
+            return None, "unknown client"
+        started = time.perf_counter()
+        try:
+            reply = handler.handle(self._carry(request, outbound=True), round=round)
+            reply = self._carry(reply, outbound=False)
+        except Exception as exc:  # a failing client is dropped, never fatal to the round
+            _log.warning("client %s failed: %s", client_id, exc, exc_info=_log.isEnabledFor(10))
+            return None, f"client error: {type(exc).__name__}: {exc}"
+        return reply, f"{time.perf_counter() - started:.6f}"
+
+    def exchange(self, requests: Mapping[str, Message], *, round: int,
+                 timeout: float | None = None) -> Exchange:
+        if round != self._round:
+            self._round, self._exchange, self._gone = round, 0, set()
+        index, self._exchange = self._exchange, self._exchange + 1
+        result = Exchange()
+        live = []
+        for client_id in requests:
+            if self._drops(round, index, client_id):
+                result.dropped[client_id] = "dropped (injected)"
+            else:
+                live.append(client_id)
+        jobs = [(cid, requests[cid], round) for cid in live]
+        outcomes = (self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool
+                    else (self._deliver(*job) for job in jobs))
+        for client_id, (reply, detail) in zip(live, outcomes, strict=True):
+            if reply is None:
+                result.dropped[client_id] = detail
+            elif timeout is not None and float(detail) > timeout:
+                result.dropped[client_id] = f"missed the {timeout:g} s deadline"
+            else:
+                result.replies[client_id] = reply
+        return result

@@ -1,0 +1,26 @@
+"""Build the server and client halves of the configured protection for a simulation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from securefl.config import Config
+from securefl.engine.protection import ClientProtection, Plain, ServerProtection
+
+__all__ = ["build_protection"]
+
+
+def build_protection(config: Config, client_ids: Sequence[str]
+                     ) -> tuple[ServerProtection, dict[str, ClientProtection]]:
+    """``(server half, {client id: client half})``; secrets live only in the client halves."""
+    kind = config.protection.kind
+    if kind == "secagg":
+        from securefl.secagg import build_simulation
+
+        return build_simulation(config.protection.secagg, client_ids)
+    if kind == "he":
+        from securefl.he import build_simulation as build_he
+
+        return build_he(config.protection.he, client_ids)
+    plain = Plain()
+    return plain, dict.fromkeys(client_ids, plain)
