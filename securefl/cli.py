@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.add_argument("--threat-model", help="threat model name or TOML file "
                        "(default: the config's [run] threat_model)")
+    check.add_argument("--deployment", choices=("simulation", "network"), default="simulation",
+                       help="check for an in-process run (default) or a networked deployment")
 
     report = sub.add_parser("report", help="write the compliance report of a run (HTML, MD)")
     report.add_argument("run_dir")

@@ -86,7 +86,7 @@ def federate(config: DataConfig, *, seed: int) -> FederatedData:
     width = len(str(config.num_clients - 1))
     for i, idx in enumerate(parts):
         idx = rng.permutation(idx)
-        n_val = int(round(config.val_fraction * len(idx))) if len(idx) > 1 else 0
+        n_val = round(config.val_fraction * len(idx)) if len(idx) > 1 else 0
         n_val = min(n_val, len(idx) - 1)
         clients[f"client-{i:0{width}d}"] = ClientData(train.subset(np.sort(idx[n_val:])),
                                                       train.subset(np.sort(idx[:n_val])))

@@ -13,7 +13,7 @@ Two formats are accepted in the user's folder:
 from __future__ import annotations
 
 import io
-import pickle  # noqa: S403 - restricted unpickler below, local files only
+import pickle
 from pathlib import Path
 from typing import Any
 

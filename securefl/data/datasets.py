@@ -138,12 +138,13 @@ def load_cifar10(folder: str | Path) -> tuple[Dataset, Dataset]:
     return (Dataset(features, labels, 10, "cifar10"), Dataset(test[0], test[1], 10, "cifar10"))
 
 
-def split(dataset: Dataset, fraction: float, *, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+def split(dataset: Dataset, fraction: float, *,
+          rng: np.random.Generator) -> tuple[Dataset, Dataset]:
     """Stratified split into (rest, held-out ``fraction``)."""
     held: list[np.ndarray] = []
     for label in np.unique(dataset.labels):
         idx = rng.permutation(np.flatnonzero(dataset.labels == label))
-        held.append(idx[: int(round(fraction * len(idx)))])
+        held.append(idx[: round(fraction * len(idx))])
     held_idx = np.sort(np.concatenate(held))
     mask = np.ones(len(dataset), dtype=bool)
     mask[held_idx] = False

@@ -176,7 +176,8 @@ def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MA
             raise MessageError("malformed array description") from exc
         if dtype is None:
             raise MessageError(f"array dtype {spec['dtype']!r} is not allowed")
-        if any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != raw.nbytes:
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if any(s < 0 for s in shape) or expected != raw.nbytes:
             raise MessageError("array shape does not match its bytes")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -256,7 +257,7 @@ def _conforms(value: Any, hint: Any) -> bool:
             return False
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_conforms(v, args[0]) for v in value)
-        return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args))
+        return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
     if origin is list:
         (arg,) = get_args(hint) or (Any,)
         return isinstance(value, list) and all(_conforms(v, arg) for v in value)

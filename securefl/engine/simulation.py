@@ -62,7 +62,8 @@ class InProcessTransport:
         if self.schedule is not None:
             drop = bool(self.schedule(round, exchange, client_id))
         elif self.dropout > 0:
-            rng = np.random.default_rng([self.seed, round, exchange, zlib.crc32(client_id.encode())])
+            key = zlib.crc32(client_id.encode())
+            rng = np.random.default_rng([self.seed, round, exchange, key])
             drop = bool(rng.random() < self.dropout)
         else:
             drop = False
