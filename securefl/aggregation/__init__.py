@@ -6,13 +6,46 @@ from collections.abc import Callable
 from typing import Any
 
 from securefl.aggregation.base import Aggregator, as_rows
+from securefl.aggregation.bulyan import Bulyan
+from securefl.aggregation.clipping import CenteredClipping, NormBound
+from securefl.aggregation.fltrust import FLTrust
+from securefl.aggregation.geometric import GeometricMedian
+from securefl.aggregation.krum import Krum, MultiKrum
 from securefl.aggregation.mean import FedAvg
+from securefl.aggregation.median import Median, TrimmedMean
+from securefl.aggregation.nnm import NNM
 
-__all__ = ["RULES", "Aggregator", "FedAvg", "as_rows", "build_aggregator"]
+__all__ = [
+    "NNM",
+    "RULES",
+    "Aggregator",
+    "Bulyan",
+    "CenteredClipping",
+    "FLTrust",
+    "FedAvg",
+    "GeometricMedian",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "NormBound",
+    "TrimmedMean",
+    "as_rows",
+    "build_aggregator",
+]
 
 #: rule name (as written in ``[aggregation] rule``) -> constructor taking keyword options
 RULES: dict[str, Callable[..., Aggregator]] = {
     "fedavg": FedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "median": Median,
+    "trimmed_mean": TrimmedMean,
+    "bulyan": Bulyan,
+    "geometric_median": GeometricMedian,
+    "centered_clipping": CenteredClipping,
+    "norm_bound": NormBound,
+    "nnm": NNM,
+    "fltrust": FLTrust,
 }
 
 

@@ -257,7 +257,8 @@ def _conforms(value: Any, hint: Any) -> bool:
             return False
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_conforms(v, args[0]) for v in value)
-        return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+        return len(args) == len(value) and all(
+            _conforms(v, a) for v, a in zip(value, args, strict=True))
     if origin is list:
         (arg,) = get_args(hint) or (Any,)
         return isinstance(value, list) and all(_conforms(v, arg) for v in value)

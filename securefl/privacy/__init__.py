@@ -1,0 +1,212 @@
+"""Differential privacy: sample-level DP-SGD (Opacus), user-level DP-FedAvg, per-client ledgers.
+
+:func:`build_privacy` turns the ``[privacy]`` table into a :class:`PrivacySetup` that the
+simulation wires in: :meth:`PrivacySetup.wrap_trainer` (once per client), ``client_hooks``,
+``server_hooks`` and :meth:`PrivacySetup.finalize`, which writes ``privacy.json`` and
+``epsilon.png`` into the run directory.  The ledger is ``privacy_ledger.sqlite`` in the run
+directory (in memory without one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from securefl.errors import ConfigError
+from securefl.privacy.config import PrivacyConfig
+
+if TYPE_CHECKING:
+    from securefl.config import Config
+    from securefl.engine.protection import Update
+    from securefl.privacy.accounting import PrivacyEvent
+    from securefl.privacy.ledger import PrivacyLedger
+
+__all__ = [
+    "LEDGER_FILE",
+    "LedgerError",
+    "PrivacyConfig",
+    "PrivacyEvent",
+    "PrivacyLedger",
+    "PrivacySetup",
+    "build_privacy",
+    "epsilon",
+]
+
+LEDGER_FILE = "privacy_ledger.sqlite"
+# ``securefl.config`` imports this package for PrivacyConfig: Opacus is loaded only on use
+_LAZY = {"PrivacyEvent": "accounting", "epsilon": "accounting", "PrivacyLedger": "ledger",
+         "LedgerError": "ledger"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"securefl.privacy.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'securefl.privacy' has no attribute {name!r}")
+
+
+@dataclass
+class PrivacySetup:
+    """What the engine needs for one run: trainer wrappers, hooks, the ledger, the report.
+
+    ``noise_multipliers`` holds each client's sigma (DP-SGD calibrates per client, since the
+    sample rate depends on its data size; DP-FedAvg uses one ``z`` for all).
+    """
+
+    config: PrivacyConfig
+    ledger: PrivacyLedger
+    noise_multipliers: dict[str, float]
+    events: dict[str, PrivacyEvent]
+    client_hooks: tuple[Callable[[Update], Update], ...] = ()
+    server_hooks: tuple[Any, ...] = ()
+    wrapper: Callable[[str, Any], Any] | None = None
+    _trainers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def wrap_trainer(self, client_id: str, base: Any) -> Any:
+        """The private trainer of ``client_id``, built once and reused (same ``base``)."""
+        if client_id not in self.noise_multipliers:
+            raise ValueError(f"unknown client {client_id!r}: privacy was built for "
+                             f"{sorted(self.noise_multipliers)}")
+        if client_id in self._trainers:
+            known_base, trainer = self._trainers[client_id]
+            if known_base is not base:
+                raise ValueError(f"{client_id!r} is already wrapped around another trainer; "
+                                 f"wrapping again would lose its accountant history")
+            return trainer
+        if self.wrapper is None:
+            raise ValueError("this privacy setup has no trainer wrapper")
+        trainer = self.wrapper(client_id, base)
+        self._trainers[client_id] = (base, trainer)
+        return trainer
+
+    def summary(self) -> dict[str, Any]:
+        """Per-client rounds, epsilon (RDP and PRV) at delta, budget left (``privacy.json``)."""
+        from securefl.privacy.report import summarise
+
+        return summarise(self.ledger, mode=self.config.mode,
+                         noise_multipliers=self.noise_multipliers)
+
+    def finalize(self, run_dir: str | Path) -> dict[str, Any]:
+        """Write ``privacy.json`` and ``epsilon.png`` into ``run_dir``; return the summary."""
+        from securefl.privacy.report import write_report
+
+        return write_report(Path(run_dir), self.summary())
+
+
+def build_privacy(config: Config, *, run_dir: Path | None, client_ids: Sequence[str],
+                  num_examples: Mapping[str, int]) -> PrivacySetup | None:
+    """The :class:`PrivacySetup` of ``config`` (``None`` when ``[privacy] mode = "none"``).
+
+    Checks at build time: delta below 1 / (protected dataset size) (each client's examples
+    for DP-SGD, the number of clients for DP-FedAvg), a reachable ``target_epsilon``, and
+    (DP-FedAvg) a linear aggregation rule.
+    """
+    privacy = config.privacy
+    if privacy.mode == "none":
+        return None
+    if not client_ids:
+        raise ConfigError("[privacy] needs at least one client")
+    path = ":memory:" if run_dir is None else Path(run_dir) / LEDGER_FILE
+    budget = privacy.epsilon_budget
+    if privacy.mode == "dp_sgd":
+        return _dp_sgd(config, path, client_ids, num_examples, budget)
+    return _dp_fedavg(config, path, client_ids, budget)
+
+
+def _check_delta(delta: float, size: int, what: str) -> None:
+    if delta >= 1 / size:
+        raise ConfigError(f"[privacy] delta must be < 1 / ({what}) = 1/{size} = {1 / size:.3g}, "
+                          f"got {delta:g}; a delta that large allows publishing a record "
+                          f"outright, choose delta well below 1/{size}")
+
+
+def _dp_sgd(config: Config, path: Path | str, client_ids: Sequence[str],
+            num_examples: Mapping[str, int], budget: float | None) -> PrivacySetup:
+    from securefl.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier
+    from securefl.privacy.dp_sgd import DPSGDTrainer, batches_per_epoch
+    from securefl.privacy.ledger import PrivacyLedger
+
+    privacy, client = config.privacy, config.client
+    sigmas: dict[str, float] = {}
+    events: dict[str, PrivacyEvent] = {}
+    for cid in client_ids:
+        size = int(num_examples[cid])
+        _check_delta(privacy.delta, size, f"examples of client {cid!r}")
+        steps = batches_per_epoch(size, client.batch_size)
+        rate = 1 / steps
+        if privacy.noise_multiplier is not None:
+            sigma = privacy.noise_multiplier
+        else:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=float(privacy.target_epsilon),  # type: ignore[arg-type]
+                delta=privacy.delta, sample_rate=rate,
+                steps=config.run.rounds * client.epochs * steps, accountant=privacy.accountant)
+        sigmas[cid] = sigma
+        events[cid] = PrivacyEvent("dp_sgd", sigma, rate, client.epochs * steps)
+    ledger = PrivacyLedger(path, delta=privacy.delta, budgets=dict.fromkeys(client_ids, budget),
+                           accountant=privacy.accountant)
+
+    def wrap(client_id: str, base: Any) -> DPSGDTrainer:
+        return DPSGDTrainer(base, client_id=client_id, ledger=ledger,
+                            noise_multiplier=sigmas[client_id],
+                            max_grad_norm=privacy.max_grad_norm,
+                            grad_sample_mode=privacy.grad_sample_mode,
+                            secure_mode=privacy.secure_mode, accountant=privacy.accountant,
+                            fix_model=privacy.fix_model)
+
+    return PrivacySetup(privacy, ledger, sigmas, events, wrapper=wrap)
+
+
+def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
+               budget: float | None) -> PrivacySetup:
+    from securefl.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier
+    from securefl.privacy.dp_fedavg import (
+        ClipState,
+        UserLevelNoise,
+        UserLevelTrainer,
+        update_noise_multiplier,
+    )
+    from securefl.privacy.ledger import PrivacyLedger
+
+    privacy, server = config.privacy, config.server
+    aggregator = config.aggregation.build()
+    if not getattr(aggregator, "linear", False):
+        raise ConfigError(f"[privacy] mode \"dp_fedavg\" adds noise to the sum of updates and "
+                          f"needs a linear rule; [aggregation] rule {config.aggregation.rule!r} "
+                          f"is not (use rule = \"fedavg\")")
+    total = len(client_ids)
+    _check_delta(privacy.delta, total, "number of clients")
+    per_round = (server.clients_per_round if server.clients_per_round is not None
+                 else math.ceil(server.fraction * total))
+    per_round = min(per_round, total)
+    rate = per_round / total
+    if privacy.noise_multiplier is not None:
+        z = privacy.noise_multiplier
+    else:
+        z = calibrate_noise_multiplier(
+            target_epsilon=float(privacy.target_epsilon),  # type: ignore[arg-type]
+            delta=privacy.delta, sample_rate=rate, steps=config.run.rounds,
+            accountant=privacy.accountant)
+    count_stddev = None
+    if privacy.adaptive_clipping:
+        count_stddev = (privacy.clipped_count_stddev if privacy.clipped_count_stddev is not None
+                        else per_round / 20)
+    z_update = update_noise_multiplier(z, count_stddev)
+    event = PrivacyEvent("dp_fedavg", z, rate, 1)
+    ledger = PrivacyLedger(path, delta=privacy.delta, budgets=dict.fromkeys(client_ids, budget),
+                           accountant=privacy.accountant)
+    clip = ClipState(privacy.clip_norm, adaptive=privacy.adaptive_clipping,
+                     target_quantile=privacy.target_quantile,
+                     learning_rate=privacy.clip_learning_rate, count_stddev=count_stddev or 0.0)
+    noise = UserLevelNoise(clip=clip, noise_multiplier=z, update_noise_multiplier=z_update,
+                           expected_clients=per_round, ledger=ledger, client_ids=client_ids,
+                           event=event)
+
+    def wrap(client_id: str, base: Any) -> UserLevelTrainer:
+        return UserLevelTrainer(base, client_id=client_id, ledger=ledger, event=event, clip=clip)
+
+    return PrivacySetup(privacy, ledger, dict.fromkeys(client_ids, z),
+                        dict.fromkeys(client_ids, event), server_hooks=(noise,), wrapper=wrap)

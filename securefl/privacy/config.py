@@ -1,9 +1,23 @@
-"""``[privacy]``: differential privacy settings (sample-level DP-SGD or user-level DP-FedAvg)."""
+"""``[privacy]``: differential privacy settings (sample-level DP-SGD or user-level DP-FedAvg).
+
+* ``mode = "dp_sgd"``: every client trains with Opacus DP-SGD (Abadi et al., CCS 2016); the
+  privacy unit is one training example of that client.  ``noise_multiplier`` is taken as given
+  or calibrated from ``target_epsilon`` over the whole planned run.
+* ``mode = "dp_fedavg"``: user-level DP-FedAvg (McMahan et al., ICLR 2018); the privacy unit is
+  a whole client.  Each update is clipped to ``clip_norm`` and the server adds
+  ``N(0, (noise_multiplier * clip_norm)^2)`` to the sum; ``adaptive_clipping`` follows Andrew et
+  al. (NeurIPS 2021).
+
+Every client's spend is charged to its own :class:`~securefl.privacy.ledger.PrivacyLedger`,
+which refuses a round that would take it past ``budget`` (default: ``target_epsilon``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from securefl.confparse import check
 
 __all__ = ["PrivacyConfig"]
 
@@ -11,3 +25,54 @@ __all__ = ["PrivacyConfig"]
 @dataclass(frozen=True)
 class PrivacyConfig:
     mode: Literal["none", "dp_sgd", "dp_fedavg"] = "none"
+    #: total epsilon of the whole planned run; calibrates ``noise_multiplier`` when that is unset
+    target_epsilon: float | None = None
+    #: delta of every (epsilon, delta) statement; must be < 1 / (size of the protected dataset)
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    #: DP-SGD per-example clipping bound
+    max_grad_norm: float = 1.0
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    #: Opacus secure mode: CSPRNG noise (torchcsprng) and the floating-point-attack fix
+    secure_mode: bool = False
+    #: replace layers Opacus cannot train (BatchNorm -> GroupNorm) instead of refusing the model
+    fix_model: bool = False
+    #: per-client epsilon budget enforced by the ledger; default ``target_epsilon``
+    budget: float | None = None
+    accountant: Literal["rdp", "prv"] = "rdp"
+    #: DP-FedAvg: L2 bound C of each client update (the initial value with adaptive clipping)
+    clip_norm: float = 1.0
+    adaptive_clipping: bool = False
+    #: adaptive clipping: the quantile gamma of update norms that C tracks
+    target_quantile: float = 0.5
+    #: adaptive clipping: the geometric step eta_C of ``C <- C * exp(-eta_C (b - gamma))``
+    clip_learning_rate: float = 0.2
+    #: adaptive clipping: std sigma_b of the noise on the clipped count (default: m / 20)
+    clipped_count_stddev: float | None = None
+
+    def validate(self) -> None:
+        check(self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon",
+              f"must be > 0, got {self.target_epsilon}")
+        check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
+        check(self.noise_multiplier is None or self.noise_multiplier > 0, "noise_multiplier",
+              f"must be > 0, got {self.noise_multiplier}")
+        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        check(self.budget is None or self.budget > 0, "budget", f"must be > 0, got {self.budget}")
+        check(self.clip_norm > 0, "clip_norm", f"must be > 0, got {self.clip_norm}")
+        check(0 < self.target_quantile < 1, "target_quantile",
+              f"must be in (0, 1), got {self.target_quantile}")
+        check(self.clip_learning_rate > 0, "clip_learning_rate",
+              f"must be > 0, got {self.clip_learning_rate}")
+        check(self.clipped_count_stddev is None or self.clipped_count_stddev > 0,
+              "clipped_count_stddev", f"must be > 0, got {self.clipped_count_stddev}")
+        if self.mode == "none":
+            return
+        check((self.target_epsilon is None) != (self.noise_multiplier is None), "target_epsilon",
+              f"or noise_multiplier must be set (exactly one of them) for mode {self.mode!r}")
+        check(self.mode == "dp_fedavg" or not self.adaptive_clipping, "adaptive_clipping",
+              "applies to mode \"dp_fedavg\" only (DP-SGD clips per example at max_grad_norm)")
+
+    @property
+    def epsilon_budget(self) -> float | None:
+        """The per-client budget the ledger enforces (``budget``, else ``target_epsilon``)."""
+        return self.budget if self.budget is not None else self.target_epsilon
