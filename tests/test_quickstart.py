@@ -69,3 +69,11 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_wire_format_and_worker_pool_do_not_change_results():
+    base = load_config("examples/quickstart.toml").replace(run__rounds=3)
+    plain = run_simulation(base)
+    wired = run_simulation(base.replace(simulation__wire=True, simulation__workers=2))
+    assert plain.history.metric("loss") == wired.history.metric("loss")
+    assert (plain.parameters == wired.parameters).all()

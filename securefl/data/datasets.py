@@ -7,6 +7,7 @@ Nothing is downloaded.  Image sets live in a folder the user points to; a missin
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,24 @@ class Dataset:
         return Dataset(self.features[indices], self.labels[indices], self.num_classes, self.name)
 
 
+def _sklearn_data(name: str) -> Path:
+    """Path of a data file shipped inside scikit-learn, found without importing sklearn
+    (importing it costs seconds of start-up)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("scikit-learn is not installed; it ships the embedded datasets")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    if not path.exists():
+        raise DataError(f"embedded dataset file not found: {path}")
+    return path
+
+
 def load_digits() -> Dataset:
     """scikit-learn digits: 1797 8x8 grey images in [0, 1], shape (N, 1, 8, 8), 10 classes."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    bunch = sk_digits()
-    images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
-    return Dataset(images, bunch.target.astype(np.int64), 10, "digits")
+    with gzip.open(_sklearn_data("digits.csv.gz"), "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    images = (table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
+    return Dataset(np.ascontiguousarray(images), table[:, 64].astype(np.int64), 10, "digits")
 
 
 def load_breast_cancer() -> Dataset:
@@ -58,10 +70,8 @@ def load_breast_cancer() -> Dataset:
     Features are left unscaled here; :func:`securefl.data.federate` standardises them with
     statistics of the training split only.
     """
-    from sklearn.datasets import load_breast_cancer as sk_cancer
-
-    bunch = sk_cancer()
-    return Dataset(bunch.data.astype(np.float32), bunch.target.astype(np.int64), 2,
+    table = np.loadtxt(_sklearn_data("breast_cancer.csv"), delimiter=",", skiprows=1)
+    return Dataset(table[:, :30].astype(np.float32), table[:, 30].astype(np.int64), 2,
                    "breast_cancer")
 
 

@@ -82,3 +82,17 @@ def test_cifar_python_batch_refuses_code(tmp_path):
     (tmp_path / "test_batch").write_bytes(pickle.dumps(ok))
     images, labels = read_batch(tmp_path / "test_batch")
     assert images.shape == (2, 3, 32, 32) and labels.tolist() == [1, 2]
+
+
+def test_embedded_files_match_scikit_learn_loaders():
+    from sklearn.datasets import load_breast_cancer as sk_cancer
+    from sklearn.datasets import load_digits as sk_digits
+
+    from securefl.data.datasets import load_breast_cancer, load_digits
+
+    digits, reference = load_digits(), sk_digits()
+    np.testing.assert_array_equal(digits.features.reshape(-1, 64) * 16, reference.data)
+    np.testing.assert_array_equal(digits.labels, reference.target)
+    cancer, reference = load_breast_cancer(), sk_cancer()
+    np.testing.assert_allclose(cancer.features, reference.data, rtol=1e-6)
+    np.testing.assert_array_equal(cancer.labels, reference.target)
