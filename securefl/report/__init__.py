@@ -1,0 +1,322 @@
+"""The compliance report of a run: one self-contained HTML file and the same in Markdown.
+
+``securefl report RUN_DIR`` reads what the run left in its directory and writes
+``report.html`` (images inlined as base64 data URIs, no scripts, no external resources) and
+``report.md`` next to it.  Sections, in order, each saying so explicitly when its data is
+missing:
+
+1. the run (``summary.json``);
+2. the threat model and each of its checks (:func:`securefl.threat.check_config` on the
+   resolved ``config.toml``; a run with an audit log is checked as a network deployment);
+3. the protection, the aggregator and the privacy settings (``config.toml``);
+4. the participants of every round (``metrics.jsonl``) and the accuracy plot;
+5. ε spent and left per client (``privacy.json``) with ``epsilon.png``;
+6. the attack-suite results (``results.jsonl``, ``RESULTS.md``, their PNG figures);
+7. the verification of the signed audit log (:func:`securefl.runtime.auditlog.verify`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from securefl.errors import SecureFLError
+from securefl.report.render import (
+    Image,
+    Paragraph,
+    Pre,
+    Section,
+    Table,
+    render_html,
+    render_markdown,
+)
+
+__all__ = ["build_sections", "command", "write_report"]
+
+_KNOWN_IMAGES = {"epsilon.png", "accuracy.png"}
+_SHOWN_PRIVACY_KEYS = {"remaining"}
+
+
+@dataclass
+class _Run:
+    directory: Path
+    config: Any = None
+    config_error: str | None = None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[Paragraph]] | None:
+    """The JSON objects of ``path``, and a warning naming every line that is not one."""
+    if not path.is_file():
+        return None
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif line.strip():
+            bad.append(number)
+    which = f"line {bad[0]} is" if len(bad) == 1 else f"lines {', '.join(map(str, bad))} are"
+    warnings = [Paragraph(f"{path.name}: {which} not a JSON object, left out.",
+                          status=False)] if bad else []
+    return rows, warnings
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(_fmt(v) for v in value) or "—"
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "—"
+    return str(value)
+
+
+def _image(path: Path, caption: str) -> Image:
+    return Image(caption=caption, name=path.name, png=path.read_bytes())
+
+
+def _run_section(run: _Run) -> Section:
+    summary = _read_json(run.directory / "summary.json")
+    rows = [["run directory", str(run.directory)],
+            ["report generated", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")]]
+    blocks: list[Any] = []
+    if isinstance(summary, dict):
+        rows += [[str(k), _fmt(v)] for k, v in sorted(summary.items())]
+    else:
+        blocks.append(Paragraph("No summary.json in this run directory: the run may not have "
+                                "finished."))
+    return Section("summary", "Run", [Table(["item", "value"], rows), *blocks])
+
+
+def _threat_section(run: _Run) -> Section:
+    from securefl.threat import check_config, load_threat_model
+
+    title = "Threat model and checks"
+    if run.config is None:
+        return Section("threat-model", title, [Paragraph(
+            f"No readable config.toml ({run.config_error}): the threat model cannot be checked.")])
+    name = run.config.run.threat_model
+    if not name:
+        return Section("threat-model", title, [Paragraph(
+            "The configuration names no threat model ([run] threat_model is unset), so no "
+            "requirement was checked. Run `securefl check config.toml --threat-model NAME`.")])
+    try:
+        model = load_threat_model(name)
+    except SecureFLError as exc:
+        return Section("threat-model", title, [Paragraph(f"Threat model {name!r}: {exc}")])
+    deployment = "network" if (run.directory / "audit.log").exists() else "simulation"
+    results = check_config(run.config, model, deployment=deployment)
+    failed = sum(not r.passed for r in results)
+    verdict = (f"All {len(results)} requirements pass." if not failed else
+               f"{failed} of {len(results)} requirements FAIL.")
+    adversaries = [[a.who, a.behaviour, "; ".join(a.capabilities)] for a in model.adversaries]
+    return Section("threat-model", title, [
+        Paragraph(f"{model.name}: {model.title}. Checked as a {deployment} run. {verdict}"),
+        Paragraph(model.summary),
+        Table(["trusted"], [[t] for t in model.trusted] or [["nobody"]]),
+        Table(["must stay secret"], [[s] for s in model.secrets] or [["nothing"]]),
+        Table(["adversary", "behaviour", "capabilities"], adversaries),
+        *([Table(["knowingly given up"], [[g] for g in model.gives_up])] if model.gives_up
+          else []),
+        Table(["requirement", "result", "why"],
+              [[r.id, "PASS" if r.passed else "FAIL", r.reason] for r in results],
+              status_column=1),
+    ])
+
+
+def _protection_section(run: _Run) -> Section:
+    title = "Protection and aggregation"
+    if run.config is None:
+        return Section("protection", title, [Paragraph(
+            f"No readable config.toml ({run.config_error}): protection and aggregator unknown.")])
+    config = run.config
+    kind = config.protection.kind
+    rows = [["protection", kind]]
+    if kind in ("secagg", "he"):
+        section = getattr(config.protection, kind)
+        rows += [[f"protection.{kind}.{k}", _fmt(v)] for k, v in vars(section).items()]
+    rows.append(["aggregation rule", config.aggregation.rule])
+    rows += [[f"aggregation.{k}", _fmt(v)] for k, v in config.aggregation.options.items()]
+    rows += [[f"privacy.{k}", _fmt(v)] for k, v in vars(config.privacy).items()
+             if k == "mode" or config.privacy.mode != "none"]
+    network = config.network
+    rows += [["network.insecure", _fmt(getattr(network, "insecure", None))],
+             ["network.certs", _fmt(getattr(network, "certs", None))],
+             ["network.allowlist", _fmt(sorted(getattr(network, "allowlist", {}) or {}))],
+             ["network.audit", _fmt(getattr(network, "audit", None))]]
+    rows += [["clients", str(config.data.num_clients)], ["rounds", str(config.run.rounds)],
+             ["seed", str(config.run.seed)]]
+    return Section("protection", title, [Table(["setting", "value"], rows)])
+
+
+def _participants_section(run: _Run) -> Section:
+    title = "Participants per round"
+    read = _read_jsonl(run.directory / "metrics.jsonl")
+    if read is None:
+        return Section("participants", title, [Paragraph(
+            "No metrics.jsonl in this run directory: the participants of each round are "
+            "unknown.")])
+    rows, warnings = read
+    table = []
+    for row in rows:
+        table.append([_fmt(row.get("round")), str(len(row.get("sampled") or [])),
+                      str(len(row.get("clients") or [])), _fmt(row.get("clients")),
+                      _fmt(row.get("dropped") or None),
+                      _fmt(row.get("declined") or None), _fmt(row.get("rejected") or None),
+                      _fmt(row.get("aborted")), _fmt(row.get("accuracy")),
+                      _fmt(row.get("loss")), _fmt(row.get("seconds"))])
+    blocks: list[Any] = [Table(["round", "sampled", "aggregated", "aggregated clients",
+                                "dropped", "declined", "rejected", "aborted", "accuracy", "loss",
+                                "seconds"], table)]
+    if not rows:
+        blocks = [Paragraph("metrics.jsonl is empty: no round completed.")]
+    blocks.extend(warnings)
+    plot = run.directory / "accuracy.png"
+    if plot.is_file():
+        blocks.append(_image(plot, "Test accuracy per round"))
+    return Section("participants", title, blocks)
+
+
+def _client_rows(privacy: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``privacy.json`` (:func:`securefl.privacy.report.summarise`): ``clients`` maps each id to
+    its ``epsilon_rdp``, ``epsilon_prv``, ``budget``, ``remaining``, ``rounds``, ..."""
+    clients = privacy.get("clients")
+    if isinstance(clients, Mapping):
+        return {str(k): v for k, v in clients.items() if isinstance(v, Mapping)}
+    return {}
+
+
+def _privacy_section(run: _Run) -> Section:
+    title = "Privacy: ε spent and left per client"
+    data = _read_json(run.directory / "privacy.json")
+    blocks: list[Any] = []
+    if not isinstance(data, dict):
+        mode = run.config.privacy.mode if run.config is not None else "unknown"
+        blocks.append(Paragraph(f"No privacy.json in this run directory (privacy mode: {mode}):"
+                                " no ε was accounted, so none is reported."))
+    else:
+        header = [[k, _fmt(v)] for k, v in sorted(data.items())
+                  if not isinstance(v, Mapping | list)]
+        if header:
+            blocks.append(Table(["setting", "value"], header))
+        clients = _client_rows(data)
+        columns = sorted({k for c in clients.values() for k, v in c.items()
+                          if not isinstance(v, Mapping | list)} - _SHOWN_PRIVACY_KEYS)
+        if clients:
+            rows = []
+            accountant = str(data.get("accountant", "rdp"))
+            for cid, entry in sorted(clients.items()):
+                rows.append([cid, _fmt(entry.get(f"epsilon_{accountant}")),
+                             _fmt(entry.get("remaining"))]
+                            + [_fmt(entry.get(c)) for c in columns])
+            blocks.append(Table(["client", f"ε spent ({accountant})", "ε left", *columns],
+                                rows))
+        else:
+            blocks.append(Paragraph("privacy.json lists no clients."))
+    plot = run.directory / "epsilon.png"
+    if plot.is_file():
+        blocks.append(_image(plot, "ε per round for each client, with the budget"))
+    else:
+        blocks.append(Paragraph("No epsilon.png in this run directory."))
+    return Section("privacy", title, blocks)
+
+
+def _attacks_section(run: _Run) -> Section:
+    title = "Attack-suite results"
+    blocks: list[Any] = []
+    rows, warnings = _read_jsonl(run.directory / "results.jsonl") or ([], [])
+    blocks.extend(warnings)
+    if rows:
+        columns = sorted({k for r in rows for k, v in r.items()
+                          if not isinstance(v, Mapping | list)})
+        blocks.append(Table(columns, [[_fmt(r.get(c)) for c in columns] for r in rows]))
+    markdown = run.directory / "RESULTS.md"
+    if markdown.is_file():
+        blocks.append(Pre(markdown.read_text(encoding="utf-8")))
+    for png in sorted(run.directory.glob("*.png")):
+        if png.name not in _KNOWN_IMAGES:
+            blocks.append(_image(png, png.stem))
+    if not blocks:
+        blocks.append(Paragraph("This run has no attack-suite results (no results.jsonl or "
+                                "RESULTS.md)."))
+    return Section("attacks", title, blocks)
+
+
+def _audit_section(run: _Run) -> Section:
+    title = "Audit log verification"
+    if not any((run.directory / n).exists() for n in ("audit.log", "audit.head")):
+        return Section("audit-log", title, [Paragraph(
+            "no audit log: this run directory has no audit.log (in-process simulations do not "
+            "write one; a networked server does).")])
+    from securefl.runtime.auditlog import verify
+
+    result = verify(run.directory)
+    key = run.directory / "audit.pub"
+    signer = key.read_text(encoding="utf-8").strip() if key.is_file() else "missing"
+    if result.ok:
+        verdict = (f"VERIFIED: {result.entries} entries; every hash link, signature and the "
+                   f"signed head check out. Head hash {result.head}.")
+    else:
+        verdict = "FAILED: " + "; ".join(result.problems)
+    events = [[_fmt(e.get("index")), _fmt(e.get("time")), _fmt(e.get("event"))]
+              for e in result.events]
+    return Section("audit-log", title, [
+        Paragraph(verdict, status=result.ok),
+        Paragraph(f"Signer (Ed25519 public key from audit.pub): {signer}. Compare it with the "
+                  "key the server operator published; a forger could replace both."),
+        *([Table(["index", "time", "event"], events)] if events else []),
+    ])
+
+
+def build_sections(run_dir: str | Path) -> list[Section]:
+    """Every section of the report of ``run_dir``, in order."""
+    from securefl.config import load_config
+
+    run = _Run(Path(run_dir))
+    try:
+        run.config = load_config(run.directory / "config.toml")
+    except SecureFLError as exc:
+        run.config_error = str(exc)
+    return [_run_section(run), _threat_section(run), _protection_section(run),
+            _participants_section(run), _privacy_section(run), _attacks_section(run),
+            _audit_section(run)]
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` into ``run_dir``; return their paths."""
+    directory = Path(run_dir)
+    if not directory.is_dir():
+        raise SecureFLError(f"{directory}: not a run directory")
+    sections = build_sections(directory)
+    title = f"securefl compliance report: {directory.resolve().name}"
+    html_path, md_path = directory / "report.html", directory / "report.md"
+    html_path.write_text(render_html(title, sections), encoding="utf-8")
+    md_path.write_text(render_markdown(title, sections), encoding="utf-8")
+    return html_path, md_path
+
+
+def command(args: argparse.Namespace) -> int:
+    """``securefl report RUN_DIR``: write the report and print where it is."""
+    html_path, md_path = write_report(args.run_dir)
+    print(f"wrote {html_path}")
+    print(f"wrote {md_path}")
+    return 0

@@ -1,0 +1,352 @@
+"""The controls a threat model can require, each checked against a run configuration.
+
+A check reads :class:`Facts`, the security-relevant facts of a :class:`~securefl.config.Config`,
+and returns ``(passed, reason)``; the reason says what the config does and, on failure, what
+the model needs instead.  Facts are read with ``getattr`` and a default, so a config section
+that lacks a field (an older or partial config) reads as the weaker setting: a control is
+never passed on a field that is not there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from securefl.errors import ConfigError
+from securefl.threat.model import ThreatModel
+
+__all__ = ["CONTROLS", "Control", "Facts", "byzantine_tolerance", "facts"]
+
+_PROTECTION_NAMES = {"plain": "plaintext updates", "secagg": "secure aggregation",
+                     "he": "HE", "dp_sgd": "sample-level DP at each client (mode = \"dp_sgd\")"}
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a config does, in the terms the controls need."""
+
+    protection: str
+    rule: str
+    options: Mapping[str, Any]
+    linear: bool
+    num_clients: int
+    clients_per_round: int
+    privacy_mode: str
+    epsilon_budget: float | None
+    delta: float | None
+    insecure: bool
+    certs: str | None
+    allowlist: Mapping[str, str]
+    audit: bool
+    he_key_on_server: bool
+    he_layers: tuple[str, ...]
+    secagg_neighbours: int | str
+    secagg_threshold: float
+    deployment: str
+
+
+def _linear(rule: str, options: Mapping[str, Any], aggregation: Any) -> bool:
+    try:
+        return bool(getattr(aggregation.build(), "linear", False))
+    except (ConfigError, ValueError, TypeError, AttributeError):
+        # a rule the registry does not (yet) know: only FedAvg is known to be linear
+        return rule == "fedavg"
+
+
+def facts(config: Any, *, deployment: str = "simulation") -> Facts:
+    """Read the security-relevant facts of ``config``.
+
+    Clients per round follow the server's sampler: ``[server] clients_per_round`` if set,
+    else ``ceil(fraction * num_clients)``, at most ``num_clients``.  The HE
+    secret key counts as held by the server when ``[protection.he] server_holds_secret_key``
+    is true or ``key_holder = "server"``; securefl's own HE never does this (the server gets a
+    public context only), so both read as false when absent.
+    """
+    server, data, privacy = config.server, config.data, config.privacy
+    network, protection = config.network, config.protection
+    num_clients = int(getattr(data, "num_clients", 1))
+    per_round = getattr(server, "clients_per_round", None)
+    if per_round is None:
+        per_round = math.ceil(float(getattr(server, "fraction", 1.0)) * num_clients - 1e-9)
+    he, secagg = getattr(protection, "he", None), getattr(protection, "secagg", None)
+    options = MappingProxyType(dict(getattr(config.aggregation, "options", {})))
+    budget = getattr(privacy, "epsilon_budget", None)
+    if budget is None:
+        budget = getattr(privacy, "budget", None) or getattr(privacy, "target_epsilon", None)
+    return Facts(
+        protection=protection.kind, rule=config.aggregation.rule, options=options,
+        linear=_linear(config.aggregation.rule, options, config.aggregation),
+        num_clients=num_clients, clients_per_round=min(int(per_round), num_clients),
+        privacy_mode=getattr(privacy, "mode", "none"),
+        epsilon_budget=None if budget is None else float(budget),
+        delta=getattr(privacy, "delta", None),
+        insecure=bool(getattr(network, "insecure", True)),
+        certs=getattr(network, "certs", None) or None,
+        allowlist=MappingProxyType(dict(getattr(network, "allowlist", {}) or {})),
+        audit=bool(getattr(network, "audit", False)),
+        he_key_on_server=bool(getattr(he, "server_holds_secret_key", False)
+                              or getattr(he, "key_holder", None) == "server"),
+        he_layers=tuple(getattr(he, "layers", ()) or ()),
+        secagg_neighbours=getattr(secagg, "neighbours", "auto"),
+        secagg_threshold=float(getattr(secagg, "threshold", 0.5)),
+        deployment=deployment)
+
+
+def byzantine_tolerance(rule: str, options: Mapping[str, Any], n: int) -> tuple[int, str]:
+    """``(f, note)``: how many byzantine rows among ``n`` the rule is proven to withstand.
+
+    Krum/MultiKrum need ``n > 2f + 2`` (Blanchard et al. 2017), Bulyan ``n >= 4f + 3``
+    (El Mhamdi et al. 2018), both for their configured ``num_byzantine``.  Coordinate median
+    and geometric median (Pillutla et al. 2022) withstand ``f < n/2``; the beta-trimmed mean
+    ``floor(beta n)`` (Yin et al. 2018); centered clipping is counted conservatively at
+    ``delta_max = 0.1`` of the round (the robustness constant of Karimireddy et al., ICLR 2022).
+    NNM (Allouah et al. 2023) needs ``n > 2f`` and keeps its inner rule's tolerance.  FedAvg
+    and NormBound average, so they withstand none.  ``note`` is empty, or says why f is 0.
+    """
+    declared = options.get("num_byzantine")
+    if rule == "nnm":
+        return _nnm_tolerance(options, n)
+    if rule in ("krum", "multikrum", "bulyan"):
+        if not isinstance(declared, int):
+            return 0, f"{rule} needs num_byzantine"
+        need = 4 * declared + 3 if rule == "bulyan" else 2 * declared + 3
+        if n < need:
+            return 0, (f"{rule} with num_byzantine = {declared} needs at least {need} clients "
+                       f"per round, the config has {n}")
+        return declared, ""
+    if rule in ("median", "geometric_median"):
+        return (n - 1) // 2, ""
+    if rule == "centered_clipping":
+        return math.floor(0.1 * n + 1e-9), ""
+    if rule == "trimmed_mean":
+        beta = float(options.get("beta", 0.1))
+        return math.floor(beta * n + 1e-9), ""
+    if rule == "fltrust":
+        return n - 1, ""
+    if rule in ("fedavg", "norm_bound"):
+        return 0, (f"{rule} averages the updates: one byzantine client moves the result "
+                   "arbitrarily far (Blanchard et al. 2017)" if rule == "fedavg" else
+                   "norm_bound clips then averages: f byzantine clients still move the mean "
+                   "by up to f * max_norm / n every round")
+    if isinstance(declared, int):
+        return declared, ""
+    return 0, f"the checker does not know the byzantine tolerance of rule {rule!r}"
+
+
+def _nnm_tolerance(options: Mapping[str, Any], n: int) -> tuple[int, str]:
+    declared = options.get("num_byzantine")
+    if not isinstance(declared, int):
+        return 0, "nnm needs num_byzantine"
+    if n <= 2 * declared:
+        return 0, (f"nnm with num_byzantine = {declared} needs more than {2 * declared} "
+                   f"clients per round, the config has {n}")
+    inner = options.get("inner")
+    table = {"rule": inner} if isinstance(inner, str) else dict(inner or {})
+    rule = table.pop("rule", None)
+    if not isinstance(rule, str):
+        return 0, "nnm needs an inner rule"
+    table.setdefault("num_byzantine", declared)
+    tolerated, note = byzantine_tolerance(rule, table, n)
+    return min(declared, tolerated), note
+
+
+def _alternatives(accept: list[str]) -> str:
+    names = [_PROTECTION_NAMES[a] for a in accept]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def update_secrecy(f: Facts, model: ThreatModel, accept: list[str]) -> tuple[bool, str]:
+    """The server must not see an individual update: masked (Bonawitz et al. 2017), encrypted,
+    or, where ``dp_sgd`` is accepted, released only with sample-level DP (Abadi et al. 2016).
+    HE with layer selection (``[protection.he] layers``) sends the other layers in the clear."""
+    if f.protection == "he" and f.he_layers and "he" in accept:
+        return False, (f"HE encrypts only the layers matching {', '.join(f.he_layers)}; the "
+                       "rest of each update reaches the server in the clear")
+    if f.protection in accept and f.protection != "plain":
+        return True, f"protection {f.protection!r} reveals only the weighted sum to the server"
+    if "dp_sgd" in accept and f.privacy_mode == "dp_sgd":
+        return True, ("each update leaves its client already protected by DP-SGD: the server "
+                      "sees rows, but only through the sample-level ε")
+    if not f.linear and f.protection == "plain":
+        return False, (f"robust aggregation ({f.rule}) needs plaintext updates; this threat "
+                       f"model requires {_alternatives(accept)}")
+    return False, (f"protection {f.protection!r} shows every client's update to the server; "
+                   f"this threat model requires {_alternatives(accept)}")
+
+
+def he_key_separation(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """Under HE only key holders may decrypt; a server with the secret key sees every update."""
+    if f.protection != "he":
+        return True, f"not applicable: protection is {f.protection!r}"
+    if f.he_key_on_server:
+        return False, f"HE with the secret key on the server violates {model.name}"
+    return True, "the HE secret key stays with the clients; the server holds a public context"
+
+
+def _secagg_share_threshold(f: Facts) -> tuple[int, int]:
+    n = f.clients_per_round
+    k = (min(n - 1, 2 * math.ceil(1.5 * math.log2(max(n, 2))))
+         if f.secagg_neighbours == "auto" else int(f.secagg_neighbours))
+    return k, min(k, math.floor(f.secagg_threshold * k) + 1)
+
+
+def collusion(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """Up to t clients may collude with the server.  SecAgg+ hides an honest update while the
+    coalition holds fewer than the ``floor(threshold k) + 1`` shares needed to rebuild its
+    mask secrets (Bell et al. 2020).  The check is worst case: all t colluders may be among
+    one client's k neighbours.  Under securefl's HE every client holds the secret key."""
+    t = model.max_colluding(f.clients_per_round)
+    if t == 0:
+        return True, "not applicable: no client colludes with the server in this model"
+    if f.protection == "he":
+        return False, (f"every client holds the HE secret key, so any of the up to {t} clients "
+                       "colluding with the server decrypts every update; use secure "
+                       "aggregation")
+    if f.protection == "secagg":
+        k, shares = _secagg_share_threshold(f)
+        if t >= shares:
+            return False, (f"{t} colluding clients reach the {shares} of {k} shares that "
+                           "rebuild a neighbour's mask; raise [protection.secagg] threshold "
+                           "or neighbours")
+        return True, (f"{t} colluding clients stay below the {shares} of {k} shares needed "
+                      "to unmask a neighbour")
+    return True, "not applicable: with plaintext rows collusion shows the server nothing new"
+
+
+def differential_privacy(f: Facts, model: ThreatModel, modes: list[str]) -> tuple[bool, str]:
+    """Membership inference (Shokri et al. 2017) on what is released is bounded only by DP."""
+    if f.privacy_mode == "none":
+        return False, "no DP: membership inference is in scope"
+    if f.privacy_mode not in modes:
+        return False, (f"privacy mode {f.privacy_mode!r} does not protect against this model's "
+                       f"adversaries; it needs mode {' or '.join(map(repr, modes))}")
+    if f.privacy_mode == "dp_fedavg":
+        return True, ("user-level DP-FedAvg: the released model is DP per site (the server "
+                      "adds the noise, so it is not protected from the server itself)")
+    return True, "DP-SGD at every client: each update is DP per training example"
+
+
+def privacy_budget(f: Facts, model: ThreatModel, max_epsilon: float,
+                   max_delta: float) -> tuple[bool, str]:
+    """Each client's ledger refuses a round that would take it past its budget ε at δ."""
+    if f.privacy_mode == "none":
+        return False, "no DP, so no per-client ε budget is enforced"
+    if f.epsilon_budget is None:
+        return False, ("no per-client ε budget ([privacy] budget or target_epsilon): "
+                       "nothing stops a client from spending without limit")
+    if f.epsilon_budget > max_epsilon:
+        return False, (f"per-client budget ε = {f.epsilon_budget:g} is above this model's "
+                       f"maximum {max_epsilon:g}")
+    if f.delta is None or f.delta > max_delta:
+        return False, f"δ = {f.delta} is above this model's maximum {max_delta:g}"
+    return True, (f"each client's ledger refuses rounds past ε = {f.epsilon_budget:g} "
+                  f"at δ = {f.delta:g}")
+
+
+def robust_aggregation(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """The rule must withstand the model's f byzantine clients among those of a round."""
+    n = f.clients_per_round
+    wanted = model.max_byzantine(n)
+    if not f.linear and f.protection != "plain":
+        return False, (f"robust aggregation ({f.rule}) needs plaintext updates, but protection "
+                       f"{f.protection!r} reveals only their sum")
+    tolerated, note = byzantine_tolerance(f.rule, f.options, n)
+    if tolerated < wanted or (wanted and note):
+        why = note or f"{f.rule} withstands {tolerated} of {n} clients per round"
+        extra = "" if f.protection == "plain" else (
+            f"; robust rules need plaintext rows, which protection {f.protection!r} hides")
+        return False, (f"{why}; this threat model needs a rule that withstands {wanted} "
+                       f"byzantine clients{extra}")
+    return True, (f"{f.rule} withstands {tolerated} byzantine of {n} clients per round "
+                  f"(model: up to {wanted})")
+
+
+def coherent_pairing(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """Robust rules read individual rows, which secure aggregation and HE exist to hide."""
+    if not f.linear and f.protection != "plain":
+        return False, (f"robust aggregation ({f.rule}) needs plaintext updates, but protection "
+                       f"{f.protection!r} reveals only their sum")
+    return True, f"aggregation {f.rule!r} runs on what protection {f.protection!r} reveals"
+
+
+def transport_encryption(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """A network eavesdropper reads every message unless the transport is encrypted (TLS)."""
+    if f.insecure:
+        return False, "[network] insecure = true: an eavesdropper reads every message"
+    return True, "[network] insecure = false: TLS protects every message on the network"
+
+
+def mutual_tls(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """Server and sites authenticate each other with certificates from one CA (mTLS)."""
+    if f.insecure:
+        return False, "[network] insecure = true: no TLS, so neither side is authenticated"
+    if not f.certs:
+        return False, ("no certificates ([network] certs): mutual TLS needs the CA, server and "
+                       "site certificates of `securefl certs init`")
+    return True, f"mutual TLS with the certificates in {f.certs!r}"
+
+
+def site_allowlist(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """Only enrolled sites, pinned by certificate fingerprint, may join a round."""
+    if not f.allowlist:
+        return False, ("no site allowlist ([network] allowlist): any certificate the CA "
+                       "signed could join as a site")
+    return True, f"{len(f.allowlist)} sites pinned by certificate fingerprint"
+
+
+def signed_audit_log(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """A hash-chained log of every round, each entry signed with the server's Ed25519 key."""
+    if not f.audit:
+        return False, "[network] audit = false: no signed audit log of the rounds"
+    return True, "every round is recorded in the hash-chained, Ed25519-signed audit log"
+
+
+def simulation_only(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """A model without network controls holds only while everything runs in one process."""
+    if f.deployment != "simulation":
+        return False, (f"{model.name} has no network controls; run it in-process "
+                       "(securefl run), not as a networked deployment")
+    return True, "in-process simulation: no network, no remote party"
+
+
+@dataclass(frozen=True)
+class Control:
+    check: Callable[..., tuple[bool, str]]
+    #: parameter name -> validator returning the parsed value or raising ValueError
+    params: Mapping[str, Callable[[Any], Any]]
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[Any], list[str]]:
+    def parse(value: Any) -> list[str]:
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(v, str) and v in allowed for v in value)):
+            raise ValueError(f"must be a non-empty list drawn from {', '.join(allowed)}")
+        return list(value)
+    return parse
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError("must be a number > 0")
+    return float(value)
+
+
+CONTROLS: dict[str, Control] = {
+    "update_secrecy": Control(update_secrecy, {"accept": _choices(("secagg", "he", "dp_sgd"))}),
+    "he_key_separation": Control(he_key_separation, {}),
+    "collusion": Control(collusion, {}),
+    "differential_privacy": Control(differential_privacy,
+                                    {"modes": _choices(("dp_sgd", "dp_fedavg"))}),
+    "privacy_budget": Control(privacy_budget, {"max_epsilon": _positive,
+                                               "max_delta": _positive}),
+    "robust_aggregation": Control(robust_aggregation, {}),
+    "coherent_pairing": Control(coherent_pairing, {}),
+    "transport_encryption": Control(transport_encryption, {}),
+    "mutual_tls": Control(mutual_tls, {}),
+    "site_allowlist": Control(site_allowlist, {}),
+    "signed_audit_log": Control(signed_audit_log, {}),
+    "simulation_only": Control(simulation_only, {}),
+}
