@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from securefl.config import Config, load_config
-from securefl.data import FederatedData, federate
+from securefl.data import Dataset, FederatedData, federate
 from securefl.engine.client import Client, UpdateHook
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.optim import build_server_optimizer
@@ -32,7 +32,8 @@ from securefl.params import Layout, flatten, unflatten
 from securefl.protections import build_protection
 from securefl.rundir import append_jsonl, atomic_write, save_model, write_json
 
-__all__ = ["RunResult", "Simulation", "build_simulation", "command", "run_simulation"]
+__all__ = ["RunResult", "Simulation", "build_simulation", "command", "root_trainer",
+           "run_simulation"]
 
 
 @dataclass
@@ -108,14 +109,38 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                        beta1=s.beta1, beta2=s.beta2, tau=s.tau)
     simulation = Simulation(config, data, model, layout, trainers, clients, transport,
                             server=None, privacy=privacy)  # type: ignore[arg-type]
+    aggregator = config.aggregation.build()
+    reference = None
+    if getattr(aggregator, "needs_reference", False):
+        root = root_trainer(config, data, count=getattr(aggregator, "root_examples", 100))
+        reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
     simulation.server = Server(
-        transport, server_protection, config.aggregation.build(), optimizer,
+        transport, server_protection, aggregator, optimizer, reference_update=reference,
         parameters=flatten(model), seed=seed,
         sampler=Sampler(count=s.clients_per_round, fraction=s.fraction),
         min_clients=s.min_clients, timeout=s.timeout,
         central_evaluator=simulation.evaluate if s.evaluate in ("central", "both") else None,
         federated_evaluation=s.evaluate in ("federated", "both"), hooks=hooks)
     return simulation
+
+
+def root_trainer(config: Config, data: FederatedData, *, count: int) -> LocalTrainer:
+    """A trainer on the server's small clean root dataset (FLTrust, Cao et al. 2021).
+
+    In simulation the root set is ``count`` examples drawn, with a seeded RNG, from the
+    pooled client training data: the same distribution, as the paper assumes.
+    """
+    rng = np.random.default_rng([config.run.seed, 0x2007])
+    pooled = [c.train for c in data.clients.values()]
+    features = np.concatenate([d.features for d in pooled])
+    labels = np.concatenate([d.labels for d in pooled])
+    pick = np.sort(rng.choice(len(labels), size=min(count, len(labels)), replace=False))
+    root = Dataset(features[pick], labels[pick], data.num_classes, "root")
+    c = config.client
+    model = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed)
+    return LocalTrainer(model, root, root.subset(np.arange(0)), epochs=c.epochs,
+                        batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+                        momentum=c.momentum, weight_decay=c.weight_decay, seed=config.run.seed)
 
 
 @dataclass

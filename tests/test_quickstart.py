@@ -77,3 +77,12 @@ def test_wire_format_and_worker_pool_do_not_change_results():
     wired = run_simulation(base.replace(simulation__wire=True, simulation__workers=2))
     assert plain.history.metric("loss") == wired.history.metric("loss")
     assert (plain.parameters == wired.parameters).all()
+
+
+def test_fltrust_gets_the_server_reference_update():
+    config = load_config("examples/quickstart.toml").replace(run__rounds=3)
+    config = config.replace(aggregation=type(config.aggregation).from_table(
+        {"rule": "fltrust", "root_examples": 50}))
+    result = run_simulation(config)
+    assert not any(r.aborted for r in result.history.rounds)
+    assert result.history.final.accuracy > 0.6

@@ -63,7 +63,8 @@ class Server:
                  min_clients: int = 1, timeout: float | None = None,
                  central_evaluator: CentralEvaluator | None = None,
                  federated_evaluation: bool = False, hooks: Sequence[Any] = (),
-                 fit_config: Mapping[str, Any] | None = None) -> None:
+                 fit_config: Mapping[str, Any] | None = None,
+                 reference_update: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if protection.reveals_rows is False and not getattr(aggregator, "linear", False):
             raise ValueError(f"{aggregator!r} needs individual updates, which protection "
                              f"{protection.name!r} hides; use FedAvg")
@@ -80,6 +81,8 @@ class Server:
         self.federated_evaluation = federated_evaluation
         self.hooks = list(hooks)
         self.fit_config = dict(fit_config or {})
+        #: the server's own update on its root data, for rules such as FLTrust
+        self.reference_update = reference_update
         self.history = History()
         self.aggregator_state: Any = None
 
@@ -170,11 +173,18 @@ class Server:
         self.parameters = self.optimizer.step(self.parameters, delta)
 
     def _aggregate_rows(self, rows: Rows) -> np.ndarray:
+        context: dict[str, Any] = {}
+        if getattr(self.aggregator, "needs_reference", False):
+            if self.reference_update is None:
+                raise ValueError(f"{self.aggregator!r} needs the server's reference update "
+                                 "(root data), and none was configured")
+            context["reference"] = self.reference_update(self.parameters)
         if getattr(self.aggregator, "stateful", False):
             delta, self.aggregator_state = self.aggregator(  # type: ignore[call-arg]
-                rows.updates, rows.weights, state=self.aggregator_state)
+                rows.updates, rows.weights, state=self.aggregator_state, **context)
             return np.asarray(delta, dtype=np.float32)
-        return np.asarray(self.aggregator(rows.updates, rows.weights), dtype=np.float32)
+        return np.asarray(self.aggregator(rows.updates, rows.weights, **context),
+                          dtype=np.float32)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, rnd: int, record: RoundRecord) -> None:
