@@ -98,7 +98,7 @@ def unflatten(module: nn.Module, vector: np.ndarray, layout: Layout | None = Non
     """Load ``vector`` into ``module``'s parameters in place."""
     layout = layout or Layout.of(module)
     layout._check(vector)
-    source = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+    source = torch.from_numpy(np.array(vector, dtype=np.float32))  # writable copy
     with torch.no_grad():
         for spec, param in zip(layout.specs, module.parameters(), strict=True):
             param.copy_(source[spec.slice].view(spec.shape))

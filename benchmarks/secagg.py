@@ -1,0 +1,273 @@
+"""Secure aggregation (SecAgg+) benchmarks: prints one JSON object.
+
+    python benchmarks/secagg.py            # every measurement
+    python benchmarks/secagg.py --quick    # smaller sizes, for a smoke run
+
+Times are medians (seconds) on this machine.  With ``flwr`` installed, Flower's SecAgg+
+primitives (``flwr.common.secure_aggregation``: quantize, pseudo_rand_gen, the ndarray
+arithmetic, Shamir ``create_shares``) run side by side at the same n, d and k, and each
+``*_ratio`` is securefl time / Flower time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from securefl.aggregation.mean import FedAvg
+from securefl.engine.client import Client
+from securefl.engine.messages import Message, encode
+from securefl.engine.optim import build_server_optimizer
+from securefl.engine.protection import (
+    ClientProtection,
+    Plain,
+    Rows,
+    ServerProtection,
+    Update,
+    WeightedSum,
+)
+from securefl.engine.server import Server
+from securefl.engine.simulation import InProcessTransport
+from securefl.secagg import SecAggConfig, build_simulation, shamir
+from securefl.secagg.keys import pairwise_mask_key, self_mask_key
+from securefl.secagg.messages import SecAggMaskedInput
+from securefl.secagg.prg import add_masks, derive_key, info, keystream
+from securefl.secagg.quantize import Quantizer, levels_for
+
+try:
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        parameters_addition,
+        parameters_mod,
+        parameters_subtraction,
+    )
+    from flwr.common.secure_aggregation.quantization import quantize as flwr_quantize
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    HAVE_FLWR = True
+except ImportError:  # pragma: no cover - optional peer
+    HAVE_FLWR = False
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def ratio(ours: float, theirs: float | None) -> float | None:
+    return None if theirs is None else round(ours / theirs, 3)
+
+
+# ----------------------------------------------------------------------------- primitives
+def bench_shamir(parties: int, threshold: int, repeat: int) -> dict:
+    secret = int.from_bytes(os.urandom(32), "big")
+    xs = list(range(1, parties + 1))
+    ours = median_seconds(lambda: shamir.split(secret, threshold=threshold, xs=xs), repeat)
+    theirs = (median_seconds(lambda: create_shares(os.urandom(32), threshold, parties), 3)
+              if HAVE_FLWR else None)
+    return {"parties": parties, "threshold": threshold, "securefl_s": ours, "flwr_s": theirs,
+            "ratio": ratio(ours, theirs)}
+
+
+def bench_client_masking(d: int, k: int, repeat: int) -> dict:
+    """Self mask + k pairwise masks on a quantized vector (key agreement excluded on both
+    sides: the X25519 secrets are given)."""
+    seed, secrets_ = os.urandom(32), [os.urandom(32) for _ in range(k)]
+    encoded = np.zeros(d, np.uint32)
+
+    def ours() -> np.ndarray:
+        masked = encoded.copy()
+        masks = [(self_mask_key(seed, round=1, client_id="u"), 1)]
+        for index, shared in enumerate(secrets_):
+            key = pairwise_mask_key(shared, round=1, first="u", second=f"v{index}")
+            masks.append((key, 1 if index % 2 else -1))
+        add_masks(masked, masks)
+        return masked
+
+    def flower() -> list:
+        masked = [encoded.astype(np.int64)]
+        masked = parameters_addition(masked, pseudo_rand_gen(seed, 1 << 32, [(d,)]))
+        for index, shared in enumerate(secrets_):
+            mask = pseudo_rand_gen(shared, 1 << 32, [(d,)])
+            masked = (parameters_addition if index % 2 else parameters_subtraction)(masked, mask)
+        return parameters_mod(masked, 1 << 32)
+
+    ours_s = median_seconds(ours, repeat)
+    theirs = median_seconds(flower, repeat) if HAVE_FLWR else None
+    buffer, zeros = bytearray(4 * d + 15), bytes(4 * d)
+
+    def floor() -> None:  # raw AES-256-CTR of the same 1 + k streams, nothing else
+        for key in [seed, *secrets_]:
+            Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(
+                zeros, buffer)
+
+    floor_s = median_seconds(floor, repeat)
+    return {"d": d, "k": k, "securefl_s": ours_s, "flwr_s": theirs,
+            "ratio": ratio(ours_s, theirs), "aes_ctr_keystream_floor_s": floor_s}
+
+
+def bench_quantize(d: int, repeat: int) -> dict:
+    x = np.random.default_rng(0).normal(0, 0.1, d).astype(np.float32)
+    quantizer = Quantizer(clip=1.0, max_weight=1e4, levels=levels_for(10, bits="auto"))
+    def ours() -> np.ndarray:
+        dither = keystream(derive_key(os.urandom(32), info("dither", 1, "u")), d + 1)
+        return quantizer.encode(x, 100.0, dither)
+
+    ours_s = median_seconds(ours, repeat)
+    theirs = (median_seconds(lambda: flwr_quantize([x], 1.0, 1 << 22), repeat)
+              if HAVE_FLWR else None)
+    return {"d": d, "securefl_s": ours_s, "flwr_s": theirs, "ratio": ratio(ours_s, theirs)}
+
+
+def bench_upload(d: int) -> dict:
+    ours = len(encode(SecAggMaskedInput(masked=np.zeros(d + 1, np.uint32)))) / (4 * d)
+    theirs = None
+    if HAVE_FLWR:
+        masked = parameters_mod([np.zeros(d, np.int64)], 1 << 32)
+        theirs = sum(a.nbytes for a in masked) / (4 * d)
+    return {"d": d, "securefl_bytes_per_float32_byte": round(ours, 5),
+            "flwr_bytes_per_float32_byte": theirs}
+
+
+# ----------------------------------------------------------------------------- protocol
+def drive(server: ServerProtection, clients: Mapping[str, ClientProtection],
+          updates: Mapping[str, Update], *, dimension: int, drop_after_shares: set[str],
+          timings: dict[str, float]) -> WeightedSum:
+    """One round in-process; ``timings`` gets the server's masked-input and unmask steps."""
+    protocol = server.server_round(round=1, dimension=dimension)
+    rounds = {c: clients[c].client_round(round=1) for c in updates}
+    requests: Mapping[str, Message | None] = protocol.open(list(updates))
+    replies = {c: rounds[c].open(updates[c], requests[c]) for c in updates}
+    for exchange in range(1, 5):
+        started = time.perf_counter()
+        result = protocol.step(replies, set())
+        timings[f"server_step_{exchange}_s"] = time.perf_counter() - started
+        if isinstance(result, WeightedSum):
+            return result
+        replies = {c: rounds[c].step(m) for c, m in result.items()
+                   if not (exchange == 2 and c in drop_after_shares)}
+    raise RuntimeError("the round did not finish in 4 exchanges")
+
+
+def bench_server_unmask(n: int, d: int, dropout: float, neighbours: int | str) -> dict:
+    config = SecAggConfig(max_weight=100.0, neighbours=neighbours)
+    ids = [f"c{i:04d}" for i in range(n)]
+    base = np.random.default_rng(1).normal(0, 0.05, d).astype(np.float32)
+    updates = {c: Update(base, float(1 + i % 50)) for i, c in enumerate(ids)}
+    server, clients = build_simulation(config, ids)
+    dropped = set(ids[: round(dropout * n)])
+    timings: dict[str, float] = {}
+    result = drive(server, clients, updates, dimension=d, drop_after_shares=dropped,
+                   timings=timings)
+    weight = sum(updates[c].weight for c in ids if c not in dropped)
+    error = float(np.abs(result.total - weight * base.astype(np.float64)).max())
+    rows = [base.copy() for _ in range(n)]
+
+    def plain_sum() -> np.ndarray:
+        total = np.zeros(d, np.float32)
+        for row in rows:
+            np.add(total, row, out=total)
+        return total
+
+    plain = median_seconds(plain_sum, 5)
+    weights = np.array([updates[c].weight for c in ids])
+    engine_plain = median_seconds(  # what the Plain protection does: stack, weighted sum
+        lambda: Rows(tuple(ids), np.stack(rows), weights).weighted_sum(), 3)
+    unmask, summing = timings["server_step_4_s"], timings["server_step_3_s"]
+    return {"n": n, "d": d, "dropout": dropout, "neighbours": neighbours,
+            "server_unmask_s": unmask, "server_sum_masked_inputs_s": summing,
+            "plaintext_sum_s": plain, "unmask_over_plaintext_sum": round(unmask / plain, 3),
+            "sum_and_unmask_over_plaintext_sum": round((unmask + summing) / plain, 3),
+            "plain_protection_weighted_sum_s": engine_plain,
+            "sum_and_unmask_over_plain_protection": round((unmask + summing) / engine_plain, 3),
+            "max_abs_error": error}
+
+
+class FixedTrainer:
+    """Returns the same update every round: measures the protocol, not training."""
+
+    def __init__(self, update: Update) -> None:
+        self.update = update
+
+    def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
+        return self.update, {}
+
+    def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
+        return 1, 0.0, 0.0
+
+
+def engine_rounds(server_protection: ServerProtection,
+                  client_protections: Mapping[str, ClientProtection], d: int, rounds: int,
+                  *, wire: bool) -> tuple[list[float], list[int]]:
+    base = np.random.default_rng(2).normal(0, 0.05, d).astype(np.float32)
+    clients = {c: Client(c, FixedTrainer(Update(base, float(1 + i % 50))), p)
+               for i, (c, p) in enumerate(client_protections.items())}
+    transport = InProcessTransport(clients, wire=wire)
+    server = Server(transport, server_protection, FedAvg(),
+                    build_server_optimizer("fedavg", lr=1.0, momentum=0.0, beta1=0.9,
+                                           beta2=0.99, tau=1e-3),
+                    parameters=np.zeros(d, np.float32), seed=0)
+    seconds, contributors = [], []
+    for r in range(1, rounds + 1):
+        record = server.run_round(r)
+        seconds.append(record.seconds)
+        contributors.append(len(record.clients))
+    transport.close()
+    return seconds, contributors
+
+
+def bench_round(n: int, d: int, rounds: int) -> dict:
+    ids = [f"c{i:04d}" for i in range(n)]
+    plain = Plain()
+    plain_s, _ = engine_rounds(plain, dict.fromkeys(ids, plain), d, rounds, wire=True)
+    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
+    secure_s, contributors = engine_rounds(server, clients, d, rounds, wire=True)
+    return {"n": n, "d": d, "wire": True, "plain_round_s": statistics.median(plain_s),
+            "secagg_round_s": statistics.median(secure_s),
+            "secagg_over_plain": round(statistics.median(secure_s)
+                                       / statistics.median(plain_s), 3),
+            "contributors": contributors}
+
+
+def bench_large_round(n: int, d: int) -> dict:
+    ids = [f"c{i:04d}" for i in range(n)]
+    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
+    seconds, contributors = engine_rounds(server, clients, d, 1, wire=False)
+    return {"n": n, "d": d, "round_s": seconds[0], "contributors": contributors[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, smoke run")
+    args = parser.parse_args()
+    quick = args.quick
+    big_d = 100_000 if quick else 1_000_000
+    report = {
+        "machine": {"cpus": os.cpu_count()},
+        "flwr": HAVE_FLWR,
+        "shamir_share": bench_shamir(500, 251, 5 if quick else 21),
+        "client_masking": bench_client_masking(big_d, 10, 5 if quick else 21),
+        "quantize": bench_quantize(big_d, 5 if quick else 21),
+        "upload": bench_upload(big_d),
+        "server_unmask": bench_server_unmask(20 if quick else 100, big_d, 0.0, "auto"),
+        "server_unmask_10pct_dropout": bench_server_unmask(20 if quick else 100, big_d, 0.1,
+                                                           "auto"),
+        "round": bench_round(10 if quick else 50, 10_000 if quick else 100_000,
+                             3 if quick else 5),
+        "large_round": bench_large_round(100 if quick else 1000, 10_000 if quick else 100_000),
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Pseudorandom generator for masks: HKDF-SHA256 key derivation, then AES-256-CTR.
+
+``PRG(secret, info)`` (Bonawitz et al., CCS 2017: the PRG that expands a seed into
+a mask) is
+
+    key  = HKDF-SHA256(ikm=secret, salt=None, info="securefl/secagg/v1/" || info, L=32)
+    PRG  = AES-256-CTR(key, counter block 0^128) applied to zero bytes,
+           read as little-endian uint32 words.
+
+Every stream has its own key (the ``info`` binds a label, the round and the client ids, see
+:func:`info`), so the fixed initial counter block never repeats under one key.  The secret
+must carry at least 128 bits of entropy (securefl uses 256-bit seeds and X25519 secrets).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = ["PROTOCOL_LABEL", "add_masks", "derive_key", "info", "keystream", "prg_words"]
+
+PROTOCOL_LABEL = b"securefl/secagg/v1/"
+_ZERO_BLOCK = bytes(16)
+_BLOCK_WORDS = 1 << 14  # 64 KiB of keystream per step: stays in the L2 cache
+
+
+def info(label: str, round: int, *client_ids: str) -> bytes:
+    """HKDF ``info``: ``label || 0x00 || round (u64 BE) || (len (u16 BE) || id)*``."""
+    if round < 0:
+        raise ValueError(f"round must be >= 0, got {round}")
+    parts = [label.encode(), b"\x00", struct.pack(">Q", round)]
+    for client_id in client_ids:
+        raw = client_id.encode()
+        if len(raw) > 0xFFFF:
+            raise ValueError("client id longer than 65535 bytes")
+        parts += [struct.pack(">H", len(raw)), raw]
+    return b"".join(parts)
+
+
+def derive_key(secret: bytes, context: bytes) -> bytes:
+    """``HKDF-SHA256(secret, salt=None, info=PROTOCOL_LABEL || context)`` -> 32-byte key."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=PROTOCOL_LABEL + context).derive(secret)
+
+
+def keystream(key: bytes, count: int) -> np.ndarray:
+    """The first ``count`` words of ``AES-256-CTR(key, 0^128)``, little-endian uint32."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    buffer = bytearray(4 * count + 15)  # update_into needs block_size - 1 spare bytes
+    Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor().update_into(
+        bytes(4 * count), buffer)
+    return np.frombuffer(buffer, dtype="<u4", count=count)
+
+
+def add_masks(accumulator: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> None:
+    """``accumulator += sum_i sign_i * keystream(key_i)  (mod 2**32)``, in place.
+
+    The streams are expanded one cache-sized block at a time, so each block of the
+    accumulator is read and written while it sits in cache instead of once per stream.
+    """
+    if accumulator.dtype != np.uint32 or accumulator.ndim != 1:
+        raise ValueError("the accumulator must be a 1-d uint32 array")
+    encryptors = [(Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor(), sign)
+                  for key, sign in keys]
+    zeros = bytes(4 * _BLOCK_WORDS)
+    buffer = bytearray(4 * _BLOCK_WORDS + 15)
+    words = np.frombuffer(buffer, dtype="<u4", count=_BLOCK_WORDS)
+    for start in range(0, accumulator.shape[0], _BLOCK_WORDS):
+        block = accumulator[start:start + _BLOCK_WORDS]
+        size = block.shape[0]
+        source = zeros if size == _BLOCK_WORDS else zeros[:4 * size]
+        for encryptor, sign in encryptors:
+            encryptor.update_into(source, buffer)
+            if sign > 0:
+                np.add(block, words[:size], out=block)
+            else:
+                np.subtract(block, words[:size], out=block)
+
+
+def prg_words(secret: bytes, context: bytes, count: int) -> np.ndarray:
+    """``PRG(secret, context)`` as ``count`` uint32 words."""
+    return keystream(derive_key(secret, context), count)

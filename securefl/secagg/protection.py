@@ -1,0 +1,78 @@
+"""SecAgg+ as an engine protection: the server and client factories.
+
+The server side holds the public identity directory ``{client_id: Ed25519 public key}`` and
+nothing secret.  Each client holds its own Ed25519 identity private key and the same
+directory (to verify its neighbours' key advertisements).  A deployment builds these from
+its own key store; :func:`build_simulation` generates identities in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from securefl.secagg.client import SecAggClientRound
+from securefl.secagg.config import SecAggConfig
+from securefl.secagg.keys import KEY_BYTES, generate_identity, identity_public_bytes
+from securefl.secagg.server import SecAggServerRound
+
+__all__ = ["SecAggClientProtection", "SecAggServerProtection", "build_simulation"]
+
+
+def _checked_directory(directory: Mapping[str, bytes]) -> Mapping[str, bytes]:
+    for client_id, key in directory.items():
+        if not isinstance(client_id, str) or not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise ValueError(f"directory entry {client_id!r} must map a str id to a 32-byte "
+                             "Ed25519 public key")
+    return MappingProxyType(dict(directory))
+
+
+class SecAggServerProtection:
+    """Server factory: one :class:`SecAggServerRound` per round; reveals only the sum."""
+
+    name = "secagg"
+    reveals_rows = False
+
+    def __init__(self, *, directory: Mapping[str, bytes], config: SecAggConfig) -> None:
+        config.validate()
+        self.directory = _checked_directory(directory)
+        self.config = config
+
+    def server_round(self, *, round: int, dimension: int) -> SecAggServerRound:
+        return SecAggServerRound(round=round, dimension=dimension, directory=self.directory,
+                                 config=self.config)
+
+
+class SecAggClientProtection:
+    """Client factory: owns the client's identity key; one :class:`SecAggClientRound` per round."""
+
+    name = "secagg"
+
+    def __init__(self, *, client_id: str, identity: Ed25519PrivateKey,
+                 directory: Mapping[str, bytes], config: SecAggConfig) -> None:
+        config.validate()
+        self.directory = _checked_directory(directory)
+        if self.directory.get(client_id) != identity_public_bytes(identity):
+            raise ValueError(f"the directory entry of {client_id!r} is not this identity's "
+                             "public key")
+        self.client_id = client_id
+        self.config = config
+        self._identity = identity
+
+    def client_round(self, *, round: int) -> SecAggClientRound:
+        return SecAggClientRound(client_id=self.client_id, identity=self._identity,
+                                 directory=self.directory, config=self.config, round=round)
+
+
+def build_simulation(config: SecAggConfig, client_ids: Sequence[str],
+                     ) -> tuple[SecAggServerProtection, dict[str, SecAggClientProtection]]:
+    """In-process deployment: a fresh Ed25519 identity per client and the public directory."""
+    identities = {cid: generate_identity() for cid in client_ids}
+    directory = {cid: identity_public_bytes(key) for cid, key in identities.items()}
+    server = SecAggServerProtection(directory=directory, config=config)
+    clients = {cid: SecAggClientProtection(client_id=cid, identity=key, directory=directory,
+                                           config=config)
+               for cid, key in identities.items()}
+    return server, clients

@@ -1,0 +1,91 @@
+"""Fixed-point encoding of weighted updates into Z_{2**32} (Bonawitz et al., CCS 2017).
+
+With ``L`` levels per client, clip ``c`` and public maximum weight ``W`` a client with weight
+``w`` and update ``x`` sends the ``d + 1`` integers
+
+    q_j = SR(L * (w / W) * clip(x_j, -c, c) / c)      (j < d),     q_d = SR(L * w / W)
+
+where ``SR(v) = floor(v) + [u < v - floor(v)]`` is stochastic rounding with ``u`` uniform in
+[0, 1) (unbiased: ``E[SR(v)] = v``).  Each ``|q_j| <= L``, so the sum over ``n`` clients lies in
+``[-n L, n L]``; choosing ``n L <= 2**31 - 1`` means the sum read as a signed 32-bit integer is
+exact (no wrap-around).  The server decodes ``sum_i w_i x_i ~ (W c / L) * sum_i q_ij`` and
+``sum_i w_i ~ (W / L) * sum_i q_id``; each client adds an error below ``W c / L`` per
+coordinate (below ``W / L`` on the weight).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["MAX_SUM", "Quantizer", "levels_for"]
+
+MAX_SUM = (1 << 31) - 1
+
+
+def levels_for(num_clients: int, *, bits: int | str) -> int:
+    """Levels ``L`` per client: ``2**(bits-1) - 1``, or the largest with ``n L <= 2**31 - 1``.
+
+    Raises ``ValueError`` if ``n`` clients at ``bits`` could wrap the 32-bit sum.
+    """
+    if num_clients < 1:
+        raise ValueError(f"number of clients must be >= 1, got {num_clients}")
+    if bits == "auto":
+        levels = MAX_SUM // num_clients
+    elif isinstance(bits, int) and 2 <= bits <= 31:
+        levels = (1 << (bits - 1)) - 1
+    else:
+        raise ValueError(f"bits must be an integer in [2, 31] or \"auto\", got {bits!r}")
+    if levels < 1 or num_clients * levels > MAX_SUM:
+        raise ValueError(
+            f"{num_clients} clients at {bits} quantization bits could overflow the 32-bit sum "
+            f"(need n * (2**(bits-1) - 1) <= 2**31 - 1); lower bits or use bits = \"auto\"")
+    return levels
+
+
+class Quantizer:
+    """Encode ``(x, w)`` into ``d + 1`` uint32 words and decode a sum of encodings."""
+
+    def __init__(self, *, clip: float, max_weight: float, levels: int) -> None:
+        if not (np.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be finite and > 0, got {clip}")
+        if not (np.isfinite(max_weight) and max_weight > 0):
+            raise ValueError(f"max_weight must be finite and > 0, got {max_weight}")
+        if not 1 <= levels <= MAX_SUM:
+            raise ValueError(f"levels must be in [1, 2**31 - 1], got {levels}")
+        self.clip, self.max_weight, self.levels = float(clip), float(max_weight), int(levels)
+
+    @property
+    def step(self) -> float:
+        """Per-client, per-coordinate error bound on the decoded weighted sum: ``W c / L``."""
+        return self.max_weight * self.clip / self.levels
+
+    @property
+    def weight_step(self) -> float:
+        """Per-client error bound on the decoded total weight: ``W / L``."""
+        return self.max_weight / self.levels
+
+    def encode(self, delta: np.ndarray, weight: float, dither: np.ndarray) -> np.ndarray:
+        """``d + 1`` words ``q mod 2**32``; ``dither`` holds ``d + 1`` uniform uint32 words."""
+        if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
+            raise ValueError(f"weight must be finite and in (0, max_weight = {self.max_weight}]"
+                             f", got {weight}; raise [protection.secagg] max_weight")
+        if delta.ndim != 1 or not np.isfinite(delta).all():
+            raise ValueError("update must be a finite 1-d vector")
+        if dither.shape != (delta.shape[0] + 1,) or dither.dtype != np.uint32:
+            raise ValueError("dither must be d + 1 uint32 words")
+        scaled = np.empty(delta.shape[0] + 1, np.float64)
+        np.clip(delta, -self.clip, self.clip, out=scaled[:-1])
+        scaled[:-1] *= self.levels * (weight / self.max_weight) / self.clip
+        scaled[-1] = self.levels * (weight / self.max_weight)
+        floor = np.floor(scaled)
+        scaled -= floor
+        scaled *= 2.0 ** 32
+        rounded = floor.astype(np.int64)
+        rounded += dither < scaled
+        return rounded.astype(np.uint32)
+
+    def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(sum_i w_i x_i, sum_i w_i)`` from the ``d + 1``-word sum of encodings."""
+        signed = total.view(np.int32).astype(np.float64)
+        weighted = signed[:-1] * (self.max_weight * self.clip / self.levels)
+        return weighted, float(signed[-1]) * self.max_weight / self.levels

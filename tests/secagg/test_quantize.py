@@ -1,0 +1,61 @@
+"""Quantization into Z_{2**32}: bounds, no wrap-around, unbiased stochastic rounding."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from securefl.secagg.prg import keystream
+from securefl.secagg.quantize import MAX_SUM, Quantizer, levels_for
+
+
+def dither(count: int) -> np.ndarray:
+    return keystream(os.urandom(32), count)
+
+
+def test_levels_leave_headroom_and_raise_when_the_sum_could_wrap():
+    assert levels_for(1000, bits="auto") == MAX_SUM // 1000
+    assert levels_for(100, bits=24) == (1 << 23) - 1
+    assert levels_for(256, bits=24) * 256 <= MAX_SUM
+    with pytest.raises(ValueError, match="overflow"):
+        levels_for(257, bits=24)
+    with pytest.raises(ValueError, match="bits"):
+        levels_for(10, bits=40)
+
+
+def test_worst_case_sum_of_n_clients_decodes_exactly():
+    n = 50
+    quantizer = Quantizer(clip=1.0, max_weight=1.0, levels=levels_for(n, bits="auto"))
+    d = 8
+    total = np.zeros(d + 1, np.uint32)
+    for sign in (-1.0, 1.0):
+        total[:] = 0
+        for _ in range(n):
+            total += quantizer.encode(np.full(d, sign * 5.0, np.float32), 1.0, dither(d + 1))
+        weighted, weight = quantizer.decode(total)
+        np.testing.assert_allclose(weighted, sign * n, rtol=0, atol=n * quantizer.step)
+        assert weight == pytest.approx(n, abs=n * quantizer.weight_step)
+
+
+def test_error_below_one_step_and_unbiased():
+    quantizer = Quantizer(clip=0.5, max_weight=100.0, levels=1000)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-0.5, 0.5, 20_000).astype(np.float32)
+    words = quantizer.encode(x, 40.0, dither(x.size + 1))
+    weighted, weight = quantizer.decode(words)
+    error = weighted - 40.0 * x.astype(np.float64)
+    assert np.abs(error).max() < quantizer.step
+    assert abs(error.mean()) < 4 * quantizer.step / np.sqrt(x.size)
+    assert weight == 40.0  # 400 levels exactly
+
+
+def test_encode_rejects_bad_weight_and_update():
+    quantizer = Quantizer(clip=1.0, max_weight=10.0, levels=100)
+    with pytest.raises(ValueError, match="max_weight"):
+        quantizer.encode(np.zeros(3, np.float32), 11.0, dither(4))
+    with pytest.raises(ValueError, match="finite"):
+        quantizer.encode(np.array([0, np.nan, 0], np.float32), 1.0, dither(4))
+    with pytest.raises(ValueError, match="dither"):
+        quantizer.encode(np.zeros(3, np.float32), 1.0, dither(3))

@@ -1,0 +1,103 @@
+"""Shamir sharing over GF(2**256 + 297): correctness, perfect hiding with t - 1 shares."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securefl.secagg import shamir
+from securefl.secagg.shamir import PRIME
+
+
+def _is_probable_prime(n: int, rounds: int = 40) -> bool:
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for _ in range(rounds):
+        x = pow(2 + secrets.randbelow(n - 3), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def test_modulus_is_the_smallest_prime_above_2_256():
+    assert PRIME.bit_length() == 257
+    assert _is_probable_prime(PRIME)
+    assert not any(_is_probable_prime((1 << 256) + k) for k in range(1, 297, 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(secret=st.integers(0, (1 << 256) - 1), threshold=st.integers(1, 8),
+       extra=st.integers(0, 6), data=st.data())
+def test_any_t_shares_recover_the_secret(secret, threshold, extra, data):
+    xs = data.draw(st.lists(st.integers(1, 10_000), min_size=threshold + extra,
+                            max_size=threshold + extra, unique=True))
+    shares = dict(zip(xs, shamir.split(secret, threshold=threshold, xs=xs), strict=True))
+    subset = data.draw(st.lists(st.sampled_from(xs), min_size=threshold, max_size=threshold,
+                                unique=True))
+    assert shamir.combine({x: shares[x] for x in subset}, threshold=threshold) == secret
+
+
+def test_fewer_than_t_shares_refuse():
+    shares = dict(zip([1, 2, 3], shamir.split(5, threshold=3, xs=[1, 2, 3]), strict=True))
+    with pytest.raises(ValueError, match="need 3 shares"):
+        shamir.combine({1: shares[1], 2: shares[2]}, threshold=3)
+
+
+def _interpolate_coefficients(points: list[tuple[int, int]]) -> list[int]:
+    """Coefficients (constant first) of the unique polynomial through ``points`` over GF(p)."""
+    result = [0] * len(points)
+    for i, (x_i, y_i) in enumerate(points):
+        basis, denominator = [1], 1
+        for j, (x_j, _) in enumerate(points):
+            if j != i:
+                basis = [(a - x_j * b) % PRIME for a, b in zip([0, *basis], [*basis, 0],
+                                                               strict=True)]
+                denominator = denominator * (x_i - x_j) % PRIME
+        scale = y_i * pow(denominator, -1, PRIME) % PRIME
+        result = [(r + scale * b) % PRIME for r, b in zip(result, basis, strict=True)]
+    return result
+
+
+@pytest.mark.parametrize("threshold", [2, 3, 5])
+def test_t_minus_1_shares_are_consistent_with_every_secret(threshold):
+    """Perfect hiding: for the t - 1 shares the server holds, every other secret has exactly
+    one polynomial producing the same shares, so the shares carry no information on b_u."""
+    xs = list(range(1, threshold))
+    secret = int.from_bytes(secrets.token_bytes(32), "big")
+    seen = shamir.split(secret, threshold=threshold, xs=[*xs, 99])[:-1]
+    for other in (0, 1, secret ^ 1, (1 << 256) - 1):
+        coefficients = _interpolate_coefficients([(0, other), *zip(xs, seen, strict=True)])
+        # a degree t-1 polynomial with these coefficients is a valid sharing of ``other``
+        resplit = shamir._split_with(other, coefficients[1:], [*xs, 99], threshold=threshold)
+        assert resplit[:-1] == seen
+
+
+def test_share_codec_rejects_malformed():
+    assert shamir.decode_share(shamir.encode_share(PRIME - 1)) == PRIME - 1
+    with pytest.raises(ValueError):
+        shamir.decode_share(b"\x00" * 32)
+    with pytest.raises(ValueError):
+        shamir.decode_share(PRIME.to_bytes(33, "big"))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"threshold": 0, "xs": [1]}, "threshold"),
+    ({"threshold": 3, "xs": [1, 2]}, "cannot hold"),
+    ({"threshold": 2, "xs": [1, 1]}, "distinct"),
+    ({"threshold": 2, "xs": [0, 1]}, "nonzero"),
+])
+def test_split_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        shamir.split(7, **kwargs)
+    with pytest.raises(ValueError, match="2\\*\\*256"):
+        shamir.split(1 << 256, threshold=1, xs=[1])
