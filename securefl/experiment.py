@@ -83,7 +83,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                 num_examples={c: len(d.train) for c, d in data.clients.items()})
         hooks.extend(privacy.server_hooks)
 
-    server_protection, client_protections = build_protection(config, ids)
+    server_protection, client_protections = build_protection(config, ids, layout=layout)
     trainers: dict[str, Trainer] = {}
     clients: dict[str, Client] = {}
     for index, cid in enumerate(ids):

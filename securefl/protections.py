@@ -6,13 +6,17 @@ from collections.abc import Sequence
 
 from securefl.config import Config
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
+from securefl.params import Layout
 
 __all__ = ["build_protection"]
 
 
-def build_protection(config: Config, client_ids: Sequence[str]
+def build_protection(config: Config, client_ids: Sequence[str], *, layout: Layout | None = None
                      ) -> tuple[ServerProtection, dict[str, ClientProtection]]:
-    """``(server half, {client id: client half})``; secrets live only in the client halves."""
+    """``(server half, {client id: client half})``; secrets live only in the client halves.
+
+    ``layout`` lets HE encrypt only the configured layers (``[protection.he] layers``).
+    """
     kind = config.protection.kind
     if kind == "secagg":
         from securefl.secagg import build_simulation
@@ -21,6 +25,6 @@ def build_protection(config: Config, client_ids: Sequence[str]
     if kind == "he":
         from securefl.he import build_simulation as build_he
 
-        return build_he(config.protection.he, client_ids)
+        return build_he(config.protection.he, client_ids, layout=layout)
     plain = Plain()
     return plain, dict.fromkeys(client_ids, plain)

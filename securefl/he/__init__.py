@@ -11,15 +11,22 @@ reals per complex slot), the server adds ciphertexts, and designated clients dec
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from securefl.he.ckks import CKKSKeys
 from securefl.he.config import HEConfig
-from securefl.he.packing import Selection
 from securefl.he.params import MAX_COEFF_MODULUS_BITS, CKKSParameters
-from securefl.he.protection import HEClientProtection, HEServerProtection
+
+if TYPE_CHECKING:
+    from securefl.he.ckks import CKKSKeys
+    from securefl.he.packing import Selection
+    from securefl.he.protection import HEClientProtection, HEServerProtection
+
+# TenSEAL loads on first use, so reading a config does not import it.
+_LAZY = {"CKKSKeys": "securefl.he.ckks", "Selection": "securefl.he.packing",
+         "HEClientProtection": "securefl.he.protection",
+         "HEServerProtection": "securefl.he.protection"}
 
 __all__ = [
     "MAX_COEFF_MODULUS_BITS",
@@ -33,6 +40,12 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: object = None
                      ) -> tuple[HEServerProtection, dict[str, HEClientProtection]]:
     """Generate keys as the key holder and hand out the halves of an HE federation.
@@ -42,6 +55,12 @@ def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: obj
     signing key whose public half the server uses to verify uploads.  ``layout`` (a
     :class:`securefl.params.Layout`) is required when ``config.layers`` selects layers.
     """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefl.he.ckks import CKKSKeys
+    from securefl.he.packing import Selection
+    from securefl.he.protection import HEClientProtection, HEServerProtection
+
     keys = CKKSKeys.generate(poly_modulus_degree=config.poly_modulus_degree,
                              coeff_modulus_bits=config.coeff_modulus_bits,
                              scale_bits=config.scale_bits)
