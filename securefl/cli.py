@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("config")
     audit.add_argument("--out", help="output directory")
     audit.add_argument("--seed", type=int, help="override [run] seed")
+    audit.add_argument("--canaries", type=int, default=200,
+                       help="mislabelled canaries, each inserted with probability 1/2 "
+                       "(default 200)")
+    audit.add_argument("--confidence", type=float, default=0.95,
+                       help="confidence of the lower bound (default 0.95)")
 
     attack = sub.add_parser("attack", help="attack/defense evaluation")
     attack_sub = attack.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -80,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     certs_init.add_argument("--server-name", default="localhost",
                             help="server DNS name or IP (default: localhost)")
     certs_init.add_argument("--days", type=int, default=365, help="leaf validity in days")
+    certs_init.add_argument("--he", metavar="CONFIG",
+                            help="also generate CKKS keys for this config's [protection.he]")
 
     server = sub.add_parser("server", help="run the federation server (gRPC, mTLS)")
     server.add_argument("config")

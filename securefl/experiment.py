@@ -24,16 +24,31 @@ from securefl.data import Dataset, FederatedData, federate
 from securefl.engine.client import Client, UpdateHook
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.optim import build_server_optimizer
+from securefl.engine.protection import ServerProtection
 from securefl.engine.server import Sampler, Server
 from securefl.engine.simulation import DropSchedule, InProcessTransport
 from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model
+from securefl.engine.transport import Transport
 from securefl.models import build_model
 from securefl.params import Layout, flatten, unflatten
 from securefl.protections import build_protection
 from securefl.rundir import append_jsonl, atomic_write, save_model, write_json
 
-__all__ = ["RunResult", "Simulation", "build_simulation", "command", "root_trainer",
-           "run_simulation"]
+__all__ = ["RunResult", "Simulation", "TestSetEvaluator", "build_server", "build_simulation",
+           "command", "local_trainer", "root_trainer", "run_simulation", "save_final_model"]
+
+
+class TestSetEvaluator:
+    """Central evaluation of a parameter vector on the held-out test set (simulation only)."""
+
+    def __init__(self, model: torch.nn.Module, test: Dataset) -> None:
+        self.model, self.layout = model, Layout.of(model)
+        self.features = torch.from_numpy(test.features)
+        self.labels = torch.from_numpy(test.labels)
+
+    def __call__(self, parameters: np.ndarray) -> tuple[int, float, float]:
+        unflatten(self.model, parameters, self.layout)
+        return evaluate_model(self.model, self.features, self.labels)
 
 
 @dataclass
@@ -42,19 +57,64 @@ class Simulation:
 
     config: Config
     data: FederatedData
-    model: torch.nn.Module  # the server's copy, used for central evaluation
-    layout: Layout
     trainers: dict[str, Trainer]
     clients: dict[str, Client]
     transport: InProcessTransport
     server: Server
+    evaluator: TestSetEvaluator
     privacy: Any = None
 
+    @property
+    def model(self) -> torch.nn.Module:  # the server's copy, used for central evaluation
+        return self.evaluator.model
+
+    @property
+    def layout(self) -> Layout:
+        return self.evaluator.layout
+
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
-        unflatten(self.model, parameters, self.layout)
-        test = self.data.test
-        return evaluate_model(self.model, torch.from_numpy(test.features),
-                              torch.from_numpy(test.labels))
+        return self.evaluator(parameters)
+
+
+def local_trainer(config: Config, data: FederatedData, client_id: str) -> LocalTrainer:
+    """``client_id``'s trainer.  Simulation and deployment derive its seed the same way, from
+    ``(seed, the client's index)``, so a networked run reproduces a simulated one."""
+    seed, c = config.run.seed, config.client
+    index = list(data.clients).index(client_id)
+    shard = data.clients[client_id]
+    return LocalTrainer(
+        build_model(config.model, data.shape, data.num_classes, seed=seed), shard.train,
+        shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+        momentum=c.momentum, weight_decay=c.weight_decay,
+        seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def build_server(config: Config, transport: Transport, protection: ServerProtection,
+                 data: FederatedData, *, hooks: Sequence[Any] = (),
+                 timeout: float | None = None) -> tuple[Server, TestSetEvaluator]:
+    """The round loop and the central evaluator, as both simulation and deployment build it.
+
+    The initial model comes from ``[run] seed``; rules that need the server's root-data
+    update (FLTrust) get one from :func:`root_trainer`.
+    """
+    seed, s = config.run.seed, config.server
+    evaluator = TestSetEvaluator(build_model(config.model, data.shape, data.num_classes,
+                                             seed=seed), data.test)
+    aggregator = config.aggregation.build()
+    reference = None
+    if getattr(aggregator, "needs_reference", False):
+        root = root_trainer(config, data, count=getattr(aggregator, "root_examples", 100))
+        reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
+    optimizer = build_server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum,
+                                       beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+    server = Server(
+        transport, protection, aggregator, optimizer, reference_update=reference,
+        parameters=flatten(evaluator.model), seed=seed,
+        sampler=Sampler(count=s.clients_per_round, fraction=s.fraction),
+        min_clients=s.min_clients, timeout=s.timeout or timeout,
+        central_evaluator=evaluator if s.evaluate in ("central", "both") else None,
+        federated_evaluation=s.evaluate in ("federated", "both"), hooks=hooks)
+    return server, evaluator
 
 
 def build_simulation(config: Config, *, run_dir: Path | None = None,
@@ -68,12 +128,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     ``server_hooks`` and ``client_hooks`` inject attacks or defenses; ``schedule`` drops
     clients deterministically (see :class:`InProcessTransport`).
     """
-    seed = config.run.seed
-    data = data if data is not None else federate(config.data, seed=seed)
-    model = build_model(config.model, data.shape, data.num_classes, seed=seed)
-    layout = Layout.of(model)
+    data = data if data is not None else federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
-
     privacy = None
     hooks: list[Any] = list(server_hooks)
     if config.privacy.mode != "none":
@@ -83,17 +139,13 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                 num_examples={c: len(d.train) for c, d in data.clients.items()})
         hooks.extend(privacy.server_hooks)
 
-    server_protection, client_protections = build_protection(config, ids, layout=layout)
+    local = {cid: local_trainer(config, data, cid) for cid in ids}
+    server_protection, client_protections = build_protection(config, ids,
+                                                             layout=local[ids[0]].layout)
     trainers: dict[str, Trainer] = {}
     clients: dict[str, Client] = {}
-    for index, cid in enumerate(ids):
-        local = build_model(config.model, data.shape, data.num_classes, seed=seed)
-        c = config.client
-        trainer: Trainer = LocalTrainer(
-            local, data.clients[cid].train, data.clients[cid].val, epochs=c.epochs,
-            batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer, momentum=c.momentum,
-            weight_decay=c.weight_decay, seed=int(np.random.SeedSequence([seed, index])
-                                                  .generate_state(1)[0]))
+    for cid in ids:
+        trainer: Trainer = local[cid]
         update_hooks = list((client_hooks or {}).get(cid, ()))
         if privacy is not None:
             trainer = privacy.wrap_trainer(cid, trainer)
@@ -103,25 +155,10 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
 
     sim_cfg = config.simulation
     transport = InProcessTransport(clients, wire=sim_cfg.wire, workers=sim_cfg.workers,
-                                   dropout=sim_cfg.dropout, schedule=schedule, seed=seed)
-    s = config.server
-    optimizer = build_server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum,
-                                       beta1=s.beta1, beta2=s.beta2, tau=s.tau)
-    simulation = Simulation(config, data, model, layout, trainers, clients, transport,
-                            server=None, privacy=privacy)  # type: ignore[arg-type]
-    aggregator = config.aggregation.build()
-    reference = None
-    if getattr(aggregator, "needs_reference", False):
-        root = root_trainer(config, data, count=getattr(aggregator, "root_examples", 100))
-        reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
-    simulation.server = Server(
-        transport, server_protection, aggregator, optimizer, reference_update=reference,
-        parameters=flatten(model), seed=seed,
-        sampler=Sampler(count=s.clients_per_round, fraction=s.fraction),
-        min_clients=s.min_clients, timeout=s.timeout,
-        central_evaluator=simulation.evaluate if s.evaluate in ("central", "both") else None,
-        federated_evaluation=s.evaluate in ("federated", "both"), hooks=hooks)
-    return simulation
+                                   dropout=sim_cfg.dropout, schedule=schedule,
+                                   seed=config.run.seed)
+    server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks)
+    return Simulation(config, data, trainers, clients, transport, server, evaluator, privacy)
 
 
 def root_trainer(config: Config, data: FederatedData, *, count: int) -> LocalTrainer:
@@ -178,16 +215,22 @@ def run_simulation(config: Config, *, out_dir: str | Path | None = None,
     sim.transport.close()
     params = sim.server.parameters
     if run_dir is not None:
-        unflatten(sim.model, params, sim.layout)
-        save_model(run_dir / "model.safetensors",
-                   {k: v.detach().numpy() for k, v in sim.model.state_dict().items()},
-                   metadata={"format": "pt-state-dict", "model": config.model.name})
+        save_final_model(run_dir, config, sim.evaluator, params)
         if sim.privacy is not None and hasattr(sim.privacy, "finalize"):
             sim.privacy.finalize(run_dir)
         write_json(run_dir / "summary.json", _summary(config, history, setup_seconds,
                                                       time.perf_counter() - started))
         plot_accuracy(history, run_dir / "accuracy.png", title=config.run.name)
     return RunResult(history, params, run_dir)
+
+
+def save_final_model(run_dir: Path, config: Config, evaluator: TestSetEvaluator,
+                     parameters: np.ndarray) -> Path:
+    """``model.safetensors``: the final state dict, loadable with no code executed."""
+    unflatten(evaluator.model, parameters, evaluator.layout)
+    return save_model(run_dir / "model.safetensors",
+                      {k: v.detach().numpy() for k, v in evaluator.model.state_dict().items()},
+                      metadata={"format": "pt-state-dict", "model": config.model.name})
 
 
 def _summary(config: Config, history: History, setup: float, total: float) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class RoundRecord:
     federated_accuracy: float | None = None  # weighted over the clients' validation splits
     federated_loss: float | None = None
     train_loss: float | None = None
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # FitRes.metrics
     update_norm: float | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)

@@ -112,7 +112,7 @@ class Server:
                 record.aborted = (f"only {len(combined.client_ids)} usable updates, "
                                   f"min_clients = {self.min_clients}")
             else:
-                record.clients = list(combined.client_ids)
+                record.clients = sorted(combined.client_ids)
                 self._apply(rnd, combined, record)
         self._evaluate(rnd, record)
         record.seconds = time.perf_counter() - started
@@ -136,6 +136,7 @@ class Server:
         for cid, reply in exchange.replies.items():
             if isinstance(reply, FitRes):
                 first[cid] = reply.payload
+                record.client_metrics[cid] = dict(reply.metrics)
                 if "train_loss" in reply.metrics:
                     train_losses.append(reply.metrics["train_loss"])
             elif isinstance(reply, Decline):

@@ -1,0 +1,18 @@
+"""The networked runtime: gRPC with mutual TLS, durable server state, a signed audit log.
+
+* :mod:`~securefl.runtime.tls` — ``securefl certs init``: CA, server and site certificates;
+* :mod:`~securefl.runtime.wire` — the chunked envelope (version, round, sequence, limits);
+* :mod:`~securefl.runtime.transport` — :class:`GrpcTransport`, the server's Transport;
+* :mod:`~securefl.runtime.client` — :class:`SiteClient`, ``securefl client``;
+* :mod:`~securefl.runtime.server` — :func:`serve`, ``securefl server [--resume]``;
+* :mod:`~securefl.runtime.store` — SQLite rounds, atomic checkpoints, the ledger copy;
+* :mod:`~securefl.runtime.auditlog` — hash-chained, Ed25519-signed log, ``securefl audit verify``;
+* :mod:`~securefl.runtime.deploy` — protection key material and the two halves built from it.
+
+Submodules are imported on use, so ``securefl.config`` (which reads
+:class:`~securefl.runtime.config.NetworkConfig`) never pulls in gRPC.
+"""
+
+from securefl.runtime.config import NetworkConfig
+
+__all__ = ["NetworkConfig"]

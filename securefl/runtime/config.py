@@ -60,6 +60,7 @@ class NetworkConfig:
     chunk_bytes: int = 1 << 20
     state_dir: str = "server-state"
     client_state_dir: str | None = None
+    data_shard: str | None = None
     audit: bool = True
 
     def validate(self) -> None:

@@ -1,0 +1,249 @@
+"""A site's side of the runtime: dial out to the server, answer with the engine Client.
+
+The site opens one bidirectional stream and sends a hello naming its site (the server checks
+it against the site's certificate).  It then handles each request frame with
+``handler.handle(message, round=...)`` and streams the reply back under the request's round
+and sequence number.  A handler failure is reported at once as an error frame, so the server
+drops the site from that exchange instead of waiting for the deadline.  When the stream
+breaks (server restart, network), the site reconnects with exponential backoff for up to
+``reconnect_timeout`` seconds, keeping its state (keys, privacy ledger, trainer) in memory;
+a ``CLOSE`` frame ends the process cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from securefl.config import Config, load_config
+from securefl.data import federate
+from securefl.engine.client import Client
+from securefl.engine.messages import decode, encode
+from securefl.engine.protection import Update
+from securefl.engine.trainer import LocalTrainer, Trainer
+from securefl.engine.transport import ClientHandler
+from securefl.errors import ConfigError
+from securefl.experiment import local_trainer
+from securefl.runtime.config import NetworkConfig
+from securefl.runtime.deploy import site_protection
+from securefl.runtime.tls import certificate_problem, client_credentials, site_paths
+from securefl.runtime.transport import METHOD, channel_options
+from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, split
+
+__all__ = ["RoundRewind", "SiteClient", "build_site", "command"]
+
+_log = logging.getLogger(__name__)
+
+#: status codes after which retrying cannot help (the server refused this site's identity).
+#: ALREADY_EXISTS is retried: after a crash the server may not yet have seen the old
+#: connection die, and keepalive will end it.
+_FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INVALID_ARGUMENT})
+
+
+class SiteClient:
+    """Connect ``handler`` (an engine :class:`~securefl.engine.client.Client`) to the server."""
+
+    def __init__(self, handler: ClientHandler, config: NetworkConfig, *,
+                 site: str | None = None) -> None:
+        self.site = site or config.site or handler.client_id
+        if not self.site:
+            raise ConfigError("[network] site is required for a client")
+        self.handler, self.config = handler, config
+        self._stop = threading.Event()
+        self._call: grpc.Future | None = None
+        self.requests_handled = 0
+
+    def stop(self) -> None:
+        """Leave now: the open stream is cancelled, as if the site had crashed."""
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _channel(self) -> grpc.Channel:
+        if self.config.insecure:
+            return grpc.insecure_channel(self.config.address, options=channel_options(self.config))
+        options = channel_options(self.config)
+        if self.config.server_name:
+            options.append(("grpc.ssl_target_name_override", self.config.server_name))
+        return grpc.secure_channel(self.config.address,
+                                   client_credentials(self.config, self.site), options=options)
+
+    def run(self) -> int:
+        """Serve until the server closes the federation (0) or retrying is hopeless (1)."""
+        if not self.config.insecure:
+            cert_path, _ = site_paths(self.config.certs or ".", self.site)
+            try:
+                problem = certificate_problem(cert_path.read_bytes())
+            except (OSError, ValueError) as exc:
+                problem = f"cannot read {cert_path}: {exc}"
+            if problem is not None:
+                _log.error("site %s: cannot connect: own %s", self.site, problem)
+                return 1
+        backoff, gave_up_at = 0.2, time.monotonic() + self.config.reconnect_timeout
+        while not self._stop.is_set():
+            try:
+                if self._session():
+                    return 0
+                gave_up_at = time.monotonic() + self.config.reconnect_timeout
+                backoff = 0.2
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                if code in _FATAL:
+                    _log.error("site %s: the server refused the connection: %s (%s)",
+                               self.site, details, code)
+                    return 1
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    _log.error("site %s: the server refused the connection: %s", self.site,
+                               details)
+                elif code == grpc.StatusCode.UNAVAILABLE and "handshake" in (details or "").lower():
+                    _log.error("site %s: TLS handshake failed (is the certificate expired, or "
+                               "not issued by the federation CA?): %s", self.site, details)
+                else:
+                    _log.warning("site %s: connection lost: %s", self.site, details)
+            if time.monotonic() > gave_up_at:
+                _log.error("site %s: no connection for %.0f s; giving up", self.site,
+                           self.config.reconnect_timeout)
+                return 1
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+        return 0
+
+    def _session(self) -> bool:
+        """One connection; True when the server closed the federation."""
+        outbox: queue.Queue[bytes | None] = queue.Queue()
+        for frame in split(Kind.HELLO, b"", round=0, seq=0, client_id=self.site,
+                           chunk_bytes=self.config.chunk_bytes):
+            outbox.put(frame)
+
+        def frames() -> Iterator[bytes]:
+            while True:
+                item = outbox.get()
+                if item is None:
+                    return
+                yield item
+
+        assembler = Assembler(max_bytes=self.config.max_message_bytes,
+                              max_chunk_bytes=self.config.chunk_bytes)
+        with self._channel() as channel:
+            call = self._call = channel.stream_stream(METHOD)(frames())
+            try:
+                for frame in call:
+                    envelope = assembler.feed(frame)
+                    if envelope is None:
+                        continue
+                    if envelope.kind == Kind.CLOSE:
+                        _log.info("site %s: the server closed the federation", self.site)
+                        return True
+                    if envelope.kind == Kind.REQUEST:
+                        for reply in self._answer(envelope):
+                            outbox.put(reply)
+                    if self._stop.is_set():
+                        call.cancel()
+                        return True
+            except WireError as exc:
+                _log.error("site %s: malformed frame from the server: %s", self.site, exc)
+                call.cancel()
+                return False
+            except grpc.RpcError:
+                if self._stop.is_set():
+                    return True
+                raise
+            finally:
+                self._call = None
+                outbox.put(None)
+        return False
+
+    def _answer(self, envelope: Envelope) -> Iterator[bytes]:
+        try:
+            request = decode(envelope.payload, max_bytes=self.config.max_message_bytes)
+            reply = self.handler.handle(request, round=envelope.round)
+            kind, payload = Kind.REPLY, encode(reply)
+        except Exception as exc:  # any handler failure is reported, never fatal to the site
+            _log.warning("site %s: cannot answer request %d of round %d: %s", self.site,
+                         envelope.seq, envelope.round, exc)
+            kind, payload = Kind.ERROR, f"{type(exc).__name__}: {exc}".encode()
+        self.requests_handled += 1
+        return split(kind, payload, round=envelope.round, seq=envelope.seq, client_id=self.site,
+                     chunk_bytes=self.config.chunk_bytes)
+
+
+class RoundRewind:
+    """Trainer wrapper: a round trained again starts from the same random state.
+
+    When the server crashes after a site trained round ``t`` and, resumed, asks for round
+    ``t`` again, the site restores its batch-shuffling generator to where it stood before the
+    lost attempt, so the redone round (and the final model) equals an uninterrupted run's.
+    """
+
+    def __init__(self, base: LocalTrainer) -> None:
+        self.base = base
+        self._before: tuple[int, torch.Tensor] | None = None
+
+    def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
+        generator = self.base.generator
+        if self._before is not None and self._before[0] == round:
+            generator.set_state(self._before[1])
+        else:
+            self._before = (round, generator.get_state())
+        return self.base.fit(parameters, round=round)
+
+    def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
+        return self.base.evaluate(parameters)
+
+
+def build_site(config: Config, site: str) -> Client:
+    """The engine :class:`~securefl.engine.client.Client` of ``site``, from its own data.
+
+    The site trains on shard ``[network] data_shard`` (default: the site name) of the
+    configured data; with real local data (``[data] path``) that is ``"client-0"`` of a
+    one-client partition.  Model initialisation and the trainer's seed are derived exactly as
+    in the in-process simulation, so a networked run reproduces a simulated one.
+    """
+    seed = config.run.seed
+    data = federate(config.data, seed=seed)
+    shard = config.network.data_shard or site
+    if shard not in data.clients:
+        raise ConfigError(f"[network] data_shard {shard!r} is not one of the data's shards "
+                          f"{sorted(data.clients)}")
+    base = local_trainer(config, data, shard)
+    hooks: list[Any] = []
+    trainer: Trainer = RoundRewind(base)
+    if config.privacy.mode != "none":
+        # the private trainers answer a repeated round from their cache: no second charge
+        from securefl.privacy import build_privacy
+
+        # the site's own ledger, on the site's own disk
+        state = Path(config.network.client_state_dir or f"site-state-{site}")
+        state.mkdir(parents=True, exist_ok=True)
+        # DP-FedAvg's sampling rate depends on the federation's size: account over all sites
+        peers = (sorted(config.network.allowlist) or [site]
+                 if config.privacy.mode == "dp_fedavg" else [site])
+        privacy = build_privacy(config, run_dir=state, client_ids=peers,
+                                num_examples={site: len(data.clients[shard].train)})
+        if privacy is not None:
+            trainer = privacy.wrap_trainer(site, base)
+            hooks = list(privacy.client_hooks)
+    return Client(site, trainer, site_protection(config, site, sorted(config.network.allowlist)
+                                                  or None), update_hooks=hooks)
+
+
+def command(args: argparse.Namespace) -> int:
+    """``securefl client CONFIG [--site NAME]``: serve one site until the federation ends."""
+    config = load_config(args.config)
+    site = args.site or config.network.site
+    if not site:
+        raise ConfigError(f"{args.config}: [network] site is required (or pass --site)")
+    return SiteClient(build_site(config, site), config.network, site=site).run()

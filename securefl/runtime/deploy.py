@@ -1,0 +1,138 @@
+"""Deployment key material for the protections, and the two halves built from it.
+
+``securefl certs init`` also writes, next to the TLS material:
+
+* ``sites/<site>.identity`` — the site's long-term Ed25519 identity key (mode 0600), used by
+  secure aggregation to sign key advertisements and by HE to sign uploads;
+* ``identities.json`` — ``{site: hex Ed25519 public key}``, the public directory that the
+  server *and every site* load from disk, so a malicious server cannot substitute keys
+  (SecAgg+ assumes such a PKI: Bell et al., CCS 2020, Sec. 3);
+* with ``--he CONFIG``: ``he/secret.ctx`` (the CKKS secret context, for the sites only) and
+  ``he/public.ctx`` (the public context, the only one the server ever reads).
+
+The server's half is built from public material only; a site's half from its own secrets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from securefl.config import Config
+from securefl.engine.protection import ClientProtection, Plain, ServerProtection
+from securefl.errors import ConfigError
+from securefl.he.config import HEConfig
+from securefl.runtime.tls import write_private
+
+__all__ = ["init_he_context", "init_identities", "server_protection", "site_protection"]
+
+
+def _certs(config: Config) -> Path:
+    if config.network.certs is None:
+        raise ConfigError(f"[protection] kind = {config.protection.kind!r} over the network "
+                          "needs [network] certs (the folder with identities.json)")
+    return Path(config.network.certs)
+
+
+def init_identities(directory: str | Path, sites: Sequence[str]) -> dict[str, str]:
+    """Create each site's Ed25519 identity and the public ``identities.json``."""
+    directory = Path(directory)
+    public = {}
+    for site in sites:
+        key = Ed25519PrivateKey.generate()
+        write_private(directory / "sites" / f"{site}.identity",
+                       key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        public[site] = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                     serialization.PublicFormat.Raw).hex()
+    (directory / "identities.json").write_text(json.dumps(public, indent=2, sort_keys=True))
+    return public
+
+
+def init_he_context(directory: str | Path, config: HEConfig) -> None:
+    """Generate the CKKS keys as the federation's key holder: secret for sites, public for all."""
+    from securefl.he import CKKSKeys
+    keys = CKKSKeys.generate(poly_modulus_degree=config.poly_modulus_degree,
+                             coeff_modulus_bits=config.coeff_modulus_bits,
+                             scale_bits=config.scale_bits)
+    base = Path(directory) / "he"
+    write_private(base / "secret.ctx", keys.to_bytes())
+    (base / "public.ctx").write_bytes(keys.public().to_bytes())
+
+
+def _directory(config: Config) -> dict[str, bytes]:
+    path = _certs(config) / "identities.json"
+    try:
+        table = json.loads(path.read_text())
+        return {site: bytes.fromhex(key) for site, key in table.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: cannot read the identity directory ({exc})") from None
+
+
+def _identity(config: Config, site: str) -> Ed25519PrivateKey:
+    path = _certs(config) / "sites" / f"{site}.identity"
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the site identity key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        raise ConfigError(f"{path}: missing; run `securefl certs init ... --he CONFIG`") from None
+
+
+def server_protection(config: Config, sites: Sequence[str]) -> ServerProtection:
+    """The server's half, from public material only."""
+    kind = config.protection.kind
+    if kind == "plain":
+        return Plain()
+    directory = {s: k for s, k in _directory(config).items() if s in sites}
+    missing = sorted(set(sites) - set(directory))
+    if missing:
+        raise ConfigError(f"identities.json has no key for sites {missing}")
+    if kind == "secagg":
+        from securefl.secagg import SecAggServerProtection
+
+        return SecAggServerProtection(directory=directory, config=config.protection.secagg)
+    from securefl.he import HEServerProtection
+
+    he = config.protection.he
+    if he.layers:
+        raise ConfigError("[protection.he] layers is not supported over the network yet")
+    return HEServerProtection.from_bytes(
+        _read(_certs(config) / "he" / "public.ctx"),
+        verify_keys={s: Ed25519PublicKey.from_public_bytes(k) for s, k in directory.items()},
+        decryptors=he.decryptors, min_contributors=he.min_contributors)
+
+
+def site_protection(config: Config, site: str, sites: Sequence[str] | None = None
+                    ) -> ClientProtection:
+    """A site's half, from its own secrets and the public directory."""
+    kind = config.protection.kind
+    if kind == "plain":
+        return Plain()
+    directory = _directory(config)
+    if sites is not None:
+        directory = {s: k for s, k in directory.items() if s in sites}
+    identity = _identity(config, site)
+    if kind == "secagg":
+        from securefl.secagg import SecAggClientProtection
+
+        return SecAggClientProtection(client_id=site, identity=identity, directory=directory,
+                                      config=config.protection.secagg)
+    from securefl.he import HEClientProtection
+
+    return HEClientProtection.from_bytes(
+        _read(_certs(config) / "he" / "secret.ctx"), client_id=site, signing_key=identity,
+        min_contributors=config.protection.he.min_contributors)

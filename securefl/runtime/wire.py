@@ -1,0 +1,141 @@
+"""Wire envelope: engine messages split into bounded chunks, with round and sequence numbers.
+
+One gRPC stream message is one chunk frame (integers little-endian)::
+
+    b"SFLW" | version u16 | kind u8 | reserved u8 | round i64 | seq u64
+            | index u32 | count u32 | total u64 | id length u16 | client id (UTF-8) | chunk
+
+``total`` is the byte length of the whole payload (for requests and replies, one frame made
+by :func:`securefl.engine.messages.encode`); the chunks of one payload share every header
+field except ``index``, which runs ``0 .. count-1``.  The receiver refuses a payload whose
+announced ``total`` exceeds its limit *before* allocating anything, refuses chunks that are
+larger than the chunk limit, out of order or inconsistent, and hands out only raw bytes: the
+engine codec decodes them from JSON and numeric arrays, so no received byte is ever executed
+(no pickle).  ``seq`` ties a reply to the one request it answers, which rejects replays;
+``round`` rejects messages that belong to another round.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from securefl.errors import MessageError
+
+__all__ = ["ENVELOPE_VERSION", "Assembler", "Envelope", "Kind", "WireError", "split"]
+
+ENVELOPE_VERSION = 1
+_MAGIC = b"SFLW"
+_HEADER = struct.Struct("<4sHBBqQIIQH")
+_MAX_ID_BYTES = 128
+
+
+class WireError(MessageError):
+    """A frame violated the envelope format or a limit; the stream it came on is not trusted."""
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1  # client -> server: first frame of a stream, names the site (empty payload)
+    REQUEST = 2  # server -> client: an engine message to handle
+    REPLY = 3  # client -> server: the handler's answer, same round and seq as the request
+    ERROR = 4  # either way: UTF-8 reason; a client that cannot answer says so at once
+    CLOSE = 5  # server -> client: the federation is over
+
+
+@dataclass(frozen=True)
+class Envelope:
+    kind: Kind
+    round: int
+    seq: int
+    client_id: str
+    payload: bytes | bytearray
+
+
+def split(kind: Kind, payload: bytes | bytearray | memoryview, *, round: int, seq: int,
+          client_id: str, chunk_bytes: int) -> Iterator[bytes]:
+    """Yield the chunk frames of one payload (lazily: a 200 MB payload is never copied whole)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    ident = client_id.encode()
+    if len(ident) > _MAX_ID_BYTES:
+        raise ValueError(f"client id longer than {_MAX_ID_BYTES} bytes")
+    view = memoryview(payload).cast("B")
+    total = view.nbytes
+    count = max(1, -(-total // chunk_bytes))
+    for index in range(count):
+        head = _HEADER.pack(_MAGIC, ENVELOPE_VERSION, int(kind), 0, round, seq, index, count,
+                            total, len(ident))
+        yield b"".join((head, ident, view[index * chunk_bytes:(index + 1) * chunk_bytes]))
+
+
+class Assembler:
+    """Reassemble chunk frames into :class:`Envelope` objects, enforcing the limits.
+
+    :meth:`feed` returns an envelope when its last chunk arrives and ``None`` before that.
+    Any violation raises :class:`WireError` and resets the assembler.
+    """
+
+    def __init__(self, *, max_bytes: int, max_chunk_bytes: int) -> None:
+        if max_bytes < 1 or max_chunk_bytes < 1:
+            raise ValueError("max_bytes and max_chunk_bytes must be >= 1")
+        self.max_bytes = max_bytes
+        self.max_chunk_bytes = max_chunk_bytes
+        self._key: tuple[int, int, int, int, int, str] | None = None
+        self._buffer = bytearray()
+        self._filled = 0
+        self._next = 0
+
+    def _fail(self, reason: str) -> WireError:
+        self.reset()
+        return WireError(reason)
+
+    def reset(self) -> None:
+        self._key, self._buffer, self._filled, self._next = None, bytearray(), 0, 0
+
+    def feed(self, frame: bytes) -> Envelope | None:
+        if len(frame) < _HEADER.size:
+            raise self._fail(f"truncated frame of {len(frame)} bytes")
+        magic, version, kind, _, round_, seq, index, count, total, id_len = (
+            _HEADER.unpack_from(frame))
+        if magic != _MAGIC:
+            raise self._fail("not a securefl frame (bad magic)")
+        if version != ENVELOPE_VERSION:
+            raise self._fail(f"unsupported envelope version {version}, "
+                             f"expected {ENVELOPE_VERSION}")
+        if kind not in Kind.__members__.values():
+            raise self._fail(f"unknown frame kind {kind}")
+        if total > self.max_bytes:
+            raise self._fail(f"payload of {total} bytes exceeds the limit of {self.max_bytes}")
+        if id_len > _MAX_ID_BYTES or _HEADER.size + id_len > len(frame):
+            raise self._fail("malformed client id")
+        chunk = memoryview(frame)[_HEADER.size + id_len:]
+        if chunk.nbytes > self.max_chunk_bytes:
+            raise self._fail(f"chunk of {chunk.nbytes} bytes exceeds the limit of "
+                             f"{self.max_chunk_bytes}")
+        try:
+            client_id = bytes(frame[_HEADER.size:_HEADER.size + id_len]).decode()
+        except UnicodeDecodeError:
+            raise self._fail("client id is not UTF-8") from None
+        if not 0 <= index < count or count > max(1, total):
+            raise self._fail(f"chunk index {index} of {count} is out of range")
+        key = (kind, round_, seq, count, total, client_id)
+        if index == 0:
+            if self._key is not None:
+                raise self._fail("a new payload started before the previous one was complete")
+            self._key, self._buffer, self._filled, self._next = key, bytearray(total), 0, 0
+        elif key != self._key or index != self._next:
+            raise self._fail(f"chunk {index} does not continue the payload in progress")
+        if self._filled + chunk.nbytes > total:
+            raise self._fail("chunks carry more bytes than the payload announced")
+        self._buffer[self._filled:self._filled + chunk.nbytes] = chunk
+        self._filled += chunk.nbytes
+        self._next = index + 1
+        if self._next < count:
+            return None
+        if self._filled != total:
+            raise self._fail(f"payload ended after {self._filled} of {total} bytes")
+        envelope = Envelope(Kind(kind), round_, seq, client_id, self._buffer)
+        self.reset()
+        return envelope
