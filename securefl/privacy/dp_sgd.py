@@ -1,0 +1,192 @@
+"""Sample-level DP-SGD on a client through Opacus's :class:`~opacus.PrivacyEngine`.
+
+DP-SGD (Abadi et al., CCS 2016): each step draws a Poisson sample of the client's examples at
+rate ``q``, clips every per-example gradient to L2 norm ``max_grad_norm`` = C, sums them, adds
+``N(0, (sigma C)^2)`` to each coordinate and divides by the expected batch size ``q N``.  One
+round of ``epochs`` local epochs is ``steps = epochs / q`` such steps: the event
+``(sigma, q, steps)`` that the client's ledger charges before it trains.
+
+The engine is built once per client and reused every round, so Opacus's own accountant keeps
+the whole history (re-creating it per round would forget earlier rounds) and the model is
+wrapped once (wrapping twice would register the per-sample hooks twice).  A model is refused if
+it was already handed to Opacus.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from securefl.engine.protection import Update
+from securefl.errors import ConfigError
+from securefl.params import Layout, flatten, unflatten
+from securefl.privacy.accounting import PrivacyEvent
+from securefl.privacy.ledger import PrivacyLedger
+
+__all__ = ["GRAD_SAMPLE_MODES", "DPSGDTrainer", "batches_per_epoch", "make_compatible"]
+
+_log = logging.getLogger(__name__)
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+_WRAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Steps per epoch of Opacus's Poisson loader for ``num_examples`` at ``batch_size``:
+    ``int(1 / q0)`` with ``q0 = 1 / ceil(N / B)``.  The accountant's rate is ``1 / steps``."""
+    if num_examples < 1 or batch_size < 1:
+        raise ValueError(f"need num_examples >= 1 and batch_size >= 1, "
+                         f"got {num_examples} and {batch_size}")
+    return int(1 / (1 / -(-num_examples // batch_size)))
+
+
+def make_compatible(model: nn.Module, *, fix: bool) -> nn.Module:
+    """Check ``model`` with Opacus's ``ModuleValidator``; with ``fix``, return the fixed copy
+    (BatchNorm -> GroupNorm and the like) when its parameter layout is unchanged."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return model
+    problems = "; ".join(str(e) for e in errors)
+    if not fix:
+        raise ConfigError(
+            f"[privacy] the model has layers DP-SGD cannot train with per-example gradients "
+            f"({problems}); set [privacy] fix_model = true to let Opacus replace them "
+            f"(BatchNorm -> GroupNorm), or use a model without them")
+    fixed = ModuleValidator.fix(model)
+    remaining = ModuleValidator.validate(fixed, strict=False)
+    if remaining:
+        raise ConfigError(f"[privacy] Opacus cannot fix the model: "
+                          f"{'; '.join(str(e) for e in remaining)}")
+    if Layout.of(fixed) != Layout.of(model):
+        raise ConfigError("[privacy] fixing the model for DP-SGD changed its parameters; "
+                          "build the model with GroupNorm instead of BatchNorm")
+    _log.warning("model fixed for DP-SGD: %s", problems)
+    return fixed
+
+
+class DPSGDTrainer:
+    """A :class:`~securefl.engine.trainer.LocalTrainer` whose rounds run Opacus DP-SGD.
+
+    ``fit`` charges ``PrivacyEvent("dp_sgd", sigma, q, epochs * batches)`` to ``ledger``
+    (raising :class:`~securefl.errors.BudgetExceeded` before any training when the budget
+    would be exceeded), then trains from the global vector and returns
+    ``Update(local - global, num_examples)``.
+    """
+
+    def __init__(self, base: Any, *, client_id: str, ledger: PrivacyLedger,
+                 noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str = "hooks",
+                 secure_mode: bool = False, accountant: str = "rdp",
+                 fix_model: bool = False) -> None:
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
+                             f"got {grad_sample_mode!r}")
+        if base.model in _WRAPPED or isinstance(base, DPSGDTrainer):
+            raise ValueError(f"the model of {client_id!r} is already wrapped for DP-SGD; wrap "
+                             f"each client once and reuse the trainer across rounds")
+        base.model = make_compatible(base.model, fix=fix_model)
+        self.base, self.client_id, self.ledger = base, client_id, ledger
+        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
+        self.grad_sample_mode = grad_sample_mode
+        self.engine = _privacy_engine(accountant=accountant, secure_mode=secure_mode)
+        generator = self.engine.secure_rng if secure_mode else base.generator
+        loader = DPDataLoader.from_data_loader(
+            DataLoader(_Examples(base.features, base.labels), batch_size=base.batch_size,
+                       collate_fn=_as_batch),
+            generator=generator)
+        made = self.engine.make_private(
+            module=base.model, optimizer=base.make_optimizer(base.model.parameters()),
+            criterion=nn.CrossEntropyLoss(), data_loader=loader,
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            poisson_sampling=False,  # the loader above already samples, with our generator
+            noise_generator=None if secure_mode else base.generator,
+            grad_sample_mode=grad_sample_mode)
+        _WRAPPED.add(base.model)
+        if grad_sample_mode == "ghost":
+            self.module, self.optimizer, self.criterion, self.loader = made
+        else:
+            self.module, self.optimizer, self.loader = made
+            self.criterion = nn.CrossEntropyLoss()
+        self.module.forbid_grad_accumulation()
+        self.steps_per_epoch = len(self.loader)
+        self.sample_rate = 1 / self.steps_per_epoch
+        self._done: tuple[int, np.ndarray, Update, dict[str, float]] | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.base.labels)
+
+    def round_event(self) -> PrivacyEvent:
+        """The event one round charges: ``(sigma, q, epochs * steps per epoch)``."""
+        return PrivacyEvent("dp_sgd", self.noise_multiplier, self.sample_rate,
+                            self.base.epochs * self.steps_per_epoch)
+
+    def opacus_epsilon(self, delta: float) -> float:
+        """Epsilon by the Opacus engine's own accountant (a cross-check of the ledger)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return float(self.engine.accountant.get_epsilon(delta=delta))
+
+    def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
+        if self._done is not None and self._done[0] == round:
+            # a retried round gets the same answer: training again would spend privacy twice
+            if not np.array_equal(self._done[1], parameters):
+                raise ValueError(f"round {round} was already trained from other parameters; "
+                                 f"a retried round must resend the same global model")
+            return self._done[2], self._done[3]
+        spent = self.ledger.charge(self.client_id, self.round_event(), round=round)
+        base = self.base
+        unflatten(base.model, parameters, base.layout)
+        self.optimizer.original_optimizer.state.clear()  # a round starts a fresh optimizer
+        self.module.train()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(base.epochs):
+                for features, labels in self.loader:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.criterion(self.module(features), labels).backward()
+                    # noise is added, and the step accounted, on an empty Poisson batch too
+                    self.optimizer.step()
+        delta = (flatten(base.model) - parameters).astype(np.float32)
+        # only public quantities leave the client: a training loss is computed from its data
+        # without noise, so it is not reported
+        metrics = {"epsilon": spent, "delta": self.ledger.delta,
+                   "noise_multiplier": self.noise_multiplier}
+        result = Update(delta, float(self.num_examples))
+        self._done = (round, np.array(parameters, copy=True), result, metrics)
+        return result, metrics
+
+    def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
+        return self.base.evaluate(parameters)
+
+
+class _Examples(TensorDataset):
+    """Fetches a whole Poisson batch with one indexing operation instead of per example."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(tensor[index] for tensor in self.tensors)
+
+
+def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
+
+
+def _privacy_engine(*, accountant: str, secure_mode: bool) -> PrivacyEngine:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            return PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
+    except ImportError:
+        raise ConfigError("[privacy] secure_mode = true needs the torchcsprng package (a "
+                          "cryptographically secure noise source for Opacus); install it or "
+                          "set secure_mode = false") from None
+

@@ -1,0 +1,299 @@
+"""The per-client privacy ledger: SQLite, dry-run then commit, idempotent per (client, round).
+
+Each charge is an immutable :class:`~securefl.privacy.accounting.PrivacyEvent`.  Following
+the dry-run-then-commit pattern of Google's ``dp_accounting`` (``PrivacyAccountant``), a
+charge first composes the client's committed events with the new one (Opacus's accountant,
+:func:`~securefl.privacy.accounting.epsilon`) and, if epsilon at the ledger's delta would
+exceed the client's budget, raises :class:`~securefl.errors.BudgetExceeded` with nothing
+written.  Otherwise the row is committed in one SQLite transaction.
+
+Integrity: every row carries ``digest_i = SHA-256(digest_{i-1} || canonical row)`` and the
+``meta`` table stores the chain head, so an edited, deleted or reordered row, a garbage file,
+an emptied file or a foreign schema is a :class:`LedgerError` on open, never a silent reset.
+The chain detects corruption and careless edits; it is not a signature (whoever can rewrite
+the whole file can recompute it), which is what the signed run audit log is for.
+
+In simulation the ledger lives in the run directory; in a deployment each site keeps its own
+file on its own disk, so the data holder itself refuses a round over budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Mapping
+from contextlib import closing
+from pathlib import Path
+from types import TracebackType
+
+from securefl.errors import BudgetExceeded, ConfigError, SecureFLError
+from securefl.privacy.accounting import AccountantName, PrivacyEvent, epsilon
+
+__all__ = ["SCHEMA", "LedgerError", "PrivacyLedger"]
+
+SCHEMA = "securefl-privacy-ledger/1"
+_GENESIS = "0" * 64
+_TABLES = {
+    "meta": ["key", "value"],
+    "budgets": ["client_id", "epsilon"],
+    "charges": ["seq", "client_id", "round", "mechanism", "noise_multiplier", "sample_rate",
+                "steps", "epsilon", "budget", "digest"],
+}
+_CREATE = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE budgets (client_id TEXT PRIMARY KEY, epsilon REAL);
+CREATE TABLE charges (
+    seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL, round INTEGER NOT NULL,
+    mechanism TEXT NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL, epsilon REAL NOT NULL, budget REAL, digest TEXT NOT NULL,
+    UNIQUE (client_id, round));
+"""
+_ROW = ("SELECT seq, client_id, round, mechanism, noise_multiplier, sample_rate, steps, "
+        "epsilon, budget, digest FROM charges")
+
+Budgets = float | Mapping[str, float | None] | None
+
+
+class LedgerError(SecureFLError):
+    """The ledger file is corrupted, tampered with, or inconsistent with this charge."""
+
+
+def _digest(previous: str, row: tuple[object, ...]) -> str:
+    def canonical(value: object) -> object:
+        return value.hex() if isinstance(value, float) else value
+
+    body = json.dumps([canonical(v) for v in row], separators=(",", ":"))
+    return hashlib.sha256((previous + body).encode()).hexdigest()
+
+
+def _event(row: tuple) -> PrivacyEvent:
+    return PrivacyEvent(row[3], row[4], row[5], row[6])
+
+
+class PrivacyLedger:
+    """Per-client epsilon spend at a fixed ``delta``, persisted in SQLite at ``path``.
+
+    ``budgets``: one epsilon for every client, a ``{client_id: epsilon | None}`` mapping
+    (charging an unlisted client is an error), or ``None`` (record only, no limit).
+    ``path=":memory:"`` keeps the ledger in memory.  Thread-safe; safe across processes by
+    SQLite's file lock.
+    """
+
+    def __init__(self, path: str | Path, *, delta: float, budgets: Budgets = None,
+                 accountant: AccountantName = "rdp") -> None:
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if accountant not in ("rdp", "prv"):
+            raise ValueError(f"accountant must be 'rdp' or 'prv', got {accountant!r}")
+        self.path = str(path)
+        self.delta, self.accountant = float(delta), accountant
+        self._budgets = budgets
+        self._lock = threading.Lock()
+        fresh = self.path == ":memory:" or not Path(self.path).exists()
+        if fresh and self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            if fresh:
+                self._create()
+            else:
+                self._verify()
+            self._store_budgets()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"privacy ledger {self.path} is not a readable ledger ({exc}); "
+                              f"refusing to start from zero") from None
+
+    # ------------------------------------------------------------------ opening and checking
+    def _create(self) -> None:
+        self._db.executescript(_CREATE)
+        self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
+            ("schema", SCHEMA), ("delta", float(self.delta).hex()),
+            ("accountant", self.accountant), ("head", _GENESIS)])
+
+    def _verify(self) -> None:
+        where = f"privacy ledger {self.path}"
+        for table, columns in _TABLES.items():
+            found = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
+            if found != columns:
+                raise LedgerError(f"{where} has no valid {table!r} table (found columns "
+                                  f"{found}); it is corrupted or not a securefl ledger")
+        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        if meta.get("schema") != SCHEMA:
+            raise LedgerError(f"{where} has schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+        try:
+            stored_delta = float.fromhex(meta["delta"])
+        except (KeyError, ValueError):
+            raise LedgerError(f"{where} has no valid delta") from None
+        if stored_delta != self.delta or meta.get("accountant") != self.accountant:
+            raise ConfigError(
+                f"{where} accounts at delta={stored_delta:g} with {meta.get('accountant')!r}, "
+                f"but the config asks for delta={self.delta:g} with {self.accountant!r}; "
+                f"a budget is an (epsilon, delta) pair, so keep the original settings")
+        head = _GENESIS
+        last_epsilon: dict[str, float] = {}
+        for row in self._db.execute(f"{_ROW} ORDER BY seq"):
+            if _digest(head, row[:-1]) != row[-1]:
+                raise LedgerError(f"{where}: charge #{row[0]} does not match its digest "
+                                  f"(edited, reordered or deleted rows)")
+            try:
+                _event(row)
+            except (ValueError, TypeError) as exc:
+                raise LedgerError(f"{where}: charge #{row[0]} is invalid ({exc})") from None
+            if row[7] < last_epsilon.get(row[1], 0.0):
+                raise LedgerError(f"{where}: epsilon of {row[1]} decreases at charge #{row[0]}")
+            last_epsilon[row[1]] = row[7]
+            head = row[-1]
+        if meta.get("head") != head:
+            raise LedgerError(f"{where}: chain head does not match the last charge "
+                              f"(rows were deleted or appended outside the ledger)")
+
+    def _store_budgets(self) -> None:
+        if isinstance(self._budgets, Mapping):
+            rows = []
+            for client_id, value in self._budgets.items():
+                if value is not None and not value > 0:
+                    raise ValueError(f"budget of {client_id!r} must be > 0, got {value}")
+                rows.append((str(client_id), None if value is None else float(value)))
+            with self._lock:
+                self._db.executemany("INSERT OR REPLACE INTO budgets VALUES (?, ?)", rows)
+        elif self._budgets is not None and not self._budgets > 0:
+            raise ValueError(f"budget must be > 0, got {self._budgets}")
+
+    # ------------------------------------------------------------------ charging
+    def budget(self, client_id: str) -> float | None:
+        """The epsilon budget of ``client_id`` (``None``: unlimited)."""
+        if isinstance(self._budgets, Mapping):
+            if client_id not in self._budgets:
+                raise ValueError(f"no privacy budget is configured for client {client_id!r}")
+            value = self._budgets[client_id]
+            return None if value is None else float(value)
+        return None if self._budgets is None else float(self._budgets)
+
+    def charge(self, client_id: str, event: PrivacyEvent, *, round: int) -> float:
+        """Charge ``event`` for ``round``; return the client's epsilon after it.
+
+        Dry run first: if the composition would exceed the budget, raise
+        :class:`~securefl.errors.BudgetExceeded` and write nothing.  Charging the same
+        ``(client, round)`` again with the same event is a no-op returning the same epsilon
+        (a retried round is never charged twice); with a different event it is an error.
+        """
+        if not isinstance(event, PrivacyEvent):
+            raise TypeError(f"event must be a PrivacyEvent, got {type(event).__name__}")
+        budget = self.budget(client_id)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = self._charge_locked(client_id, event, round, budget)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return result
+
+    def _charge_locked(self, client_id: str, event: PrivacyEvent, round: int,
+                       budget: float | None) -> float:
+        rows = self._db.execute(f"{_ROW} WHERE client_id = ? ORDER BY seq",
+                                (client_id,)).fetchall()
+        for row in rows:
+            if row[2] == round:
+                if _event(row) != event:
+                    raise LedgerError(f"{client_id} was already charged {_event(row)} for "
+                                      f"round {round}; refusing a different charge {event}")
+                return float(row[7])
+        spent = epsilon([*map(_event, rows), event], delta=self.delta,
+                        accountant=self.accountant)
+        if budget is not None and not spent <= budget:
+            raise BudgetExceeded(
+                f"{client_id}: round {round} would raise epsilon to {spent:.4g} at "
+                f"delta={self.delta:g}, over its budget {budget:g}")
+        head = self._db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()[0]
+        last = self._db.execute("SELECT digest FROM charges ORDER BY seq DESC LIMIT 1").fetchone()
+        if head != (last[0] if last else _GENESIS):
+            raise LedgerError(f"privacy ledger {self.path}: chain head does not match")
+        seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM charges").fetchone()[0])
+        row = (seq, client_id, int(round), event.mechanism, float(event.noise_multiplier),
+               float(event.sample_rate), int(event.steps), float(spent),
+               None if budget is None else float(budget))
+        digest = _digest(head, row)
+        self._db.execute("INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (*row, digest))
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (digest,))
+        return float(spent)
+
+    # ------------------------------------------------------------------ reading
+    def _rows(self, client_id: str) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(f"{_ROW} WHERE client_id = ? ORDER BY seq",
+                                    (client_id,)).fetchall()
+
+    def clients(self) -> list[str]:
+        """Every client with a stored budget or a charge, sorted."""
+        with self._lock:
+            rows = self._db.execute("SELECT client_id FROM budgets UNION "
+                                    "SELECT client_id FROM charges").fetchall()
+        return sorted(r[0] for r in rows)
+
+    def events(self, client_id: str) -> list[PrivacyEvent]:
+        return [_event(row) for row in self._rows(client_id)]
+
+    def rounds(self, client_id: str) -> list[int]:
+        return [int(row[2]) for row in self._rows(client_id)]
+
+    def history(self, client_id: str) -> list[tuple[int, float]]:
+        """``(round, epsilon after that round)`` at the ledger's delta and accountant."""
+        return [(int(row[2]), float(row[7])) for row in self._rows(client_id)]
+
+    def stored_budget(self, client_id: str) -> float | None:
+        """The budget recorded for ``client_id`` (from the budgets table or its last charge)."""
+        with self._lock:
+            row = self._db.execute("SELECT epsilon FROM budgets WHERE client_id = ?",
+                                   (client_id,)).fetchone()
+        if row is not None:
+            return None if row[0] is None else float(row[0])
+        rows = self._rows(client_id)
+        if rows:
+            return None if rows[-1][8] is None else float(rows[-1][8])
+        return None if isinstance(self._budgets, Mapping) else self.budget(client_id)
+
+    def epsilon(self, client_id: str, *, delta: float | None = None,
+                accountant: AccountantName | None = None) -> float:
+        """Epsilon spent by ``client_id`` at ``delta`` (default: the ledger's)."""
+        return epsilon(self.events(client_id), delta=self.delta if delta is None else delta,
+                       accountant=accountant or self.accountant)
+
+    def remaining(self, client_id: str) -> float:
+        """Budget left at the ledger's delta (``inf`` when unlimited)."""
+        budget = self.stored_budget(client_id)
+        return math.inf if budget is None else budget - self.epsilon(client_id)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> PrivacyLedger:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    @classmethod
+    def open_existing(cls, path: str | Path) -> PrivacyLedger:
+        """Open a ledger for reading with its own stored delta and accountant."""
+        if not Path(path).is_file():
+            raise LedgerError(f"no privacy ledger at {path}")
+        try:
+            uri = f"file:{Path(path).resolve()}?mode=ro"
+            with closing(sqlite3.connect(uri, uri=True)) as db:
+                meta = dict(db.execute("SELECT key, value FROM meta"))
+            delta = float.fromhex(meta["delta"])
+            accountant = meta["accountant"]
+        except (sqlite3.DatabaseError, KeyError, ValueError) as exc:
+            raise LedgerError(f"privacy ledger {path} is not readable ({exc})") from None
+        if accountant not in ("rdp", "prv"):
+            raise LedgerError(f"privacy ledger {path} names an unknown accountant {accountant!r}")
+        return cls(path, delta=delta, budgets=None, accountant=accountant)

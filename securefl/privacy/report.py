@@ -1,0 +1,131 @@
+"""``securefl privacy report RUN_DIR``: per-client spend from the run's privacy ledger.
+
+For every client: the rounds it was charged, epsilon at the ledger's delta by Opacus's RDP
+accountant and by its PRV accountant (both from the same event history), its budget and what
+is left (by the ledger's own accountant, the one that enforced the budget).  Writes
+``privacy.json`` and ``epsilon.png`` (epsilon after each round per client, budget dashed)
+into the run directory and prints the table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from securefl.privacy import LEDGER_FILE
+from securefl.privacy.ledger import LedgerError, PrivacyLedger
+
+__all__ = ["command", "plot_epsilon", "summarise", "write_report"]
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def summarise(ledger: PrivacyLedger, **extra: Any) -> dict[str, Any]:
+    """The ``privacy.json`` document of ``ledger`` (``extra`` keys are added at the top).
+
+    Epsilon values that are unbounded, and unlimited budgets, are ``null``.
+    """
+    clients: dict[str, Any] = {}
+    for client_id in ledger.clients():
+        events = ledger.events(client_id)
+        rdp = ledger.epsilon(client_id, accountant="rdp")
+        prv = ledger.epsilon(client_id, accountant="prv")
+        spent = rdp if ledger.accountant == "rdp" else prv
+        budget = ledger.stored_budget(client_id)
+        history = ledger.history(client_id)
+        clients[client_id] = {
+            "rounds": len(events),
+            "steps": sum(e.steps for e in events),
+            "epsilon_rdp": _finite(rdp),
+            "epsilon_prv": _finite(prv),
+            "budget": budget,
+            "remaining": None if budget is None else _finite(budget - spent),
+            "within_budget": budget is None or all(eps <= budget for _, eps in history),
+            "history": [[rnd, _finite(eps)] for rnd, eps in history],
+            "mechanism": events[-1].mechanism if events else None,
+            "noise_multiplier": events[-1].noise_multiplier if events else None,
+            "sample_rate": events[-1].sample_rate if events else None,
+        }
+    return {**extra, "delta": ledger.delta, "accountant": ledger.accountant,
+            "ledger": Path(ledger.path).name, "clients": clients}
+
+
+def plot_epsilon(summary: dict[str, Any], path: Path) -> Path:
+    """Epsilon after each round for every client, with each distinct budget dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    clients = summary["clients"]
+    for client_id, entry in clients.items():
+        points = [(r, e) for r, e in entry["history"] if e is not None]
+        if points:
+            rounds, values = zip(*points, strict=True)
+            axes.step(rounds, values, where="post", marker=".", linewidth=1.2,
+                      label=client_id if len(clients) <= 12 else None)
+    for budget in sorted({e["budget"] for e in clients.values() if e["budget"] is not None}):
+        axes.axhline(budget, color="black", linestyle="--", linewidth=1,
+                     label=f"budget {budget:g}")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel("round")
+    axes.set_ylabel(f"epsilon at delta={summary['delta']:g} ({summary['accountant']})")
+    axes.set_title("privacy spent per client")
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write ``privacy.json`` and ``epsilon.png`` into ``run_dir``; return ``summary``."""
+    from securefl.rundir import write_json
+
+    write_json(run_dir / "privacy.json", summary)
+    plot_epsilon(summary, run_dir / "epsilon.png")
+    return summary
+
+
+def _table(summary: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    def number(value: float | None, unbounded: str) -> str:
+        return unbounded if value is None else f"{value:.3f}"
+
+    table = Table(title=f"privacy spent at delta={summary['delta']:g} "
+                        f"(budget enforced by {summary['accountant'].upper()})")
+    for header in ("client", "rounds", "epsilon (RDP)", "epsilon (PRV)", "budget", "left"):
+        table.add_column(header, justify="left" if header == "client" else "right")
+    for client_id, entry in summary["clients"].items():
+        table.add_row(client_id, str(entry["rounds"]), number(entry["epsilon_rdp"], "inf"),
+                      number(entry["epsilon_prv"], "inf"), number(entry["budget"], "none"),
+                      number(entry["remaining"], "-"))
+    return table
+
+
+def command(args: Any) -> int:
+    """CLI handler of ``securefl privacy report RUN_DIR``."""
+    from rich.console import Console
+
+    run_dir = Path(args.run_dir)
+    path = run_dir / LEDGER_FILE
+    if not path.is_file():
+        raise LedgerError(f"{run_dir}: no {LEDGER_FILE} (was the run made with [privacy] "
+                          f"mode = \"dp_sgd\" or \"dp_fedavg\"?)")
+    with PrivacyLedger.open_existing(path) as ledger:
+        summary = summarise(ledger)
+    write_report(run_dir, summary)
+    console = Console()
+    console.print(_table(summary))
+    console.print(f"wrote {run_dir / 'privacy.json'} and {run_dir / 'epsilon.png'}")
+    return 0
