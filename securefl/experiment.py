@@ -91,11 +91,13 @@ def local_trainer(config: Config, data: FederatedData, client_id: str) -> LocalT
 
 def build_server(config: Config, transport: Transport, protection: ServerProtection,
                  data: FederatedData, *, hooks: Sequence[Any] = (),
-                 timeout: float | None = None) -> tuple[Server, TestSetEvaluator]:
+                 timeout: float | None = None,
+                 root_data: FederatedData | None = None) -> tuple[Server, TestSetEvaluator]:
     """The round loop and the central evaluator, as both simulation and deployment build it.
 
     The initial model comes from ``[run] seed``; rules that need the server's root-data
-    update (FLTrust) get one from :func:`root_trainer`.
+    update (FLTrust) get one from :func:`root_trainer` on ``root_data`` (default ``data``;
+    pass the clean data when the clients' shards are poisoned).
     """
     seed, s = config.run.seed, config.server
     evaluator = TestSetEvaluator(build_model(config.model, data.shape, data.num_classes,
@@ -103,7 +105,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
     aggregator = config.aggregation.build()
     reference = None
     if getattr(aggregator, "needs_reference", False):
-        root = root_trainer(config, data, count=getattr(aggregator, "root_examples", 100))
+        root = root_trainer(config, root_data or data,
+                            count=getattr(aggregator, "root_examples", 100))
         reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
     optimizer = build_server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum,
                                        beta1=s.beta1, beta2=s.beta2, tau=s.tau)
@@ -121,10 +124,12 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                      data: FederatedData | None = None,
                      server_hooks: Sequence[Any] = (),
                      client_hooks: Mapping[str, Sequence[UpdateHook]] | None = None,
-                     schedule: DropSchedule | None = None) -> Simulation:
+                     schedule: DropSchedule | None = None,
+                     root_data: FederatedData | None = None) -> Simulation:
     """Assemble an in-process federation from ``config`` (nothing runs yet).
 
-    ``data`` replaces the configured dataset (e.g. with poisoned client shards);
+    ``data`` replaces the configured dataset (e.g. with poisoned client shards; then pass
+    the clean one as ``root_data`` for the server's FLTrust root set);
     ``server_hooks`` and ``client_hooks`` inject attacks or defenses; ``schedule`` drops
     clients deterministically (see :class:`InProcessTransport`).
     """
@@ -157,7 +162,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     transport = InProcessTransport(clients, wire=sim_cfg.wire, workers=sim_cfg.workers,
                                    dropout=sim_cfg.dropout, schedule=schedule,
                                    seed=config.run.seed)
-    server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks)
+    server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks,
+                                     root_data=root_data)
     return Simulation(config, data, trainers, clients, transport, server, evaluator, privacy)
 
 

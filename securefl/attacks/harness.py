@@ -1,0 +1,284 @@
+"""The attack/defense harness: ``securefl attack run SCENARIO.toml [--out DIR] [--results MD]``.
+
+Each cell of a scenario grid (:mod:`securefl.attacks.scenario`) is an independent simulation
+built with :func:`securefl.experiment.build_simulation`:
+
+* byzantine clients are drawn per cell from the seed;
+* a data attack (label flip, pixel trigger) poisons their training shards before the run;
+* an update attack replaces their rows in every round through a server hook
+  (:class:`ByzantineRows`), after the protection combined the updates and before the
+  defense aggregates them.
+
+Results go to ``DIR/<scenario>/results.jsonl`` (one line per cell, appended as each cell
+finishes, so an interrupted grid resumes where it stopped), ``results.md`` and
+``heatmap.png``.  ``--results`` regenerates a combined Markdown report from every given
+scenario.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from securefl.aggregation.base import Aggregator
+from securefl.attacks.data_poisoning import LabelFlip, PixelTrigger
+from securefl.attacks.registry import UpdateAttack, build_attack
+from securefl.attacks.results import (
+    append_result,
+    load_results,
+    plot_heatmap,
+    scenario_markdown,
+    write_results_document,
+)
+from securefl.attacks.scenario import Cell, Scenario, cell_config, load_scenario
+from securefl.engine.protection import Combined, Rows
+from securefl.errors import ConfigError, SecureFLError
+from securefl.rundir import atomic_write
+
+__all__ = ["ByzantineRows", "command", "missing_folder", "run_cell",
+           "run_poisoning_cell", "run_scenario"]
+
+_log = logging.getLogger(__name__)
+
+
+class ByzantineRows:
+    """Server hook: replace the byzantine clients' rows of each round with attack output.
+
+    The attack sees the honest rows (omniscient) or the byzantine clients' own honestly
+    computed rows (non-omniscient), as its ``omniscient`` attribute asks; ``aggregator`` is
+    handed to adaptive attackers.  Rounds without a byzantine participant pass unchanged.
+    """
+
+    def __init__(self, attack: UpdateAttack, byzantine: Collection[str], *,
+                 aggregator: Aggregator | None = None) -> None:
+        self.attack = attack
+        self.byzantine = frozenset(byzantine)
+        self.aggregator = aggregator
+
+    def transform_combined(self, combined: Combined, *, round: int,
+                           rng: np.random.Generator) -> Combined:
+        if not isinstance(combined, Rows):
+            raise ConfigError("update attacks need the server to see rows: use plain protection")
+        mask = np.array([cid in self.byzantine for cid in combined.client_ids], dtype=bool)
+        num_byzantine = int(mask.sum())
+        view = combined.updates[~mask] if self.attack.omniscient else combined.updates[mask]
+        if num_byzantine == 0 or len(view) == 0:
+            return combined
+        updates = combined.updates.copy()
+        updates[mask] = self.attack(view, num_byzantine=num_byzantine, rng=rng,
+                                    aggregator=self.aggregator)
+        return Rows(combined.client_ids, updates, combined.weights, combined.rejected)
+
+
+def _data_attack(name: str, options: dict[str, Any]) -> LabelFlip | PixelTrigger:
+    return LabelFlip(**options) if name == "label_flip" else PixelTrigger(**options)
+
+
+def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
+    """Run one poisoning cell; returns its metrics (final and per-round accuracy, ASR)."""
+    from securefl.data import ClientData, federate
+    from securefl.experiment import build_simulation
+    from securefl.params import unflatten
+
+    config = cell_config(cell)
+    spec = cell.spec["attack"]
+    rng = np.random.default_rng([cell.seed, 0xB42])
+    data = federate(config.data, seed=config.run.seed)
+    ids = sorted(data.clients)
+    picked = rng.choice(len(ids), size=cell.spec["num_byzantine"], replace=False)
+    byzantine = sorted(ids[i] for i in picked)
+
+    clean = data
+    trigger = None
+    if spec.get("data") is not None:
+        poison = _data_attack(spec["data"], dict(spec.get("data_options", {})))
+        clients = dict(data.clients)
+        for cid in byzantine:
+            clients[cid] = ClientData(poison(clients[cid].train, rng=rng), clients[cid].val)
+        data = dataclasses.replace(data, clients=clients)
+        trigger = poison if isinstance(poison, PixelTrigger) else None
+
+    hooks = []
+    if spec.get("update") is not None:
+        server = config.server
+        participants = server.clients_per_round or int(np.ceil(server.fraction * len(ids)))
+        attack = build_attack(spec["update"], context={"num_clients": participants,
+                                                       "server_lr": server.lr},
+                              **dict(spec.get("options", {})))
+        aggregator = config.aggregation.build() if spec.get("adaptive", False) else None
+        hooks.append(ByzantineRows(attack, byzantine, aggregator=aggregator))
+
+    # FLTrust's root set is drawn from the clean data, never from poisoned shards
+    sim = build_simulation(config, data=data, server_hooks=hooks, root_data=clean)
+    try:
+        history = sim.server.run(config.run.rounds)
+    finally:
+        sim.transport.close()
+    curve = [r.accuracy for r in history.rounds]
+    result: dict[str, Any] = {
+        "byzantine": byzantine,
+        "accuracy": curve[-1] if curve else None,
+        "accuracy_curve": curve,
+        "aborted_rounds": sum(1 for r in history.rounds if r.aborted),
+        "attack_success_rate": None,
+    }
+    if trigger is not None:
+        triggered = trigger.triggered_test(data.test)
+        unflatten(sim.model, sim.server.parameters, sim.layout)
+        sim.model.eval()
+        with torch.no_grad():
+            logits = sim.model(torch.from_numpy(triggered.features))
+        result["attack_success_rate"] = trigger.success_rate(logits.argmax(dim=1).numpy())
+    return result
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Run any cell; user errors (e.g. a defense's violated precondition) become a record
+    with ``status = "error"`` instead of stopping the grid."""
+    started = time.perf_counter()
+    try:
+        if cell.kind == "inference":
+            suite = importlib.import_module("securefl.attacks.inference_suite")
+            metrics = suite.run_cell(dict(cell.spec), rng=np.random.default_rng([cell.seed, 0x1F]))
+            body: dict[str, Any] = {"status": "ok", "metrics": dict(metrics)}
+        else:
+            body = {"status": "ok", **run_poisoning_cell(cell)}
+    except (SecureFLError, ValueError) as exc:
+        _log.info("cell %s not runnable: %s", cell.key, exc)
+        body = {"status": "error", "error": str(exc)}
+    return {"key": cell.key, "fingerprint": cell.fingerprint, "kind": cell.kind,
+            "seed": cell.seed, **cell.labels, **body,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _describe(record: dict[str, Any]) -> str:
+    if record["status"] != "ok":
+        return f"error: {record['error']}"
+    if record["kind"] == "inference":
+        return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in record["metrics"].items())
+    text = "accuracy n/a" if record["accuracy"] is None else f"accuracy {record['accuracy']:.3f}"
+    if record["attack_success_rate"] is not None:
+        text += f", ASR {record['attack_success_rate']:.3f}"
+    return text
+
+
+def run_scenario(scenario: Scenario, out_dir: Path, *,
+                 report: Callable[[Cell, dict[str, Any] | None, int, int], None] | None = None,
+                 ) -> dict[str, dict[str, Any]]:
+    """Run every unfinished cell of ``scenario``, then write ``results.md`` and the heatmap.
+
+    A cell counts as finished when ``results.jsonl`` already holds an ``ok`` record with its
+    key and fingerprint.  ``report(cell, record_or_None_if_skipped, index, total)`` is called
+    after each cell.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    done = load_results(path)
+    cells = scenario.cells()
+    threads = torch.get_num_threads()
+    # cells run one after another; one thread each keeps small models fast on shared cores
+    torch.set_num_threads(1)
+    try:
+        _run_cells(cells, done, path, report)
+    finally:
+        torch.set_num_threads(threads)
+    current = {c.key: done[c.key] for c in cells if c.key in done}
+    atomic_write(out_dir / "results.md", scenario_markdown(scenario, current))
+    plot_heatmap(scenario, current, out_dir / "heatmap.png")
+    return current
+
+
+def _run_cells(cells: list[Cell], done: dict[str, dict[str, Any]], path: Path,
+               report: Callable[[Cell, dict[str, Any] | None, int, int], None] | None) -> None:
+    for index, cell in enumerate(cells, 1):
+        previous = done.get(cell.key)
+        if (previous is not None and previous.get("fingerprint") == cell.fingerprint
+                and previous.get("status") == "ok"):
+            if report is not None:
+                report(cell, None, index, len(cells))
+            continue
+        record = run_cell(cell)
+        append_result(path, record)
+        done[cell.key] = record
+        if report is not None:
+            report(cell, record, index, len(cells))
+
+
+def _run_with_progress(scenario: Scenario, out_dir: Path) -> dict[str, dict[str, Any]]:
+    if not sys.stderr.isatty():
+        def line(cell: Cell, record: dict[str, Any] | None, index: int, total: int) -> None:
+            status = "done earlier" if record is None else (
+                f"{_describe(record)} ({record['seconds']:.1f}s)")
+            print(f"[{index}/{total}] {scenario.name} {cell.key}: {status}", file=sys.stderr,
+                  flush=True)
+
+        return run_scenario(scenario, out_dir, report=line)
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns) as bar:
+        task = bar.add_task(scenario.name, total=len(scenario.cells()), status="")
+
+        def advance(cell: Cell, record: dict[str, Any] | None, index: int, total: int) -> None:
+            status = "" if record is None else f"{cell.key}: {_describe(record)}"
+            bar.update(task, advance=1, status=status[:80])
+
+        return run_scenario(scenario, out_dir, report=advance)
+
+
+def command(args: Any) -> int:
+    """``securefl attack run SCENARIO... [--out DIR] [--results MD]``."""
+    scenarios = [load_scenario(path) for path in args.scenario]
+    names = [s.path.stem for s in scenarios]
+    if len(set(names)) != len(names):
+        raise ConfigError("scenario file names must be distinct (each gets its own folder)")
+    root = Path(args.out) if args.out else Path("runs") / "attacks"
+    collected = [(s, *_run_one(s, root)) for s in scenarios]
+    if args.results:
+        write_results_document(Path(args.results), collected)
+        print(f"wrote {args.results}")
+    return 0
+
+
+def missing_folder(scenario: Scenario) -> str | None:
+    """Why a scenario on a local-folder dataset (MNIST, CIFAR-10) cannot run, if it cannot."""
+    data = scenario.base.get("data", {})
+    if data.get("dataset") not in ("mnist", "fashion_mnist", "cifar10"):
+        return None
+    path = data.get("path")
+    if path and Path(path).expanduser().is_dir():
+        return None
+    return (f"dataset folder {path!r} not found (set [base.data] path in "
+            f"{scenario.path.name} to a local {data['dataset']} folder)")
+
+
+def _run_one(scenario: Scenario, root: Path) -> tuple[dict[str, dict[str, Any]], Path]:
+    out_dir = root / scenario.path.stem
+    reason = missing_folder(scenario)
+    if reason is not None:
+        print(f"{scenario.name}: skipped, {reason}")
+        return {}, out_dir
+    records = _run_with_progress(scenario, out_dir)
+    failed = sum(1 for r in records.values() if r["status"] != "ok")
+    print(f"{scenario.name}: {len(records)} cells ({failed} not runnable); "
+          f"table {out_dir / 'results.md'}")
+    return records, out_dir
