@@ -31,6 +31,7 @@ from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model
 from securefl.engine.transport import Transport
 from securefl.models import build_model
 from securefl.params import Layout, flatten, unflatten
+from securefl.plots import pyplot, save_figure
 from securefl.protections import build_protection
 from securefl.rundir import append_jsonl, atomic_write, save_model, write_json
 
@@ -255,14 +256,7 @@ def _summary(config: Config, history: History, setup: float, total: float) -> di
 
 
 def plot_accuracy(history: History, path: Path, *, title: str) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     rounds = [r.round for r in history.rounds]
     for name, label in (("accuracy", "test accuracy"), ("federated_accuracy", "federated")):
         values = [np.nan if v is None else v for v in history.metric(name)]
@@ -271,11 +265,8 @@ def plot_accuracy(history: History, path: Path, *, title: str) -> None:
     ax.set(xlabel="round", ylabel="accuracy", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from securefl.params import Layout
+from securefl.plots import pyplot, save_figure
 
 __all__ = [
     "DLG",
@@ -291,11 +292,7 @@ def best_match(originals: np.ndarray, reconstruction: np.ndarray, *,
 def save_grid(path: str | Path, originals: np.ndarray, reconstructions: np.ndarray, *,
               titles: Sequence[str] = ()) -> Path:
     """PNG with originals in the top row and reconstructions below (one column per image)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     ref, est = _pair(originals, reconstructions)
     count = len(ref)
     figure, axes = plt.subplots(2, count, figsize=(1.6 * count, 3.4), squeeze=False)
@@ -314,8 +311,4 @@ def save_grid(path: str | Path, originals: np.ndarray, reconstructions: np.ndarr
     axes[0][0].set_ylabel("original")
     axes[1][0].set_ylabel("reconstructed")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)

@@ -30,6 +30,8 @@ import torch
 from scipy import stats
 from torch import nn
 
+from securefl.plots import pyplot, save_figure
+
 __all__ = [
     "MembershipMetrics",
     "balanced_membership",
@@ -176,11 +178,7 @@ def evaluate_scores(scores: np.ndarray, is_member: np.ndarray) -> MembershipMetr
 def plot_roc(path: str | Path, curves: Mapping[str, MembershipMetrics], *,
              title: str = "") -> Path:
     """Log-log ROC curves (Carlini et al. 2022, Fig. 1 style) with the chance diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(4.2, 4.2))
     floor = 1e-4
     for name, metrics in curves.items():
@@ -197,8 +195,4 @@ def plot_roc(path: str | Path, curves: Mapping[str, MembershipMetrics], *,
         axis.set_title(title, fontsize=9)
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)

@@ -8,7 +8,6 @@ second table with the attack success rate.  Inference cells are tabulated per me
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from securefl.plots import pyplot, save_figure
 from securefl.rundir import atomic_write
 
 __all__ = ["append_result", "load_results", "mean_sd", "plot_heatmap", "scenario_markdown",
@@ -180,11 +180,9 @@ def _inference_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
 def plot_heatmap(scenario: Any, records: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """Mean final accuracy, attacks x defenses, one panel per (distribution, fraction); a
     second row of panels shows the backdoor attack success rate when there is one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     groups = [g for g in _groups(scenario, records) if g[2]]
     if not groups:
@@ -222,10 +220,7 @@ def plot_heatmap(scenario: Any, records: Mapping[str, Mapping[str, Any]], path: 
             if row == 0:
                 ax.set_title(f"{dist}, {fraction:.0%} byzantine", fontsize=9)
         fig.colorbar(image, ax=list(axes[row]), label=label, shrink=0.9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def write_results_document(path: Path, collected: Sequence[tuple[Any, Mapping[str, Any], Path]]

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from securefl.plots import pyplot, save_figure
 from securefl.privacy import LEDGER_FILE
 from securefl.privacy.ledger import LedgerError, PrivacyLedger
 
@@ -55,11 +56,9 @@ def summarise(ledger: PrivacyLedger, **extra: Any) -> dict[str, Any]:
 
 def plot_epsilon(summary: dict[str, Any], path: Path) -> Path:
     """Epsilon after each round for every client, with each distinct budget dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     clients = summary["clients"]
@@ -81,10 +80,7 @@ def plot_epsilon(summary: dict[str, Any], path: Path) -> Path:
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
