@@ -31,7 +31,7 @@ from securefl.engine.protection import Update
 from securefl.errors import ConfigError
 from securefl.params import Layout, flatten, unflatten
 from securefl.privacy.accounting import PrivacyEvent
-from securefl.privacy.ledger import PrivacyLedger
+from securefl.privacy.ledger import PrivacyLedger, RoundMemo
 
 __all__ = ["GRAD_SAMPLE_MODES", "DPSGDTrainer", "batches_per_epoch", "make_compatible"]
 
@@ -118,7 +118,7 @@ class DPSGDTrainer:
         self.module.forbid_grad_accumulation()
         self.steps_per_epoch = len(self.loader)
         self.sample_rate = 1 / self.steps_per_epoch
-        self._done: tuple[int, np.ndarray, Update, dict[str, float]] | None = None
+        self._memo = RoundMemo()
 
     @property
     def num_examples(self) -> int:
@@ -136,12 +136,8 @@ class DPSGDTrainer:
             return float(self.engine.accountant.get_epsilon(delta=delta))
 
     def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
-        if self._done is not None and self._done[0] == round:
-            # a retried round gets the same answer: training again would spend privacy twice
-            if not np.array_equal(self._done[1], parameters):
-                raise ValueError(f"round {round} was already trained from other parameters; "
-                                 f"a retried round must resend the same global model")
-            return self._done[2], self._done[3]
+        if (answer := self._memo.recall(round, parameters)) is not None:
+            return answer
         spent = self.ledger.charge(self.client_id, self.round_event(), round=round)
         base = self.base
         unflatten(base.model, parameters, base.layout)
@@ -160,9 +156,8 @@ class DPSGDTrainer:
         # without noise, so it is not reported
         metrics = {"epsilon": spent, "delta": self.ledger.delta,
                    "noise_multiplier": self.noise_multiplier}
-        result = Update(delta, float(self.num_examples))
-        self._done = (round, np.array(parameters, copy=True), result, metrics)
-        return result, metrics
+        return self._memo.keep(round, parameters, Update(delta, float(self.num_examples)),
+                               metrics)
 
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
         return self.base.evaluate(parameters)

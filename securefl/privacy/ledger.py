@@ -29,10 +29,13 @@ from contextlib import closing
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+
+from securefl.engine.protection import Update
 from securefl.errors import BudgetExceeded, ConfigError, SecureFLError
 from securefl.privacy.accounting import AccountantName, PrivacyEvent, epsilon
 
-__all__ = ["SCHEMA", "LedgerError", "PrivacyLedger"]
+__all__ = ["SCHEMA", "LedgerError", "PrivacyLedger", "RoundMemo"]
 
 SCHEMA = "securefl-privacy-ledger/1"
 _GENESIS = "0" * 64
@@ -297,3 +300,30 @@ class PrivacyLedger:
         if accountant not in ("rdp", "prv"):
             raise LedgerError(f"privacy ledger {path} names an unknown accountant {accountant!r}")
         return cls(path, delta=delta, budgets=None, accountant=accountant)
+
+
+class RoundMemo:
+    """The answer a private trainer gave for its latest round.
+
+    A retried round (the server lost the reply, or resumed after a crash) must get the same
+    update back: training again would spend the privacy budget twice.  A retry that sends
+    different global parameters is refused, since answering it would be a second release.
+    """
+
+    def __init__(self) -> None:
+        self._done: tuple[int, np.ndarray, Update, dict[str, float]] | None = None
+
+    def recall(self, round: int, parameters: np.ndarray
+               ) -> tuple[Update, dict[str, float]] | None:
+        if self._done is None or self._done[0] != round:
+            return None
+        if not np.array_equal(self._done[1], parameters):
+            raise ValueError(f"round {round} was already trained from other parameters; "
+                             f"a retried round must resend the same global model")
+        return self._done[2], self._done[3]
+
+    def keep(self, round: int, parameters: np.ndarray, update: Update,
+             metrics: dict[str, float]) -> tuple[Update, dict[str, float]]:
+        self._done = (round, np.array(parameters, copy=True), update, metrics)
+        return update, metrics
+
