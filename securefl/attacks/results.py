@@ -26,7 +26,9 @@ __all__ = ["append_result", "load_results", "mean_sd", "plot_heatmap", "scenario
 _log = logging.getLogger(__name__)
 
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
-COMMAND = "securefl attack run attacks/poisoning/*.toml --results attacks/RESULTS.md"
+COMMAND = (
+    "securefl attack run attacks/poisoning/*.toml attacks/inference/*.toml "
+    "--results attacks/RESULTS.md")
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
