@@ -172,7 +172,8 @@ def test_results_document_keeps_the_notes(tmp_path: Path) -> None:
     write_results_document(target, [(scenario, {}, tmp_path)])
     text = target.read_text()
     assert "hand-written analysis" in text and "old table" not in text
-    assert "securefl attack run attacks/poisoning/*.toml --results attacks/RESULTS.md" in text
+    assert ("securefl attack run attacks/poisoning/*.toml attacks/inference/*.toml "
+            "--results attacks/RESULTS.md") in text
 
 
 # ----------------------------------------------------------------------------- end to end
