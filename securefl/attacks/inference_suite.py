@@ -39,7 +39,6 @@ A scenario ``[[cells]]`` table with ``kind = "inference"`` is one cell; the harn
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +147,10 @@ def _config(cell: Mapping[str, Any], *, seed: int, rounds: int, clients: int, ep
     return config_from_dict(table, source=f"inference cell {cell.get('name', '')}")
 
 
-@functools.lru_cache(maxsize=32)
 def _noise_multiplier(epsilon: float, delta: float, size: int, batch_size: int,
                       rounds: int, epochs: int) -> float:
     """DP-SGD sigma reaching ``epsilon`` for a client of ``size`` examples over the run, by
-    the framework's own calibration (cached: every shadow federation reuses it)."""
+    the framework's own (cached) calibration."""
     from securefl.privacy.accounting import calibrate_noise_multiplier
     from securefl.privacy.dp_sgd import batches_per_epoch
 

@@ -136,10 +136,14 @@ def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float,
     return value if math.isfinite(value) and value >= 0 else math.inf
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
                                steps: int, accountant: AccountantName = "rdp") -> float:
     """The smallest sigma (Opacus's binary search, tolerance 0.01) with
-    ``epsilon((sigma, q, steps), delta) <= target_epsilon``."""
+    ``epsilon((sigma, q, steps), delta) <= target_epsilon``.
+
+    Cached: the search is pure and takes seconds at small epsilon, and clients of equal
+    size ask for the same sigma."""
     if target_epsilon <= 0:
         raise ConfigError(f"[privacy] target_epsilon must be > 0, got {target_epsilon}")
     try:
