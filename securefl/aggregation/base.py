@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Aggregator", "as_rows"]
+__all__ = ["Aggregator", "as_rows", "weighted_sum"]
 
 
 @runtime_checkable
@@ -35,3 +35,20 @@ def as_rows(updates: np.ndarray, weights: np.ndarray | None = None, *,
     if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError("weights must be finite, non-negative and not all zero")
     return rows, w
+
+
+_BLOCK = 4096  # columns per block: n x 4096 float64 values stay in the L2 cache
+
+
+def weighted_sum(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``sum_i w_i x_i`` accumulated in float64, one cache-sized block of columns at a time.
+
+    Exactly ``weights @ rows.astype(float64)``, without the full float64 copy of ``rows``
+    (400 MB at n = 50, d = 1M), which made the plain path 3x slower.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    out = np.empty(rows.shape[1], dtype=np.float64)
+    for start in range(0, rows.shape[1], _BLOCK):
+        stop = start + _BLOCK
+        out[start:stop] = w @ rows[:, start:stop].astype(np.float64)
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefl.aggregation.base import as_rows
+from securefl.aggregation.base import as_rows, weighted_sum
 
 __all__ = ["FedAvg"]
 
@@ -20,7 +20,7 @@ class FedAvg:
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, w = as_rows(updates, weights)
-        return ((w @ rows.astype(np.float64)) / w.sum()).astype(np.float32)
+        return (weighted_sum(rows, w) / w.sum()).astype(np.float32)
 
     def __repr__(self) -> str:
         return "FedAvg()"

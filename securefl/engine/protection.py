@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from securefl.aggregation.base import weighted_sum
 from securefl.engine.messages import Message, PlainUpdate
 
 __all__ = [
@@ -59,7 +60,7 @@ class Rows:
     rejected: Mapping[str, str] = field(default_factory=dict)
 
     def weighted_sum(self) -> WeightedSum:
-        total = (self.weights.astype(np.float64) @ self.updates.astype(np.float64))
+        total = weighted_sum(self.updates, self.weights)
         return WeightedSum(self.client_ids, total, float(self.weights.sum()), self.rejected)
 
 
