@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from securefl.attacks.inference_suite import check_cell, run_cell, summarize
 from securefl.attacks.scenario import load_scenario
@@ -22,12 +21,7 @@ SUITE = Path(__file__).resolve().parents[2] / "attacks" / "inference"
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cells(cell: dict, seeds=SEEDS) -> list[dict]:

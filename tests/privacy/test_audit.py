@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from securefl.cli import main
@@ -37,12 +36,7 @@ def _dp(epsilon: float, seed: int) -> dict:
             "privacy": {"mode": "dp_sgd", "target_epsilon": epsilon, "max_grad_norm": 1.0}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_p_value_without_delta_is_the_binomial_tail() -> None:
