@@ -73,9 +73,6 @@ class Simulation:
     def layout(self) -> Layout:
         return self.evaluator.layout
 
-    def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
-        return self.evaluator(parameters)
-
 
 def local_trainer(config: Config, data: FederatedData, client_id: str) -> LocalTrainer:
     """``client_id``'s trainer.  Simulation and deployment derive its seed the same way, from

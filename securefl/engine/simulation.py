@@ -81,18 +81,22 @@ class InProcessTransport:
             self.bytes_received += len(frame)
         return decode(frame, max_bytes=self.max_bytes)
 
-    def _deliver(self, client_id: str, request: Message, round: int) -> tuple[Message | None, str]:
+    def _deliver(self, client_id: str, request: Message, round: int,
+                 timeout: float | None) -> Message | str:
+        """The client's reply, or why it counts as dropped."""
         handler = self._clients.get(client_id)
         if handler is None:
-            return None, "unknown client"
+            return "unknown client"
         started = time.perf_counter()
         try:
             reply = handler.handle(self._carry(request, outbound=True), round=round)
             reply = self._carry(reply, outbound=False)
         except Exception as exc:  # a failing client is dropped, never fatal to the round
             _log.warning("client %s failed: %s", client_id, exc, exc_info=_log.isEnabledFor(10))
-            return None, f"client error: {type(exc).__name__}: {exc}"
-        return reply, f"{time.perf_counter() - started:.6f}"
+            return f"client error: {type(exc).__name__}: {exc}"
+        if timeout is not None and time.perf_counter() - started > timeout:
+            return f"missed the {timeout:g} s deadline"
+        return reply
 
     def exchange(self, requests: Mapping[str, Message], *, round: int,
                  timeout: float | None = None) -> Exchange:
@@ -106,14 +110,12 @@ class InProcessTransport:
                 result.dropped[client_id] = "dropped (injected)"
             else:
                 live.append(client_id)
-        jobs = [(cid, requests[cid], round) for cid in live]
+        jobs = [(cid, requests[cid], round, timeout) for cid in live]
         outcomes = (self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool
                     else (self._deliver(*job) for job in jobs))
-        for client_id, (reply, detail) in zip(live, outcomes, strict=True):
-            if reply is None:
-                result.dropped[client_id] = detail
-            elif timeout is not None and float(detail) > timeout:
-                result.dropped[client_id] = f"missed the {timeout:g} s deadline"
+        for client_id, outcome in zip(live, outcomes, strict=True):
+            if isinstance(outcome, str):
+                result.dropped[client_id] = outcome
             else:
-                result.replies[client_id] = reply
+                result.replies[client_id] = outcome
         return result

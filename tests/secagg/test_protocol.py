@@ -119,12 +119,18 @@ def test_late_masked_input_is_never_unmasked_twice():
     assert np.abs(result.total - total).max() <= 7 * quantizer(config, 8).step
 
 
-def _client_at_unmask(ids):
+def _opened(ids, *, round, seed):
+    """A fresh 4-dimensional round opened for ``ids``: (server round, client rounds,
+    updates, the server's opening payloads)."""
     server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
-    protocol = server.server_round(round=4, dimension=4)
-    rounds = {c: clients[c].client_round(round=4) for c in ids}
-    updates = make_updates(ids, 4, np.random.default_rng(4))
-    requests = protocol.open(ids)
+    protocol = server.server_round(round=round, dimension=4)
+    rounds = {c: clients[c].client_round(round=round) for c in ids}
+    updates = make_updates(ids, 4, np.random.default_rng(seed))
+    return protocol, rounds, updates, protocol.open(ids)
+
+
+def _client_at_unmask(ids):
+    protocol, rounds, updates, requests = _opened(ids, round=4, seed=4)
     replies = {c: rounds[c].open(updates[c], requests[c]) for c in ids}
     for _ in range(2):
         requests = protocol.step(replies, set())
@@ -210,11 +216,7 @@ def test_upload_is_at_most_1_01_bytes_per_float32_byte():
 # ----------------------------------------------------------------------------- tampering
 def test_tampered_share_ciphertext_aborts_the_receiver():
     ids = [f"c{i}" for i in range(4)]
-    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
-    protocol = server.server_round(round=1, dimension=4)
-    rounds = {c: clients[c].client_round(round=1) for c in ids}
-    updates = make_updates(ids, 4, np.random.default_rng(6))
-    opening = protocol.open(ids)
+    protocol, rounds, updates, opening = _opened(ids, round=1, seed=6)
     keys = protocol.step({c: rounds[c].open(updates[c], opening[c]) for c in ids}, set())
     relay = protocol.step({c: rounds[c].step(keys[c]) for c in ids}, set())
     bad = bytearray(relay["c0"].ciphertexts["c1"])
@@ -229,11 +231,7 @@ def test_tampered_share_ciphertext_aborts_the_receiver():
 
 def test_forged_advertisement_is_rejected_by_server_and_neighbours():
     ids = [f"c{i}" for i in range(4)]
-    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
-    protocol = server.server_round(round=1, dimension=4)
-    rounds = {c: clients[c].client_round(round=1) for c in ids}
-    updates = make_updates(ids, 4, np.random.default_rng(7))
-    opening = protocol.open(ids)
+    protocol, rounds, updates, opening = _opened(ids, round=1, seed=7)
     adverts = {c: rounds[c].open(updates[c], opening[c]) for c in ids}
     forged = adverts["c3"].__class__(c_public=adverts["c2"].c_public,
                                      s_public=adverts["c3"].s_public,
