@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from securefl.aggregation.mean import FedAvg
@@ -36,9 +38,10 @@ from securefl.engine.protection import (
 from securefl.engine.server import Server
 from securefl.engine.simulation import InProcessTransport
 from securefl.secagg import SecAggConfig, build_simulation, shamir
+from securefl.secagg.graph import auto_neighbours, harary_graph
 from securefl.secagg.keys import pairwise_mask_key, self_mask_key
 from securefl.secagg.messages import SecAggMaskedInput
-from securefl.secagg.prg import add_masks, derive_key, info, keystream
+from securefl.secagg.prg import PRG_KEY_BYTES, add_masks, info, keystream, prg_key
 from securefl.secagg.quantize import Quantizer, levels_for
 
 try:
@@ -106,8 +109,10 @@ def bench_client_masking(d: int, k: int, repeat: int) -> dict:
     theirs = median_seconds(flower, repeat) if HAVE_FLWR else None
     buffer, zeros = bytearray(4 * d + 15), bytes(4 * d)
 
-    def floor() -> None:  # raw AES-256-CTR of the same 1 + k streams, nothing else
-        for key in [seed, *secrets_]:
+    floor_keys = [os.urandom(PRG_KEY_BYTES) for _ in range(1 + k)]
+
+    def floor() -> None:  # raw AES-128-CTR of the same 1 + k streams, nothing else
+        for key in floor_keys:
             Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(
                 zeros, buffer)
 
@@ -120,7 +125,7 @@ def bench_quantize(d: int, repeat: int) -> dict:
     x = np.random.default_rng(0).normal(0, 0.1, d).astype(np.float32)
     quantizer = Quantizer(clip=1.0, max_weight=1e4, levels=levels_for(10, bits="auto"))
     def ours() -> np.ndarray:
-        dither = keystream(derive_key(os.urandom(32), info("dither", 1, "u")), d + 1)
+        dither = keystream(prg_key(os.urandom(32), info("dither", 1, "u")), d + 1)
         return quantizer.encode(x, 100.0, dither)
 
     ours_s = median_seconds(ours, repeat)
@@ -159,18 +164,25 @@ def drive(server: ServerProtection, clients: Mapping[str, ClientProtection],
     raise RuntimeError("the round did not finish in 4 exchanges")
 
 
-def bench_server_unmask(n: int, d: int, dropout: float, neighbours: int | str) -> dict:
+def bench_server_unmask(n: int, d: int, dropout: float, neighbours: int | str,
+                        repeat: int) -> dict:
+    """The server's last two steps, medians over ``repeat`` whole rounds: summing the masked
+    inputs (step 3) and unmasking (step 4), against a plaintext float32 sum of the same rows."""
     config = SecAggConfig(max_weight=100.0, neighbours=neighbours)
     ids = [f"c{i:04d}" for i in range(n)]
     base = np.random.default_rng(1).normal(0, 0.05, d).astype(np.float32)
     updates = {c: Update(base, float(1 + i % 50)) for i, c in enumerate(ids)}
     server, clients = build_simulation(config, ids)
     dropped = set(ids[: round(dropout * n)])
-    timings: dict[str, float] = {}
-    result = drive(server, clients, updates, dimension=d, drop_after_shares=dropped,
-                   timings=timings)
+    unmask, summing, error = [], [], 0.0
     weight = sum(updates[c].weight for c in ids if c not in dropped)
-    error = float(np.abs(result.total - weight * base.astype(np.float64)).max())
+    for _ in range(repeat):
+        timings: dict[str, float] = {}
+        result = drive(server, clients, updates, dimension=d, drop_after_shares=dropped,
+                       timings=timings)
+        unmask.append(timings["server_step_4_s"])
+        summing.append(timings["server_step_3_s"])
+        error = max(error, float(np.abs(result.total - weight * base.astype(np.float64)).max()))
     rows = [base.copy() for _ in range(n)]
 
     def plain_sum() -> np.ndarray:
@@ -179,17 +191,18 @@ def bench_server_unmask(n: int, d: int, dropout: float, neighbours: int | str) -
             np.add(total, row, out=total)
         return total
 
-    plain = median_seconds(plain_sum, 5)
+    plain = median_seconds(plain_sum, 2 * repeat + 1)
     weights = np.array([updates[c].weight for c in ids])
     engine_plain = median_seconds(  # what the Plain protection does: stack, weighted sum
         lambda: Rows(tuple(ids), np.stack(rows), weights).weighted_sum(), 3)
-    unmask, summing = timings["server_step_4_s"], timings["server_step_3_s"]
-    return {"n": n, "d": d, "dropout": dropout, "neighbours": neighbours,
-            "server_unmask_s": unmask, "server_sum_masked_inputs_s": summing,
-            "plaintext_sum_s": plain, "unmask_over_plaintext_sum": round(unmask / plain, 3),
-            "sum_and_unmask_over_plaintext_sum": round((unmask + summing) / plain, 3),
+    unmask_s, summing_s = statistics.median(unmask), statistics.median(summing)
+    return {"n": n, "d": d, "dropout": dropout, "neighbours": neighbours, "repeat": repeat,
+            "server_unmask_s": unmask_s, "server_sum_masked_inputs_s": summing_s,
+            "plaintext_sum_s": plain, "unmask_over_plaintext_sum": round(unmask_s / plain, 3),
+            "sum_and_unmask_over_plaintext_sum": round((unmask_s + summing_s) / plain, 3),
             "plain_protection_weighted_sum_s": engine_plain,
-            "sum_and_unmask_over_plain_protection": round((unmask + summing) / engine_plain, 3),
+            "sum_and_unmask_over_plain_protection": round((unmask_s + summing_s) / engine_plain,
+                                                          3),
             "max_abs_error": error}
 
 
@@ -226,16 +239,60 @@ def engine_rounds(server_protection: ServerProtection,
     return seconds, contributors
 
 
-def bench_round(n: int, d: int, rounds: int) -> dict:
+def primitive_floor(n: int, d: int, k: int, repeat: int = 200) -> dict:
+    """What one round's cryptography costs on its own, from per-operation medians.
+
+    A round with no dropout must run at least: ``n + n k`` Ed25519 verifications (the server
+    and every neighbour check each advertisement), ``2 n k`` X25519 agreements (``c`` for the
+    share channel, ``s`` for the pairwise mask), ``2 n`` X25519 key generations, ``n``
+    signatures, and ``n (k + 3)`` AES-128-CTR streams of ``d + 1`` words (per client: one
+    self mask, ``k`` pairwise masks and the rounding dither; the server: one self mask per
+    survivor).
+    """
+    identity = Ed25519PrivateKey.generate()
+    public, message = identity.public_key().public_bytes_raw(), os.urandom(96)
+    signature = identity.sign(message)
+    mine, theirs = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    peer = theirs.public_key().public_bytes_raw()
+    zeros, buffer = bytes(4 * (d + 1)), bytearray(4 * (d + 1) + 15)
+    key = os.urandom(PRG_KEY_BYTES)
+    per_op = {
+        "ed25519_verify_s": median_seconds(
+            lambda: Ed25519PublicKey.from_public_bytes(public).verify(signature, message),
+            repeat),
+        "ed25519_sign_s": median_seconds(lambda: identity.sign(message), repeat),
+        "x25519_agree_s": median_seconds(
+            lambda: mine.exchange(X25519PublicKey.from_public_bytes(peer)), repeat),
+        "x25519_keygen_s": median_seconds(
+            lambda: X25519PrivateKey.generate().public_key().public_bytes_raw(), repeat),
+        "aes128_ctr_stream_s": median_seconds(
+            lambda: Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(
+                zeros, buffer), max(5, repeat // 20)),
+    }
+    counts = {"ed25519_verify_s": n + n * k, "ed25519_sign_s": n, "x25519_agree_s": 2 * n * k,
+              "x25519_keygen_s": 2 * n, "aes128_ctr_stream_s": n * (k + 3)}
+    return {"k": k, "per_operation_s": per_op,
+            "operations": {name.removesuffix("_s"): c for name, c in counts.items()},
+            "floor_s": sum(per_op[name] * c for name, c in counts.items())}
+
+
+def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> dict:
     ids = [f"c{i:04d}" for i in range(n)]
     plain = Plain()
     plain_s, _ = engine_rounds(plain, dict.fromkeys(ids, plain), d, rounds, wire=True)
-    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
+    server, clients = build_simulation(SecAggConfig(max_weight=100.0, neighbours=neighbours),
+                                       ids)
     secure_s, contributors = engine_rounds(server, clients, d, rounds, wire=True)
-    return {"n": n, "d": d, "wire": True, "plain_round_s": statistics.median(plain_s),
-            "secagg_round_s": statistics.median(secure_s),
-            "secagg_over_plain": round(statistics.median(secure_s)
-                                       / statistics.median(plain_s), 3),
+    plain_median, secure_median = statistics.median(plain_s), statistics.median(secure_s)
+    wanted = auto_neighbours(n) if neighbours == "auto" else int(neighbours)
+    floor = primitive_floor(n, d, len(harary_graph(ids, num_neighbours=wanted)[ids[0]]))
+    return {"n": n, "d": d, "neighbours": neighbours, "wire": True,
+            "plain_round_s": plain_median,
+            "secagg_round_s": secure_median,
+            "secagg_over_plain": round(secure_median / plain_median, 3),
+            "crypto_floor": floor,
+            "crypto_floor_over_plain": round(floor["floor_s"] / plain_median, 3),
+            "secagg_over_crypto_floor": round(secure_median / floor["floor_s"], 3),
             "contributors": contributors}
 
 
@@ -259,11 +316,14 @@ def main() -> None:
         "client_masking": bench_client_masking(big_d, 10, 5 if quick else 21),
         "quantize": bench_quantize(big_d, 5 if quick else 21),
         "upload": bench_upload(big_d),
-        "server_unmask": bench_server_unmask(20 if quick else 100, big_d, 0.0, "auto"),
+        "server_unmask": bench_server_unmask(20 if quick else 100, big_d, 0.0, "auto",
+                                             3 if quick else 5),
         "server_unmask_10pct_dropout": bench_server_unmask(20 if quick else 100, big_d, 0.1,
-                                                           "auto"),
+                                                           "auto", 3 if quick else 5),
         "round": bench_round(10 if quick else 50, 10_000 if quick else 100_000,
                              3 if quick else 5),
+        "round_k10": bench_round(20 if quick else 50, 10_000 if quick else 100_000,
+                                 3 if quick else 5, neighbours=10),
         "large_round": bench_large_round(100 if quick else 1000, 10_000 if quick else 100_000),
     }
     print(json.dumps(report, indent=1))

@@ -51,7 +51,7 @@ from securefl.secagg.messages import (
     SecAggUnmaskReply,
     SecAggUnmaskRequest,
 )
-from securefl.secagg.prg import add_masks, derive_key, info, keystream
+from securefl.secagg.prg import add_masks, info, keystream, prg_key
 from securefl.secagg.quantize import Quantizer, levels_for
 
 __all__ = ["SecAggClientRound"]
@@ -89,7 +89,7 @@ class SecAggClientRound:
         levels = levels_for(setup.num_participants, bits=self._config.bits)
         quantizer = Quantizer(clip=self._config.clip, max_weight=self._config.max_weight,
                               levels=levels)
-        dither = keystream(derive_key(os.urandom(32), info("dither", self._round, self.client_id)),
+        dither = keystream(prg_key(os.urandom(32), info("dither", self._round, self.client_id)),
                            update.delta.shape[0] + 1)
         self._encoded = quantizer.encode(update.delta, float(update.weight), dither)
         self._setup = setup

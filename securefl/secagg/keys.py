@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from securefl.errors import ProtocolAbort
-from securefl.secagg.prg import derive_key, info
+from securefl.secagg.prg import derive_key, info, prg_key
 
 __all__ = [
     "KEY_BYTES",
@@ -51,6 +51,7 @@ __all__ = [
 
 KEY_BYTES = 32
 _NONCE_BYTES = 12
+_AES_GCM_KEY_BYTES = 32
 
 
 def generate_identity() -> Ed25519PrivateKey:
@@ -102,14 +103,19 @@ def agree(private: X25519PrivateKey, peer_public: bytes, *, peer: str) -> bytes:
 
 
 def self_mask_key(seed: bytes, *, round: int, client_id: str) -> bytes:
-    """AES key of the self mask ``PRG(b_u)``."""
-    return derive_key(seed, info("self-mask", round, client_id))
+    """AES-128 key of the self mask ``PRG(b_u)``."""
+    return prg_key(seed, info("self-mask", round, client_id))
 
 
 def pairwise_mask_key(shared: bytes, *, round: int, first: str, second: str) -> bytes:
-    """AES key of the pairwise mask ``PRG(s_uv)``; symmetric in the two ids."""
+    """AES-128 key of the pairwise mask ``PRG(s_uv)``; symmetric in the two ids."""
     low, high = sorted((first, second))
-    return derive_key(shared, info("pair-mask", round, low, high))
+    return prg_key(shared, info("pair-mask", round, low, high))
+
+
+def _share_key(shared: bytes, *, round: int, sender: str, receiver: str) -> bytes:
+    return derive_key(shared, info("share-key", round, sender, receiver),
+                      length=_AES_GCM_KEY_BYTES)
 
 
 def encrypt_shares(shared: bytes, plaintext: bytes, *, round: int, sender: str,
@@ -121,7 +127,7 @@ def encrypt_shares(shared: bytes, plaintext: bytes, *, round: int, sender: str,
 
 def _encrypt_with_nonce(shared: bytes, plaintext: bytes, nonce: bytes, *, round: int,
                         sender: str, receiver: str) -> bytes:
-    key = derive_key(shared, info("share-key", round, sender, receiver))
+    key = _share_key(shared, round=round, sender=sender, receiver=receiver)
     aad = info("share", round, sender, receiver)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
@@ -129,7 +135,7 @@ def _encrypt_with_nonce(shared: bytes, plaintext: bytes, nonce: bytes, *, round:
 def decrypt_shares(shared: bytes, ciphertext: bytes, *, round: int, sender: str,
                    receiver: str) -> bytes:
     """Inverse of :func:`encrypt_shares`; any tampering raises :class:`ProtocolAbort`."""
-    key = derive_key(shared, info("share-key", round, sender, receiver))
+    key = _share_key(shared, round=round, sender=sender, receiver=receiver)
     aad = info("share", round, sender, receiver)
     try:
         return AESGCM(key).decrypt(ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:], aad)

@@ -13,6 +13,7 @@ parties at once on a numpy object array of Python integers, reducing modulo ``p`
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Mapping, Sequence
 
@@ -68,18 +69,30 @@ def combine(shares: Mapping[int, int], *, threshold: int) -> int:
     xs = [x for x, _ in chosen]
     if any(not 0 < x < PRIME for x in xs) or any(not 0 <= y < PRIME for _, y in chosen):
         raise ValueError("shares must be field elements at nonzero points")
-    secret = 0
-    for i, (x_i, y_i) in enumerate(chosen):
+    secret = sum(y * weight for (_, y), weight in zip(chosen, _lagrange_at_zero(tuple(xs)),
+                                                       strict=True))
+    secret %= PRIME
+    if secret >= 1 << 256:
+        raise ValueError("reconstructed value is not a 256-bit secret")
+    return secret
+
+
+@functools.lru_cache(maxsize=1024)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """``prod_{j != i} x_j / (x_j - x_i) mod p`` for each ``i``.
+
+    Public values only (the points), so they are cached: the neighbourhoods of one round
+    mostly answer at the same points.
+    """
+    weights = []
+    for i, x_i in enumerate(xs):
         numerator, denominator = 1, 1
         for j, x_j in enumerate(xs):
             if j != i:
                 numerator *= x_j
                 denominator *= x_j - x_i
-        secret += y_i * numerator * pow(denominator % PRIME, -1, PRIME)
-    secret %= PRIME
-    if secret >= 1 << 256:
-        raise ValueError("reconstructed value is not a 256-bit secret")
-    return secret
+        weights.append(numerator * pow(denominator % PRIME, -1, PRIME) % PRIME)
+    return tuple(weights)
 
 
 def encode_share(value: int) -> bytes:

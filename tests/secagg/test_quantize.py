@@ -12,7 +12,7 @@ from securefl.secagg.quantize import MAX_SUM, Quantizer, levels_for
 
 
 def dither(count: int) -> np.ndarray:
-    return keystream(os.urandom(32), count)
+    return keystream(os.urandom(16), count)
 
 
 def test_levels_leave_headroom_and_raise_when_the_sum_could_wrap():

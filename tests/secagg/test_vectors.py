@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securefl.secagg import keys, shamir
-from securefl.secagg.prg import add_masks, derive_key, info, keystream, prg_words
+from securefl.secagg.prg import add_masks, info, keystream, prg_key, prg_words
 from securefl.secagg.quantize import Quantizer
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "secagg.json").read_text())
@@ -76,10 +78,13 @@ def test_sp800_38a_ctr(key, ciphertext):
     assert (encryptor.update(bytes.fromhex(_PLAINTEXT)) + encryptor.finalize()).hex() == ciphertext
 
 
-def test_keystream_is_aes256_ctr_from_zero_counter():
+def test_keystream_is_aes128_ctr_from_zero_counter():
     key = bytes.fromhex(VECTORS["prg"]["key"])
+    assert len(key) == 16
     reference = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(64))
     assert keystream(key, 16).tobytes() == reference
+    with pytest.raises(ValueError, match="AES-128"):
+        keystream(bytes(32), 4)
 
 
 # ----------------------------------------------------------------------------- frozen
@@ -93,7 +98,11 @@ def test_info_encoding():
 def test_prg_vector():
     v = VECTORS["prg"]
     secret, context = bytes.fromhex(v["secret"]), bytes.fromhex(v["context"])
-    assert derive_key(secret, context).hex() == v["key"]
+    assert prg_key(secret, context).hex() == v["key"]
+    # the documented construction, spelled out with cryptography's HKDF
+    spelled_out = HKDF(algorithm=hashes.SHA256(), length=16, salt=None,
+                       info=b"securefl/secagg/v2/" + context).derive(secret)
+    assert spelled_out.hex() == v["key"]
     assert prg_words(secret, context, len(v["words"])).tolist() == v["words"]
 
 
@@ -143,8 +152,8 @@ def test_shamir_vector():
 
 
 def test_add_masks_is_the_blockwise_sum_of_keystreams():
-    keys = [(bytes([i]) * 32, sign) for i, sign in enumerate((1, -1, 1, -1, -1))]
-    count = 2 * (1 << 14) + 123  # two whole blocks and a tail
+    keys = [(bytes([i]) * 16, sign) for i, sign in enumerate((1, -1, 1, -1, -1))]
+    count = 2 * (1 << 16) + 123  # two whole blocks and a tail
     start = np.arange(count, dtype=np.uint32)
     expected = start.astype(np.int64)
     for key, sign in keys:
