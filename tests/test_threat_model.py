@@ -102,3 +102,24 @@ def test_secagg_collusion_threshold(clients: int, neighbours: Any, threshold: fl
     ok, reason = collusion(facts(config), load_threat_model("curious-server-and-byzantine-clients"))
     assert ok is passed
     assert shares in reason
+
+
+def test_an_installed_wheel_finds_its_threat_models(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from securefl.threat import model
+
+    repo = Path(__file__).parents[1]
+    data_files = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "data-files"]
+    assert data_files == {"share/securefl/threat_models": ["threat_models/*.toml"]}
+    installed = tmp_path / "prefix" / "share" / "securefl" / "threat_models"
+    installed.mkdir(parents=True)
+    (installed / "byzantine-clients.toml").write_text(SHIPPED.read_text())
+    assert model.threat_model_dir() == repo / "threat_models"  # a checkout wins
+    # site-packages/securefl/threat/model.py: no threat_models/ beside the package
+    monkeypatch.setattr(model, "__file__", str(tmp_path / "site" / "securefl" / "threat" / "m.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    assert model.threat_model_dir() == installed
+    assert model.available_threat_models() == ["byzantine-clients"]
+    assert load_threat_model("byzantine-clients").name == "byzantine-clients"

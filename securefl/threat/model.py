@@ -31,6 +31,7 @@ naming the file, so a typo never weakens a model silently.
 from __future__ import annotations
 
 import math
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -117,8 +118,14 @@ class ThreatModel:
 
 
 def threat_model_dir() -> Path:
-    """The shipped ``threat_models/`` folder (next to the ``securefl`` package)."""
-    return Path(__file__).resolve().parents[2] / "threat_models"
+    """The shipped ``threat_models/`` folder.
+
+    In a source checkout or an editable install it sits next to the ``securefl`` package; an
+    installed wheel puts it under ``<prefix>/share/securefl/threat_models``.
+    """
+    beside_package = Path(__file__).resolve().parents[2] / "threat_models"
+    installed = Path(sys.prefix) / "share" / "securefl" / "threat_models"
+    return beside_package if beside_package.is_dir() or not installed.is_dir() else installed
 
 
 def available_threat_models() -> list[str]:
