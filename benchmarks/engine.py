@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -109,7 +110,7 @@ def main() -> None:
                 row["flower_ms_per_client_round"] = round(1e3 * flower / n, 4)
                 row["flower_over_securefl"] = round(flower / seconds, 3)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout: one doc
     print(json.dumps({"quickstart_startup_seconds": round(quickstart_startup(), 4),
                       "results": rows}))
 

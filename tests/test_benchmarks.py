@@ -1,0 +1,69 @@
+"""Every benchmark runs at a tiny size and prints one JSON document with sane numbers.
+
+Timings are not asserted (benchmarks measure, tests check); what is checked is that each script
+still runs against the current library and that its correctness fields hold.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securefl.secagg.quantize import levels_for
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)  # exactly one document on stdout
+
+
+def test_aggregation() -> None:
+    report = run("aggregation.py", "--n", "11", "--d", "2000", "--repeats", "2", "--no-flower")
+    (point,) = report["grid"]
+    assert (point["n"], point["d"], point["f"]) == (11, 2000, 2)
+    assert {"krum", "median", "trimmed_mean", "bulyan"} <= set(point["rules"])
+    assert all(rule["seconds"] > 0 for rule in point["rules"].values())
+
+
+def test_engine() -> None:
+    report = run("engine.py", "--repeats", "2", "--clients", "5", "--dims", "100", "--wire")
+    (row,) = report["results"]
+    assert (row["clients"], row["dimension"], row["wire"]) == (5, 100, True)
+    assert row["ms_per_client_round"] > 0
+
+
+def test_dp() -> None:
+    report = run("dp.py", "--quick", "--modes", "hooks", "--repeats", "2")
+    (case,) = report["cases"]
+    assert (case["model"], case["grad_sample_mode"], case["batch"]) == ("cnn", "hooks", 64)
+    assert set(case["step_ms"]) == {"plain", "opacus", "securefl"}
+
+
+def test_he() -> None:
+    report = run("he.py", "--dimension", "5000", "--repeats", "1")
+    ours = report["securefl"]
+    assert ours["max_abs_error"] < 1e-6
+    assert ours["upload_x_float32"] > 1  # ciphertexts are never smaller than the floats
+
+
+@pytest.mark.slow
+def test_secagg_quick() -> None:
+    report = run("secagg.py", "--quick")
+    assert report["upload"]["securefl_bytes_per_float32_byte"] <= 1.01
+    for key in ("server_unmask", "server_unmask_10pct_dropout"):
+        n = report[key]["n"]  # each client errs by less than one step, W c / L
+        step = 100.0 * 1.0 / levels_for(n, bits="auto")  # the benchmark's W = 100, c = 1
+        assert 0 < report[key]["max_abs_error"] < n * step
+    for key in ("round", "round_k10"):
+        assert len(set(report[key]["contributors"])) == 1
+        assert report[key]["crypto_floor"]["floor_s"] > 0
+    assert report["large_round"]["contributors"] == 100
