@@ -236,8 +236,9 @@ def build_site(config: Config, site: str) -> Client:
         if privacy is not None:
             trainer = privacy.wrap_trainer(site, base)
             hooks = list(privacy.client_hooks)
-    return Client(site, trainer, site_protection(config, site, sorted(config.network.allowlist)
-                                                  or None), update_hooks=hooks)
+    protection = site_protection(config, site, sorted(config.network.allowlist) or None,
+                                 layout=base.layout)
+    return Client(site, trainer, protection, update_hooks=hooks)
 
 
 def command(args: argparse.Namespace) -> int:

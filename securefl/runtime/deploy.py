@@ -26,6 +26,8 @@ from securefl.config import Config
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.errors import ConfigError
 from securefl.he.config import HEConfig
+from securefl.he.packing import Selection
+from securefl.params import Layout
 from securefl.runtime.tls import write_private
 
 __all__ = ["init_he_context", "init_identities", "server_protection", "site_protection"]
@@ -92,8 +94,26 @@ def _read(path: Path) -> bytes:
         raise ConfigError(f"{path}: missing; run `securefl certs init ... --he CONFIG`") from None
 
 
-def server_protection(config: Config, sites: Sequence[str]) -> ServerProtection:
-    """The server's half, from public material only."""
+def _he_selection(config: Config, layout: Layout | None) -> Selection | None:
+    """The coordinates HE encrypts: every one, or those of ``[protection.he] layers``."""
+    layers = config.protection.he.layers
+    if not layers:
+        return None
+    if layout is None:
+        raise ValueError("[protection.he] layers needs the model layout")
+    try:
+        return Selection.of_layers(layout, layers)
+    except ValueError as exc:
+        raise ConfigError(f"[protection.he] layers: {exc}") from None
+
+
+def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | None = None
+                      ) -> ServerProtection:
+    """The server's half, from public material only.
+
+    ``layout`` (the model's) is needed when ``[protection.he] layers`` selects layers; server
+    and sites build the same model from the config, so they select the same coordinates.
+    """
     kind = config.protection.kind
     if kind == "plain":
         return Plain()
@@ -108,17 +128,17 @@ def server_protection(config: Config, sites: Sequence[str]) -> ServerProtection:
     from securefl.he import HEServerProtection
 
     he = config.protection.he
-    if he.layers:
-        raise ConfigError("[protection.he] layers is not supported over the network yet")
     return HEServerProtection.from_bytes(
         _read(_certs(config) / "he" / "public.ctx"),
         verify_keys={s: Ed25519PublicKey.from_public_bytes(k) for s, k in directory.items()},
-        decryptors=he.decryptors, min_contributors=he.min_contributors)
+        decryptors=he.decryptors, min_contributors=he.min_contributors,
+        selection=_he_selection(config, layout))
 
 
-def site_protection(config: Config, site: str, sites: Sequence[str] | None = None
-                    ) -> ClientProtection:
-    """A site's half, from its own secrets and the public directory."""
+def site_protection(config: Config, site: str, sites: Sequence[str] | None = None, *,
+                    layout: Layout | None = None) -> ClientProtection:
+    """A site's half, from its own secrets and the public directory (``layout``: see
+    :func:`server_protection`)."""
     kind = config.protection.kind
     if kind == "plain":
         return Plain()
@@ -135,4 +155,5 @@ def site_protection(config: Config, site: str, sites: Sequence[str] | None = Non
 
     return HEClientProtection.from_bytes(
         _read(_certs(config) / "he" / "secret.ctx"), client_id=site, signing_key=identity,
-        min_contributors=config.protection.he.min_contributors)
+        min_contributors=config.protection.he.min_contributors,
+        selection=_he_selection(config, layout))

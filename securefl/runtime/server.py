@@ -38,6 +38,8 @@ from securefl.engine.server import Server
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.experiment import build_server, plot_accuracy, save_final_model
+from securefl.models import build_model
+from securefl.params import Layout
 from securefl.rundir import append_jsonl, atomic_write, write_json
 from securefl.runtime.auditlog import AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
@@ -83,7 +85,10 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         atomic_write(state / "config.toml", config.to_toml())
         data = federate(config.data, seed=config.run.seed)
         sites = sorted(net.allowlist)
-        protection = server_protection(config, sites)
+        # the sites build the same model from the config: HE layer selections agree
+        layout = Layout.of(build_model(config.model, data.shape, data.num_classes,
+                                       seed=config.run.seed))
+        protection = server_protection(config, sites, layout=layout)
         grpc_transport = transport or GrpcTransport(net, sites=sites)
         hooks: list[Any] = []
         if config.privacy.mode == "dp_fedavg":

@@ -130,6 +130,33 @@ def test_protected_runs_match_the_simulation(deployment, tmp_path, kind):
                                                           abs=0.02)
 
 
+def test_he_layer_selection_over_the_network_matches_the_simulation(deployment, tmp_path):
+    config = make_config(deployment, tmp_path, kind="he", rounds=2)
+    config = config.replace(protection__he=dataclasses.replace(config.protection.he,
+                                                               layers=("1.bias",)))
+    result, sites = run_networked(config)
+    simulated = run_simulation(config)
+    assert [len(r.clients) for r in result.history.rounds] == [5, 5]
+    np.testing.assert_allclose(result.parameters, simulated.parameters, atol=2e-3)
+    # the weights travel in the clear: those agree with the simulation to float32 rounding
+    # (the sum is taken in a different order); the bias, under CKKS, only to its precision
+    weights = slice(0, 64 * 10)
+    np.testing.assert_allclose(result.parameters[weights], simulated.parameters[weights],
+                               atol=1e-6)
+    assert set(sites.codes.values()) == {0}
+
+
+def test_a_layer_pattern_that_matches_nothing_is_a_config_error(deployment, tmp_path):
+    from securefl.errors import ConfigError
+
+    config = make_config(deployment, tmp_path, kind="he", rounds=1)
+    config = config.replace(protection__he=dataclasses.replace(config.protection.he,
+                                                               layers=("fc9.*",)))
+    with pytest.raises(ConfigError, match=r"\[protection.he\] layers: layer pattern 'fc9.\*'"):
+        serve(config)
+
+
+
 class KillAt:
     """Handler wrapper: the site's connection dies when it receives its ``phase``-th message
     of round ``round`` (0 = FitIns, 1.. = the protection's later steps)."""
