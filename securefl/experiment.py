@@ -36,7 +36,8 @@ from securefl.protections import build_protection
 from securefl.rundir import append_jsonl, atomic_write, save_model, write_json
 
 __all__ = ["RunResult", "Simulation", "TestSetEvaluator", "build_server", "build_simulation",
-           "command", "local_trainer", "root_trainer", "run_simulation", "save_final_model"]
+           "central_evaluator", "command", "local_trainer", "root_trainer", "run_simulation",
+           "save_final_model"]
 
 
 class TestSetEvaluator:
@@ -87,19 +88,26 @@ def local_trainer(config: Config, data: FederatedData, client_id: str) -> LocalT
         seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
 
+def central_evaluator(config: Config, data: FederatedData) -> TestSetEvaluator:
+    """The server's model, initialised from ``[run] seed``, with the held-out test set."""
+    return TestSetEvaluator(build_model(config.model, data.shape, data.num_classes,
+                                        seed=config.run.seed), data.test)
+
+
 def build_server(config: Config, transport: Transport, protection: ServerProtection,
                  data: FederatedData, *, hooks: Sequence[Any] = (),
                  timeout: float | None = None,
-                 root_data: FederatedData | None = None) -> tuple[Server, TestSetEvaluator]:
+                 root_data: FederatedData | None = None,
+                 evaluator: TestSetEvaluator | None = None) -> tuple[Server, TestSetEvaluator]:
     """The round loop and the central evaluator, as both simulation and deployment build it.
 
-    The initial model comes from ``[run] seed``; rules that need the server's root-data
-    update (FLTrust) get one from :func:`root_trainer` on ``root_data`` (default ``data``;
-    pass the clean data when the clients' shards are poisoned).
+    The initial model comes from ``[run] seed`` (``evaluator``: one already made by
+    :func:`central_evaluator`); rules that need the server's root-data update (FLTrust) get
+    one from :func:`root_trainer` on ``root_data`` (default ``data``; pass the clean data when
+    the clients' shards are poisoned).
     """
     seed, s = config.run.seed, config.server
-    evaluator = TestSetEvaluator(build_model(config.model, data.shape, data.num_classes,
-                                             seed=seed), data.test)
+    evaluator = evaluator or central_evaluator(config, data)
     aggregator = config.aggregation.build()
     reference = None
     if getattr(aggregator, "needs_reference", False):

@@ -37,6 +37,7 @@ __all__ = [
     "HEServerProtection",
     "Selection",
     "build_simulation",
+    "layer_selection",
 ]
 
 
@@ -58,18 +59,12 @@ def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: obj
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from securefl.he.ckks import CKKSKeys
-    from securefl.he.packing import Selection
     from securefl.he.protection import HEClientProtection, HEServerProtection
 
     keys = CKKSKeys.generate(poly_modulus_degree=config.poly_modulus_degree,
                              coeff_modulus_bits=config.coeff_modulus_bits,
                              scale_bits=config.scale_bits)
-    selection = None
-    if config.layers:
-        if layout is None:
-            raise ValueError("[protection.he] layers needs the model layout to select "
-                             "parameters by name")
-        selection = Selection.of_layers(layout, config.layers)  # type: ignore[arg-type]
+    selection = layer_selection(config, layout)
     secret = keys.to_bytes()
     signing = {cid: Ed25519PrivateKey.generate() for cid in client_ids}
     server = HEServerProtection.from_bytes(
@@ -82,3 +77,17 @@ def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: obj
         min_contributors=config.min_contributors, selection=selection)
         for cid in client_ids}
     return server, clients
+
+
+def layer_selection(config: HEConfig, layout: object = None) -> Selection | None:
+    """The coordinates to encrypt: ``None`` (all of them) unless ``config.layers`` selects
+    layers of ``layout`` (a :class:`securefl.params.Layout`); a pattern that matches no
+    parameter raises ``ValueError``."""
+    if not config.layers:
+        return None
+    if layout is None:
+        raise ValueError("[protection.he] layers needs the model layout to select "
+                         "parameters by name")
+    from securefl.he.packing import Selection
+
+    return Selection.of_layers(layout, config.layers)  # type: ignore[arg-type]

@@ -95,14 +95,10 @@ def _read(path: Path) -> bytes:
 
 
 def _he_selection(config: Config, layout: Layout | None) -> Selection | None:
-    """The coordinates HE encrypts: every one, or those of ``[protection.he] layers``."""
-    layers = config.protection.he.layers
-    if not layers:
-        return None
-    if layout is None:
-        raise ValueError("[protection.he] layers needs the model layout")
+    from securefl.he import layer_selection
+
     try:
-        return Selection.of_layers(layout, layers)
+        return layer_selection(config.protection.he, layout)
     except ValueError as exc:
         raise ConfigError(f"[protection.he] layers: {exc}") from None
 

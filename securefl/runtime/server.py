@@ -37,9 +37,12 @@ from securefl.engine.history import History, RoundRecord
 from securefl.engine.server import Server
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
-from securefl.experiment import build_server, plot_accuracy, save_final_model
-from securefl.models import build_model
-from securefl.params import Layout
+from securefl.experiment import (
+    build_server,
+    central_evaluator,
+    plot_accuracy,
+    save_final_model,
+)
 from securefl.rundir import append_jsonl, atomic_write, write_json
 from securefl.runtime.auditlog import AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
@@ -86,9 +89,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         data = federate(config.data, seed=config.run.seed)
         sites = sorted(net.allowlist)
         # the sites build the same model from the config: HE layer selections agree
-        layout = Layout.of(build_model(config.model, data.shape, data.num_classes,
-                                       seed=config.run.seed))
-        protection = server_protection(config, sites, layout=layout)
+        evaluator = central_evaluator(config, data)
+        protection = server_protection(config, sites, layout=evaluator.layout)
         grpc_transport = transport or GrpcTransport(net, sites=sites)
         hooks: list[Any] = []
         if config.privacy.mode == "dp_fedavg":
@@ -100,8 +102,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
                                     num_examples={})
             if privacy is not None:
                 hooks.extend(privacy.server_hooks)
-        server, evaluator = build_server(config, grpc_transport, protection, data, hooks=hooks,
-                                         timeout=net.round_timeout)
+        server, _ = build_server(config, grpc_transport, protection, data, hooks=hooks,
+                                 timeout=net.round_timeout, evaluator=evaluator)
         optimizer = server.optimizer
         last = store.last_completed() if resume else None
         if last is not None:

@@ -13,8 +13,8 @@ must carry at least 128 bits of entropy (securefl uses 256-bit seeds and X25519 
 
 Why AES-128: the protocol's security level is that of X25519 and Ed25519, about 128 bits,
 the level of TLS 1.3's must-implement suite (AES-128-GCM, commonly keyed through X25519).
-A stream of ``m`` blocks under one key is distinguishable from random with advantage about
-``m^2 / 2^129`` (PRP/PRF switching): ``2^-93`` for a 4 MB mask.  AES-256 would add no margin
+A stream of ``m`` blocks under one key is distinguishable from a uniform string with advantage
+about ``m^2 / 2^129`` (PRP/PRF switching): ``2^-93`` for a 4 MB mask.  AES-256 would add no margin
 the key agreement lacks, and its keystream takes 40% longer; the keystream (one stream per
 survivor) is most of the server's unmasking time.
 """
