@@ -38,7 +38,7 @@ from securefl.engine.protection import (
 from securefl.engine.server import Server
 from securefl.engine.simulation import InProcessTransport
 from securefl.secagg import SecAggConfig, build_simulation, shamir
-from securefl.secagg.graph import auto_neighbours, harary_graph
+from securefl.secagg.graph import degree
 from securefl.secagg.keys import pairwise_mask_key, self_mask_key
 from securefl.secagg.messages import SecAggMaskedInput
 from securefl.secagg.prg import PRG_KEY_BYTES, add_masks, info, keystream, prg_key
@@ -65,6 +65,11 @@ def median_seconds(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def raw_ctr_stream(key: bytes, zeros: bytes, buffer: bytearray) -> None:
+    """One AES-CTR keystream straight from ``cryptography``: no securefl code at all."""
+    Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(zeros, buffer)
 
 
 def ratio(ours: float, theirs: float | None) -> float | None:
@@ -113,8 +118,7 @@ def bench_client_masking(d: int, k: int, repeat: int) -> dict:
 
     def floor() -> None:  # raw AES-128-CTR of the same 1 + k streams, nothing else
         for key in floor_keys:
-            Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(
-                zeros, buffer)
+            raw_ctr_stream(key, zeros, buffer)
 
     floor_s = median_seconds(floor, repeat)
     return {"d": d, "k": k, "securefl_s": ours_s, "flwr_s": theirs,
@@ -265,9 +269,8 @@ def primitive_floor(n: int, d: int, k: int, repeat: int = 200) -> dict:
             lambda: mine.exchange(X25519PublicKey.from_public_bytes(peer)), repeat),
         "x25519_keygen_s": median_seconds(
             lambda: X25519PrivateKey.generate().public_key().public_bytes_raw(), repeat),
-        "aes128_ctr_stream_s": median_seconds(
-            lambda: Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(
-                zeros, buffer), max(5, repeat // 20)),
+        "aes128_ctr_stream_s": median_seconds(lambda: raw_ctr_stream(key, zeros, buffer),
+                                              max(5, repeat // 20)),
     }
     counts = {"ed25519_verify_s": n + n * k, "ed25519_sign_s": n, "x25519_agree_s": 2 * n * k,
               "x25519_keygen_s": 2 * n, "aes128_ctr_stream_s": n * (k + 3)}
@@ -284,8 +287,7 @@ def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> 
                                        ids)
     secure_s, contributors = engine_rounds(server, clients, d, rounds, wire=True)
     plain_median, secure_median = statistics.median(plain_s), statistics.median(secure_s)
-    wanted = auto_neighbours(n) if neighbours == "auto" else int(neighbours)
-    floor = primitive_floor(n, d, len(harary_graph(ids, num_neighbours=wanted)[ids[0]]))
+    floor = primitive_floor(n, d, degree(n, neighbours=neighbours))
     return {"n": n, "d": d, "neighbours": neighbours, "wire": True,
             "plain_round_s": plain_median,
             "secagg_round_s": secure_median,

@@ -13,7 +13,7 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 
-__all__ = ["auto_neighbours", "harary_graph", "threshold_for"]
+__all__ = ["auto_neighbours", "degree", "harary_graph", "threshold_for"]
 
 
 def auto_neighbours(num_clients: int) -> int:
@@ -21,6 +21,15 @@ def auto_neighbours(num_clients: int) -> int:
     if num_clients < 2:
         raise ValueError(f"secure aggregation needs at least 2 clients, got {num_clients}")
     return min(num_clients - 1, 2 * math.ceil(1.5 * math.log2(num_clients)))
+
+
+def degree(num_clients: int, *, neighbours: int | str) -> int:
+    """The degree of :func:`harary_graph` for a ``neighbours`` setting (an int or ``"auto"``):
+    raised by one when ``k`` and ``n`` are both odd, capped at ``n - 1``."""
+    wanted = auto_neighbours(num_clients) if neighbours == "auto" else int(neighbours)
+    if wanted < 1:
+        raise ValueError(f"number of neighbours must be >= 1, got {wanted}")
+    return min(wanted + (wanted * num_clients) % 2, num_clients - 1)
 
 
 def threshold_for(num_neighbours: int, *, fraction: float) -> int:
@@ -51,9 +60,7 @@ def harary_graph(client_ids: Sequence[str], *, num_neighbours: int,
         raise ValueError("client ids must be unique")
     if n < 2:
         raise ValueError(f"secure aggregation needs at least 2 clients, got {n}")
-    if num_neighbours < 1:
-        raise ValueError(f"number of neighbours must be >= 1, got {num_neighbours}")
-    k = min(num_neighbours + (num_neighbours * n) % 2, n - 1)
+    k = degree(n, neighbours=num_neighbours)
     ring = _order(client_ids)
     if sorted(ring) != sorted(client_ids):
         raise ValueError("the ring order must be a permutation of the client ids")

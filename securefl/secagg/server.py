@@ -27,7 +27,7 @@ from securefl.engine.protection import Combined, WeightedSum
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir
 from securefl.secagg.config import SecAggConfig
-from securefl.secagg.graph import auto_neighbours, harary_graph, threshold_for
+from securefl.secagg.graph import degree, harary_graph, threshold_for
 from securefl.secagg.keys import (
     agree,
     pairwise_mask_key,
@@ -87,11 +87,9 @@ class SecAggServerRound:
         levels = levels_for(n, bits=self._config.bits)
         self._quantizer = Quantizer(clip=self._config.clip, max_weight=self._config.max_weight,
                                     levels=levels)
-        wanted = (auto_neighbours(n) if self._config.neighbours == "auto"
-                  else int(self._config.neighbours))
-        self._graph = harary_graph(list(participants), num_neighbours=wanted)
-        degree = len(self._graph[participants[0]])
-        self._threshold = threshold_for(degree, fraction=self._config.threshold)
+        k = degree(n, neighbours=self._config.neighbours)
+        self._graph = harary_graph(list(participants), num_neighbours=k)
+        self._threshold = threshold_for(k, fraction=self._config.threshold)
         self._phase = "advertise"
         return {cid: SecAggSetup(round=self._round, num_participants=n,
                                  neighbours=self._graph[cid], threshold=self._threshold)
