@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="run one site's client (gRPC, mTLS)")
     client.add_argument("config")
     client.add_argument("--site", help="site name (default from the config)")
+    client.add_argument("--new-run", action="store_true",
+                        help="join a new run (the site otherwise stays in the run it joined)")
 
     audit_cmd = sub.add_parser("audit", help="tamper-evident audit log")
     audit_sub = audit_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")

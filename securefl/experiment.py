@@ -98,7 +98,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
                  data: FederatedData, *, hooks: Sequence[Any] = (),
                  timeout: float | None = None,
                  root_data: FederatedData | None = None,
-                 evaluator: TestSetEvaluator | None = None) -> tuple[Server, TestSetEvaluator]:
+                 evaluator: TestSetEvaluator | None = None,
+                 run_id: bytes | None = None) -> tuple[Server, TestSetEvaluator]:
     """The round loop and the central evaluator, as both simulation and deployment build it.
 
     The initial model comes from ``[run] seed`` (``evaluator``: one already made by
@@ -122,7 +123,7 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
         sampler=Sampler(count=s.clients_per_round, fraction=s.fraction),
         min_clients=s.min_clients, timeout=s.timeout or timeout,
         central_evaluator=evaluator if s.evaluate in ("central", "both") else None,
-        federated_evaluation=s.evaluate in ("federated", "both"), hooks=hooks)
+        federated_evaluation=s.evaluate in ("federated", "both"), hooks=hooks, run_id=run_id)
     return server, evaluator
 
 
@@ -162,7 +163,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
             trainer = privacy.wrap_trainer(cid, trainer)
             update_hooks = [*privacy.client_hooks, *update_hooks]
         trainers[cid] = trainer
-        clients[cid] = Client(cid, trainer, client_protections[cid], update_hooks=update_hooks)
+        clients[cid] = Client(cid, trainer, client_protections[cid], update_hooks=update_hooks,
+                              evaluate=config.server.evaluate in ("federated", "both"))
 
     sim_cfg = config.simulation
     transport = InProcessTransport(clients, wire=sim_cfg.wire, workers=sim_cfg.workers,

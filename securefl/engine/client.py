@@ -14,6 +14,7 @@ from securefl.engine.messages import (
     Message,
 )
 from securefl.engine.protection import ClientProtection, ClientRound, Update
+from securefl.engine.session import ReleaseLog, RoundContext, model_digest
 from securefl.engine.trainer import Trainer
 from securefl.errors import BudgetExceeded, MessageError
 
@@ -29,18 +30,32 @@ class Client:
     """One site: trains on ``FitIns``, evaluates on ``EvaluateIns``, and otherwise forwards
     the round's protection messages to its :class:`ClientRound`.
 
-    A message for a round other than the one in progress is rejected; a client whose
-    privacy budget would be exceeded answers :class:`Decline` instead of training.
+    The site, not the server, decides what it releases:
+
+    * every ``FitIns`` enters the site's :class:`~securefl.engine.session.ReleaseLog`: rounds
+      strictly increase within a run, and the protection checks the one replay rule there
+      before it reveals anything;
+    * a message for a round other than the one in progress is rejected;
+    * a client whose privacy budget would be exceeded answers :class:`Decline`;
+    * evaluation is answered only when the site's own configuration enables it
+      (``evaluate``), only on the global model of the round in progress (the model it
+      trained from), and at most once per round: the server gets no query oracle on the
+      site's validation data.
     """
 
     def __init__(self, client_id: str, trainer: Trainer, protection: ClientProtection, *,
-                 update_hooks: Sequence[UpdateHook] = ()) -> None:
+                 update_hooks: Sequence[UpdateHook] = (), releases: ReleaseLog | None = None,
+                 evaluate: bool = False) -> None:
         self.client_id = client_id
         self.trainer = trainer
         self.protection = protection
         self.update_hooks = tuple(update_hooks)
+        self.releases = releases if releases is not None else ReleaseLog()
+        self.evaluate = evaluate
+        self._run: bytes | None = None
         self._round: int | None = None
         self._protocol: ClientRound | None = None
+        self._evaluated: int | None = None
 
     def handle(self, request: Message, *, round: int) -> Message:
         if isinstance(request, FitIns):
@@ -48,15 +63,16 @@ class Client:
                 raise MessageError(f"FitIns for round {request.round} delivered in round {round}")
             return self._fit(request)
         if isinstance(request, EvaluateIns):
-            n, loss, accuracy = self.trainer.evaluate(request.parameters)
-            return EvaluateRes(num_examples=n, loss=loss, accuracy=accuracy)
+            return self._evaluate(request)
         if self._protocol is None or round != self._round:
             raise MessageError(f"{type(request).__name__} for round {round}, but the round in "
                                f"progress is {self._round}")
         return self._protocol.step(request)
 
     def _fit(self, request: FitIns) -> Message:
-        self._round, self._protocol = request.round, None
+        digest = model_digest(request.parameters)
+        self.releases.start(run=request.run, round=request.round, model=digest)
+        self._run, self._round, self._protocol = request.run, request.round, None
         try:
             update, metrics = self.trainer.fit(request.parameters, round=request.round)
         except BudgetExceeded as exc:
@@ -64,6 +80,22 @@ class Client:
             return Decline(reason=str(exc))
         for hook in self.update_hooks:
             update = hook(update)
-        self._protocol = self.protection.client_round(round=request.round)
+        context = RoundContext(run=request.run, round=request.round, model=digest,
+                               releases=self.releases)
+        self._protocol = self.protection.client_round(round=request.round, context=context)
         payload = self._protocol.open(update, request.protection)
         return FitRes(payload=payload, metrics={k: float(v) for k, v in metrics.items()})
+
+    def _evaluate(self, request: EvaluateIns) -> Message:
+        if not self.evaluate:
+            return Decline(reason="federated evaluation is disabled at this site")
+        current = None if self._run is None else self.releases.current(self._run)
+        if current != (request.round, model_digest(request.parameters)):
+            _log.warning("%s refuses to evaluate round %d: not the model it trained from",
+                         self.client_id, request.round)
+            return Decline(reason="evaluation only of the global model of the round in progress")
+        if self._evaluated == request.round:
+            return Decline(reason=f"round {request.round} was already evaluated")
+        self._evaluated = request.round
+        n, loss, accuracy = self.trainer.evaluate(request.parameters)
+        return EvaluateRes(num_examples=n, loss=loss, accuracy=accuracy)

@@ -274,8 +274,13 @@ def _conforms(value: Any, hint: Any) -> bool:
 # ----------------------------------------------------------------------------- engine messages
 @message
 class FitIns(Message):
-    """Server -> client: train from ``parameters``; ``protection`` opens the protection's round."""
+    """Server -> client: train from ``parameters``; ``protection`` opens the protection's round.
 
+    ``run`` is the run id (:data:`securefl.engine.session.RUN_ID_BYTES` bytes) that a site
+    pins in its :class:`~securefl.engine.session.ReleaseLog`.
+    """
+
+    run: bytes
     round: int
     parameters: np.ndarray
     config: dict[str, Any]

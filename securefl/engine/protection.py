@@ -25,6 +25,7 @@ import numpy as np
 
 from securefl.aggregation.base import weighted_sum
 from securefl.engine.messages import Message, PlainUpdate
+from securefl.engine.session import RoundContext
 
 __all__ = [
     "ClientProtection",
@@ -123,7 +124,10 @@ class ServerProtection(Protocol):
 class ClientProtection(Protocol):
     name: str
 
-    def client_round(self, *, round: int) -> ClientRound: ...
+    def client_round(self, *, round: int, context: RoundContext) -> ClientRound:
+        """One round's client half; it must call ``context.release(survivors)`` before it
+        reveals anything that depends on who survived (the one replay rule)."""
+        ...
 
 
 def check_update(vector: object, dimension: int) -> str | None:
@@ -181,5 +185,5 @@ class Plain:
     def server_round(self, *, round: int, dimension: int) -> ServerRound:
         return _PlainServerRound(dimension)
 
-    def client_round(self, *, round: int) -> ClientRound:
+    def client_round(self, *, round: int, context: RoundContext) -> ClientRound:
         return _PlainClientRound()

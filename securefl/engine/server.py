@@ -17,6 +17,7 @@ One round:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from securefl.engine.history import History, RoundRecord
 from securefl.engine.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message
 from securefl.engine.optim import ServerOptimizer
 from securefl.engine.protection import Combined, Rows, ServerProtection, WeightedSum
+from securefl.engine.session import RUN_ID_BYTES
 from securefl.engine.transport import Transport
 from securefl.errors import ProtocolAbort
 
@@ -64,7 +66,8 @@ class Server:
                  central_evaluator: CentralEvaluator | None = None,
                  federated_evaluation: bool = False, hooks: Sequence[Any] = (),
                  fit_config: Mapping[str, Any] | None = None,
-                 reference_update: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 reference_update: Callable[[np.ndarray], np.ndarray] | None = None,
+                 run_id: bytes | None = None) -> None:
         if protection.reveals_rows is False and not getattr(aggregator, "linear", False):
             raise ValueError(f"{aggregator!r} needs individual updates, which protection "
                              f"{protection.name!r} hides; use FedAvg")
@@ -85,6 +88,10 @@ class Server:
         self.reference_update = reference_update
         self.history = History()
         self.aggregator_state: Any = None
+        #: announced in every FitIns; a resumed deployment passes the persisted one
+        self.run_id = run_id if run_id is not None else os.urandom(RUN_ID_BYTES)
+        if len(self.run_id) != RUN_ID_BYTES:
+            raise ValueError(f"run_id must be {RUN_ID_BYTES} bytes, got {len(self.run_id)}")
 
     def round_rng(self, round: int, purpose: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, round, purpose])
@@ -101,6 +108,7 @@ class Server:
         started = time.perf_counter()
         record = RoundRecord(round=rnd)
         record.sampled = self.sampler(self.transport.client_ids(), self.round_rng(rnd))
+        trained_from = self.parameters
         try:
             combined = self._collect(rnd, record)
         except ProtocolAbort as exc:
@@ -114,7 +122,7 @@ class Server:
             else:
                 record.clients = sorted(combined.client_ids)
                 self._apply(rnd, combined, record)
-        self._evaluate(rnd, record)
+        self._evaluate(rnd, record, trained_from)
         record.seconds = time.perf_counter() - started
         self.history.append(record)
         return record
@@ -127,8 +135,9 @@ class Server:
         protocol = self.protection.server_round(round=rnd, dimension=self.parameters.size)
         payloads = protocol.open(record.sampled)
         requests: Mapping[str, Message] = {
-            cid: FitIns(round=rnd, parameters=self.parameters, config=self.fit_config,
-                        protection=payloads.get(cid)) for cid in record.sampled}
+            cid: FitIns(run=self.run_id, round=rnd, parameters=self.parameters,
+                        config=self.fit_config, protection=payloads.get(cid))
+            for cid in record.sampled}
         exchange = self.transport.exchange(requests, round=rnd, timeout=self.timeout)
         record.dropped.update(exchange.dropped)
         first: dict[str, Message] = {}
@@ -188,12 +197,14 @@ class Server:
                           dtype=np.float32)
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, rnd: int, record: RoundRecord) -> None:
+    def _evaluate(self, rnd: int, record: RoundRecord, trained_from: np.ndarray) -> None:
+        """Central evaluation scores the new model; federated evaluation scores the model
+        the round's sites trained from, the only one a site agrees to evaluate."""
         if self.central_evaluator is not None:
             _, record.loss, record.accuracy = self.central_evaluator(self.parameters)
         if self.federated_evaluation:
-            ids = self.transport.client_ids()
-            request = EvaluateIns(round=rnd, parameters=self.parameters)
+            ids = record.sampled
+            request = EvaluateIns(round=rnd, parameters=trained_from)
             exchange = self.transport.exchange(dict.fromkeys(ids, request), round=rnd,
                                                timeout=self.timeout)
             results = [r for r in exchange.replies.values()

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from securefl.engine.messages import Decline, Message, message
 from securefl.engine.protection import Update, WeightedSum, check_update
+from securefl.engine.session import RoundContext
 from securefl.errors import ProtocolAbort
 from securefl.he.ckks import Ciphertext, CKKSKeys
 from securefl.he.packing import Selection
@@ -131,13 +132,13 @@ class HEClientProtection:
                    signing_key=signing_key, min_contributors=min_contributors,
                    selection=selection)
 
-    def client_round(self, *, round: int) -> HEClientRound:
-        return HEClientRound(self, round)
+    def client_round(self, *, round: int, context: RoundContext) -> HEClientRound:
+        return HEClientRound(self, round, context)
 
 
 class HEClientRound:
-    def __init__(self, owner: HEClientProtection, round: int) -> None:
-        self._owner, self._round = owner, round
+    def __init__(self, owner: HEClientProtection, round: int, context: RoundContext) -> None:
+        self._owner, self._round, self._context = owner, round, context
         self._decrypted = False
 
     def open(self, update: Update, payload: Message | None) -> Message:
@@ -184,6 +185,7 @@ class HEClientRound:
             return Decline(reason=f"refusing to decrypt an aggregate of "
                                   f"{len(set(request.contributors))} clients "
                                   f"(min_contributors = {owner.min_contributors})")
+        self._context.release(request.contributors)
         try:
             total = owner.keys.decrypt(request.ciphertexts, request.length)
         except ProtocolAbort:

@@ -30,6 +30,7 @@ from securefl.data import federate
 from securefl.engine.client import Client
 from securefl.engine.messages import decode, encode
 from securefl.engine.protection import Update
+from securefl.engine.session import ReleaseLog
 from securefl.engine.trainer import LocalTrainer, Trainer
 from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
@@ -204,13 +205,16 @@ class RoundRewind:
         return self.base.evaluate(parameters)
 
 
-def build_site(config: Config, site: str) -> Client:
+def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
     """The engine :class:`~securefl.engine.client.Client` of ``site``, from its own data.
 
-    The site trains on shard ``[network] data_shard`` (default: the site name) of the
-    configured data; with real local data (``[data] path``) that is ``"client-0"`` of a
-    one-client partition.  Model initialisation and the trainer's seed are derived exactly as
-    in the in-process simulation, so a networked run reproduces a simulated one.
+    The site's :class:`~securefl.engine.session.ReleaseLog` (the one replay rule) lives in
+    its state directory; it stays pinned to the run it joined unless ``new_run`` (``securefl
+    client --new-run``) lets it join a new one.  The site trains on shard
+    ``[network] data_shard`` (default: the site name) of the configured data; with real
+    local data (``[data] path``) that is ``"client-0"`` of a one-client partition.  Model
+    initialisation and the trainer's seed are derived exactly as in the in-process
+    simulation, so a networked run reproduces a simulated one.
     """
     seed = config.run.seed
     data = federate(config.data, seed=seed)
@@ -221,13 +225,14 @@ def build_site(config: Config, site: str) -> Client:
     base = local_trainer(config, data, shard)
     hooks: list[Any] = []
     trainer: Trainer = RoundRewind(base)
+    state = Path(config.network.client_state_dir or f"site-state-{site}")
+    state.mkdir(parents=True, exist_ok=True)
+    releases = ReleaseLog(state / f"releases-{site}.sqlite", new_run=new_run)
     if config.privacy.mode != "none":
         # the private trainers answer a repeated round from their cache: no second charge
         from securefl.privacy import build_privacy
 
         # the site's own ledger, on the site's own disk
-        state = Path(config.network.client_state_dir or f"site-state-{site}")
-        state.mkdir(parents=True, exist_ok=True)
         # DP-FedAvg's sampling rate depends on the federation's size: account over all sites
         peers = (sorted(config.network.allowlist) or [site]
                  if config.privacy.mode == "dp_fedavg" else [site])
@@ -238,7 +243,8 @@ def build_site(config: Config, site: str) -> Client:
             hooks = list(privacy.client_hooks)
     protection = site_protection(config, site, sorted(config.network.allowlist) or None,
                                  layout=base.layout)
-    return Client(site, trainer, protection, update_hooks=hooks)
+    return Client(site, trainer, protection, update_hooks=hooks, releases=releases,
+                  evaluate=config.server.evaluate in ("federated", "both"))
 
 
 def command(args: argparse.Namespace) -> int:
@@ -247,4 +253,5 @@ def command(args: argparse.Namespace) -> int:
     site = args.site or config.network.site
     if not site:
         raise ConfigError(f"{args.config}: [network] site is required (or pass --site)")
-    return SiteClient(build_site(config, site), config.network, site=site).run()
+    handler = build_site(config, site, new_run=getattr(args, "new_run", False))
+    return SiteClient(handler, config.network, site=site).run()

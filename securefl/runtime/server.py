@@ -103,7 +103,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             if privacy is not None:
                 hooks.extend(privacy.server_hooks)
         server, _ = build_server(config, grpc_transport, protection, data, hooks=hooks,
-                                 timeout=net.round_timeout, evaluator=evaluator)
+                                 timeout=net.round_timeout, evaluator=evaluator,
+                                 run_id=store.run_id())
         optimizer = server.optimizer
         last = store.last_completed() if resume else None
         if last is not None:

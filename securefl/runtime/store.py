@@ -25,6 +25,7 @@ import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from securefl.engine.session import RUN_ID_BYTES
 from securefl.errors import ConfigError
 
 __all__ = ["ServerStore", "model_hash"]
@@ -94,6 +95,15 @@ class ServerStore:
         if row[0] != fingerprint:
             raise ConfigError(f"{self.directory}: was written by a different configuration; "
                               "resume needs the same config file")
+
+    def run_id(self) -> bytes:
+        """This state's run id: drawn from the CSPRNG once, then the same on every resume."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='run_id'").fetchone()
+        if row is not None:
+            return bytes.fromhex(row[0])
+        run = os.urandom(RUN_ID_BYTES)
+        self._db.execute("INSERT INTO meta VALUES ('run_id', ?)", (run.hex(),))
+        return run
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, round: int, participants: Sequence[str]) -> None:

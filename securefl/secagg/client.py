@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securefl.engine.messages import Message
 from securefl.engine.protection import Update
+from securefl.engine.session import RoundContext
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir
 from securefl.secagg.config import SecAggConfig
@@ -64,8 +65,10 @@ class SecAggClientRound:
     """One client's side of one SecAgg+ round."""
 
     def __init__(self, *, client_id: str, identity: Ed25519PrivateKey,
-                 directory: Mapping[str, bytes], config: SecAggConfig, round: int) -> None:
+                 directory: Mapping[str, bytes], config: SecAggConfig, round: int,
+                 context: RoundContext) -> None:
         self.client_id = client_id
+        self._context = context
         self._identity = identity
         self._directory = directory
         self._config = config
@@ -201,6 +204,7 @@ class SecAggClientRound:
         if conflict:
             raise ProtocolAbort.because(
                 f"{self.client_id}: asked to reveal both secrets of {sorted(conflict)}")
+        self._context.release(survivors)
         seed_shares, key_shares = {}, {}
         for peer in sorted(survivors | dropped):
             bundle = decrypt_shares(self._channels[peer], self._inbox[peer], round=self._round,

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from securefl.engine.session import RoundContext
 from securefl.secagg.client import SecAggClientRound
 from securefl.secagg.config import SecAggConfig
 from securefl.secagg.keys import KEY_BYTES, generate_identity, identity_public_bytes
@@ -61,9 +62,10 @@ class SecAggClientProtection:
         self.config = config
         self._identity = identity
 
-    def client_round(self, *, round: int) -> SecAggClientRound:
+    def client_round(self, *, round: int, context: RoundContext) -> SecAggClientRound:
         return SecAggClientRound(client_id=self.client_id, identity=self._identity,
-                                 directory=self.directory, config=self.config, round=round)
+                                 directory=self.directory, config=self.config, round=round,
+                                 context=context)
 
 
 def build_simulation(config: SecAggConfig, client_ids: Sequence[str],

@@ -18,6 +18,13 @@ from securefl.engine.protection import (
     Update,
     WeightedSum,
 )
+from securefl.engine.session import RoundContext
+
+
+def ctx(round: int) -> RoundContext:
+    """A round context with a replay log of its own."""
+    return RoundContext.standalone(round=round)
+
 
 Drop = Callable[[int, str], bool]
 
@@ -33,7 +40,8 @@ def converse(server: ServerProtection, clients: Mapping[str, ClientProtection],
     protocol = server.server_round(round=round, dimension=dimension)
     participants = list(updates)
     payloads = protocol.open(participants)
-    rounds = {cid: clients[cid].client_round(round=round) for cid in participants}
+    rounds = {cid: clients[cid].client_round(round=round, context=ctx(round))
+              for cid in participants}
     gone: set[str] = set()
     exchange = 0
 

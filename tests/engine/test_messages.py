@@ -7,6 +7,8 @@ import pytest
 from securefl.engine import messages as m
 from securefl.errors import MessageError
 
+RUN = b"\x07" * 32
+
 
 def same(a, b):
     if isinstance(a, np.ndarray):
@@ -22,10 +24,10 @@ def same(a, b):
 
 
 SAMPLES = [
-    m.FitIns(round=3, parameters=np.linspace(-1, 1, 7, dtype=np.float32),
+    m.FitIns(run=RUN, round=3, parameters=np.linspace(-1, 1, 7, dtype=np.float32),
              config={"lr": 0.1, "name": "x", "nested": [1, 2]},
              protection=m.Decline(reason="inner")),
-    m.FitIns(round=0, parameters=np.zeros(0, np.float32), config={}, protection=None),
+    m.FitIns(run=RUN, round=0, parameters=np.zeros(0, np.float32), config={}, protection=None),
     m.FitRes(payload=m.PlainUpdate(update=np.ones(4, np.float32), weight=2.5),
              metrics={"train_loss": 0.25}),
     m.EvaluateIns(round=1, parameters=np.arange(6, dtype=np.float32)),

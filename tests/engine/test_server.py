@@ -25,9 +25,9 @@ class FixedTrainer:
         return 10, float(parameters.sum()), 0.5
 
 
-def make_server(trainers, *, optimizer=None, **kw):
+def make_server(trainers, *, optimizer=None, evaluate=False, **kw):
     plain = Plain()
-    clients = {c: Client(c, t, plain) for c, t in trainers.items()}
+    clients = {c: Client(c, t, plain, evaluate=evaluate) for c, t in trainers.items()}
     return Server(InProcessTransport(clients), plain, FedAvg(), optimizer or ServerOptimizer(),
                   parameters=np.zeros(3, np.float32), seed=0, **kw)
 
@@ -69,10 +69,19 @@ def test_min_clients_aborts_round_without_update():
     np.testing.assert_array_equal(server.parameters, 0)
 
 
-def test_federated_evaluation_is_weighted():
+def test_federated_evaluation_is_weighted_and_scores_the_model_trained_from():
+    server = make_server({"a": FixedTrainer([1, 1, 1]), "b": FixedTrainer([3, 3, 3])},
+                         federated_evaluation=True, evaluate=True)
+    first = server.run_round(1)  # the sites trained from zeros: loss = sum(0) = 0
+    second = server.run_round(2)  # ... then from the round-1 model (2, 2, 2)
+    assert first.federated_loss == pytest.approx(0.0) and first.accuracy == 0.5
+    assert second.federated_loss == pytest.approx(6.0)
+
+
+def test_sites_that_did_not_enable_evaluation_release_nothing():
     server = make_server({"a": FixedTrainer([1, 1, 1])}, federated_evaluation=True)
     record = server.run_round(1)
-    assert record.federated_loss == pytest.approx(3.0) and record.accuracy == 0.5
+    assert record.federated_loss is None and record.accuracy is None
 
 
 def test_sampler_by_count_and_fraction_is_seeded():

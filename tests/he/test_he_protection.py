@@ -11,7 +11,7 @@ from securefl.errors import ProtocolAbort
 from securefl.he import CKKSKeys, HEClientProtection, HEConfig, HEServerProtection, Selection
 from securefl.he import build_simulation as build_he
 from securefl.he.protection import HEDecryptReply, HEDecryptRequest, HERoundOpen, HEUpload
-from tests.contracts.protection import ProtectionContract, converse, plain_sum
+from tests.contracts.protection import ProtectionContract, converse, ctx, plain_sum
 
 IDS = [f"site-{i}" for i in range(4)]
 D = 9000  # two ciphertexts, the second partly padded
@@ -50,8 +50,8 @@ class Rewrite:
     def __init__(self, inner, *, upload=None, reply=None):
         self.inner, self.upload, self.reply = inner, upload, reply
 
-    def client_round(self, *, round):
-        inner, outer = self.inner.client_round(round=round), self
+    def client_round(self, *, round, context):
+        inner, outer = self.inner.client_round(round=round, context=context), self
 
         class Round:
             def open(self, update, payload):
@@ -126,8 +126,8 @@ def test_ciphertexts_from_another_context_are_rejected(federation):
     class Stranger:  # ignores the server's opening (an honest client would refuse it)
         name = "he"
 
-        def client_round(self, *, round):
-            inner = other.client_round(round=round)
+        def client_round(self, *, round, context):
+            inner = other.client_round(round=round, context=context)
 
             class Round:
                 def open(self, update, payload):
@@ -193,10 +193,10 @@ def test_too_few_contributors_aborts_and_decryptors_refuse_small_sums(federation
     keys = clients[IDS[0]].keys
     request = HEDecryptRequest(key_id=keys.key_id, contributors=(IDS[0], IDS[0]), length=5,
                                ciphertexts=keys.encrypt(np.ones(5)))
-    reply = clients[IDS[0]].client_round(round=1).step(request)
+    reply = clients[IDS[0]].client_round(round=1, context=ctx(1)).step(request)
     assert isinstance(reply, Decline) and "min_contributors = 2" in reply.reason
     foreign = dataclasses.replace(request, key_id=b"\x00" * 16, contributors=tuple(IDS))
-    assert isinstance(clients[IDS[0]].client_round(round=1).step(foreign), Decline)
+    assert isinstance(clients[IDS[0]].client_round(round=1, context=ctx(1)).step(foreign), Decline)
 
 
 def test_a_decryptor_decrypts_at_most_once_per_round(federation):
@@ -204,7 +204,7 @@ def test_a_decryptor_decrypts_at_most_once_per_round(federation):
     keys = clients[IDS[0]].keys
     request = HEDecryptRequest(key_id=keys.key_id, contributors=tuple(IDS), length=5,
                                ciphertexts=keys.encrypt(np.arange(5.0)))
-    protocol = clients[IDS[0]].client_round(round=1)
+    protocol = clients[IDS[0]].client_round(round=1, context=ctx(1))
     first = protocol.step(request)
     assert isinstance(first, HEDecryptReply)
     np.testing.assert_allclose(first.total, np.arange(5.0), atol=1e-7)
@@ -255,7 +255,8 @@ def test_wire_frames_upload_under_2x_and_aggregate_under_4x_float32(federation):
     ups = {c: Update(rng.normal(0, 0.05, d).astype(np.float32), 50.0) for c in IDS}
     protocol = server.server_round(round=1, dimension=d)
     openings = protocol.open(IDS)
-    uploads = {c: clients[c].client_round(round=1).open(ups[c], openings[c]) for c in IDS}
+    uploads = {c: clients[c].client_round(round=1, context=ctx(1)).open(ups[c], openings[c])
+               for c in IDS}
     requests = protocol.step(uploads, set())
     upload_ratio = len(encode(uploads[IDS[0]])) / (4 * d)
     aggregate_ratio = len(encode(next(iter(requests.values())))) / (4 * d)
@@ -282,7 +283,7 @@ def test_client_refuses_an_opening_for_another_key(federation):
     _, clients = federation
     opening = HERoundOpen(key_id=b"\x01" * 16, unit_log2=0)
     with pytest.raises(ValueError, match="different CKKS key"):
-        clients[IDS[0]].client_round(round=1).open(updates()[IDS[0]], opening)
+        clients[IDS[0]].client_round(round=1, context=ctx(1)).open(updates()[IDS[0]], opening)
     with pytest.raises(ValueError, match="out of range"):
-        clients[IDS[0]].client_round(round=1).open(
+        clients[IDS[0]].client_round(round=1, context=ctx(1)).open(
             updates()[IDS[0]], HERoundOpen(key_id=clients[IDS[0]].keys.key_id, unit_log2=99))

@@ -21,6 +21,8 @@ from securefl.privacy.accounting import PrivacyEvent, epsilon
 from securefl.privacy.dp_sgd import DPSGDTrainer, batches_per_epoch, make_compatible
 from securefl.privacy.ledger import PrivacyLedger
 
+RUN = b"\x07" * 32
+
 DELTA = 1e-5
 
 
@@ -172,8 +174,9 @@ def test_exhausted_budget_declines_and_never_exceeds() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rnd in range(1, 6):
-            replies.append(client.handle(FitIns(round=rnd, parameters=parameters, config={},
-                                                protection=None), round=rnd))
+            request = FitIns(run=RUN, round=rnd, parameters=parameters, config={},
+                             protection=None)
+            replies.append(client.handle(request, round=rnd))
     assert [type(r) for r in replies] == [FitRes, FitRes, Decline, Decline, Decline]
     assert "over its budget" in replies[2].reason
     assert ledger.rounds("c") == [1, 2]

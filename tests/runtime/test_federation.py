@@ -54,6 +54,7 @@ def make_config(deployment, tmp_path, *, kind="plain", rounds=3, **network):
         "protection": {"kind": kind},
         "network": {"address": f"127.0.0.1:{free_port()}", "certs": str(folder / "certs"),
                     "allowlist": dict(allowlist), "state_dir": str(tmp_path / "state"),
+                    "client_state_dir": str(tmp_path / "sites"),
                     "round_timeout": 30.0, "connect_timeout": 20.0,
                     "reconnect_timeout": 20.0, **network},
     }
@@ -221,6 +222,7 @@ def test_server_killed_between_rounds_resumes_to_the_same_model(deployment, tmp_
     uninterrupted, _ = run_networked(dataclasses.replace(
         config, network=dataclasses.replace(config.network,
                                             state_dir=str(tmp_path / "whole"),
+                                            client_state_dir=str(tmp_path / "whole-sites"),
                                             address=f"127.0.0.1:{free_port()}")))
     first_leg = config.replace(run__rounds=2)
     sites = Sites(config)

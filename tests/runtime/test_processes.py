@@ -67,6 +67,7 @@ kind = "{kind}"
 address = "127.0.0.1:{free_port()}"
 certs = "{folder / 'certs'}"
 state_dir = "{folder / 'state'}"
+client_state_dir = "{folder / 'sites'}"
 round_timeout = 60.0
 connect_timeout = 90.0
 reconnect_timeout = 90.0

@@ -12,6 +12,7 @@ from securefl.engine.protection import Update, WeightedSum
 from securefl.secagg import SecAggConfig, build_simulation
 from securefl.secagg.messages import SecAggSetup
 from securefl.secagg.quantize import Quantizer, levels_for
+from tests.contracts.protection import ctx
 
 #: exchange index at which a client stops answering (0: before advertising keys, 1: after
 #: keys, 2: after shares, 3: after its masked input); None: never drops.
@@ -44,7 +45,7 @@ def run(config: SecAggConfig, updates: Mapping[str, Update], *, drop_at: DropAt 
     dimension = next(iter(updates.values())).delta.shape[0]
     server, clients = build_simulation(config, ids)
     protocol = server.server_round(round=round, dimension=dimension)
-    rounds = {cid: clients[cid].client_round(round=round) for cid in ids}
+    rounds = {cid: clients[cid].client_round(round=round, context=ctx(round)) for cid in ids}
     requests: dict[str, Message] = dict(protocol.open(ids))  # type: ignore[arg-type]
     record.setups = dict(requests)  # type: ignore[arg-type]
     exchange = 0

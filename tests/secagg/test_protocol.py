@@ -18,7 +18,7 @@ from securefl.secagg.messages import (
     SecAggRelay,
     SecAggUnmaskRequest,
 )
-from tests.contracts.protection import ProtectionContract
+from tests.contracts.protection import ProtectionContract, ctx
 
 from .protocol_driver import (
     Transcript,
@@ -124,7 +124,7 @@ def _opened(ids, *, round, seed):
     updates, the server's opening payloads)."""
     server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
     protocol = server.server_round(round=round, dimension=4)
-    rounds = {c: clients[c].client_round(round=round) for c in ids}
+    rounds = {c: clients[c].client_round(round=round, context=ctx(round)) for c in ids}
     updates = make_updates(ids, 4, np.random.default_rng(seed))
     return protocol, rounds, updates, protocol.open(ids)
 
@@ -259,9 +259,9 @@ def test_client_rejects_inconsistent_setup():
                 setup.__class__(round=2, num_participants=6, neighbours=("c0", "c1"),
                                 threshold=1)):
         with pytest.raises(ProtocolAbort):
-            clients["c0"].client_round(round=2).open(update, bad)
+            clients["c0"].client_round(round=2, context=ctx(2)).open(update, bad)
     with pytest.raises(ProtocolAbort):  # a relay before the keys are shared
-        clients["c0"].client_round(round=2).step(SecAggRelay(ciphertexts={}))
+        clients["c0"].client_round(round=2, context=ctx(2)).step(SecAggRelay(ciphertexts={}))
 
 
 def test_too_many_clients_for_the_bits_raise_value_error():
