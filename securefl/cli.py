@@ -1,8 +1,10 @@
 """The ``securefl`` command.  Thin: parse arguments, call a library function, map errors.
 
-User errors (:class:`~securefl.errors.SecureFLError`) print one line and exit 2 with no
-traceback.  Each sub-command's handler is imported only when it runs, so ``securefl --help``
-and start-up stay fast.
+Exit status (also in ``securefl --help``): 0 when the work asked for is done, 1 when it
+failed or a check failed, 2 for a usage or configuration error, 130 when interrupted.  A
+user error (:class:`~securefl.errors.SecureFLError`) prints one line and no traceback; so does
+an unexpected failure, whose traceback ``-v`` shows.  Each sub-command's handler is imported
+only when it runs, so ``securefl --help`` and start-up stay fast.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from securefl.errors import SecureFLError
 
@@ -33,53 +36,85 @@ _HANDLERS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="securefl", description="Federated learning with privacy and security built in.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+_EPILOG = """exit status:
+  0    the work asked for is done
+  1    the work failed, or a check failed (one line says why)
+  2    usage or configuration error
+  130  interrupted
+"""
 
-    run = sub.add_parser("run", help="run a simulation from a TOML config")
+
+def _verbosity(*, top: bool) -> argparse.ArgumentParser:
+    """-v/-q, accepted before and after the sub-command (the later one wins)."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = False if top else argparse.SUPPRESS
+    common.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log progress and debug detail")
+    common.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="errors only, no progress output")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("securefl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        release = "unknown"
+    parser = argparse.ArgumentParser(
+        prog="securefl", description="Federated learning with privacy and security built in.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_verbosity(top=True)])
+    parser.add_argument("--version", action="version", version=f"securefl {release}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _verbosity(top=False)
+
+    def add(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common], **kwargs)
+
+    run = add(sub, "run", help="run a simulation from a TOML config")
     run.add_argument("config", help="TOML config file")
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
-    run.add_argument("--rounds", type=int, help="override [run] rounds")
+    run.add_argument("--rounds", type=_at_least(1), help="override [run] rounds")
     run.add_argument("--seed", type=int, help="override [run] seed")
-    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into an --out directory that already holds files")
 
-    check = sub.add_parser("check", help="check a config against a threat model")
+    check = add(sub, "check", help="check a config against a threat model")
     check.add_argument("config")
     check.add_argument("--threat-model", help="threat model name or TOML file "
                        "(default: the config's [run] threat_model)")
     check.add_argument("--deployment", choices=("simulation", "network"), default="simulation",
                        help="check for an in-process run (default) or a networked deployment")
 
-    report = sub.add_parser("report", help="write the compliance report of a run (HTML, MD)")
+    report = add(sub, "report", help="write the compliance report of a run (HTML, MD)")
     report.add_argument("run_dir")
 
-    privacy = sub.add_parser("privacy", help="privacy budgets and audits")
+    privacy = add(sub, "privacy", help="privacy budgets and audits")
     privacy_sub = privacy.add_subparsers(dest="action", required=True, metavar="ACTION")
-    privacy_report = privacy_sub.add_parser("report", help="per-client epsilon table and plot")
+    privacy_report = add(privacy_sub, "report", help="per-client epsilon table and plot")
     privacy_report.add_argument("run_dir")
-    audit = privacy_sub.add_parser("audit", help="empirical epsilon lower bound with canaries")
+    audit = add(privacy_sub, "audit", help="empirical epsilon lower bound with canaries")
     audit.add_argument("config")
     audit.add_argument("--out", help="output directory")
     audit.add_argument("--seed", type=int, help="override [run] seed")
-    audit.add_argument("--canaries", type=int, default=200,
+    audit.add_argument("--canaries", type=_at_least(2), default=200,
                        help="mislabelled canaries, each inserted with probability 1/2 "
                        "(default 200)")
-    audit.add_argument("--confidence", type=float, default=0.95,
+    audit.add_argument("--confidence", type=_open_unit, default=0.95,
                        help="confidence of the lower bound (default 0.95)")
 
-    attack = sub.add_parser("attack", help="attack/defense evaluation")
+    attack = add(sub, "attack", help="attack/defense evaluation")
     attack_sub = attack.add_subparsers(dest="action", required=True, metavar="ACTION")
-    attack_run = attack_sub.add_parser("run", help="run an attack scenario grid")
+    attack_run = add(attack_sub, "run", help="run an attack scenario grid")
     attack_run.add_argument("scenario", nargs="+", help="scenario TOML file(s)")
     attack_run.add_argument("--out", help="output directory")
     attack_run.add_argument("--results", help="also regenerate this RESULTS.md")
 
-    certs = sub.add_parser("certs", help="TLS certificates for a deployment")
+    certs = add(sub, "certs", help="TLS certificates for a deployment")
     certs_sub = certs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    certs_init = certs_sub.add_parser("init", help="create a CA, a server and site certificates")
+    certs_init = add(certs_sub, "init", help="create a CA, a server and site certificates")
     certs_init.add_argument("dir")
     certs_init.add_argument("--sites", required=True, help="comma-separated site names")
     certs_init.add_argument("--server-name", default="localhost",
@@ -88,28 +123,53 @@ def _parser() -> argparse.ArgumentParser:
     certs_init.add_argument("--he", metavar="CONFIG",
                             help="also generate CKKS keys for this config's [protection.he]")
 
-    server = sub.add_parser("server", help="run the federation server (gRPC, mTLS)")
+    server = add(sub, "server", help="run the federation server (gRPC, mTLS)")
     server.add_argument("config")
     server.add_argument("--resume", action="store_true", help="continue from the last round")
     server.add_argument("--out", help="state directory (default from the config)")
 
-    client = sub.add_parser("client", help="run one site's client (gRPC, mTLS)")
+    client = add(sub, "client", help="run one site's client (gRPC, mTLS)")
     client.add_argument("config")
     client.add_argument("--site", help="site name (default from the config)")
     client.add_argument("--new-run", action="store_true",
                         help="join a new run (the site otherwise stays in the run it joined)")
 
-    audit_cmd = sub.add_parser("audit", help="tamper-evident audit log")
+    audit_cmd = add(sub, "audit", help="tamper-evident audit log")
     audit_sub = audit_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    verify = audit_sub.add_parser("verify", help="verify a run's signed hash chain")
+    verify = add(audit_sub, "verify", help="verify a run's signed hash chain")
     verify.add_argument("run_dir")
     return parser
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _open_unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
+    # securefl's own progress at INFO; other libraries only when something needs attention
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("securefl").setLevel(level)
     key = (args.command, args.action) if hasattr(args, "action") else (args.command,)
     module_name, function_name = _HANDLERS[key].split(":")
     try:
@@ -121,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("securefl: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an environment failure: one line, -v for the trace
+        if args.verbose:
+            raise
+        print(f"securefl: failed: {type(exc).__name__}: {exc} (run with -v for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

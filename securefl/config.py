@@ -9,9 +9,11 @@ never silently ignored.  Each area owns its section's dataclass (``[privacy]`` l
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -106,6 +108,19 @@ class ClientConfig:
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
+def clients_per_round(available: int, *, count: int | None, fraction: float) -> int:
+    """Clients sampled from ``available``: ``count`` if set, else ``ceil(fraction *
+    available)``, at most ``available``.
+
+    The ceiling is taken of the rational that ``fraction`` was written as (0.28 is 7/25),
+    so ``0.28 * 25`` samples 7 clients, not the 8 that ``ceil(7.000000000000001)`` gives.
+    """
+    if count is not None:
+        return min(int(count), available)
+    exact = Fraction(fraction).limit_denominator(1_000_000)
+    return min(available, math.ceil(exact * available))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     clients_per_round: int | None = None
@@ -119,6 +134,11 @@ class ServerConfig:
     tau: float = 1e-3
     evaluate: Literal["central", "federated", "both"] = "central"
     timeout: float | None = None
+
+    def per_round(self, available: int) -> int:
+        """How many of ``available`` clients one round samples (:func:`clients_per_round`)."""
+        return clients_per_round(available, count=self.clients_per_round,
+                                 fraction=self.fraction)
 
     def validate(self) -> None:
         check(self.clients_per_round is None or self.clients_per_round >= 1,

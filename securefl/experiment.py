@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from securefl.aggregation import Aggregator, min_clients
 from securefl.config import Config, load_config
 from securefl.data import Dataset, FederatedData, federate
 from securefl.engine.client import Client, UpdateHook
@@ -29,6 +30,7 @@ from securefl.engine.server import Sampler, Server
 from securefl.engine.simulation import DropSchedule, InProcessTransport
 from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model
 from securefl.engine.transport import Transport
+from securefl.errors import ConfigError
 from securefl.models import build_model
 from securefl.params import Layout, flatten, unflatten
 from securefl.plots import pyplot, save_figure
@@ -108,8 +110,9 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
     the clients' shards are poisoned).
     """
     seed, s = config.run.seed, config.server
-    evaluator = evaluator or central_evaluator(config, data)
     aggregator = config.aggregation.build()
+    check_feasible(config, aggregator, num_clients=len(data.clients))
+    evaluator = evaluator or central_evaluator(config, data)
     reference = None
     if getattr(aggregator, "needs_reference", False):
         root = root_trainer(config, root_data or data,
@@ -125,6 +128,20 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
         central_evaluator=evaluator if s.evaluate in ("central", "both") else None,
         federated_evaluation=s.evaluate in ("federated", "both"), hooks=hooks, run_id=run_id)
     return server, evaluator
+
+
+def check_feasible(config: Config, aggregator: Aggregator, *, num_clients: int) -> None:
+    """What the configuration decides about every round, checked before any training: the
+    sampled clients must be enough for the rule's byzantine bound and ``min_clients``."""
+    per_round = config.server.per_round(num_clients)
+    sampled = f"[server] samples {per_round} of the {num_clients} clients per round"
+    need = min_clients(aggregator)
+    if per_round < need:
+        raise ConfigError(f"[aggregation] rule {config.aggregation.rule!r} ({aggregator!r}) "
+                          f"needs at least {need} updates per round, but {sampled}")
+    if config.server.min_clients > per_round:
+        raise ConfigError(f"[server] min_clients = {config.server.min_clients}, but {sampled}: "
+                          "every round would abort")
 
 
 def build_simulation(config: Config, *, run_dir: Path | None = None,
@@ -263,6 +280,8 @@ def _summary(config: Config, history: History, setup: float, total: float) -> di
 
 
 def plot_accuracy(history: History, path: Path, *, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = pyplot().subplots(figsize=(6, 3.5))
     rounds = [r.round for r in history.rounds]
     for name, label in (("accuracy", "test accuracy"), ("federated_accuracy", "federated")):
@@ -270,8 +289,10 @@ def plot_accuracy(history: History, path: Path, *, title: str) -> None:
         if not all(np.isnan(values)):
             ax.plot(rounds, values, marker="o", markersize=3, label=label)
     ax.set(xlabel="round", ylabel="accuracy", title=title, ylim=(0, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -283,10 +304,27 @@ def command(args: Any) -> int:
         config = config.replace(run=dataclasses.replace(config.run, rounds=args.rounds))
     if args.seed is not None:
         config = config.replace(run=dataclasses.replace(config.run, seed=args.seed))
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path("runs") / f"{config.run.name}-{stamp}"
-    rounds = config.run.rounds
+    out = run_directory(args.out, name=config.run.name,
+                        overwrite=getattr(args, "overwrite", False))
     quiet = getattr(args, "quiet", False)
+    try:
+        result = _run_command(config, out, quiet=quiet)
+    except ConfigError as exc:  # checks that run after loading: name the file too
+        text = str(exc)
+        raise ConfigError(text if text.startswith(str(args.config)) else
+                          f"{args.config}: {text}") from None
+    final = result.history.final
+    accuracy = "n/a" if final is None or final.accuracy is None else f"{final.accuracy:.4f}"
+    print(f"final accuracy {accuracy}; run directory {out}")
+    failed = failure(result.history)
+    if failed is not None:
+        print(f"securefl: the run failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_command(config: Config, out: Path, *, quiet: bool) -> RunResult:
+    rounds = config.run.rounds
 
     def line(rec: RoundRecord) -> str:
         acc = "n/a" if rec.accuracy is None else f"{rec.accuracy:.4f}"
@@ -296,8 +334,8 @@ def command(args: Any) -> int:
                 f"clients={len(rec.clients)} {rec.seconds:.2f}s{note}")
 
     if quiet:
-        result = run_simulation(config, out_dir=out)
-    elif sys.stderr.isatty():
+        return run_simulation(config, out_dir=out)
+    if sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -308,11 +346,31 @@ def command(args: Any) -> int:
                 acc = "" if rec.accuracy is None else f"accuracy {rec.accuracy:.4f}"
                 bar.update(task, advance=1, status=acc if not rec.aborted else "aborted")
 
-            result = run_simulation(config, out_dir=out, on_round=advance)
-    else:
-        result = run_simulation(config, out_dir=out,
-                                on_round=lambda rec: print(line(rec), file=sys.stderr, flush=True))
-    final = result.history.final
-    accuracy = "n/a" if final is None or final.accuracy is None else f"{final.accuracy:.4f}"
-    print(f"final accuracy {accuracy}; run directory {out}")
-    return 0
+            return run_simulation(config, out_dir=out, on_round=advance)
+    return run_simulation(config, out_dir=out,
+                          on_round=lambda rec: print(line(rec), file=sys.stderr, flush=True))
+
+
+def failure(history: History) -> str | None:
+    """Why a finished run did not do what was asked (no round aggregated anything), or None."""
+    if any(r.clients and not r.aborted for r in history.rounds):
+        return None
+    reasons = sorted({r.aborted or next(iter(r.declined.values()), "no usable update")
+                      for r in history.rounds})
+    return (f"none of the {len(history.rounds)} rounds aggregated an update "
+            f"({'; '.join(reasons)[:300]})")
+
+
+def run_directory(out: str | None, *, name: str, overwrite: bool) -> Path:
+    """The run directory: ``--out`` or ``runs/<name>-<UTC timestamp>``; an existing
+    non-empty directory is refused unless ``overwrite``, so two runs never mix their files."""
+    if out is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{name}-{stamp}"
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out}: already holds files (an earlier run?); choose "
+                          "another directory or pass --overwrite")
+    return path

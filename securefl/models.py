@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from securefl.config import ModelConfig
+from securefl.errors import ConfigError
 
 __all__ = ["CNN", "MLP", "build_model", "logistic"]
 
@@ -64,8 +65,9 @@ def build_model(config: ModelConfig, in_shape: Sequence[int], num_classes: int, 
         model = MLP(in_features, num_classes, config.hidden)
     else:
         if len(in_shape) != 3 or min(in_shape[1:]) < 4:
-            raise ValueError(f"the CNN needs (channels, height >= 4, width >= 4) inputs, "
-                             f"got {tuple(in_shape)}")
+            raise ConfigError(f"[model] name = \"cnn\" needs image inputs (channels, height "
+                              f">= 4, width >= 4), but the data's examples have shape "
+                              f"{tuple(in_shape)}; use \"mlp\" or \"logistic\"")
         model = CNN(in_shape[0], num_classes)
     initialise(model, torch.Generator().manual_seed(seed))
     return model

@@ -59,8 +59,8 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         "leaves client": _write(tmp_path / "e.toml", "[data]\nnum_clients = 1000\n"),
         "not valid TOML": _write(tmp_path / "t.toml", "[data\n"),
     }
-    for needle, path in cases.items():
-        proc = _cli("run", str(path), "--out", str(tmp_path / "o"))
+    for number, (needle, path) in enumerate(cases.items()):
+        proc = _cli("run", str(path), "--out", str(tmp_path / f"o{number}"))
         assert proc.returncode == 2, (needle, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

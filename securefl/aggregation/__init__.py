@@ -31,6 +31,7 @@ __all__ = [
     "TrimmedMean",
     "as_rows",
     "build_aggregator",
+    "min_clients",
 ]
 
 #: rule name (as written in ``[aggregation] rule``) -> constructor taking keyword options
@@ -49,10 +50,37 @@ RULES: dict[str, Callable[..., Aggregator]] = {
 }
 
 
+def min_clients(aggregator: Aggregator) -> int:
+    """The fewest updates ``aggregator`` can combine (its byzantine bound, e.g. Krum's
+    ``2f + 3``); 1 for rules without one."""
+    return int(getattr(aggregator, "min_clients", 1))
+
+
 def build_aggregator(rule: str, **options: Any) -> Aggregator:
     """Construct the aggregator called ``rule``; unknown names and bad options raise."""
     try:
         factory = RULES[rule]
     except KeyError:
         raise ValueError(f"unknown rule {rule!r} (known: {', '.join(sorted(RULES))})") from None
-    return factory(**options)
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise TypeError(_option_problem(rule, factory, options) or str(exc)) from None
+
+
+def _option_problem(rule: str, factory: Callable[..., Aggregator],
+                    options: dict[str, Any]) -> str | None:
+    """``factory``'s signature against ``options``, in the config's words."""
+    import inspect
+
+    parameters = inspect.signature(factory).parameters
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        allowed = ", ".join(sorted(parameters)) or "none"
+        return f"unknown option(s) {', '.join(unknown)} (allowed: {allowed})"
+    missing = [name for name, p in parameters.items()
+               if p.default is inspect.Parameter.empty and name not in options
+               and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if missing:
+        return f"needs option(s) {', '.join(missing)} in [aggregation]"
+    return None

@@ -61,10 +61,15 @@ class Bulyan:
     def __init__(self, *, num_byzantine: int) -> None:
         self.num_byzantine = check_num_byzantine(num_byzantine)
 
+    @property
+    def min_clients(self) -> int:
+        """``n >= 4f + 3``."""
+        return 4 * self.num_byzantine + 3
+
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, _ = as_rows(updates, weights)
         n, f = rows.shape[0], self.num_byzantine
-        if n < 4 * f + 3:
+        if n < self.min_clients:
             raise ValueError(f"Bulyan with num_byzantine={f} needs n >= 4f + 3 = {4 * f + 3} "
                              f"updates, got {n}")
         chosen = bulyan_selection(pairwise_sq_distances(rows), f)

@@ -20,7 +20,7 @@ def check_num_byzantine(num_byzantine: int) -> int:
 
 
 def _check_bound(name: str, num_rows: int, num_byzantine: int) -> None:
-    if num_rows <= 2 * num_byzantine + 2:
+    if num_rows < 2 * num_byzantine + 3:
         raise ValueError(f"{name} with num_byzantine={num_byzantine} needs n > 2f + 2 = "
                          f"{2 * num_byzantine + 2} updates, got {num_rows}")
 
@@ -58,6 +58,11 @@ class Krum:
     def __init__(self, *, num_byzantine: int) -> None:
         self.num_byzantine = check_num_byzantine(num_byzantine)
 
+    @property
+    def min_clients(self) -> int:
+        """The smallest ``n`` with ``n > 2f + 2``."""
+        return 2 * self.num_byzantine + 3
+
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, _ = as_rows(updates, weights)
         _check_bound("Krum", rows.shape[0], self.num_byzantine)
@@ -88,6 +93,11 @@ class MultiKrum:
             if num_selected < 1:
                 raise ValueError(f"num_selected must be >= 1, got {num_selected}")
         self.num_selected = None if num_selected is None else int(num_selected)
+
+    @property
+    def min_clients(self) -> int:
+        """The smallest ``n`` with ``n > 2f + 2`` and ``m <= n - f``."""
+        return max(2 * self.num_byzantine + 3, (self.num_selected or 0) + self.num_byzantine)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, _ = as_rows(updates, weights)

@@ -91,12 +91,17 @@ class TrimmedMean:
             raise ValueError(f"beta must be in [0, 0.5), got {beta}")
         self.beta = float(beta)
 
+    @property
+    def min_clients(self) -> int:
+        """The smallest ``n`` with ``floor(beta * n) >= 1`` (1 when ``beta = 0``)."""
+        return int(np.ceil(1 / self.beta - 1e-9)) if self.beta > 0 else 1
+
     def trimmed(self, num_rows: int) -> int:
         """``k = floor(beta * n)``, the number of values dropped at each end; checks ``k``."""
         k = int(np.floor(self.beta * num_rows + 1e-9))
         if self.beta > 0 and k < 1:
             raise ValueError(f"beta={self.beta} trims floor(beta * n) = 0 values at n = "
-                             f"{num_rows}; need n >= {int(np.ceil(1 / self.beta - 1e-9))} "
+                             f"{num_rows}; need n >= {self.min_clients} "
                              "or beta = 0")
         return k
 

@@ -68,11 +68,16 @@ class NNM:
     def needs_reference(self) -> bool:
         return bool(getattr(self.inner, "needs_reference", False))
 
+    @property
+    def min_clients(self) -> int:
+        """``n > 2f``, and whatever the inner rule needs."""
+        return max(2 * self.num_byzantine + 1, int(getattr(self.inner, "min_clients", 1)))
+
     def mix(self, updates: np.ndarray) -> np.ndarray:
         """The mixed rows ``y`` (float32 ``(n, d)``)."""
         rows = np.asarray(updates)
         n, f = rows.shape[0], self.num_byzantine
-        if n <= 2 * f:
+        if n < 2 * f + 1:
             raise ValueError(f"NNM with num_byzantine={f} needs n > 2f = {2 * f} updates, "
                              f"got {n}")
         distances = pairwise_sq_distances(rows)

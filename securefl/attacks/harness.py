@@ -110,7 +110,7 @@ def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
     hooks = []
     if spec.get("update") is not None:
         server = config.server
-        participants = server.clients_per_round or int(np.ceil(server.fraction * len(ids)))
+        participants = server.per_round(len(ids))
         attack = build_attack(spec["update"], context={"num_clients": participants,
                                                        "server_lr": server.lr},
                               **dict(spec.get("options", {})))

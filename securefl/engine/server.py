@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from securefl.aggregation.base import Aggregator
+from securefl.config import clients_per_round
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message
 from securefl.engine.optim import ServerOptimizer
@@ -43,15 +44,14 @@ CentralEvaluator = Callable[[np.ndarray], tuple[int, float, float]]
 
 @dataclass(frozen=True)
 class Sampler:
-    """Pick ``count`` clients, or ``ceil(fraction * available)``, uniformly without replacement."""
+    """Pick :func:`~securefl.config.clients_per_round` clients uniformly without replacement."""
 
     count: int | None = None
     fraction: float = 1.0
 
     def __call__(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
         n = len(available)
-        k = self.count if self.count is not None else int(np.ceil(self.fraction * n))
-        k = min(k, n)
+        k = clients_per_round(n, count=self.count, fraction=self.fraction)
         chosen = rng.choice(n, size=k, replace=False) if k < n else np.arange(n)
         return [available[i] for i in sorted(chosen)]
 

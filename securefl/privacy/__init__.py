@@ -10,7 +10,6 @@ directory (in memory without one).
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,9 +178,7 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
                           f"is not (use rule = \"fedavg\")")
     total = len(client_ids)
     _check_delta(privacy.delta, total, "number of clients")
-    per_round = (server.clients_per_round if server.clients_per_round is not None
-                 else math.ceil(server.fraction * total))
-    per_round = min(per_round, total)
+    per_round = server.per_round(total)
     rate = per_round / total
     if privacy.noise_multiplier is not None:
         z = privacy.noise_multiplier

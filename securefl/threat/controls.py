@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from securefl.config import clients_per_round
 from securefl.errors import ConfigError
 from securefl.threat.model import ThreatModel
 
@@ -68,9 +69,8 @@ def facts(config: Any, *, deployment: str = "simulation") -> Facts:
     server, data, privacy = config.server, config.data, config.privacy
     network, protection = config.network, config.protection
     num_clients = int(getattr(data, "num_clients", 1))
-    per_round = getattr(server, "clients_per_round", None)
-    if per_round is None:
-        per_round = math.ceil(float(getattr(server, "fraction", 1.0)) * num_clients - 1e-9)
+    per_round = clients_per_round(num_clients, count=getattr(server, "clients_per_round", None),
+                                  fraction=float(getattr(server, "fraction", 1.0)))
     he, secagg = getattr(protection, "he", None), getattr(protection, "secagg", None)
     options = MappingProxyType(dict(getattr(config.aggregation, "options", {})))
     budget = getattr(privacy, "epsilon_budget", None)
@@ -79,7 +79,7 @@ def facts(config: Any, *, deployment: str = "simulation") -> Facts:
     return Facts(
         protection=protection.kind, rule=config.aggregation.rule, options=options,
         linear=_linear(config.aggregation.rule, options, config.aggregation),
-        num_clients=num_clients, clients_per_round=min(int(per_round), num_clients),
+        num_clients=num_clients, clients_per_round=per_round,
         privacy_mode=getattr(privacy, "mode", "none"),
         epsilon_budget=None if budget is None else float(budget),
         delta=getattr(privacy, "delta", None),

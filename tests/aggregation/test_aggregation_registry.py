@@ -67,7 +67,7 @@ def test_nnm_inner_from_a_name_or_an_inline_table() -> None:
     ({"rule": "krum"}, "num_byzantine"),
     ({"rule": "krum", "num_byzantine": -1}, ">= 0"),
     ({"rule": "trimmed_mean", "beta": 0.7}, r"\[0, 0.5\)"),
-    ({"rule": "median", "beta": 0.1}, "takes no arguments"),
+    ({"rule": "median", "beta": 0.1}, r"unknown option\(s\) beta \(allowed: none\)"),
     ({"rule": "nnm", "num_byzantine": 1, "inner": "no_such_rule"}, "unknown rule"),
     ({"rule": "no_such_rule"}, "unknown rule"),
 ])
