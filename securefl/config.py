@@ -54,7 +54,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["digits", "breast_cancer", "mnist", "fashion_mnist", "cifar10",
+    dataset: Literal["digits", "breast_cancer", "mnist", "mnist5k", "fashion_mnist", "cifar10",
                      "synthetic"] = "digits"
     path: str | None = None
     num_clients: int = 10
@@ -192,9 +192,23 @@ class SimulationConfig:
     workers: int = 1
     wire: bool = False
     dropout: float = 0.0
+    threads: int | Literal["auto"] = "auto"
+
+    def torch_threads(self) -> int:
+        """torch intra-op threads for each of the ``workers`` parallel clients.
+
+        ``threads`` is the simulation's whole CPU budget, shared as ``threads // workers``
+        (at least 1).  ``"auto"`` gives each client one thread: the reference models are
+        too small to gain from intra-op parallelism, and one thread per worker cannot
+        oversubscribe a machine that other processes share (torch's default, one thread
+        per core in every process, slows a contended run many times over).
+        """
+        return 1 if self.threads == "auto" else max(1, self.threads // self.workers)
 
     def validate(self) -> None:
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(self.threads == "auto" or self.threads >= 1, "threads",
+              f"must be \"auto\" or >= 1, got {self.threads!r}")
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 

@@ -28,7 +28,7 @@ from securefl.engine.optim import build_server_optimizer
 from securefl.engine.protection import ServerProtection
 from securefl.engine.server import Sampler, Server
 from securefl.engine.simulation import DropSchedule, InProcessTransport
-from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model
+from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model, torch_threads
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import build_model
@@ -230,6 +230,13 @@ def run_simulation(config: Config, *, out_dir: str | Path | None = None,
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.toml", config.to_toml())
+    with torch_threads(config.simulation.torch_threads()):
+        return _simulate(config, run_dir, on_round, build_options)
+
+
+def _simulate(config: Config, run_dir: Path | None,
+              on_round: Callable[[RoundRecord], None] | None,
+              build_options: Mapping[str, Any]) -> RunResult:
     started = time.perf_counter()
     sim = build_simulation(config, run_dir=run_dir, **build_options)
     setup_seconds = time.perf_counter() - started

@@ -1,13 +1,14 @@
 """Fixtures shared across the test tree."""
 
 import pytest
-import torch
+
+from securefl.engine.trainer import torch_threads
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """Run a test with one intra-op torch thread (stable timings and results on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Every test runs with one intra-op torch thread, as a simulation does by default
+    (``[simulation] threads = "auto"``): stable results, and no oversubscription of 2 cores
+    when a networked run is compared with a simulated one."""
+    with torch_threads(1):
+        yield

@@ -67,3 +67,17 @@ def test_secagg_quick() -> None:
         assert len(set(report[key]["contributors"])) == 1
         assert report[key]["crypto_floor"]["floor_s"] > 0
     assert report["large_round"]["contributors"] == 100
+
+
+def test_round() -> None:
+    report = run("round.py", "--rounds", "2", "--workloads", "quickstart",
+                 "--variants", "plain,secagg")
+    rows = report["workloads"]["quickstart"]
+    assert rows["plain"]["over_plain"] == 1.0 and rows["secagg"]["aborted"] is None
+    for row in (rows["plain"], rows["secagg"]):
+        parts = row["breakdown_s"]
+        # the buckets partition the round: they add up to the measured round time
+        assert sum(parts.values()) == pytest.approx(row["median_round_s"], rel=0.01, abs=1e-4)
+        assert parts["training"] > 0
+    assert rows["secagg"]["breakdown_s"]["protection"] > 0
+    assert rows["plain"]["breakdown_s"]["accounting"] == 0  # no DP, no accounting

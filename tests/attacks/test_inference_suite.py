@@ -21,7 +21,6 @@ SUITE = Path(__file__).resolve().parents[2] / "attacks" / "inference"
 SEEDS = (0, 1, 2)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cells(cell: dict, seeds=SEEDS) -> list[dict]:

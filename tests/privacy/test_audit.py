@@ -36,7 +36,6 @@ def _dp(epsilon: float, seed: int) -> dict:
             "privacy": {"mode": "dp_sgd", "target_epsilon": epsilon, "max_grad_norm": 1.0}}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_p_value_without_delta_is_the_binomial_tail() -> None:
