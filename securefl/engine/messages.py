@@ -64,6 +64,7 @@ class Message:
     """Marker base class of every wire message."""
 
 
+@typing.dataclass_transform(frozen_default=True, eq_default=False)
 def message(cls: type[T]) -> type[T]:
     """Class decorator: make ``cls`` a frozen message dataclass and register it by name."""
     if cls.__name__ in _REGISTRY:
