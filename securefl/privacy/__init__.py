@@ -15,6 +15,7 @@ reproducible randomness unless ``secure_mode = true``.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 LEDGER_FILE = "privacy_ledger.sqlite"
+_log = logging.getLogger(__name__)
 # ``securefl.config`` imports this package for PrivacyConfig: Opacus is loaded only on use
 _LAZY = {"PrivacyEvent": "accounting", "epsilon": "accounting", "PrivacyLedger": "ledger",
          "LedgerError": "ledger"}
@@ -139,6 +141,9 @@ def build_privacy(config: Config, *, run_dir: Path | None, client_ids: Sequence[
     budget = privacy.epsilon_budget
     secure = privacy.secure_mode if privacy.secure_mode is not None else (
         deployment or (privacy.mode == "dp_fedavg" and privacy.sampling == "secret"))
+    if deployment and not secure:
+        _log.warning("[privacy] secure_mode = false at a deployed party: DP noise comes from a "
+                     "generator seeded by the shared config, which the server can replay")
     if privacy.mode == "dp_sgd":
         return _dp_sgd(config, path, client_ids, num_examples, budget, secure)
     if deployment and privacy.sampling == "secret":

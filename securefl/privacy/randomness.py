@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def use_secure_noise(optimizer: object, source: SecureRandom) -> None:
     Opacus takes noise only from a :class:`torch.Generator` (or from ``torchcsprng``, which
     does not build against current PyTorch), so its ``add_noise`` step is replaced on this
     one optimizer instance; clipping, accumulation, scaling and accounting stay Opacus's."""
-    params: Sequence[torch.nn.Parameter] = optimizer.params  # type: ignore[attr-defined]
+    params: Sequence[Any] = optimizer.params  # type: ignore[attr-defined]
 
     def add_noise() -> None:
         std = optimizer.noise_multiplier * optimizer.max_grad_norm  # type: ignore[attr-defined]

@@ -134,12 +134,20 @@ def _table(summary: dict[str, Any]) -> Any:
 
     table = Table(title=f"privacy spent at delta={summary['delta']:g} "
                         f"(budget enforced by {summary['accountant'].upper()})")
-    for header in ("client", "rounds", "epsilon (RDP)", "epsilon (PRV)", "budget", "left"):
+    views = any("epsilon_public_sampling" in e for e in summary["clients"].values())
+    headers = ["client", "rounds", "epsilon (RDP)", "epsilon (PRV)", "budget", "left"]
+    if views:
+        headers += ["epsilon, sample public", "epsilon, sample secret"]
+    for header in headers:
         table.add_column(header, justify="left" if header == "client" else "right")
     for client_id, entry in summary["clients"].items():
-        table.add_row(client_id, str(entry["rounds"]), number(entry["epsilon_rdp"], "inf"),
-                      number(entry["epsilon_prv"], "inf"), number(entry["budget"], "none"),
-                      number(entry["remaining"], "-"))
+        cells = [client_id, str(entry["rounds"]), number(entry["epsilon_rdp"], "inf"),
+                 number(entry["epsilon_prv"], "inf"), number(entry["budget"], "none"),
+                 number(entry["remaining"], "-")]
+        if views:
+            cells += [number(entry.get("epsilon_public_sampling"), "inf"),
+                      number(entry.get("epsilon_secret_sampling"), "inf")]
+        table.add_row(*cells)
     return table
 
 
