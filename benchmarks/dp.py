@@ -15,6 +15,13 @@ classes) at batch 64 and 256, and for every ``grad_sample_mode``:
   charge, loading the global vector, computing the delta), against raw Opacus's epoch.
 * peak memory: the process's resident-set high-water mark during the steps, above the
   resident set before them (Linux ``VmHWM`` after resetting it through ``clear_refs``).
+* ``csprng``: the secure sampler's cost per step, securefl with ``secure_mode = True``
+  (AES-CTR noise, four summed Box-Muller Gaussians per coordinate,
+  :mod:`securefl.privacy.randomness`) against the seeded default: the step on the fixed batch
+  plus one Poisson mask over the ``4 x batch`` examples, interleaved with the other variants;
+  and the two parts the CSPRNG replaces (one step's noise for every parameter, one mask)
+  timed alone, whose difference over the seeded step (``extra_vs_seeded_step``) is the cost
+  with less machine noise than the difference of two whole steps.
 
 Prints one JSON document.  ``python benchmarks/dp.py --quick`` runs a reduced grid.
 """
@@ -47,6 +54,7 @@ from securefl.models import build_model
 from securefl.params import flatten, unflatten
 from securefl.privacy.dp_sgd import GRAD_SAMPLE_MODES, DPSGDTrainer
 from securefl.privacy.ledger import PrivacyLedger
+from securefl.privacy.randomness import SecurePoissonSampler, SecureRandom
 
 SHAPE = (1, 28, 28)
 CLASSES = 10
@@ -117,12 +125,14 @@ def raw_opacus(name: str, mode: str, batch: int, n: int) -> tuple[Any, Any, Any,
     return module, optimizer, nn.CrossEntropyLoss(), loader
 
 
-def securefl_trainer(name: str, mode: str, batch: int, n: int) -> DPSGDTrainer:
+def securefl_trainer(name: str, mode: str, batch: int, n: int, *,
+                     secure_mode: bool = False) -> DPSGDTrainer:
     features, labels = data(n, seed=1)
     train = Dataset(features.numpy(), labels.numpy(), CLASSES, "bench")
     base = LocalTrainer(model(name), train, train, epochs=1, batch_size=batch, lr=LR, seed=2)
     return DPSGDTrainer(base, client_id="bench", ledger=PrivacyLedger(":memory:", delta=1e-5),
-                        noise_multiplier=SIGMA, max_grad_norm=CLIP, grad_sample_mode=mode)
+                        noise_multiplier=SIGMA, max_grad_norm=CLIP, grad_sample_mode=mode,
+                        secure_mode=secure_mode)
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -149,9 +159,34 @@ def bench_case(name: str, mode: str, batch: int, repeats: int) -> dict[str, Any]
     raw = plain_step(module, optimizer, criterion)
     trainer = securefl_trainer(name, mode, batch, n)
     ours = plain_step(trainer.module, trainer.optimizer, trainer.criterion)
+    secure = securefl_trainer(name, mode, batch, n, secure_mode=True)
+    secure_step = plain_step(secure.module, secure.optimizer, secure.criterion)
+    generator = torch.Generator().manual_seed(4)
+    sampler = SecurePoissonSampler(num_samples=n, sample_rate=trainer.sample_rate, steps=1,
+                                   source=SecureRandom())
+
+    def seeded() -> None:  # what Opacus's seeded Poisson loader and noise do per step
+        (torch.rand(n, generator=generator) < trainer.sample_rate).nonzero()
+        ours(x, y)
+
+    def csprng() -> None:
+        next(iter(sampler))
+        secure_step(x, y)
 
     step = time_interleaved({"plain": lambda: plain(x, y), "opacus": lambda: raw(x, y),
-                             "securefl": lambda: ours(x, y)}, repeats)
+                             "securefl": lambda: ours(x, y), "seeded": seeded,
+                             "csprng": csprng}, repeats)
+    sampling = {key: step.pop(key) for key in ("seeded", "csprng")}
+    size = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
+    source = SecureRandom()
+    parts = time_interleaved({
+        "seeded_noise": lambda: torch.normal(0.0, SIGMA * CLIP, size=(size,),
+                                             generator=generator),
+        "csprng_noise": lambda: source.gaussian(size, SIGMA * CLIP),
+        "seeded_mask": lambda: (torch.rand(n, generator=generator) < 0.25).nonzero(),
+        "csprng_mask": lambda: next(iter(sampler))}, repeats)
+    extra_per_step = (parts["csprng_noise"] + parts["csprng_mask"]
+                      - parts["seeded_noise"] - parts["seeded_mask"])
     memory = {
         "plain": peak_memory_mib(lambda: [plain(x, y) for _ in range(3)]),
         "opacus": peak_memory_mib(lambda: [raw(x, y) for _ in range(3)]),
@@ -167,9 +202,12 @@ def bench_case(name: str, mode: str, batch: int, repeats: int) -> dict[str, Any]
 
     parameters = flatten(trainer.base.model)
     counter = iter(range(1, 1 << 30))
-    rounds = time_interleaved({"opacus": raw_round,
-                               "securefl": lambda: trainer.fit(parameters,
-                                                               round=next(counter))},
+
+    def securefl_round() -> None:  # a new global model each time: a repeat is not retrained
+        rnd = next(counter)
+        trainer.fit(parameters + np.float32(rnd * 1e-6), round=rnd)
+
+    rounds = time_interleaved({"opacus": raw_round, "securefl": securefl_round},
                               max(3, repeats // 4))
 
     def fixed() -> None:
@@ -189,6 +227,12 @@ def bench_case(name: str, mode: str, batch: int, repeats: int) -> dict[str, Any]
         "overhead_round_vs_opacus": round(rounds["securefl"] / rounds["opacus"] - 1, 4),
         "securefl_fixed_ms_per_round": round(extra * 1e3, 3),
         "overhead_fixed_vs_opacus_round": round(extra / rounds["opacus"], 4),
+        "csprng": {"step_ms": {k: round(v * 1e3, 3) for k, v in sampling.items()},
+                   "overhead_vs_seeded": round(sampling["csprng"] / sampling["seeded"] - 1, 4),
+                   "parameters": size, "parts_ms": {k: round(v * 1e3, 4)
+                                                    for k, v in parts.items()},
+                   "extra_ms_per_step": round(extra_per_step * 1e3, 4),
+                   "extra_vs_seeded_step": round(extra_per_step / sampling["seeded"], 4)},
     }
 
 
@@ -223,6 +267,10 @@ def main() -> None:
             "overhead_fixed_vs_opacus_round_max": max(c["overhead_fixed_vs_opacus_round"]
                                                       for c in cases),
             "overhead_vs_opacus_target": 0.05,
+            "csprng_vs_seeded_step_max": max(c["csprng"]["overhead_vs_seeded"] for c in cases),
+            "csprng_extra_vs_seeded_step_max": max(c["csprng"]["extra_vs_seeded_step"]
+                                                   for c in cases),
+            "csprng_vs_seeded_step_target": 0.05,
         },
     }, indent=2))
 

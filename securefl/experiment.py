@@ -189,6 +189,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                    seed=config.run.seed)
     server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks,
                                      root_data=root_data)
+    if privacy is not None and privacy.sampling_seed is not None:
+        server.seed = privacy.sampling_seed  # DP-FedAvg's secret sample: not from the config
     return Simulation(config, data, trainers, clients, transport, server, evaluator, privacy)
 
 
@@ -243,7 +245,8 @@ def _simulate(config: Config, run_dir: Path | None,
     rows: list[dict[str, Any]] = []
 
     def record(rec: RoundRecord) -> None:
-        rows.append(rec.to_json())
+        row = rec.to_json()
+        rows.append(row if sim.privacy is None else sim.privacy.public_record(row))
         if run_dir is not None:
             append_jsonl(run_dir / "metrics.jsonl", rows)
         if on_round is not None:

@@ -5,11 +5,19 @@ simulation wires in: :meth:`PrivacySetup.wrap_trainer` (once per client), ``clie
 ``server_hooks`` and :meth:`PrivacySetup.finalize`, which writes ``privacy.json`` and
 ``epsilon.png`` into the run directory.  The ledger is ``privacy_ledger.sqlite`` in the run
 directory (in memory without one).
+
+``deployment=True`` (``securefl client`` and ``securefl server``) makes CSPRNG randomness the
+default (``[privacy] secure_mode`` unset) and refuses ``sampling = "secret"``, since the
+deployment's audit log records every round's participants.  A simulation keeps seeded,
+reproducible randomness unless ``secure_mode = true``.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +44,7 @@ __all__ = [
 ]
 
 LEDGER_FILE = "privacy_ledger.sqlite"
+_log = logging.getLogger(__name__)
 # ``securefl.config`` imports this package for PrivacyConfig: Opacus is loaded only on use
 _LAZY = {"PrivacyEvent": "accounting", "epsilon": "accounting", "PrivacyLedger": "ledger",
          "LedgerError": "ledger"}
@@ -62,6 +71,13 @@ class PrivacySetup:
     client_hooks: tuple[Callable[[Update], Update], ...] = ()
     server_hooks: tuple[Any, ...] = ()
     wrapper: Callable[[str, Any], Any] | None = None
+    #: DP randomness from the CSPRNG (True) or the seeded generators (False)
+    secure: bool = False
+    #: ``sampling = "secret"``: the server's sampling seed, drawn here from ``secrets``
+    #: (never from the config); ``None`` when the sample is public
+    sampling_seed: int | None = None
+    #: DP-FedAvg's sampling rate m / N (for the report's epsilon under both sampling rules)
+    sampling_rate: float | None = None
     _trainers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def wrap_trainer(self, client_id: str, base: Any) -> Any:
@@ -86,7 +102,18 @@ class PrivacySetup:
         from securefl.privacy.report import summarise
 
         return summarise(self.ledger, mode=self.config.mode,
-                         noise_multipliers=self.noise_multipliers)
+                         noise_multipliers=self.noise_multipliers, secure_randomness=self.secure,
+                         sampling=self.config.sampling if self.config.mode == "dp_fedavg"
+                         else None, sampling_rate=self.sampling_rate)
+
+    def public_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A ``metrics.jsonl`` row as the run directory may keep it: under secret sampling,
+        without anything that names the round's participants (amplification by sampling
+        holds only while nobody outside the server knows who took part)."""
+        if self.sampling_seed is None:
+            return row
+        hidden = ("clients", "sampled", "dropped", "declined", "rejected", "client_metrics")
+        return {k: v for k, v in row.items() if k not in hidden}
 
     def finalize(self, run_dir: str | Path) -> dict[str, Any]:
         """Write ``privacy.json`` and ``epsilon.png`` into ``run_dir``; return the summary."""
@@ -96,12 +123,13 @@ class PrivacySetup:
 
 
 def build_privacy(config: Config, *, run_dir: Path | None, client_ids: Sequence[str],
-                  num_examples: Mapping[str, int]) -> PrivacySetup | None:
+                  num_examples: Mapping[str, int],
+                  deployment: bool = False) -> PrivacySetup | None:
     """The :class:`PrivacySetup` of ``config`` (``None`` when ``[privacy] mode = "none"``).
 
     Checks at build time: delta below 1 / (protected dataset size) (each client's examples
-    for DP-SGD, the number of clients for DP-FedAvg), a reachable ``target_epsilon``, and
-    (DP-FedAvg) a linear aggregation rule.
+    for DP-SGD, the number of clients for DP-FedAvg), a reachable ``target_epsilon``,
+    (DP-FedAvg) a linear aggregation rule, and no secret sampling in a deployment.
     """
     privacy = config.privacy
     if privacy.mode == "none":
@@ -110,9 +138,18 @@ def build_privacy(config: Config, *, run_dir: Path | None, client_ids: Sequence[
         raise ConfigError("[privacy] needs at least one client")
     path = ":memory:" if run_dir is None else Path(run_dir) / LEDGER_FILE
     budget = privacy.epsilon_budget
+    secure = privacy.secure_mode if privacy.secure_mode is not None else (
+        deployment or (privacy.mode == "dp_fedavg" and privacy.sampling == "secret"))
+    if deployment and not secure:
+        _log.warning("[privacy] secure_mode = false at a deployed party: DP noise comes from a "
+                     "generator seeded by the shared config, which the server can replay")
     if privacy.mode == "dp_sgd":
-        return _dp_sgd(config, path, client_ids, num_examples, budget)
-    return _dp_fedavg(config, path, client_ids, budget)
+        return _dp_sgd(config, path, client_ids, num_examples, budget, secure)
+    if deployment and privacy.sampling == "secret":
+        raise ConfigError("[privacy] sampling = \"secret\" is for simulations only: a "
+                          "deployment's audit log records every round's participants, so the "
+                          "sample is public; use sampling = \"public\" (q = 1 accounting)")
+    return _dp_fedavg(config, path, client_ids, budget, secure)
 
 
 def _check_delta(delta: float, size: int, what: str) -> None:
@@ -123,7 +160,8 @@ def _check_delta(delta: float, size: int, what: str) -> None:
 
 
 def _dp_sgd(config: Config, path: Path | str, client_ids: Sequence[str],
-            num_examples: Mapping[str, int], budget: float | None) -> PrivacySetup:
+            num_examples: Mapping[str, int], budget: float | None,
+            secure: bool) -> PrivacySetup:
     from securefl.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier
     from securefl.privacy.dp_sgd import DPSGDTrainer, batches_per_epoch
     from securefl.privacy.ledger import PrivacyLedger
@@ -153,14 +191,14 @@ def _dp_sgd(config: Config, path: Path | str, client_ids: Sequence[str],
                             noise_multiplier=sigmas[client_id],
                             max_grad_norm=privacy.max_grad_norm,
                             grad_sample_mode=privacy.grad_sample_mode,
-                            secure_mode=privacy.secure_mode, accountant=privacy.accountant,
+                            secure_mode=secure, accountant=privacy.accountant,
                             fix_model=privacy.fix_model)
 
-    return PrivacySetup(privacy, ledger, sigmas, events, wrapper=wrap)
+    return PrivacySetup(privacy, ledger, sigmas, events, wrapper=wrap, secure=secure)
 
 
 def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
-               budget: float | None) -> PrivacySetup:
+               budget: float | None, secure: bool) -> PrivacySetup:
     from securefl.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier
     from securefl.privacy.dp_fedavg import (
         ClipState,
@@ -169,8 +207,9 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
         update_noise_multiplier,
     )
     from securefl.privacy.ledger import PrivacyLedger
+    from securefl.privacy.randomness import SecureRandom
 
-    privacy, server = config.privacy, config.server
+    privacy = config.privacy
     aggregator = config.aggregation.build()
     if not getattr(aggregator, "linear", False):
         raise ConfigError(f"[privacy] mode \"dp_fedavg\" adds noise to the sum of updates and "
@@ -178,21 +217,26 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
                           f"is not (use rule = \"fedavg\")")
     total = len(client_ids)
     _check_delta(privacy.delta, total, "number of clients")
-    per_round = server.per_round(total)
+    per_round = config.server.per_round(total)
     rate = per_round / total
+    secret = privacy.sampling == "secret"
+    # public sample: q = 1 per round taken part in, calibrated for the expected number of them
+    # (a client sampled more often than that is refused by its ledger once over budget)
+    charged_rate, steps = ((rate, config.run.rounds) if secret
+                           else (1.0, max(1, math.ceil(rate * config.run.rounds - 1e-9))))
     if privacy.noise_multiplier is not None:
         z = privacy.noise_multiplier
     else:
         z = calibrate_noise_multiplier(
             target_epsilon=float(privacy.target_epsilon),  # type: ignore[arg-type]
-            delta=privacy.delta, sample_rate=rate, steps=config.run.rounds,
+            delta=privacy.delta, sample_rate=charged_rate, steps=steps,
             accountant=privacy.accountant)
     count_stddev = None
     if privacy.adaptive_clipping:
         count_stddev = (privacy.clipped_count_stddev if privacy.clipped_count_stddev is not None
                         else per_round / 20)
     z_update = update_noise_multiplier(z, count_stddev)
-    event = PrivacyEvent("dp_fedavg", z, rate, 1)
+    event = PrivacyEvent("dp_fedavg", z, charged_rate, 1)
     ledger = PrivacyLedger(path, delta=privacy.delta, budgets=dict.fromkeys(client_ids, budget),
                            accountant=privacy.accountant)
     clip = ClipState(privacy.clip_norm, adaptive=privacy.adaptive_clipping,
@@ -200,10 +244,14 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
                      learning_rate=privacy.clip_learning_rate, count_stddev=count_stddev or 0.0)
     noise = UserLevelNoise(clip=clip, noise_multiplier=z, update_noise_multiplier=z_update,
                            expected_clients=per_round, ledger=ledger, client_ids=client_ids,
-                           event=event)
+                           event=event, charge_every_round=secret,
+                           source=SecureRandom() if secure else None)
 
     def wrap(client_id: str, base: Any) -> UserLevelTrainer:
-        return UserLevelTrainer(base, client_id=client_id, ledger=ledger, event=event, clip=clip)
+        return UserLevelTrainer(base, client_id=client_id, ledger=ledger, event=event, clip=clip,
+                                sampling=privacy.sampling)
 
     return PrivacySetup(privacy, ledger, dict.fromkeys(client_ids, z),
-                        dict.fromkeys(client_ids, event), server_hooks=(noise,), wrapper=wrap)
+                        dict.fromkeys(client_ids, event), server_hooks=(noise,), wrapper=wrap,
+                        secure=secure, sampling_seed=secrets.randbits(256) if secret else None,
+                        sampling_rate=rate)

@@ -6,7 +6,7 @@
 * ``mode = "dp_fedavg"``: user-level DP-FedAvg (McMahan et al., ICLR 2018); the privacy unit is
   a whole client.  Each update is clipped to ``clip_norm`` and the server adds
   ``N(0, (noise_multiplier * clip_norm)^2)`` to the sum; ``adaptive_clipping`` follows Andrew et
-  al. (NeurIPS 2021).
+  al. (NeurIPS 2021).  The server adds the noise, so only a trusted server may run it.
 
 Every client's spend is charged to its own :class:`~securefl.privacy.ledger.PrivacyLedger`,
 which refuses a round that would take it past ``budget`` (default: ``target_epsilon``).
@@ -33,8 +33,10 @@ class PrivacyConfig:
     #: DP-SGD per-example clipping bound
     max_grad_norm: float = 1.0
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
-    #: Opacus secure mode: CSPRNG noise (torchcsprng) and the floating-point-attack fix
-    secure_mode: bool = False
+    #: DP randomness from a CSPRNG (securefl.privacy.randomness): unset = true at a deployed
+    #: site or server, false (seeded, reproducible) in simulation; false at a deployed site
+    #: makes its noise predictable from the shared config (securefl check fails it)
+    secure_mode: bool | None = None
     #: replace layers Opacus cannot train (BatchNorm -> GroupNorm) instead of refusing the model
     fix_model: bool = False
     #: per-client epsilon budget enforced by the ledger; default ``target_epsilon``
@@ -49,6 +51,9 @@ class PrivacyConfig:
     clip_learning_rate: float = 0.2
     #: adaptive clipping: std sigma_b of the noise on the clipped count (default: m / 20)
     clipped_count_stddev: float | None = None
+    #: DP-FedAvg accounting: "public" (q = 1 per round taken part in: participants are
+    #: logged) or "secret" (q = m / N every round; simulation only, CSPRNG sample, unlogged)
+    sampling: Literal["public", "secret"] = "public"
 
     def validate(self) -> None:
         check(self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon",
@@ -71,6 +76,9 @@ class PrivacyConfig:
               f"or noise_multiplier must be set (exactly one of them) for mode {self.mode!r}")
         check(self.mode == "dp_fedavg" or not self.adaptive_clipping, "adaptive_clipping",
               "applies to mode \"dp_fedavg\" only (DP-SGD clips per example at max_grad_norm)")
+        check(self.sampling == "public" or self.secure_mode is not False, "sampling",
+              "\"secret\" needs secure_mode: a sample drawn from the seeded generator can be "
+              "recomputed by anyone holding the config")
 
     @property
     def epsilon_budget(self) -> float | None:

@@ -12,15 +12,32 @@ Round ``t`` with ``m`` of ``N`` clients sampled (rate ``q = m / N``):
    McMahan et al.'s estimator ``f~_f``), so the released mean does not reveal how many
    clients actually took part.
 
-Accounting: each round is one application of the sampled Gaussian mechanism with noise
-multiplier ``z`` and sample rate ``q`` for every user (amplification by sampling covers the
-rounds in which the user was not drawn), i.e. ``PrivacyEvent("dp_fedavg", z, q, 1)``.
+Trust: the server sees the exact sum before it adds the noise, so DP-FedAvg protects a site
+from the *users of the released model*, never from the server; threat models whose adversary
+includes the server refuse it (``securefl check``).
+
+Accounting, by ``[privacy] sampling``:
+
+* ``"public"`` (the default, and the only rule for a deployment, whose signed audit log
+  records every round's participants): amplification by sampling needs a secret sample, so
+  each round a client takes part in is one Gaussian mechanism at ``q = 1``,
+  ``PrivacyEvent("dp_fedavg", z, 1, 1)``, charged by the client for the release; rounds it
+  is not sampled in cost it nothing.
+* ``"secret"`` (simulation only): the server samples from a CSPRNG and the run directory does
+  not record who took part, so each round is one application of the sampled Gaussian
+  mechanism at ``q = m / N`` for every user (amplification covers the rounds in which a user
+  was not drawn): ``PrivacyEvent("dp_fedavg", z, q, 1)`` for every client, every round.
+
+The privacy report gives every client's epsilon under both rules.
 
 Adaptive clipping tracks the ``gamma``-quantile of update norms: each client also reports
-``b_k = 1[||Delta_k|| <= C]``; the server releases ``b~ = (sum_k b_k + N(0, sigma_b^2)) / m``
-and sets ``C <- C exp(-eta_C (b~ - gamma))``.  The two releases together are accounted as one
+``b_k = 1[||Delta_k|| <= C]``; the server releases the centred count
+``b~ = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / m + 1/2`` and sets
+``C <- C exp(-eta_C (b~ - gamma))``.  Centring makes the sum's sensitivity 1/2 (one user moves
+it by +-1/2), so its noise multiplier is ``2 sigma_b``; the two releases together are one
 Gaussian mechanism of multiplier ``z`` when the update noise uses
-``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al., Theorem 1).
+``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al., NeurIPS 2021, Theorem 1 and the
+centring of section 3; TensorFlow Privacy's ``QuantileEstimatorQuery`` does the same).
 """
 
 from __future__ import annotations
@@ -36,10 +53,14 @@ import numpy as np
 from securefl.engine.protection import Combined, Rows, Update, WeightedSum
 from securefl.errors import BudgetExceeded, ConfigError
 from securefl.privacy.accounting import PrivacyEvent
-from securefl.privacy.ledger import PrivacyLedger, RoundMemo
+from securefl.privacy.ledger import PrivacyLedger
+from securefl.privacy.randomness import SecureRandom
+from securefl.privacy.release import Releases
 
-__all__ = ["ClipState", "UserLevelNoise", "UserLevelTrainer", "clip_update",
-           "update_noise_multiplier"]
+__all__ = ["SAMPLING_RULES", "ClipState", "UserLevelNoise", "UserLevelTrainer", "clip_update",
+           "clipped_fraction", "update_noise_multiplier"]
+
+SAMPLING_RULES = ("public", "secret")
 
 _log = logging.getLogger(__name__)
 
@@ -66,6 +87,13 @@ def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float
     return rest ** -0.5
 
 
+def clipped_fraction(bits: Sequence[bool], *, expected_clients: int, noise: float) -> float:
+    """The released estimate ``b~ = (sum_k (b_k - 1/2) + noise) / m + 1/2`` of the fraction of
+    unclipped updates; ``noise`` is the draw of ``N(0, sigma_b^2)``."""
+    centred = sum(float(bit) - 0.5 for bit in bits)
+    return (centred + noise) / expected_clients + 0.5
+
+
 class ClipState:
     """The clipping bound ``C`` shared by the clients and the server of one simulation, and
     the clipped-count bits of the round in progress.
@@ -90,8 +118,9 @@ class ClipState:
             self._bits[(round, client_id)] = unclipped
 
     def adapt(self, round: int, client_ids: Sequence[str], *, expected_clients: int,
-              rng: np.random.Generator) -> float | None:
-        """``C <- C exp(-eta (b~ - gamma))`` from the round's noisy unclipped fraction.
+              rng: np.random.Generator, source: SecureRandom | None = None) -> float | None:
+        """``C <- C exp(-eta (b~ - gamma))`` from the round's noisy unclipped fraction
+        (:func:`clipped_fraction`; its noise from ``source`` when given, else ``rng``).
 
         Returns ``b~``, or ``None`` (``C`` unchanged) when no participant's bit reached this
         state: the clients run elsewhere and clip with their own ``C``, so the server must
@@ -105,7 +134,9 @@ class ClipState:
                          "%d (they run out of process); the clipping bound stays %g",
                          round, self.clip_norm)
             return None
-        noisy = (sum(bits) + rng.normal(0.0, self.count_stddev)) / expected_clients
+        draw = (float(source.gaussian(1, self.count_stddev)[0]) if source is not None
+                else float(rng.normal(0.0, self.count_stddev)))
+        noisy = clipped_fraction(bits, expected_clients=expected_clients, noise=draw)
         self.clip_norm *= math.exp(-self.learning_rate * (noisy - self.target_quantile))
         return noisy
 
@@ -113,32 +144,39 @@ class ClipState:
 class UserLevelTrainer:
     """A client's trainer under DP-FedAvg: charge, train, clip, weight 1.
 
-    Before training for round ``r`` the client charges its ledger one event for every round
-    up to ``r`` not charged yet (each round costs every available user, sampled or not), raising
-    :class:`~securefl.errors.BudgetExceeded` (a ``Decline``) at the first that does not fit.
+    The release is charged ``event`` before training, raising
+    :class:`~securefl.errors.BudgetExceeded` (a ``Decline``) when it does not fit.  Under
+    ``sampling = "secret"`` every earlier round not charged yet is charged first (each round
+    costs every available user, sampled or not).  Repeats are answered from the ledger
+    (:class:`~securefl.privacy.release.Releases`).
     """
 
     def __init__(self, base: Any, *, client_id: str, ledger: PrivacyLedger,
-                 event: PrivacyEvent, clip: ClipState) -> None:
+                 event: PrivacyEvent, clip: ClipState, sampling: str = "public") -> None:
+        if sampling not in SAMPLING_RULES:
+            raise ValueError(f"sampling must be one of {SAMPLING_RULES}, got {sampling!r}")
         self.base, self.client_id, self.ledger = base, client_id, ledger
-        self.event, self.clip = event, clip
-        self._memo = RoundMemo()
+        self.event, self.clip, self.sampling = event, clip, sampling
+        self.releases = Releases(ledger, client_id)
 
     def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
-        if (answer := self._memo.recall(round, parameters)) is not None:
+        release, answer = self.releases.recall(parameters, round=round)
+        if answer is not None:
             return answer
-        charged = set(self.ledger.rounds(self.client_id))
-        spent = 0.0
-        for past in range(1, round + 1):
-            if past not in charged or past == round:
-                spent = self.ledger.charge(self.client_id, self.event, round=past)
+        if self.sampling == "secret":
+            charged = set(self.ledger.rounds(self.client_id))
+            for past in range(1, round):
+                if past not in charged:
+                    self.ledger.charge(self.client_id, self.event, round=past)
+        spent = self.ledger.charge(self.client_id, self.event, round=round, release=release)
         update, _ = self.base.fit(parameters, round=round)
         clip_norm = self.clip.clip_norm
         clipped, norm = clip_update(update.delta, clip_norm)
         self.clip.record(round, self.client_id, norm <= clip_norm)
         # only public quantities leave the client: its training loss and update norm are not
         metrics = {"epsilon": spent, "delta": self.ledger.delta, "clip_norm": clip_norm}
-        return self._memo.keep(round, parameters, Update(clipped, 1.0), metrics)
+        return self.releases.keep(release, round=round, update=Update(clipped, 1.0),
+                                  metrics=metrics)
 
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
         return self.base.evaluate(parameters)
@@ -149,20 +187,26 @@ class UserLevelNoise:
 
     ``Rows`` are summed with weight 1 each (their FedAvg weights are ignored: the privacy unit
     is the user).  A ``WeightedSum`` from secure aggregation or HE already carries weight 1 per
-    client (:class:`UserLevelTrainer` sends weight 1).  After the round, every client
-    is charged the round's event if it still fits its budget: the server's copy of the ledger
-    (in simulation the same file the clients use, where a participant's own charge makes this
-    a no-op).
+    client (:class:`UserLevelTrainer` sends weight 1).  With ``charge_every_round`` (sampling
+    ``"secret"``), after the round every client is charged the round's event if it still fits
+    its budget: the server's copy of the ledger (in simulation the same file the clients use,
+    where a participant's own charge makes this a no-op).
+
+    The noise comes from ``source`` (a CSPRNG) when given: whoever holds the config could
+    otherwise regenerate the server's seeded noise and subtract it from the released model.
+    Without, from the server's seeded ``rng`` (reproducible simulations).
     """
 
     def __init__(self, *, clip: ClipState, noise_multiplier: float,
                  update_noise_multiplier: float, expected_clients: int,
-                 ledger: PrivacyLedger, client_ids: Sequence[str], event: PrivacyEvent) -> None:
+                 ledger: PrivacyLedger, client_ids: Sequence[str], event: PrivacyEvent,
+                 charge_every_round: bool = True, source: SecureRandom | None = None) -> None:
         self.clip = clip
         self.noise_multiplier = noise_multiplier
         self.update_noise_multiplier = update_noise_multiplier
         self.expected_clients = expected_clients
         self.ledger, self.client_ids, self.event = ledger, tuple(client_ids), event
+        self.charge_every_round, self.source = charge_every_round, source
 
     def transform_combined(self, combined: Combined, *, round: int,
                            rng: np.random.Generator) -> WeightedSum:
@@ -171,11 +215,14 @@ class UserLevelNoise:
         else:
             total = np.asarray(combined.total, dtype=np.float64)
         std = self.update_noise_multiplier * self.clip.clip_norm
-        noisy = total + rng.normal(0.0, std, size=total.shape)
+        noise = (self.source.gaussian(total.size, std).numpy().reshape(total.shape)
+                 if self.source is not None else rng.normal(0.0, std, size=total.shape))
+        noisy = total + noise
         if self.clip.adaptive:
             self.clip.adapt(round, combined.client_ids, expected_clients=self.expected_clients,
-                            rng=rng)
-        self._charge_round(round)
+                            rng=rng, source=self.source)
+        if self.charge_every_round:
+            self._charge_round(round)
         return WeightedSum(combined.client_ids, noisy, float(self.expected_clients),
                            combined.rejected)
 

@@ -10,6 +10,14 @@ The engine is built once per client and reused every round, so Opacus's own acco
 the whole history (re-creating it per round would forget earlier rounds) and the model is
 wrapped once (wrapping twice would register the per-sample hooks twice).  A model is refused if
 it was already handed to Opacus.
+
+Randomness (``secure_mode``): with ``True`` the Poisson sample and the noise come from
+:mod:`securefl.privacy.randomness` (AES-CTR under fresh ``os.urandom`` keys; Holohan and
+Braghin's summed Gaussians against the floating-point attack), so a server holding the shared
+config cannot replay them.  With ``False`` both come from the trainer's generator, seeded from
+``[run] seed`` and the client's index: reproducible, for simulations, and predictable by
+anyone holding the config.  Every request is answered through
+:class:`~securefl.privacy.release.Releases`: one charge per release, repeats from memory.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from securefl.engine.protection import Update
 from securefl.errors import ConfigError
 from securefl.params import Layout, flatten, unflatten
 from securefl.privacy.accounting import PrivacyEvent
-from securefl.privacy.ledger import PrivacyLedger, RoundMemo
+from securefl.privacy.ledger import PrivacyLedger
+from securefl.privacy.randomness import SecurePoissonSampler, SecureRandom, use_secure_noise
+from securefl.privacy.release import Releases
 
 __all__ = ["GRAD_SAMPLE_MODES", "DPSGDTrainer", "batches_per_epoch", "make_compatible"]
 
@@ -76,10 +86,11 @@ def make_compatible(model: nn.Module, *, fix: bool) -> nn.Module:
 class DPSGDTrainer:
     """A :class:`~securefl.engine.trainer.LocalTrainer` whose rounds run Opacus DP-SGD.
 
-    ``fit`` charges ``PrivacyEvent("dp_sgd", sigma, q, epochs * batches)`` to ``ledger``
-    (raising :class:`~securefl.errors.BudgetExceeded` before any training when the budget
-    would be exceeded), then trains from the global vector and returns
-    ``Update(local - global, num_examples)``.
+    ``fit`` charges ``PrivacyEvent("dp_sgd", sigma, q, epochs * batches)`` to ``ledger`` for
+    the release (raising :class:`~securefl.errors.BudgetExceeded` before any training when the
+    budget would be exceeded), then trains from the global vector and returns
+    ``Update(local - global, num_examples)``.  ``secure_mode``: CSPRNG sampling and noise
+    (the module docstring).
     """
 
     def __init__(self, base: Any, *, client_id: str, ledger: PrivacyLedger,
@@ -96,29 +107,38 @@ class DPSGDTrainer:
         self.base, self.client_id, self.ledger = base, client_id, ledger
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.grad_sample_mode = grad_sample_mode
-        self.engine = _privacy_engine(accountant=accountant, secure_mode=secure_mode)
-        generator = self.engine.secure_rng if secure_mode else base.generator
-        loader = DPDataLoader.from_data_loader(
-            DataLoader(_Examples(base.features, base.labels), batch_size=base.batch_size,
-                       collate_fn=_as_batch),
-            generator=generator)
+        self.secure_mode = secure_mode
+        with warnings.catch_warnings():
+            # Opacus's own secure mode needs torchcsprng; ours does not use it
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            self.engine = PrivacyEngine(accountant=accountant, secure_mode=False)
+        examples = _Examples(base.features, base.labels)
+        seeded = DPDataLoader.from_data_loader(
+            DataLoader(examples, batch_size=base.batch_size, collate_fn=_as_batch),
+            generator=base.generator)
+        source = SecureRandom()
+        loader = seeded if not secure_mode else DataLoader(
+            examples, collate_fn=_as_batch, batch_sampler=SecurePoissonSampler(
+                num_samples=len(examples), sample_rate=seeded.sample_rate,
+                steps=len(seeded), source=source))
         made = self.engine.make_private(
             module=base.model, optimizer=base.make_optimizer(base.model.parameters()),
             criterion=nn.CrossEntropyLoss(), data_loader=loader,
             noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             poisson_sampling=False,  # the loader above already samples, with our generator
-            noise_generator=None if secure_mode else base.generator,
-            grad_sample_mode=grad_sample_mode)
+            noise_generator=base.generator, grad_sample_mode=grad_sample_mode)
         _WRAPPED.add(base.model)
         if grad_sample_mode == "ghost":
             self.module, self.optimizer, self.criterion, self.loader = made
         else:
             self.module, self.optimizer, self.loader = made
             self.criterion = nn.CrossEntropyLoss()
+        if secure_mode:
+            use_secure_noise(self.optimizer, source)
         self.module.forbid_grad_accumulation()
         self.steps_per_epoch = len(self.loader)
         self.sample_rate = 1 / self.steps_per_epoch
-        self._memo = RoundMemo()
+        self.releases = Releases(ledger, client_id)
 
     @property
     def num_examples(self) -> int:
@@ -136,9 +156,11 @@ class DPSGDTrainer:
             return float(self.engine.accountant.get_epsilon(delta=delta))
 
     def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
-        if (answer := self._memo.recall(round, parameters)) is not None:
+        release, answer = self.releases.recall(parameters, round=round)
+        if answer is not None:
             return answer
-        spent = self.ledger.charge(self.client_id, self.round_event(), round=round)
+        spent = self.ledger.charge(self.client_id, self.round_event(), round=round,
+                                   release=release)
         base = self.base
         unflatten(base.model, parameters, base.layout)
         self.optimizer.original_optimizer.state.clear()  # a round starts a fresh optimizer
@@ -156,8 +178,9 @@ class DPSGDTrainer:
         # without noise, so it is not reported
         metrics = {"epsilon": spent, "delta": self.ledger.delta,
                    "noise_multiplier": self.noise_multiplier}
-        return self._memo.keep(round, parameters, Update(delta, float(self.num_examples)),
-                               metrics)
+        return self.releases.keep(release, round=round,
+                                  update=Update(delta, float(self.num_examples)),
+                                  metrics=metrics)
 
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
         return self.base.evaluate(parameters)
@@ -173,15 +196,3 @@ class _Examples(TensorDataset):
 
 def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
-
-
-def _privacy_engine(*, accountant: str, secure_mode: bool) -> PrivacyEngine:
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            return PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
-    except ImportError:
-        raise ConfigError("[privacy] secure_mode = true needs the torchcsprng package (a "
-                          "cryptographically secure noise source for Opacus); install it or "
-                          "set secure_mode = false") from None
-

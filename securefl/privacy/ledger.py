@@ -1,4 +1,4 @@
-"""The per-client privacy ledger: SQLite, dry-run then commit, idempotent per (client, round).
+"""The per-client privacy ledger: SQLite, dry-run then commit, one charge per release.
 
 Each charge is an immutable :class:`~securefl.privacy.accounting.PrivacyEvent`.  Following
 the dry-run-then-commit pattern of Google's ``dp_accounting`` (``PrivacyAccountant``), a
@@ -7,25 +7,37 @@ charge first composes the client's committed events with the new one (Opacus's a
 exceed the client's budget, raises :class:`~securefl.errors.BudgetExceeded` with nothing
 written.  Otherwise the row is committed in one SQLite transaction.
 
-Integrity: every row carries ``digest_i = SHA-256(digest_{i-1} || canonical row)`` and the
+What is charged once: a **release**, named by the SHA-256 of the global parameters it was
+trained from (``release=``).  Round numbers do not make two releases one: a server that asks
+for round 1, 2, 1, 2, ... with new parameters each time is charged for every one of them.
+A charge without a release (``release=None``: a DP-FedAvg round in which the client was not
+sampled) is idempotent per ``(client, round)``.  The ``releases`` table keeps what each
+release returned (:meth:`PrivacyLedger.remember`), so a request repeated for byte-identical
+parameters gets the same answer, across restarts, without training or charging again
+(:mod:`securefl.privacy.release`).
+
+Integrity: every charge carries ``digest_i = SHA-256(digest_{i-1} || canonical row)`` and the
 ``meta`` table stores the chain head, so an edited, deleted or reordered row, a garbage file,
 an emptied file or a foreign schema is a :class:`LedgerError` on open, never a silent reset.
 The chain detects corruption and careless edits; it is not a signature (whoever can rewrite
 the whole file can recompute it), which is what the signed run audit log is for.
 
 In simulation the ledger lives in the run directory; in a deployment each site keeps its own
-file on its own disk, so the data holder itself refuses a round over budget.
+file on its own disk, so the data holder itself refuses a round over budget, and its spend
+carries over from run to run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import sqlite3
 import threading
 from collections.abc import Mapping
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -35,15 +47,16 @@ from securefl.engine.protection import Update
 from securefl.errors import BudgetExceeded, ConfigError, SecureFLError
 from securefl.privacy.accounting import AccountantName, PrivacyEvent, epsilon
 
-__all__ = ["SCHEMA", "LedgerError", "PrivacyLedger", "RoundMemo"]
+__all__ = ["SCHEMA", "LedgerError", "PrivacyLedger", "Release"]
 
-SCHEMA = "securefl-privacy-ledger/1"
+SCHEMA = "securefl-privacy-ledger/2"
 _GENESIS = "0" * 64
 _TABLES = {
     "meta": ["key", "value"],
     "budgets": ["client_id", "epsilon"],
     "charges": ["seq", "client_id", "round", "mechanism", "noise_multiplier", "sample_rate",
-                "steps", "epsilon", "budget", "digest"],
+                "steps", "epsilon", "budget", "release", "digest"],
+    "releases": ["client_id", "release", "round", "weight", "metrics", "delta"],
 }
 _CREATE = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,17 +64,31 @@ CREATE TABLE budgets (client_id TEXT PRIMARY KEY, epsilon REAL);
 CREATE TABLE charges (
     seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL, round INTEGER NOT NULL,
     mechanism TEXT NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
-    steps INTEGER NOT NULL, epsilon REAL NOT NULL, budget REAL, digest TEXT NOT NULL,
-    UNIQUE (client_id, round));
+    steps INTEGER NOT NULL, epsilon REAL NOT NULL, budget REAL, release TEXT,
+    digest TEXT NOT NULL, UNIQUE (client_id, release));
+CREATE TABLE releases (
+    client_id TEXT NOT NULL, release TEXT NOT NULL, round INTEGER NOT NULL,
+    weight REAL NOT NULL, metrics TEXT NOT NULL, delta BLOB,
+    PRIMARY KEY (client_id, release));
 """
 _ROW = ("SELECT seq, client_id, round, mechanism, noise_multiplier, sample_rate, steps, "
-        "epsilon, budget, digest FROM charges")
+        "epsilon, budget, release, digest FROM charges")
 
 Budgets = float | Mapping[str, float | None] | None
 
 
 class LedgerError(SecureFLError):
     """The ledger file is corrupted, tampered with, or inconsistent with this charge."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a client returned for one release; ``update`` is ``None`` once a later release
+    of the client replaced it (only the latest update is kept, every digest forever)."""
+
+    round: int
+    update: Update | None
+    metrics: dict[str, float]
 
 
 def _digest(previous: str, row: tuple[object, ...]) -> str:
@@ -125,7 +152,9 @@ class PrivacyLedger:
                                   f"{found}); it is corrupted or not a securefl ledger")
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
         if meta.get("schema") != SCHEMA:
-            raise LedgerError(f"{where} has schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+            raise LedgerError(f"{where} has schema {meta.get('schema')!r}, expected {SCHEMA!r}"
+                              f" (a /1 ledger charged per round number, not per release: "
+                              f"keep it for the record and start a new file)")
         try:
             stored_delta = float.fromhex(meta["delta"])
         except (KeyError, ValueError):
@@ -175,21 +204,27 @@ class PrivacyLedger:
             return None if value is None else float(value)
         return None if self._budgets is None else float(self._budgets)
 
-    def charge(self, client_id: str, event: PrivacyEvent, *, round: int) -> float:
+    def charge(self, client_id: str, event: PrivacyEvent, *, round: int,
+               release: bytes | None = None) -> float:
         """Charge ``event`` for ``round``; return the client's epsilon after it.
 
         Dry run first: if the composition would exceed the budget, raise
-        :class:`~securefl.errors.BudgetExceeded` and write nothing.  Charging the same
-        ``(client, round)`` again with the same event is a no-op returning the same epsilon
-        (a retried round is never charged twice); with a different event it is an error.
+        :class:`~securefl.errors.BudgetExceeded` and write nothing.  With ``release`` (the
+        SHA-256 of the parameters trained from) the charge is made once per release, whatever
+        the round number; without, once per ``(client, round)``.  Charging a known release or
+        round again with the same event is a no-op returning the epsilon then recorded; with
+        a different event it is a :class:`LedgerError`.
         """
         if not isinstance(event, PrivacyEvent):
             raise TypeError(f"event must be a PrivacyEvent, got {type(event).__name__}")
+        if release is not None and (not isinstance(release, bytes) or len(release) != 32):
+            raise ValueError("release must be a 32-byte SHA-256 digest")
         budget = self.budget(client_id)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                result = self._charge_locked(client_id, event, round, budget)
+                result = self._charge_locked(client_id, event, round, budget,
+                                             None if release is None else release.hex())
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -197,14 +232,15 @@ class PrivacyLedger:
         return result
 
     def _charge_locked(self, client_id: str, event: PrivacyEvent, round: int,
-                       budget: float | None) -> float:
+                       budget: float | None, release: str | None) -> float:
         rows = self._db.execute(f"{_ROW} WHERE client_id = ? ORDER BY seq",
                                 (client_id,)).fetchall()
-        for row in rows:
-            if row[2] == round:
+        for row in reversed(rows):
+            if (row[9] == release) if release is not None else (row[2] == round):
                 if _event(row) != event:
+                    what = f"release {release[:16]}" if release else f"round {round}"
                     raise LedgerError(f"{client_id} was already charged {_event(row)} for "
-                                      f"round {round}; refusing a different charge {event}")
+                                      f"{what}; refusing a different charge {event}")
                 return float(row[7])
         spent = epsilon([*map(_event, rows), event], delta=self.delta,
                         accountant=self.accountant)
@@ -219,12 +255,50 @@ class PrivacyLedger:
         seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM charges").fetchone()[0])
         row = (seq, client_id, int(round), event.mechanism, float(event.noise_multiplier),
                float(event.sample_rate), int(event.steps), float(spent),
-               None if budget is None else float(budget))
+               None if budget is None else float(budget), release)
         digest = _digest(head, row)
-        self._db.execute("INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._db.execute("INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (*row, digest))
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (digest,))
         return float(spent)
+
+    # ------------------------------------------------------------------ released answers
+    def remember(self, client_id: str, release: bytes, *, round: int, update: Update,
+                 metrics: dict[str, float]) -> None:
+        """Keep what ``release`` returned; the client's earlier updates are dropped (their
+        digests stay, so a repeat of an older release is recognised, not trained again)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(update.delta, dtype=np.float32),
+                allow_pickle=False)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE releases SET delta = NULL WHERE client_id = ?",
+                             (client_id,))
+            self._db.execute("INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?, ?)",
+                             (client_id, release.hex(), int(round), float(update.weight),
+                              json.dumps(metrics), buffer.getvalue()))
+            self._db.execute("COMMIT")
+
+    def recall(self, client_id: str, release: bytes) -> Release | None:
+        """What ``client_id`` returned for ``release``, or ``None`` if it never released it."""
+        with self._lock:
+            row = self._db.execute("SELECT round, weight, metrics, delta FROM releases "
+                                   "WHERE client_id = ? AND release = ?",
+                                   (client_id, release.hex())).fetchone()
+        if row is None:
+            return None
+        update = None
+        if row[3] is not None:
+            delta = np.load(io.BytesIO(row[3]), allow_pickle=False)
+            update = Update(delta.astype(np.float32, copy=False), float(row[1]))
+        return Release(int(row[0]), update, {k: float(v) for k, v in json.loads(row[2]).items()})
+
+    def released_rounds(self, client_id: str) -> list[int]:
+        """The round of every release of ``client_id`` (its participation), in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT round FROM releases WHERE client_id = ? "
+                                    "ORDER BY round", (client_id,)).fetchall()
+        return [int(r[0]) for r in rows]
 
     # ------------------------------------------------------------------ reading
     def _rows(self, client_id: str) -> list[tuple]:
@@ -300,30 +374,3 @@ class PrivacyLedger:
         if accountant not in ("rdp", "prv"):
             raise LedgerError(f"privacy ledger {path} names an unknown accountant {accountant!r}")
         return cls(path, delta=delta, budgets=None, accountant=accountant)
-
-
-class RoundMemo:
-    """The answer a private trainer gave for its latest round.
-
-    A retried round (the server lost the reply, or resumed after a crash) must get the same
-    update back: training again would spend the privacy budget twice.  A retry that sends
-    different global parameters is refused, since answering it would be a second release.
-    """
-
-    def __init__(self) -> None:
-        self._done: tuple[int, np.ndarray, Update, dict[str, float]] | None = None
-
-    def recall(self, round: int, parameters: np.ndarray
-               ) -> tuple[Update, dict[str, float]] | None:
-        if self._done is None or self._done[0] != round:
-            return None
-        if not np.array_equal(self._done[1], parameters):
-            raise ValueError(f"round {round} was already trained from other parameters; "
-                             f"a retried round must resend the same global model")
-        return self._done[2], self._done[3]
-
-    def keep(self, round: int, parameters: np.ndarray, update: Update,
-             metrics: dict[str, float]) -> tuple[Update, dict[str, float]]:
-        self._done = (round, np.array(parameters, copy=True), update, metrics)
-        return update, metrics
-

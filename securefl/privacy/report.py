@@ -5,6 +5,11 @@ accountant and by its PRV accountant (both from the same event history), its bud
 is left (by the ledger's own accountant, the one that enforced the budget).  Writes
 ``privacy.json`` and ``epsilon.png`` (epsilon after each round per client, budget dashed)
 into the run directory and prints the table.
+
+DP-FedAvg is also reported under both sampling rules (:mod:`securefl.privacy.dp_fedavg`):
+``epsilon_public_sampling`` composes one ``q = 1`` Gaussian per round the client released an
+update in (what holds once participation is known), ``epsilon_secret_sampling`` one
+``q = m / N`` Gaussian per round of the run (what holds only for a secret sample).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from securefl.plots import pyplot, save_figure
 from securefl.privacy import LEDGER_FILE
+from securefl.privacy.accounting import PrivacyEvent, epsilon
 from securefl.privacy.ledger import LedgerError, PrivacyLedger
 
 __all__ = ["command", "plot_epsilon", "summarise", "write_report"]
@@ -24,12 +30,35 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def summarise(ledger: PrivacyLedger, **extra: Any) -> dict[str, Any]:
+def sampling_views(ledger: PrivacyLedger, client_id: str, *, sampling_rate: float,
+                   rounds: int) -> dict[str, float | None]:
+    """Epsilon of a DP-FedAvg client under both sampling rules (module docstring)."""
+    events = ledger.events(client_id)
+    if not events:
+        return {"epsilon_public_sampling": 0.0, "epsilon_secret_sampling": 0.0}
+    z = events[-1].noise_multiplier
+    taken = len(ledger.released_rounds(client_id))
+    public = [PrivacyEvent("dp_fedavg", z, 1.0, taken)] if taken else []
+    secret = [PrivacyEvent("dp_fedavg", z, sampling_rate, rounds)] if rounds else []
+    return {
+        "rounds_taken_part": taken,
+        "epsilon_public_sampling": _finite(epsilon(public, delta=ledger.delta,
+                                                   accountant=ledger.accountant)),
+        "epsilon_secret_sampling": _finite(epsilon(secret, delta=ledger.delta,
+                                                   accountant=ledger.accountant)),
+    }
+
+
+def summarise(ledger: PrivacyLedger, *, sampling: str | None = None,
+              sampling_rate: float | None = None, **extra: Any) -> dict[str, Any]:
     """The ``privacy.json`` document of ``ledger`` (``extra`` keys are added at the top).
 
-    Epsilon values that are unbounded, and unlimited budgets, are ``null``.
+    Epsilon values that are unbounded, and unlimited budgets, are ``null``.  With
+    ``sampling_rate`` (DP-FedAvg's m / N) every client also gets :func:`sampling_views`, the
+    run's rounds being the last round any client was charged for.
     """
     clients: dict[str, Any] = {}
+    rounds = max((r for c in ledger.clients() for r in ledger.rounds(c)), default=0)
     for client_id in ledger.clients():
         events = ledger.events(client_id)
         rdp = ledger.epsilon(client_id, accountant="rdp")
@@ -50,6 +79,11 @@ def summarise(ledger: PrivacyLedger, **extra: Any) -> dict[str, Any]:
             "noise_multiplier": events[-1].noise_multiplier if events else None,
             "sample_rate": events[-1].sample_rate if events else None,
         }
+        if sampling_rate is not None:
+            clients[client_id].update(sampling_views(ledger, client_id, rounds=rounds,
+                                                     sampling_rate=sampling_rate))
+    if sampling is not None:
+        extra["sampling"] = sampling
     return {**extra, "delta": ledger.delta, "accountant": ledger.accountant,
             "ledger": Path(ledger.path).name, "clients": clients}
 
@@ -100,12 +134,20 @@ def _table(summary: dict[str, Any]) -> Any:
 
     table = Table(title=f"privacy spent at delta={summary['delta']:g} "
                         f"(budget enforced by {summary['accountant'].upper()})")
-    for header in ("client", "rounds", "epsilon (RDP)", "epsilon (PRV)", "budget", "left"):
+    views = any("epsilon_public_sampling" in e for e in summary["clients"].values())
+    headers = ["client", "rounds", "epsilon (RDP)", "epsilon (PRV)", "budget", "left"]
+    if views:
+        headers += ["epsilon, sample public", "epsilon, sample secret"]
+    for header in headers:
         table.add_column(header, justify="left" if header == "client" else "right")
     for client_id, entry in summary["clients"].items():
-        table.add_row(client_id, str(entry["rounds"]), number(entry["epsilon_rdp"], "inf"),
-                      number(entry["epsilon_prv"], "inf"), number(entry["budget"], "none"),
-                      number(entry["remaining"], "-"))
+        cells = [client_id, str(entry["rounds"]), number(entry["epsilon_rdp"], "inf"),
+                 number(entry["epsilon_prv"], "inf"), number(entry["budget"], "none"),
+                 number(entry["remaining"], "-")]
+        if views:
+            cells += [number(entry.get("epsilon_public_sampling"), "inf"),
+                      number(entry.get("epsilon_secret_sampling"), "inf")]
+        table.add_row(*cells)
     return table
 
 
@@ -118,8 +160,16 @@ def command(args: Any) -> int:
     if not path.is_file():
         raise LedgerError(f"{run_dir}: no {LEDGER_FILE} (was the run made with [privacy] "
                           f"mode = \"dp_sgd\" or \"dp_fedavg\"?)")
+    rate = sampling = None
+    if (run_dir / "config.toml").is_file():
+        from securefl.config import load_config
+
+        config = load_config(run_dir / "config.toml")
+        if config.privacy.mode == "dp_fedavg":
+            sampling = config.privacy.sampling
+            rate = config.server.per_round(config.data.num_clients) / config.data.num_clients
     with PrivacyLedger.open_existing(path) as ledger:
-        summary = summarise(ledger)
+        summary = summarise(ledger, sampling=sampling, sampling_rate=rate)
     write_report(run_dir, summary)
     console = Console()
     console.print(_table(summary))

@@ -237,7 +237,8 @@ def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
         peers = (sorted(config.network.allowlist) or [site]
                  if config.privacy.mode == "dp_fedavg" else [site])
         privacy = build_privacy(config, run_dir=state, client_ids=peers,
-                                num_examples={site: len(data.clients[shard].train)})
+                                num_examples={site: len(data.clients[shard].train)},
+                                deployment=True)  # CSPRNG noise unless the site opts out
         if privacy is not None:
             trainer = privacy.wrap_trainer(site, base)
             hooks = list(privacy.client_hooks)

@@ -99,7 +99,7 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             from securefl.privacy import build_privacy
 
             privacy = build_privacy(config, run_dir=state / "privacy", client_ids=sites,
-                                    num_examples={})
+                                    num_examples={}, deployment=True)
             if privacy is not None:
                 hooks.extend(privacy.server_hooks)
         server, _ = build_server(config, grpc_transport, protection, data, hooks=hooks,

@@ -36,6 +36,8 @@ class Facts:
     num_clients: int
     clients_per_round: int
     privacy_mode: str
+    #: ``[privacy] secure_mode``: None = CSPRNG when deployed, seeded in simulation
+    dp_secure_mode: bool | None
     epsilon_budget: float | None
     delta: float | None
     insecure: bool
@@ -81,6 +83,7 @@ def facts(config: Any, *, deployment: str = "simulation") -> Facts:
         linear=_linear(config.aggregation.rule, options, config.aggregation),
         num_clients=num_clients, clients_per_round=per_round,
         privacy_mode=getattr(privacy, "mode", "none"),
+        dp_secure_mode=getattr(privacy, "secure_mode", False),
         epsilon_budget=None if budget is None else float(budget),
         delta=getattr(privacy, "delta", None),
         insecure=bool(getattr(network, "insecure", True)),
@@ -168,6 +171,8 @@ def update_secrecy(f: Facts, model: ThreatModel, accept: list[str]) -> tuple[boo
     if f.protection in accept and f.protection != "plain":
         return True, f"protection {f.protection!r} reveals only the weighted sum to the server"
     if "dp_sgd" in accept and f.privacy_mode == "dp_sgd":
+        if (problem := _predictable_randomness(f)) is not None:
+            return False, problem
         return True, ("each update leaves its client already protected by DP-SGD: the server "
                       "sees rows, but only through the sample-level ε")
     if not f.linear and f.protection == "plain":
@@ -216,17 +221,40 @@ def collusion(f: Facts, model: ThreatModel) -> tuple[bool, str]:
     return True, "not applicable: with plaintext rows collusion shows the server nothing new"
 
 
+def _server_is_adversary(model: ThreatModel) -> bool:
+    return any(a.who == "server" and a.behaviour != "none" for a in model.adversaries)
+
+
+def _predictable_randomness(f: Facts) -> str | None:
+    """Why the DP noise of a deployed site is predictable by the server, or ``None``."""
+    if f.deployment == "network" and f.privacy_mode == "dp_sgd" and f.dp_secure_mode is False:
+        return ("[privacy] secure_mode = false in a deployment: each site's Poisson sample and "
+                "noise come from a generator seeded by [run] seed, which the server holds, so "
+                "it can replay and subtract them; leave secure_mode unset (CSPRNG at the site)")
+    return None
+
+
 def differential_privacy(f: Facts, model: ThreatModel, modes: list[str]) -> tuple[bool, str]:
-    """Membership inference (Shokri et al. 2017) on what is released is bounded only by DP."""
+    """Membership inference (Shokri et al. 2017) on what is released is bounded only by DP.
+    Against a server adversary only noise the sites add themselves counts (DP-SGD), and only
+    while the server cannot predict it (CSPRNG randomness at every deployed site)."""
     if f.privacy_mode == "none":
         return False, "no DP: membership inference is in scope"
+    if f.privacy_mode == "dp_fedavg" and _server_is_adversary(model):
+        return False, ("DP-FedAvg's noise is added by the server after it has seen the exact "
+                       f"sum, and {model.name}'s adversary includes the server; use DP-SGD "
+                       "at the sites (mode = \"dp_sgd\")")
     if f.privacy_mode not in modes:
         return False, (f"privacy mode {f.privacy_mode!r} does not protect against this model's "
                        f"adversaries; it needs mode {' or '.join(map(repr, modes))}")
+    if (problem := _predictable_randomness(f)) is not None:
+        return False, problem
     if f.privacy_mode == "dp_fedavg":
         return True, ("user-level DP-FedAvg: the released model is DP per site (the server "
                       "adds the noise, so it is not protected from the server itself)")
-    return True, "DP-SGD at every client: each update is DP per training example"
+    randomness = ("CSPRNG sampling and noise" if f.deployment == "network"
+                  or f.dp_secure_mode else "seeded sampling and noise (simulation)")
+    return True, f"DP-SGD at every client ({randomness}): each update is DP per training example"
 
 
 def privacy_budget(f: Facts, model: ThreatModel, max_epsilon: float,

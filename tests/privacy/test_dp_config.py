@@ -37,6 +37,8 @@ def config(**privacy: object) -> Config:
      "target_quantile must be in (0, 1)"),
     ({"mode": "dp_fedavg", "noise_multiplier": 1.0, "clip_norm": 0}, "clip_norm must be > 0"),
     ({"mode": "dp_sgd", "noise_multiplier": 1.0, "accountant": "gdp"}, "accountant"),
+    ({"mode": "dp_fedavg", "noise_multiplier": 1.0, "sampling": "secret",
+      "secure_mode": False}, "\"secret\" needs secure_mode"),
 ])
 def test_bad_privacy_tables_are_config_errors(privacy: dict, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -85,8 +87,9 @@ def test_dp_sgd_calibrates_each_client_over_the_planned_run(tmp_path: Path) -> N
     setup.ledger.close()
 
 
-def test_dp_fedavg_rate_is_clients_per_round_over_clients() -> None:
-    cfg = config(mode="dp_fedavg", target_epsilon=5.0).replace(server__clients_per_round=2)
+def test_dp_fedavg_rate_is_clients_per_round_over_clients_under_a_secret_sample() -> None:
+    cfg = config(mode="dp_fedavg", target_epsilon=5.0, sampling="secret").replace(
+        server__clients_per_round=2)
     setup = build_privacy(cfg, run_dir=None, client_ids=[f"c{i}" for i in range(8)],
                           num_examples={})
     assert setup is not None
@@ -94,10 +97,32 @@ def test_dp_fedavg_rate_is_clients_per_round_over_clients() -> None:
     assert event.sample_rate == 0.25 and event.steps == 1 and event.mechanism == "dp_fedavg"
     assert 5.0 - 0.011 <= epsilon([event] * 4, delta=1e-5) <= 5.0
     assert len(setup.server_hooks) == 1 and setup.client_hooks == ()
-    fraction = config(mode="dp_fedavg", noise_multiplier=1.0).replace(server__fraction=0.3)
+    assert setup.secure and setup.sampling_seed is not None  # a CSPRNG sample and noise
+    assert setup.server_hooks[0].source is not None
+    fraction = config(mode="dp_fedavg", noise_multiplier=1.0, sampling="secret").replace(
+        server__fraction=0.3)
     setup = build_privacy(fraction, run_dir=None, client_ids=[f"c{i}" for i in range(10)],
                           num_examples={})
     assert setup is not None and setup.events["c0"].sample_rate == 0.3
+
+
+def test_dp_fedavg_under_a_public_sample_charges_q_1_per_round_taken_part() -> None:
+    """4 rounds at q = 2/8: one expected participation, calibrated at q = 1."""
+    cfg = config(mode="dp_fedavg", target_epsilon=5.0).replace(server__clients_per_round=2)
+    setup = build_privacy(cfg, run_dir=None, client_ids=[f"c{i}" for i in range(8)],
+                          num_examples={})
+    assert setup is not None and setup.config.sampling == "public"
+    event = setup.events["c0"]
+    assert event.sample_rate == 1.0 and event.steps == 1
+    assert 5.0 - 0.011 <= epsilon([event], delta=1e-5) <= 5.0
+    assert setup.sampling_seed is None and not setup.secure  # seeded in simulation
+    assert setup.server_hooks[0].charge_every_round is False
+    with pytest.raises(ConfigError, match="simulations only"):
+        build_privacy(cfg.replace(privacy__sampling="secret"), run_dir=None,
+                      client_ids=[f"c{i}" for i in range(8)], num_examples={}, deployment=True)
+    deployed = build_privacy(cfg, run_dir=None, client_ids=[f"c{i}" for i in range(8)],
+                             num_examples={}, deployment=True)
+    assert deployed is not None and deployed.secure
 
 
 def test_dp_fedavg_needs_a_linear_rule() -> None:

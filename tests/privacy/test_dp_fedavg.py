@@ -15,6 +15,7 @@ from securefl.privacy.dp_fedavg import (
     UserLevelNoise,
     UserLevelTrainer,
     clip_update,
+    clipped_fraction,
     update_noise_multiplier,
 )
 from securefl.privacy.ledger import PrivacyLedger
@@ -91,7 +92,8 @@ def test_adaptive_clipping_follows_the_geometric_update() -> None:
     clip.record(8, "a", False)  # another round's bit is kept for that round
     noisy = clip.adapt(7, ["a", "b", "c", "d"], expected_clients=4,
                        rng=np.random.default_rng(3))
-    expected_noisy = (3 + np.random.default_rng(3).normal(0.0, 0.5)) / 4
+    # centred bits: (sum (b - 1/2) + noise) / m + 1/2
+    expected_noisy = (1.0 + np.random.default_rng(3).normal(0.0, 0.5)) / 4 + 0.5
     assert noisy == pytest.approx(expected_noisy)
     assert clip.clip_norm == pytest.approx(math.exp(-0.2 * (expected_noisy - 0.5)))
     # mostly unclipped -> the bound shrinks toward the median norm
@@ -134,7 +136,8 @@ def test_user_level_trainer_charges_missed_rounds_clips_and_weights_one() -> Non
     ledger = PrivacyLedger(":memory:", delta=DELTA, budgets=None)
     clip = ClipState(1.0, adaptive=True, count_stddev=0.1)
     base = Fixed(np.array([3.0, 4.0], np.float32))
-    trainer = UserLevelTrainer(base, client_id="a", ledger=ledger, event=EVENT, clip=clip)
+    trainer = UserLevelTrainer(base, client_id="a", ledger=ledger, event=EVENT, clip=clip,
+                               sampling="secret")
     update, metrics = trainer.fit(np.zeros(2, np.float32), round=3)
     assert ledger.rounds("a") == [1, 2, 3]  # each round costs every available user
     assert metrics["epsilon"] == epsilon([EVENT] * 3, delta=DELTA)
@@ -143,7 +146,25 @@ def test_user_level_trainer_charges_missed_rounds_clips_and_weights_one() -> Non
     assert metrics == {"epsilon": metrics["epsilon"], "delta": DELTA, "clip_norm": 1.0}
     assert clip.adapt(3, ["a"], expected_clients=1, rng=np.random.default_rng(0)) < 0.5
     again, _ = trainer.fit(np.zeros(2, np.float32), round=3)
-    assert again is update and base.calls == 1
+    np.testing.assert_array_equal(again.delta, update.delta)
+    assert base.calls == 1 and ledger.rounds("a") == [1, 2, 3]
+
+
+def test_a_public_sample_charges_q_1_for_each_round_taken_part_only() -> None:
+    public = PrivacyEvent("dp_fedavg", 1.0, 1.0, 1)
+    ledger = PrivacyLedger(":memory:", delta=DELTA, budgets=None)
+    base = Fixed(np.array([3.0, 4.0], np.float32))
+    trainer = UserLevelTrainer(base, client_id="a", ledger=ledger, event=public,
+                               clip=ClipState(1.0, adaptive=False))
+    hook = UserLevelNoise(clip=ClipState(1.0, adaptive=False), noise_multiplier=1.0,
+                          update_noise_multiplier=1.0, expected_clients=2, ledger=ledger,
+                          client_ids=("a", "b"), event=public, charge_every_round=False)
+    _, metrics = trainer.fit(np.zeros(2, np.float32), round=3)
+    _, later = trainer.fit(np.ones(2, np.float32), round=7)
+    hook.transform_combined(Rows(("a",), np.zeros((1, 2), np.float32), np.ones(1)), round=7,
+                            rng=np.random.default_rng(0))
+    assert ledger.rounds("a") == [3, 7] and ledger.rounds("b") == []
+    assert later["epsilon"] == epsilon([public] * 2, delta=DELTA) > metrics["epsilon"]
 
 
 def test_user_level_trainer_declines_over_budget() -> None:
@@ -151,7 +172,7 @@ def test_user_level_trainer_declines_over_budget() -> None:
     ledger = PrivacyLedger(":memory:", delta=DELTA, budgets=budget)
     base = Fixed(np.ones(2, np.float32))
     trainer = UserLevelTrainer(base, client_id="a", ledger=ledger, event=EVENT,
-                               clip=ClipState(1.0, adaptive=False))
+                               clip=ClipState(1.0, adaptive=False), sampling="secret")
     with pytest.raises(BudgetExceeded):
         trainer.fit(np.zeros(2, np.float32), round=3)
     assert base.calls == 0
@@ -159,3 +180,29 @@ def test_user_level_trainer_declines_over_budget() -> None:
     with pytest.raises(BudgetExceeded):
         trainer.fit(np.zeros(2, np.float32), round=4)
     assert ledger.epsilon("a") <= budget
+
+
+def test_adaptive_clipping_count_has_sensitivity_half_and_the_paper_epsilon() -> None:
+    """Andrew et al. (NeurIPS 2021): with centred bits one user moves the released count's
+    sum by at most 1/2, so count noise sigma_b is a Gaussian of multiplier 2 sigma_b; with the
+    update's z_Delta the two compose (RDP alpha / (2 z^2) adds) to one Gaussian of
+    z = (z_Delta^-2 + (2 sigma_b)^-2)^-1/2, the z the ledger charges."""
+    m, sigma_b, z = 20, 1.0, 1.2
+    bits = [True] * 12 + [False] * 8
+    released = clipped_fraction(bits, expected_clients=m, noise=0.0)
+    assert released == pytest.approx(0.6)
+    # sensitivity of the noised sum (released * m): add or remove any one user
+    neighbours = [bits[:-1], bits[1:], [*bits, True], [*bits, False]]
+    moves = [abs(clipped_fraction(n, expected_clients=m, noise=0.0) - released) * m
+             for n in neighbours]
+    assert max(moves) == pytest.approx(0.5)
+    z_update = update_noise_multiplier(z, sigma_b)
+    count_multiplier = sigma_b / max(moves)
+    composed = (z_update ** -2 + count_multiplier ** -2) ** -0.5
+    assert composed == pytest.approx(z)
+    charged = epsilon([PrivacyEvent("dp_fedavg", z, 0.2, 30)], delta=DELTA)
+    assert epsilon([PrivacyEvent("dp_fedavg", composed, 0.2, 30)], delta=DELTA) == \
+        pytest.approx(charged)
+    # read with sensitivity 1 (uncentred bits), the same noise would have cost more
+    uncentred = (z_update ** -2 + sigma_b ** -2) ** -0.5
+    assert epsilon([PrivacyEvent("dp_fedavg", uncentred, 0.2, 30)], delta=DELTA) > charged * 1.1

@@ -6,8 +6,10 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from securefl.engine.protection import Update
 from securefl.errors import BudgetExceeded, ConfigError, SecureFLError
 from securefl.privacy.accounting import PrivacyEvent, epsilon
 from securefl.privacy.ledger import LedgerError, PrivacyLedger
@@ -182,3 +184,47 @@ def test_concurrent_charges_never_exceed_the_budget() -> None:
     assert len(ledger.rounds("a")) == 4 and len(refused) == 4
     assert one < ledger.epsilon("a") <= budget
     ledger.close()
+
+
+def test_every_release_is_charged_whatever_its_round_number(tmp_path: Path) -> None:
+    one, two = bytes(32), b"\x01" * 32
+    with PrivacyLedger(tmp_path / "l.sqlite", delta=DELTA, budgets=None) as ledger:
+        first = ledger.charge("a", EVENT, round=1, release=one)
+        assert ledger.charge("a", EVENT, round=1, release=one) == first  # the same release
+        assert ledger.charge("a", EVENT, round=5, release=one) == first  # any round number
+        second = ledger.charge("a", EVENT, round=1, release=two)  # round 1 again, new model
+        assert second == epsilon([EVENT, EVENT], delta=DELTA) > first
+        assert ledger.rounds("a") == [1, 1]
+        with pytest.raises(LedgerError, match="refusing a different charge"):
+            ledger.charge("a", PrivacyEvent("dp_sgd", 2.0, 0.1, 30), round=2, release=two)
+        with pytest.raises(ValueError, match="32-byte"):
+            ledger.charge("a", EVENT, round=3, release=b"short")
+
+
+def test_released_answers_survive_a_restart_and_only_the_latest_update_is_kept(
+        tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    first, second = Update(np.arange(4, dtype=np.float32), 7.0), Update(np.ones(4, np.float32), 7.0)
+    with PrivacyLedger(path, delta=DELTA) as ledger:
+        assert ledger.recall("a", bytes(32)) is None
+        ledger.remember("a", bytes(32), round=1, update=first, metrics={"epsilon": 0.5})
+        ledger.remember("a", b"\x02" * 32, round=2, update=second, metrics={"epsilon": 0.7})
+        ledger.remember("b", bytes(32), round=1, update=first, metrics={})
+    with PrivacyLedger(path, delta=DELTA) as again:
+        latest = again.recall("a", b"\x02" * 32)
+        assert latest is not None and latest.round == 2 and latest.metrics == {"epsilon": 0.7}
+        assert latest.update is not None and latest.update.weight == 7.0
+        np.testing.assert_array_equal(latest.update.delta, second.delta)
+        older = again.recall("a", bytes(32))
+        assert older is not None and older.round == 1 and older.update is None
+        other = again.recall("b", bytes(32))  # another client's memo is its own
+        assert other is not None and other.update is not None
+        assert again.released_rounds("a") == [1, 2]
+
+
+def test_a_ledger_of_the_round_keyed_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    _filled(path)
+    _execute(path, "UPDATE meta SET value = 'securefl-privacy-ledger/1' WHERE key = 'schema'")
+    with pytest.raises(LedgerError, match="not per release"):
+        PrivacyLedger(path, delta=DELTA)

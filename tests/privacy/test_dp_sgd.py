@@ -14,7 +14,7 @@ from securefl.engine.client import Client
 from securefl.engine.messages import Decline, FitIns, FitRes
 from securefl.engine.protection import Plain
 from securefl.engine.trainer import LocalTrainer
-from securefl.errors import ConfigError
+from securefl.errors import ConfigError, ProtocolAbort
 from securefl.models import CNN, MLP
 from securefl.params import flatten
 from securefl.privacy.accounting import PrivacyEvent, epsilon
@@ -111,11 +111,17 @@ def test_retried_round_is_answered_without_training_again() -> None:
     parameters = flatten(dp.base.model)
     first, _ = dp.fit(parameters, round=1)
     again, _ = dp.fit(parameters, round=1)
-    assert again is first
+    np.testing.assert_array_equal(again.delta, first.delta)
     assert dp.engine.accountant.history == [(1.0, 1 / 6, 6)]
     assert ledger.events("c") == [dp.round_event()]
-    with pytest.raises(ValueError, match="already trained from other parameters"):
-        dp.fit(parameters + 1, round=1)
+    # the same round with other parameters: the site's release log refuses it untrained
+    client = Client("c", dp, Plain())
+    client.handle(FitIns(run=RUN, round=1, parameters=parameters, config={}, protection=None),
+                  round=1)
+    with pytest.raises(ProtocolAbort):
+        client.handle(FitIns(run=RUN, round=1, parameters=parameters + 1, config={},
+                             protection=None), round=1)
+    assert ledger.events("c") == [dp.round_event()]
 
 
 def test_a_model_is_wrapped_once() -> None:
@@ -151,16 +157,20 @@ def test_compatible_model_is_returned_unchanged() -> None:
     assert make_compatible(model, fix=False) is model
 
 
-def test_secure_mode_without_csprng_is_a_config_error() -> None:
-    pytest.importorskip("opacus")
-    try:
-        import torchcsprng  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("torchcsprng is installed")
-    with pytest.raises(ConfigError, match="torchcsprng"):
-        wrap(trainer(), PrivacyLedger(":memory:", delta=DELTA), secure_mode=True)
+@pytest.mark.parametrize("mode", ["hooks", "ew", "ghost"])
+def test_secure_mode_needs_no_torchcsprng_and_keeps_the_noise_scale(mode: str) -> None:
+    """The CSPRNG path on the pinned stack: same sigma C / N noise, nothing reproducible."""
+    def update(secure: bool) -> np.ndarray:
+        base = LocalTrainer(nn.Linear(16, 30, bias=False), dataset(800), dataset(10), epochs=1,
+                            batch_size=800, lr=1.0, seed=5)
+        dp = wrap(base, PrivacyLedger(":memory:", delta=DELTA), noise_multiplier=4000.0,
+                  max_grad_norm=1e-3, secure_mode=secure, grad_sample_mode=mode)
+        return dp.fit(np.zeros(480, np.float32), round=1)[0].delta
+
+    first, second = update(True), update(True)
+    assert np.std(first) == pytest.approx(4000.0 * 1e-3 / 800, rel=0.15)
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(update(False), update(False))
 
 
 def test_exhausted_budget_declines_and_never_exceeds() -> None:
@@ -173,8 +183,8 @@ def test_exhausted_budget_declines_and_never_exceeds() -> None:
     replies = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for rnd in range(1, 6):
-            request = FitIns(run=RUN, round=rnd, parameters=parameters, config={},
+        for rnd in range(1, 6):  # each round from a new global model
+            request = FitIns(run=RUN, round=rnd, parameters=parameters + rnd, config={},
                              protection=None)
             replies.append(client.handle(request, round=rnd))
     assert [type(r) for r in replies] == [FitRes, FitRes, Decline, Decline, Decline]

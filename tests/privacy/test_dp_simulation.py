@@ -48,12 +48,15 @@ def test_dp_sgd_run_writes_ledger_and_report(tmp_path: Path) -> None:
             assert entry["epsilon_prv"] < entry["epsilon_rdp"]
             events = ledger.events(cid)
             assert entry["epsilon_rdp"] == epsilon(events, delta=1e-5)
-    # the same rounds again in the same directory: the ledger remembers, nothing is re-spent
+    # another run (other models, same round numbers) in the same directory: every release is
+    # charged again, the spend carries over
     run(small(mode="dp_sgd", target_epsilon=4.0, budget=100.0).replace(run__seed=2), tmp_path)
     again = json.loads((tmp_path / "privacy.json").read_text())["clients"]
-    assert {c: e["epsilon_rdp"] for c, e in again.items()} == {
-        c: e["epsilon_rdp"] for c, e in summary["clients"].items()}
-    assert all(e["rounds"] == 3 for e in again.values())
+    with PrivacyLedger.open_existing(tmp_path / LEDGER_FILE) as ledger:
+        for cid, entry in again.items():
+            assert entry["rounds"] == 6 and ledger.rounds(cid) == [1, 2, 3, 1, 2, 3]
+            assert entry["epsilon_rdp"] == epsilon(ledger.events(cid), delta=1e-5)
+            assert entry["epsilon_rdp"] > summary["clients"][cid]["epsilon_rdp"]
 
 
 def test_tiny_budget_clients_decline_and_never_exceed(tmp_path: Path) -> None:
@@ -75,16 +78,43 @@ def test_tiny_budget_clients_decline_and_never_exceed(tmp_path: Path) -> None:
         assert entry["epsilon_rdp"] <= entry["budget"]
 
 
-def test_dp_fedavg_run_charges_every_client_every_round(tmp_path: Path) -> None:
+def test_dp_fedavg_secret_sample_charges_every_client_every_round(tmp_path: Path) -> None:
     config = small(rounds=3, mode="dp_fedavg", noise_multiplier=0.8, clip_norm=0.5,
-                   delta=1e-3).replace(server__clients_per_round=2)
+                   delta=1e-3, sampling="secret").replace(server__clients_per_round=2)
     result = run(config, tmp_path)
     assert all(len(rec.clients) == 2 for rec in result.history.rounds)
     summary = json.loads((tmp_path / "privacy.json").read_text())
+    assert summary["sampling"] == "secret" and summary["secure_randomness"] is True
     values = {e["epsilon_rdp"] for e in summary["clients"].values()}
     assert len(values) == 1  # user-level: every client spent the same
-    assert all(e["rounds"] == 3 and e["sample_rate"] == pytest.approx(2 / 3)
-               for e in summary["clients"].values())
+    secret = epsilon([PrivacyEvent("dp_fedavg", 0.8, 2 / 3, 3)], delta=1e-3)
+    for entry in summary["clients"].values():
+        assert entry["rounds"] == 3 and entry["sample_rate"] == pytest.approx(2 / 3)
+        assert entry["epsilon_secret_sampling"] == pytest.approx(secret) == entry["epsilon_rdp"]
+        taken = entry["rounds_taken_part"]
+        assert entry["epsilon_public_sampling"] == epsilon(
+            [PrivacyEvent("dp_fedavg", 0.8, 1.0, taken)] if taken else [], delta=1e-3)
+    assert sum(e["rounds_taken_part"] for e in summary["clients"].values()) == 6
+    # nobody outside the server learns who took part: the run directory does not say
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert not {"clients", "sampled", "client_metrics"} & set(row)
+        assert "client-" not in line
+
+
+def test_dp_fedavg_public_sample_charges_q_1_per_round_taken_part(tmp_path: Path) -> None:
+    config = small(rounds=3, mode="dp_fedavg", noise_multiplier=0.8, clip_norm=0.5,
+                   delta=1e-3).replace(server__clients_per_round=2)
+    result = run(config, tmp_path)
+    summary = json.loads((tmp_path / "privacy.json").read_text())
+    assert summary["sampling"] == "public"
+    for cid, entry in summary["clients"].items():
+        taken = [r.round for r in result.history.rounds if cid in r.clients]
+        assert [r for r, _ in entry["history"]] == taken
+        assert entry["epsilon_rdp"] == entry["epsilon_public_sampling"] == epsilon(
+            [PrivacyEvent("dp_fedavg", 0.8, 1.0, len(taken))] if taken else [], delta=1e-3)
+        assert entry["epsilon_secret_sampling"] == epsilon(
+            [PrivacyEvent("dp_fedavg", 0.8, 2 / 3, 3)], delta=1e-3)
 
 
 def test_dp_fedavg_runs_on_secure_aggregation(tmp_path: Path) -> None:

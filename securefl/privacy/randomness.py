@@ -1,0 +1,141 @@
+"""DP randomness that the server cannot predict: a CSPRNG for Poisson sampling and noise.
+
+Why: the seeded path (:class:`torch.Generator` seeded from ``[run] seed`` and the shard index)
+is reproducible, and therefore predictable by anyone holding the shared config: a server that
+builds a replica of a site (same config, same seed, same shard size, random data) records
+every noise draw, subtracts them from the site's update and is left with the exact sum of
+clipped per-example gradients.  Re-seeding a :class:`torch.Generator` per step from
+``os.urandom`` does not fix this well either: ``manual_seed`` keeps 64 bits, and the
+generator (Mersenne Twister on the CPU, Philox on CUDA) is a statistical generator, not a
+cryptographic one.  So at a deployed site every random bit of DP-SGD comes from here:
+
+* **Bits.**  :class:`SecureRandom` draws a fresh 256-bit key from ``os.urandom`` for every
+  request (one Poisson mask, one noise vector) and expands it with AES-256-CTR from
+  ``cryptography`` (NIST SP 800-90A's CTR_DRBG construction, without reseeding, since every
+  key is fresh).  Nothing is stored: a key lives only while its request is served, so there is
+  no generator state to recover, and nothing in the config reaches it.
+* **Uniforms.**  53-bit uniforms ``u = (w >> 11) 2^-53`` from 64-bit words: every double of
+  the grid ``k 2^-53`` equally likely.
+* **Gaussians, and the floating-point attack.**  A textbook floating-point Gaussian sampler
+  does not output a Gaussian: its outputs lie on an irregular, sparse subset of the doubles,
+  and which values are reachable depends on the exact computation.  Seeing ``f(D) + noise``
+  an adversary can then tell ``f(D)`` from ``f(D')`` by whether ``x - f(D)`` is a reachable
+  noise value at all (Mironov, CCS 2012, for the Laplace mechanism; Jin, McMurtry,
+  Rubinstein and Ohrimenko, IEEE S&P 2022, for the Gaussian samplers of DP libraries,
+  Opacus included, where they also show timing attacks on samplers with data-dependent run
+  time).  The fix used here is Holohan and Braghin's (ESORICS 2021, section 5.1), the one
+  Opacus's own ``secure_mode`` uses: sum ``2n = 4`` independent Gaussians of std ``sigma``
+  and divide by ``2``.  The sum has exactly the std ``sigma``, and an attack must now invert
+  a sum of four samples, which they bound at ``2^(p (2n - 1)) = 2^159`` work for ``p = 53``.
+  Each Gaussian comes from Box-Muller on two 53-bit uniforms
+  (``sqrt(-2 ln(1 - u1)) (cos, sin)(2 pi u2)``), in float64, rounded once to the gradient's
+  dtype when added.
+* **Timing.**  Box-Muller is branch-free and vectorised over the whole request (no rejection
+  loop as in the polar or ziggurat methods), so the time taken depends on the number of
+  coordinates only, never on the values drawn; the Poisson mask is one vectorised comparison.
+
+This is the standard, not an exact, fix: an exact sampler on a grid (the discrete Gaussian,
+Canonne, Kamath and Steinke, NeurIPS 2020) would also remove the float rounding of the final
+addition; securefl does not implement one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch.utils.data import Sampler
+
+__all__ = ["GAUSSIAN_SUMMANDS", "SecurePoissonSampler", "SecureRandom", "use_secure_noise"]
+
+#: Holohan and Braghin's 2n with n = 2: Gaussians summed per noise coordinate
+GAUSSIAN_SUMMANDS = 4
+_KEY_BYTES = 32
+_ZERO_COUNTER = bytes(16)  # every key is fresh, so the counter may start at zero
+
+
+class SecureRandom:
+    """Uniforms and Gaussians from AES-256-CTR under a fresh ``os.urandom`` key per request.
+
+    ``entropy`` replaces ``os.urandom`` (known-answer tests only: a fixed source makes the
+    output reproducible, which is exactly what a deployment must never have).
+    """
+
+    def __init__(self, *, entropy: object = None) -> None:
+        self._entropy = os.urandom if entropy is None else entropy
+
+    def words(self, count: int) -> np.ndarray:
+        """``count`` uniform 64-bit words (little-endian) of one fresh keystream."""
+        key = self._entropy(_KEY_BYTES)  # type: ignore[operator]
+        if not isinstance(key, bytes) or len(key) != _KEY_BYTES:
+            raise ValueError(f"the entropy source must return {_KEY_BYTES} bytes")
+        stream = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+        return np.frombuffer(stream.update(bytes(8 * count)), dtype="<u8")
+
+    def uniform(self, count: int) -> np.ndarray:
+        """``count`` doubles ``k 2^-53``, ``k`` uniform in ``[0, 2^53)``."""
+        return (self.words(count) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+    def gaussian(self, count: int, std: float) -> torch.Tensor:
+        """``count`` draws of ``N(0, std^2)`` (float64): ``std / 2 * (g1 + g2 + g3 + g4)``
+        with every ``g`` from Box-Muller (see the module docstring)."""
+        if count == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        pairs = GAUSSIAN_SUMMANDS // 2 * count
+        u = torch.from_numpy(self.uniform(2 * pairs))
+        radius = torch.sqrt(-2.0 * torch.log1p(-u[:pairs]))
+        angle = (2.0 * torch.pi) * u[pairs:]
+        summed = ((radius * torch.cos(angle)).view(-1, count).sum(0)
+                  + (radius * torch.sin(angle)).view(-1, count).sum(0))
+        return summed * (std / np.sqrt(GAUSSIAN_SUMMANDS))
+
+
+class SecurePoissonSampler(Sampler[list[int]]):
+    """Opacus's ``UniformWithReplacementSampler`` with CSPRNG bits: each of ``steps``
+    batches takes every example independently with probability ``sample_rate``
+    (``u_i < q`` on 53-bit uniforms), the sampling that the accountant's ``q`` assumes."""
+
+    def __init__(self, *, num_samples: int, sample_rate: float, steps: int,
+                 source: SecureRandom) -> None:
+        if num_samples < 1 or steps < 1 or not 0 < sample_rate <= 1:
+            raise ValueError(f"need num_samples >= 1, steps >= 1 and 0 < sample_rate <= 1, "
+                             f"got {num_samples}, {steps} and {sample_rate}")
+        self.num_samples, self.sample_rate, self.steps = num_samples, sample_rate, steps
+        self.source = source
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = self.source.uniform(self.num_samples) < self.sample_rate
+            yield np.flatnonzero(mask).tolist()
+
+
+def use_secure_noise(optimizer: object, source: SecureRandom) -> None:
+    """Make an Opacus ``DPOptimizer`` (any clipping, ghost included) draw its noise from
+    ``source``: ``p.grad = summed_grad + N(0, (sigma C)^2)`` for every parameter, one
+    request for all of them.
+
+    Opacus takes noise only from a :class:`torch.Generator` (or from ``torchcsprng``, which
+    does not build against current PyTorch), so its ``add_noise`` step is replaced on this
+    one optimizer instance; clipping, accumulation, scaling and accounting stay Opacus's."""
+    params: Sequence[Any] = optimizer.params  # type: ignore[attr-defined]
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm  # type: ignore[attr-defined]
+        sizes = [p.summed_grad.numel() for p in params]
+        noise = source.gaussian(sum(sizes), std)
+        for p, chunk in zip(params, torch.split(noise, sizes), strict=True):
+            _check_processed_flag(p.summed_grad)
+            grad = p.summed_grad
+            noisy = grad.to(torch.float64) + chunk.view(grad.shape).to(grad.device)
+            p.grad = noisy.to(grad.dtype).view_as(p)  # rounded once, after the addition
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise  # type: ignore[attr-defined]
