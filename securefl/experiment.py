@@ -24,7 +24,7 @@ from securefl.data import Dataset, FederatedData, federate
 from securefl.engine.client import Client, UpdateHook
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.optim import build_server_optimizer
-from securefl.engine.protection import ServerProtection
+from securefl.engine.protection import KeepsModel, ServerProtection
 from securefl.engine.server import Sampler, Server
 from securefl.engine.simulation import DropSchedule, InProcessTransport
 from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model
@@ -65,6 +65,12 @@ class Simulation:
     server: Server
     evaluator: TestSetEvaluator
     privacy: Any = None
+    #: the global model as the sites see it, when the server keeps it encrypted (HE)
+    site_view: Callable[[], np.ndarray] | None = None
+
+    def parameters(self) -> np.ndarray:
+        """The current global model: the server's, or the one the sites decrypt."""
+        return self.site_view() if self.site_view is not None else self.server.parameters
 
     @property
     def model(self) -> torch.nn.Module:  # the server's copy, used for central evaluation
@@ -172,7 +178,18 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                    seed=config.run.seed)
     server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks,
                                      root_data=root_data)
-    return Simulation(config, data, trainers, clients, transport, server, evaluator, privacy)
+    view = None
+    if isinstance(server_protection, KeepsModel):
+        # HE: the server never holds the model.  The experimenter holds the sites' key, so
+        # "central" test accuracy is measured on the model a site decrypts.
+        from securefl.he import site_view
+
+        view = site_view(server_protection, client_protections[ids[0]],  # type: ignore[arg-type]
+                         run=server.run_id, initial=server.parameters)
+        if server.central_evaluator is not None:
+            server.central_evaluator = lambda _server_copy: evaluator(view())
+    return Simulation(config, data, trainers, clients, transport, server, evaluator, privacy,
+                      view)
 
 
 def root_trainer(config: Config, data: FederatedData, *, count: int) -> LocalTrainer:
@@ -227,7 +244,7 @@ def run_simulation(config: Config, *, out_dir: str | Path | None = None,
 
     history = sim.server.run(config.run.rounds, on_round=record)
     sim.transport.close()
-    params = sim.server.parameters
+    params = sim.parameters()
     if run_dir is not None:
         save_final_model(run_dir, config, sim.evaluator, params)
         if sim.privacy is not None and hasattr(sim.privacy, "finalize"):
