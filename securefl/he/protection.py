@@ -111,13 +111,14 @@ class HEClientProtection:
         else:
             if request.parameters.size:
                 raise _abort(f"round {request.round}: plaintext parameters with a state")
+            if not isinstance(opening.state, HEState) or opening.state.round >= request.round:
+                raise _abort(f"round {request.round}: no aggregate of an earlier round")
+            self._check_state(opening.state, request.run)  # a refusal records nothing
             state_digest = hashlib.sha256(encode(opening.state)).digest()
         self.log.admit(run=request.run, round=request.round, key_id=self.keys.key_id,
                        state=state_digest)
         if opening.state is not None:
-            if opening.state.round >= request.round:
-                raise _abort(f"round {request.round}: aggregate of round {opening.state.round}")
-            model = self.open_state(opening.state, run=request.run)
+            model = self._decrypt(opening.state)
         model = np.ascontiguousarray(model, dtype=np.float32)
         self._opened = (request.run, request.round, model_digest(model), model)
         return model
@@ -125,7 +126,12 @@ class HEClientProtection:
     def open_state(self, state: HEState, *, run: bytes) -> np.ndarray:
         """Check ``state`` against the signed statements of its contributors and decrypt it
         here (no replay record: :meth:`open_model` keeps that).  Also reads a final model."""
-        contributors = self._check_state(state, run)
+        self._check_state(state, run)
+        return self._decrypt(state)
+
+    def _decrypt(self, state: HEState) -> np.ndarray:
+        """``x = (u / W) Dec(S)`` on the encrypted coordinates, ``clear`` on the others."""
+        contributors = [c.client_id for c in state.contributions]
         total_weight = math.fsum(c.weight for c in state.contributions)
         selection = self.selection
         try:
@@ -140,7 +146,7 @@ class HEClientProtection:
             raise _abort(f"the model of round {state.round} is not finite")
         return model.astype(np.float32)
 
-    def _check_state(self, state: HEState, run: bytes) -> list[str]:
+    def _check_state(self, state: HEState, run: bytes) -> None:
         if not isinstance(state, HEState):
             raise _abort("the global model is not an HEState")
         ids = [c.client_id for c in state.contributions]
@@ -168,7 +174,6 @@ class HEClientProtection:
                          f"{self.selection.encrypted.size} encrypted parameters")
         if check_update(state.clear, self.selection.clear.size) is not None:
             raise _abort("the clear part of the global model is malformed")
-        return ids
 
     def client_round(self, *, round: int, context: RoundContext) -> HEClientRound:
         return HEClientRound(self, round, context)
