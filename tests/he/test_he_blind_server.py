@@ -242,3 +242,21 @@ def test_min_contributors_is_the_sites_rule():
     fed = Federation(config=HEConfig(min_contributors=5))
     record = fed.server.run_round(1)
     assert record.aborted  # only 4 sites: the server cannot build an aggregate sites accept
+
+
+def test_the_encrypted_model_survives_a_server_restart_and_a_redone_round():
+    from securefl.engine.messages import encode
+    from securefl.he import HEServerProtection
+
+    fed = Federation()
+    fed.server.run(2)
+    saved = fed.server_half.save_state()
+    fresh = HEServerProtection(fed.server_half.context, verify_keys=fed.server_half.verify_keys)
+    fresh.load_state(saved)
+    assert encode(fresh.state) == saved and fresh.unit_log2 == fed.server_half.unit_log2 == 4
+    fed.server.protection = fresh
+    assert len(fed.server.run_round(3).clients) == 4
+    # the server crashed after round 3's uploads: resumed, it redoes round 3 identically
+    fresh.load_state(saved)
+    assert len(fed.server.run_round(3).clients) == 4
+    assert len(fed.server.run_round(4).clients) == 4
