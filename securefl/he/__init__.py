@@ -25,12 +25,13 @@ from securefl.he.params import MAX_COEFF_MODULUS_BITS, CKKSParameters
 if TYPE_CHECKING:
     from securefl.he.ckks import CKKSKeys
     from securefl.he.packing import Selection
-    from securefl.he.protection import HEClientProtection, HEServerProtection
+    from securefl.he.protection import HEClientProtection
+    from securefl.he.server import HEServerProtection
 
 # TenSEAL loads on first use, so reading a config does not import it.
 _LAZY = {"CKKSKeys": "securefl.he.ckks", "Selection": "securefl.he.packing",
          "HEClientProtection": "securefl.he.protection",
-         "HEServerProtection": "securefl.he.protection"}
+         "HEServerProtection": "securefl.he.server"}
 
 __all__ = [
     "MAX_COEFF_MODULUS_BITS",
@@ -66,7 +67,8 @@ def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: obj
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from securefl.he.ckks import CKKSKeys
-    from securefl.he.protection import HEClientProtection, HEServerProtection
+    from securefl.he.protection import HEClientProtection
+    from securefl.he.server import HEServerProtection
 
     keys = CKKSKeys.generate(poly_modulus_degree=config.poly_modulus_degree,
                              coeff_modulus_bits=config.coeff_modulus_bits,
@@ -80,10 +82,11 @@ def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: obj
     verify = {cid: key.public_key() for cid, key in signing.items()}
     server = HEServerProtection.from_bytes(
         keys.public().to_bytes(), verify_keys=verify,
-        min_contributors=config.min_contributors, selection=selection)
+        min_contributors=config.min_contributors, selection=selection, resum=config.resum)
     clients = {cid: HEClientProtection.from_bytes(
         secret, client_id=cid, signing_key=signing[cid], verify_keys=verify, dimension=size,
-        min_contributors=config.min_contributors, selection=selection, server_lr=server_lr)
+        min_contributors=config.min_contributors, selection=selection, server_lr=server_lr,
+        resum=config.resum)
         for cid in client_ids}
     return server, clients
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from securefl.engine.messages import Message, message
 
-__all__ = ["HEContribution", "HERoundOpen", "HEState", "HEUpload", "statement",
+__all__ = ["HEContribution", "HEPart", "HERoundOpen", "HEState", "HEUpload", "statement",
            "upload_digest"]
 
 _DOMAIN = b"securefl/he/upload/v2"
@@ -39,17 +39,28 @@ class HEContribution(Message):
 
 
 @message
+class HEPart(Message):
+    """One contributor's upload inside an :class:`HEState` when the sites re-sum."""
+
+    ciphertexts: list[bytes]
+    clear: np.ndarray
+
+
+@message
 class HEState(Message):
     """The encrypted global model the server keeps: the sum of round ``round``'s uploads.
 
     Decrypted by a site, ``x = (2^unit_log2 / sum of weights) * Dec(ciphertexts)`` on the
-    encrypted coordinates and ``clear`` on the others (layer selection only).
+    encrypted coordinates and ``clear`` on the others (layer selection only).  With
+    ``[protection.he] resum`` the sum is left to the sites: ``ciphertexts`` is empty and
+    ``parts`` holds every contributor's upload, in the order of ``contributions``.
     """
 
     round: int
     unit_log2: int
     contributions: tuple[HEContribution, ...]
     ciphertexts: list[bytes]
+    parts: list[HEPart]
     clear: np.ndarray
 
 

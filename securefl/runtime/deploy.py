@@ -136,7 +136,7 @@ def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | 
     return HEServerProtection.from_bytes(
         _read(_certs(config) / "he" / "public.ctx"), verify_keys=_he_keys(directory),
         min_contributors=config.protection.he.min_contributors,
-        selection=_he_selection(config, layout))
+        selection=_he_selection(config, layout), resum=config.protection.he.resum)
 
 
 def site_protection(config: Config, site: str, sites: Sequence[str] | None = None, *,
@@ -167,4 +167,5 @@ def site_protection(config: Config, site: str, sites: Sequence[str] | None = Non
         _read(_certs(config) / "he" / "secret.ctx"), client_id=site, signing_key=identity,
         verify_keys=_he_keys(directory), dimension=layout.size,
         min_contributors=config.protection.he.min_contributors,
-        selection=_he_selection(config, layout), server_lr=config.server.lr, log=log)
+        selection=_he_selection(config, layout), server_lr=config.server.lr,
+        resum=config.protection.he.resum, log=log)

@@ -96,7 +96,7 @@ def lone_state(fed, *, round: int, contributions) -> HEState:
     """A deviating server's 'aggregate': one site's upload under the given statements."""
     upload = fed.last_uploads[IDS[1]]
     return HEState(round=round, unit_log2=upload.unit_log2, contributions=tuple(contributions),
-                   ciphertexts=list(upload.ciphertexts), clear=upload.clear)
+                   ciphertexts=list(upload.ciphertexts), parts=[], clear=upload.clear)
 
 
 def run_two_rounds(fed):
@@ -260,3 +260,34 @@ def test_the_encrypted_model_survives_a_server_restart_and_a_redone_round():
     fresh.load_state(saved)
     assert len(fed.server.run_round(3).clients) == 4
     assert len(fed.server.run_round(4).clients) == 4
+
+
+def test_without_resum_a_first_substituted_aggregate_is_decrypted_with_resum_refused(
+        monkeypatch):
+    """The one gap of the default, measured: a fresh round whose 'aggregate' is one upload
+    under every genuine statement decrypts (to that site's scaled model, at the site only);
+    with resum the site adds the uploads itself and a substitution fails the statements."""
+    fed = Federation()
+    run_two_rounds(fed)
+    state = fed.server_half.state
+    lone = lone_state(fed, round=2, contributions=state.contributions)
+    assert isinstance(resend(fed, IDS[0], lone, round=3), FitRes)  # documented residual
+
+    fed = Federation(config=HEConfig(resum=True))
+    run_two_rounds(fed)
+    state = fed.server_half.state
+    assert state.ciphertexts == [] and len(state.parts) == 4
+    honest = fed.halves[IDS[2]].open_state(state, run=fed.server.run_id)
+    deltas = [np.random.default_rng(i).normal(0, 0.05, (2, fed.dimension))[-1]
+              .astype(np.float32) for i in range(4)]
+    weights = np.array([10.0, 15.0, 20.0, 25.0])
+    expected = fed.trainers[IDS[2]].fits[-1] + (weights @ np.asarray(deltas, np.float64)) / 70
+    assert np.max(np.abs(honest - expected)) <= 1e-6
+    lone_parts = dataclasses.replace(state, parts=[state.parts[1]] * 4)
+    aggregate = dataclasses.replace(state, parts=[], ciphertexts=lone.ciphertexts)
+    calls = count_decryptions(monkeypatch, fed.halves[IDS[0]])
+    for bad in (lone_parts, aggregate):
+        with pytest.raises(ProtocolAbort):
+            resend(fed, IDS[0], bad, round=3)
+    assert calls == []
+    assert isinstance(resend(fed, IDS[0], state, round=3), FitRes) and calls == [1]
