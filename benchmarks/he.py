@@ -16,7 +16,8 @@ protection code: the server's check of one upload (signature over the upload's d
 SEAL validation), and a site's check of the encrypted global model before it decrypts it
 (``--sites`` signed statements, the SHA-256 of the encoded state for its decryption record)
 and the local decryption itself; and the wire sizes of one upload and of the ``FitIns``
-payload that carries the encrypted model, against float32.
+payload that carries the encrypted model (also with ``resum``: every upload), against
+float32.
 
     python benchmarks/he.py [--dimension 1048576] [--repeats 3] [--sites 10]
 """
@@ -24,6 +25,7 @@ payload that carries the encrypted model, against float32.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +42,7 @@ from securefl.engine.protection import Update
 from securefl.engine.session import RoundContext, model_digest
 from securefl.he import CKKSKeys, HEConfig
 from securefl.he import build_simulation as build_he
+from securefl.he.wire import HEPart
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -106,12 +109,16 @@ def bench_blind_server(x: np.ndarray, repeats: int, sites: int) -> dict[str, flo
     decrypt_s, model = _median_seconds(lambda: site._decrypt(state), repeats)
     scale = 1e6 / d
     next_open = server.server_round(round=2, dimension=d).open(ids)[ids[0]]
+    parts = [HEPart(ciphertexts=list(u.ciphertexts), clear=u.clear) for u in uploads.values()]
+    resummed = dataclasses.replace(next_open, state=dataclasses.replace(
+        state, ciphertexts=[], parts=parts))
     return {"sites": sites,
             "server_check_upload_s_per_1M": check_s * scale,
             "site_check_state_s_per_1M": site_check_s * scale,
             "site_decrypt_state_s_per_1M": decrypt_s * scale,
             "upload_x_float32": len(encode(uploads[ids[0]])) / (4 * d),
             "aggregate_download_x_float32": len(encode(next_open)) / (4 * d),
+            "resum_download_x_float32": len(encode(resummed)) / (4 * d),
             "max_abs_error_of_the_model": float(np.max(np.abs(model - delta)))}
 
 
