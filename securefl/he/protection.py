@@ -116,7 +116,7 @@ class HEClientProtection:
             self._check_state(opening.state, request.run)  # a refusal records nothing
             state_digest = hashlib.sha256(encode(opening.state)).digest()
         self.log.admit(run=request.run, round=request.round, key_id=self.keys.key_id,
-                       state=state_digest)
+                       state=state_digest, initial=opening.state is None)
         if opening.state is not None:
             model = self._decrypt(opening.state)
         model = np.ascontiguousarray(model, dtype=np.float32)

@@ -9,7 +9,9 @@ different aggregate for a round before it decrypts anything.  Per site:
   --he``);
 * within a run, a site decrypts at most one aggregate per round (by SHA-256 of its encoded
   state); the identical aggregate again (a server that resumed after a crash) is allowed;
-* rounds strictly increase: an aggregate for a round before the last one is refused.
+* rounds strictly increase: an aggregate for a round before the last one is refused;
+* the public initial model (no aggregate yet) is accepted only until the site has decrypted
+  an aggregate of the run: a server cannot send the sites back to a model of its choosing.
 
 :class:`DecryptionLog` keeps this in SQLite (a file in the site's state directory when
 deployed, memory in a simulation), so a restart changes nothing.  The engine's
@@ -43,9 +45,11 @@ class DecryptionLog:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
-    def admit(self, *, run: bytes, round: int, key_id: bytes, state: bytes) -> None:
-        """Record that this site decrypts ``state`` (a digest) for ``round`` of ``run``, or
-        raise :class:`ProtocolAbort` (detail in the operator's log)."""
+    def admit(self, *, run: bytes, round: int, key_id: bytes, state: bytes,
+              initial: bool = False) -> None:
+        """Record that this site decrypts ``state`` (a digest; ``initial``: the public initial
+        model) for ``round`` of ``run``, or raise :class:`ProtocolAbort` (detail in the
+        operator's log)."""
         with self._lock:
             row = self._db.execute("SELECT run FROM keys WHERE key_id = ?",
                                    (key_id,)).fetchone()
@@ -64,6 +68,11 @@ class DecryptionLog:
                                     (run,)).fetchone()[0]
             if last is not None and round < int(last):
                 raise ProtocolAbort.because(f"aggregate for round {round} after round {last}")
+            if initial and self._db.execute(
+                    "SELECT 1 FROM decrypted WHERE run = ? AND state != ?",
+                    (run, state)).fetchone() is not None:
+                raise ProtocolAbort.because(f"round {round}: the initial model again after an "
+                                            "aggregate of this run")
             self._db.execute("INSERT OR IGNORE INTO keys (key_id, run) VALUES (?, ?)",
                              (key_id, run))
             self._db.execute("INSERT INTO decrypted (run, round, state) VALUES (?, ?, ?)",

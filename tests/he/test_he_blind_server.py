@@ -229,13 +229,19 @@ def test_an_aggregate_no_site_can_use_names_its_contributors_and_falls_back(capl
     assert len(fed.server.run_round(4).clients) == 4  # the federation goes on
 
 
-def test_the_initial_model_cannot_be_swapped_for_an_aggregate_in_the_same_round(monkeypatch):
+def test_the_initial_model_cannot_be_swapped_for_an_aggregate_or_brought_back(monkeypatch):
     fed = Federation()
     fed.server.run_round(1)
     state = fed.server_half.state
     with pytest.raises(ProtocolAbort):  # round 1 was entered with the initial model
         resend(fed, IDS[0], state, round=1)
     assert isinstance(resend(fed, IDS[0], state, round=2), FitRes)
+    # a server that sends the sites back to a plaintext model of its choosing is refused
+    opening = HERoundOpen(key_id=fed.halves[IDS[0]].keys.key_id, unit_log2=0, state=None)
+    chosen = FitIns(run=fed.server.run_id, round=3, config={}, protection=opening,
+                    parameters=np.ones(fed.dimension, np.float32))
+    with pytest.raises(ProtocolAbort):
+        fed.clients[IDS[0]].handle(wire(chosen), round=3)
 
 
 def test_min_contributors_is_the_sites_rule():
