@@ -112,3 +112,18 @@ def test_the_example_layer_pattern_matches_real_parameters():
                                                                layers=("1.*",)))
     sim = build_simulation(config)
     assert sim.server.protection.selection.encrypted.size == 64 * 64 + 64
+
+
+def test_certs_init_he_only_rotates_only_the_ckks_keys(tmp_path):
+    from securefl.cli import main
+
+    certs = tmp_path / "certs"
+    assert main(["certs", "init", str(certs), "--sites", "a,b", "--he", "examples/he.toml"]) == 0
+    before = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    first = CKKSKeys.from_bytes((certs / "he" / "public.ctx").read_bytes()).key_id
+    assert main(["certs", "init", str(certs), "--he", "examples/he.toml", "--he-only"]) == 0
+    after = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    assert CKKSKeys.from_bytes((certs / "he" / "public.ctx").read_bytes()).key_id != first
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"public.ctx", "secret.ctx"}
+    assert main(["certs", "init", str(certs), "--he-only"]) == 2
