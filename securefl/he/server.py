@@ -45,7 +45,9 @@ def _abort(detail: str) -> ProtocolAbort:
 # ----------------------------------------------------------------------------- server
 class HEServerProtection:
     """Server half: a *public* CKKS context (no key at all), the sites' verifying keys, and
-    the encrypted global model (:class:`~securefl.engine.protection.KeepsModel`)."""
+    the encrypted global model (:class:`~securefl.engine.protection.KeepsModel`).  With
+    ``resum`` the model it keeps is the contributors' checked uploads, not their sum, and
+    each site adds them itself."""
 
     name = "he"
     reveals_rows = False
