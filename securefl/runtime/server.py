@@ -148,7 +148,10 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         write_json(state / "summary.json", {
             "name": config.run.name, "rounds": config.run.rounds, "resumed_from": last,
             "final_accuracy": final.accuracy if final else None,
-            "model_sha256": model_hash(server.parameters), "epsilon_spent": store.spent(),
+            # HE: the server holds only the encrypted model (model.he), never a plaintext one
+            "model_sha256": (None if isinstance(protection, KeepsModel)
+                             else model_hash(server.parameters)),
+            "epsilon_spent": store.spent(),
             "protection": config.protection.kind, "aggregation": config.aggregation.rule})
         return ServeResult(server.history, server.parameters, state, last)
     finally:
