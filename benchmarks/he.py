@@ -1,21 +1,32 @@
 """Benchmark securefl's CKKS aggregation against TenSEAL's default context, side by side.
 
 securefl: N = 8192, primes [55, 40], scale 2^36, two reals per complex slot, seeded symmetric
-encryption (clients upload half a ciphertext).  TenSEAL default (most tutorials, NVFlare):
+encryption (clients upload half a ciphertext).  TenSEAL default (most tutorials):
 N = 8192, primes [60, 40, 40, 60], scale 2^40, one real per slot, public-key encryption.
 
 For each: encrypt (encoding included), load (parse one client's upload on the server), add
 (one client's ciphertexts into a running sum), serialize, decrypt (loading and decoding
-included): seconds per 1M parameters (median of
-``--repeats``), and bytes per parameter uploaded and sent back (float32 = 4 bytes).
+included): seconds per 1M parameters (median of ``--repeats``; encryption also in CPU
+seconds, the per-core rate on a shared host), and bytes per parameter uploaded and sent
+back (float32 = 4 bytes).
 Single-threaded.  Prints one JSON object.
 
-    python benchmarks/he.py [--dimension 1048576] [--repeats 3]
+``blind_server`` times what the blind-server protocol adds, per round, through the real
+protection code: the server's check of one upload (signature over the upload's digest and
+SEAL validation), and a site's check of the encrypted global model before it decrypts it
+(``--sites`` signed statements, the SHA-256 of the encoded state for its decryption record)
+and the local decryption itself; and the wire sizes of one upload and of the ``FitIns``
+payload that carries the encrypted model (also with ``resum``: every upload), against
+float32.
+
+    python benchmarks/he.py [--dimension 1048576] [--repeats 3] [--sites 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -26,7 +37,12 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from securefl.he import CKKSKeys
+from securefl.engine.messages import FitIns, encode
+from securefl.engine.protection import Update
+from securefl.engine.session import RoundContext, model_digest
+from securefl.he import CKKSKeys, HEConfig
+from securefl.he import build_simulation as build_he
+from securefl.he.wire import HEPart
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -44,6 +60,9 @@ def bench_securefl(x: np.ndarray, repeats: int) -> dict[str, float]:
     public = keys.public()
     d = x.size
     encrypt_s, upload = _median_seconds(lambda: keys.encrypt(x), repeats)
+    cpu = time.process_time()
+    keys.encrypt(x)
+    encrypt_cpu_s = time.process_time() - cpu
     loaded = [public.load(b) for b in upload]
     load_s, _ = _median_seconds(lambda: [public.load(b) for b in upload], repeats)
     total = [public.load(b) for b in upload]
@@ -55,10 +74,52 @@ def bench_securefl(x: np.ndarray, repeats: int) -> dict[str, float]:
     serialize_s, aggregate = _median_seconds(lambda: [public.dump(t) for t in total], repeats)
     decrypt_s, values = _median_seconds(lambda: keys.decrypt(aggregate, d), repeats)
     expected = x * (1 + repeats)  # the sum holds x once plus ``repeats`` additions of x
-    return _per_million(d, encrypt=encrypt_s, add=add_s, load=load_s, serialize=serialize_s,
-                        decrypt=decrypt_s, upload=sum(map(len, upload)),
-                        aggregate=sum(map(len, aggregate)),
-                        max_abs_error=float(np.max(np.abs(values - expected))))
+    return {**_per_million(d, encrypt=encrypt_s, add=add_s, load=load_s, serialize=serialize_s,
+                           decrypt=decrypt_s, upload=sum(map(len, upload)),
+                           aggregate=sum(map(len, aggregate)),
+                           max_abs_error=float(np.max(np.abs(values - expected)))),
+            # CPU time of this single-threaded process: per-core throughput on a shared host
+            "encrypt_params_per_cpu_s": d / encrypt_cpu_s}
+
+
+def bench_blind_server(x: np.ndarray, repeats: int, sites: int) -> dict[str, float]:
+    """Checks and sizes of one blind-server round (module docstring), per 1M parameters."""
+    d = x.size
+    ids = [f"site-{i}" for i in range(sites)]
+    server, clients = build_he(HEConfig(), ids, dimension=d)
+    run = b"\x01" * 32
+    protocol = server.server_round(round=1, dimension=d)
+    opening = protocol.open(ids)[ids[0]]
+    delta = (x * 0.1).astype(np.float32)
+    uploads = {}
+    for cid in ids:
+        clients[cid].open_model(FitIns(run=run, round=1, parameters=np.zeros(d, np.float32),
+                                       config={}, protection=opening))
+        context = RoundContext.standalone(round=1, run=run,
+                                          model=model_digest(np.zeros(d, np.float32)))
+        uploads[cid] = clients[cid].client_round(round=1, context=context).open(
+            Update(delta, 10.0), opening)
+    check_s, _ = _median_seconds(lambda: protocol._check(ids[0], uploads[ids[0]]), repeats)
+    protocol.step(uploads, set())
+    state = server.state
+    site = clients[ids[0]]
+    site_check_s, _ = _median_seconds(
+        lambda: (site._check_state(state, run), hashlib.sha256(encode(state)).digest()),
+        repeats)
+    decrypt_s, model = _median_seconds(lambda: site._decrypt(state), repeats)
+    scale = 1e6 / d
+    next_open = server.server_round(round=2, dimension=d).open(ids)[ids[0]]
+    parts = [HEPart(ciphertexts=list(u.ciphertexts), clear=u.clear) for u in uploads.values()]
+    resummed = dataclasses.replace(next_open, state=dataclasses.replace(
+        state, ciphertexts=[], parts=parts))
+    return {"sites": sites,
+            "server_check_upload_s_per_1M": check_s * scale,
+            "site_check_state_s_per_1M": site_check_s * scale,
+            "site_decrypt_state_s_per_1M": decrypt_s * scale,
+            "upload_x_float32": len(encode(uploads[ids[0]])) / (4 * d),
+            "aggregate_download_x_float32": len(encode(next_open)) / (4 * d),
+            "resum_download_x_float32": len(encode(resummed)) / (4 * d),
+            "max_abs_error_of_the_model": float(np.max(np.abs(model - delta)))}
 
 
 def bench_tenseal_default(x: np.ndarray, repeats: int) -> dict[str, float]:
@@ -123,10 +184,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dimension", type=int, default=1 << 20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sites", type=int, default=10)
     args = parser.parse_args()
     load = os.getloadavg()[0]
     x = np.random.default_rng(0).normal(0, 0.05, args.dimension)
     ours = bench_securefl(x, args.repeats)
+    blind = bench_blind_server(x, args.repeats, args.sites)
     peer = bench_tenseal_default(x, args.repeats)
     ratios = {f"{key}_tenseal_over_securefl": peer[key] / ours[key]
               for key in ("encrypt_s_per_1M", "add_s_per_1M", "load_s_per_1M",
@@ -135,7 +198,8 @@ def main() -> None:
                           "aggregate_bytes_per_param")}
     print(json.dumps({"dimension": args.dimension, "repeats": args.repeats,
                       "load_average_before_after": [load, os.getloadavg()[0]],
-                      "tenseal": ts.__version__, "securefl": ours, "tenseal_default": peer,
+                      "tenseal": ts.__version__, "securefl": ours, "blind_server": blind,
+                      "tenseal_default": peer,
                       "ratios": ratios}, indent=2))
 
 

@@ -116,12 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     certs_sub = certs.add_subparsers(dest="action", required=True, metavar="ACTION")
     certs_init = add(certs_sub, "init", help="create a CA, a server and site certificates")
     certs_init.add_argument("dir")
-    certs_init.add_argument("--sites", required=True, help="comma-separated site names")
+    certs_init.add_argument("--sites", help="comma-separated site names (required unless "
+                            "--he-only)")
     certs_init.add_argument("--server-name", default="localhost",
                             help="server DNS name or IP (default: localhost)")
     certs_init.add_argument("--days", type=int, default=365, help="leaf validity in days")
     certs_init.add_argument("--he", metavar="CONFIG",
-                            help="also generate CKKS keys for this config's [protection.he]")
+                            help="also generate fresh CKKS keys for this config's "
+                            "[protection.he] (one set per federation run)")
+    certs_init.add_argument("--he-only", action="store_true",
+                            help="rotate only the CKKS keys (with --he), for a new run; the "
+                            "TLS material and site identities stay")
 
     server = add(sub, "server", help="run the federation server (gRPC, mTLS)")
     server.add_argument("config")

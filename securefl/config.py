@@ -232,6 +232,17 @@ class Config:
                 "rule", f"{self.aggregation.rule!r} needs plaintext updates, but protection "
                 f"{self.protection.kind!r} reveals only their sum; use rule = \"fedavg\"",
                 "aggregation")
+        if self.protection.kind == "he":  # the server holds the model only encrypted
+            if self.server.optimizer != "fedavg":
+                raise FieldError(
+                    "optimizer", f"{self.server.optimizer!r} needs the plaintext model, which "
+                    "HE keeps encrypted at the server; use optimizer = \"fedavg\" (its lr is "
+                    "applied by the sites)", "server")
+            if self.privacy.mode == "dp_fedavg":
+                raise FieldError(
+                    "mode", "\"dp_fedavg\" adds its noise at the server, which under HE "
+                    "holds only ciphertexts; use mode = \"dp_sgd\" (noise at each site)",
+                    "privacy")
 
     def replace(self, **sections: Any) -> Config:
         """A copy with whole sections, or ``section__field`` values, replaced."""

@@ -25,7 +25,7 @@ from securefl.data import Dataset, FederatedData, federate
 from securefl.engine.client import Client, UpdateHook
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.optim import build_server_optimizer
-from securefl.engine.protection import ServerProtection
+from securefl.engine.protection import KeepsModel, ServerProtection
 from securefl.engine.server import Sampler, Server
 from securefl.engine.simulation import DropSchedule, InProcessTransport
 from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model, torch_threads
@@ -67,6 +67,12 @@ class Simulation:
     server: Server
     evaluator: TestSetEvaluator
     privacy: Any = None
+    #: the global model as the sites see it, when the server keeps it encrypted (HE)
+    site_view: Callable[[], np.ndarray] | None = None
+
+    def parameters(self) -> np.ndarray:
+        """The current global model: the server's, or the one the sites decrypt."""
+        return self.site_view() if self.site_view is not None else self.server.parameters
 
     @property
     def model(self) -> torch.nn.Module:  # the server's copy, used for central evaluation
@@ -191,7 +197,18 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                      root_data=root_data)
     if privacy is not None and privacy.sampling_seed is not None:
         server.seed = privacy.sampling_seed  # DP-FedAvg's secret sample: not from the config
-    return Simulation(config, data, trainers, clients, transport, server, evaluator, privacy)
+    view = None
+    if isinstance(server_protection, KeepsModel):
+        # HE: the server never holds the model.  The experimenter holds the sites' key, so
+        # "central" test accuracy is measured on the model a site decrypts.
+        from securefl.he import site_view
+
+        view = site_view(server_protection, client_protections[ids[0]],  # type: ignore[arg-type]
+                         run=server.run_id, initial=server.parameters)
+        if server.central_evaluator is not None:
+            server.central_evaluator = lambda _server_copy: evaluator(view())
+    return Simulation(config, data, trainers, clients, transport, server, evaluator, privacy,
+                      view)
 
 
 def root_trainer(config: Config, data: FederatedData, *, count: int) -> LocalTrainer:
@@ -254,7 +271,7 @@ def _simulate(config: Config, run_dir: Path | None,
 
     history = sim.server.run(config.run.rounds, on_round=record)
     sim.transport.close()
-    params = sim.server.parameters
+    params = sim.parameters()
     if run_dir is not None:
         save_final_model(run_dir, config, sim.evaluator, params)
         if sim.privacy is not None and hasattr(sim.privacy, "finalize"):

@@ -25,6 +25,7 @@ def build_protection(config: Config, client_ids: Sequence[str], *, layout: Layou
     if kind == "he":
         from securefl.he import build_simulation as build_he
 
-        return build_he(config.protection.he, client_ids, layout=layout)
+        return build_he(config.protection.he, client_ids, layout=layout,
+                        server_lr=config.server.lr)
     plain = Plain()
     return plain, dict.fromkeys(client_ids, plain)

@@ -53,6 +53,8 @@ def test_he() -> None:
     ours = report["securefl"]
     assert ours["max_abs_error"] < 1e-6
     assert ours["upload_x_float32"] > 1  # ciphertexts are never smaller than the floats
+    blind = report["blind_server"]
+    assert blind["max_abs_error_of_the_model"] < 1e-6 and blind["sites"] == 10
 
 
 @pytest.mark.slow

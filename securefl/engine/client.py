@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from securefl.engine.messages import (
     Decline,
     EvaluateIns,
@@ -13,7 +15,7 @@ from securefl.engine.messages import (
     FitRes,
     Message,
 )
-from securefl.engine.protection import ClientProtection, ClientRound, Update
+from securefl.engine.protection import ClientProtection, ClientRound, OpensModel, Update
 from securefl.engine.session import ReleaseLog, RoundContext, model_digest
 from securefl.engine.trainer import Trainer
 from securefl.errors import BudgetExceeded, MessageError
@@ -41,6 +43,10 @@ class Client:
       (``evaluate``), only on the global model of the round in progress (the model it
       trained from), and at most once per round: the server gets no query oracle on the
       site's validation data.
+
+    Under a protection that opens the model (:class:`OpensModel`: HE with a blind server)
+    the site decrypts and checks the global model itself before anything else, hashes *that*
+    model into the release log, and evaluates only that model.
     """
 
     def __init__(self, client_id: str, trainer: Trainer, protection: ClientProtection, *,
@@ -56,6 +62,7 @@ class Client:
         self._round: int | None = None
         self._protocol: ClientRound | None = None
         self._evaluated: int | None = None
+        self._model: np.ndarray | None = None  # the model of the round in progress
 
     def handle(self, request: Message, *, round: int) -> Message:
         if isinstance(request, FitIns):
@@ -70,11 +77,15 @@ class Client:
         return self._protocol.step(request)
 
     def _fit(self, request: FitIns) -> Message:
-        digest = model_digest(request.parameters)
+        parameters = request.parameters
+        if isinstance(self.protection, OpensModel):
+            parameters = self.protection.open_model(request)
+        digest = model_digest(parameters)
         self.releases.start(run=request.run, round=request.round, model=digest)
         self._run, self._round, self._protocol = request.run, request.round, None
+        self._model = parameters
         try:
-            update, metrics = self.trainer.fit(request.parameters, round=request.round)
+            update, metrics = self.trainer.fit(parameters, round=request.round)
         except BudgetExceeded as exc:
             _log.info("%s declines round %d: %s", self.client_id, request.round, exc)
             return Decline(reason=str(exc))
@@ -90,12 +101,16 @@ class Client:
         if not self.evaluate:
             return Decline(reason="federated evaluation is disabled at this site")
         current = None if self._run is None else self.releases.current(self._run)
-        if current != (request.round, model_digest(request.parameters)):
+        parameters = request.parameters
+        if isinstance(self.protection, OpensModel) and self._model is not None \
+                and parameters.size == 0:  # the server never holds the model: use our own
+            parameters = self._model
+        if current != (request.round, model_digest(parameters)):
             _log.warning("%s refuses to evaluate round %d: not the model it trained from",
                          self.client_id, request.round)
             return Decline(reason="evaluation only of the global model of the round in progress")
         if self._evaluated == request.round:
             return Decline(reason=f"round {request.round} was already evaluated")
         self._evaluated = request.round
-        n, loss, accuracy = self.trainer.evaluate(request.parameters)
+        n, loss, accuracy = self.trainer.evaluate(parameters)
         return EvaluateRes(num_examples=n, loss=loss, accuracy=accuracy)

@@ -8,7 +8,10 @@ state machines: the engine's transport moves their messages, so the same code ru
 in-process and over gRPC.
 
 * :class:`Plain` (one exchange) reveals each client's row: :class:`Rows`.
-* Secure aggregation and HE reveal only the weighted sum: :class:`WeightedSum`.
+* Secure aggregation reveals only the weighted sum: :class:`WeightedSum`.
+* HE with a blind server reveals nothing: the sum stays encrypted (:class:`Sealed`), the
+  server protection keeps it as the global model (:class:`KeepsModel`), and each site
+  recovers the model from ``FitIns`` itself (:class:`OpensModel`).
 
 Server and client halves are built separately (:class:`ServerProtection`,
 :class:`ClientProtection`) so that secret material never has to exist on the server.
@@ -24,15 +27,18 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from securefl.aggregation.base import weighted_sum
-from securefl.engine.messages import Message, PlainUpdate
+from securefl.engine.messages import FitIns, Message, PlainUpdate
 from securefl.engine.session import RoundContext
 
 __all__ = [
     "ClientProtection",
     "ClientRound",
     "Combined",
+    "KeepsModel",
+    "OpensModel",
     "Plain",
     "Rows",
+    "Sealed",
     "ServerProtection",
     "ServerRound",
     "Update",
@@ -80,7 +86,16 @@ class WeightedSum:
         return (self.total / self.total_weight).astype(np.float32)
 
 
-Combined = Rows | WeightedSum
+@dataclass(frozen=True)
+class Sealed:
+    """Nothing is revealed: the round's sum stays encrypted and becomes the global model that
+    the protection keeps (:class:`KeepsModel`); the server has nothing to apply."""
+
+    client_ids: tuple[str, ...]
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+
+Combined = Rows | WeightedSum | Sealed
 
 
 class ServerRound(Protocol):
@@ -127,6 +142,32 @@ class ClientProtection(Protocol):
     def client_round(self, *, round: int, context: RoundContext) -> ClientRound:
         """One round's client half; it must call ``context.release(survivors)`` before it
         reveals anything that depends on who survived (the one replay rule)."""
+        ...
+
+
+@runtime_checkable
+class KeepsModel(Protocol):
+    """A server protection that keeps the global model itself, in protected form.
+
+    ``Server.parameters`` then stay the public initial model, sent in ``FitIns`` only while
+    :meth:`holds_model` is false; no aggregator, server optimizer or central evaluation
+    ever sees the model.  :meth:`save_state` / :meth:`load_state` checkpoint it.
+    """
+
+    def holds_model(self) -> bool: ...
+
+    def save_state(self) -> bytes: ...
+
+    def load_state(self, data: bytes) -> None: ...
+
+
+@runtime_checkable
+class OpensModel(Protocol):
+    """A client protection under which a site recovers (e.g. decrypts) the global model from
+    ``FitIns`` itself, checks it, and trains and evaluates only that model."""
+
+    def open_model(self, request: FitIns) -> np.ndarray:
+        """The global model of ``request`` (float32), or :class:`ProtocolAbort`."""
         ...
 
 

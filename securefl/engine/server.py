@@ -11,6 +11,10 @@ One round:
 6. the server optimizer applies the delta;
 7. evaluation: centrally (simulation only) and/or federated over the clients' validation
    splits, weighted by their sizes;
+
+Under a protection that keeps the model (:class:`KeepsModel`: HE with a blind server) steps
+4-6 do not exist: the sum stays encrypted and becomes the next global model, which each
+site decrypts for itself.
 8. the round is recorded in the :class:`History`.
 """
 
@@ -30,7 +34,14 @@ from securefl.config import clients_per_round
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message
 from securefl.engine.optim import ServerOptimizer
-from securefl.engine.protection import Combined, Rows, ServerProtection, WeightedSum
+from securefl.engine.protection import (
+    Combined,
+    KeepsModel,
+    Rows,
+    Sealed,
+    ServerProtection,
+    WeightedSum,
+)
 from securefl.engine.session import RUN_ID_BYTES
 from securefl.engine.transport import Transport
 from securefl.errors import ProtocolAbort
@@ -71,6 +82,11 @@ class Server:
         if protection.reveals_rows is False and not getattr(aggregator, "linear", False):
             raise ValueError(f"{aggregator!r} needs individual updates, which protection "
                              f"{protection.name!r} hides; use FedAvg")
+        if isinstance(protection, KeepsModel) and (type(optimizer) is not ServerOptimizer
+                                                   or hooks or reference_update is not None):
+            raise ValueError(f"protection {protection.name!r} keeps the global model "
+                             "encrypted: the server cannot run an optimizer, hooks or a "
+                             "reference update on it (server optimizer fedavg only)")
         self.transport = transport
         self.protection = protection
         self.aggregator = aggregator
@@ -108,7 +124,7 @@ class Server:
         started = time.perf_counter()
         record = RoundRecord(round=rnd)
         record.sampled = self.sampler(self.transport.client_ids(), self.round_rng(rnd))
-        trained_from = self.parameters
+        trained_from = self.sent_parameters()
         try:
             combined = self._collect(rnd, record)
         except ProtocolAbort as exc:
@@ -121,11 +137,19 @@ class Server:
                                   f"min_clients = {self.min_clients}")
             else:
                 record.clients = sorted(combined.client_ids)
-                self._apply(rnd, combined, record)
+                if not isinstance(combined, Sealed):
+                    self._apply(rnd, combined, record)
         self._evaluate(rnd, record, trained_from)
         record.seconds = time.perf_counter() - started
         self.history.append(record)
         return record
+
+    def sent_parameters(self) -> np.ndarray:
+        """What ``FitIns`` carries: the global model, or nothing once the protection keeps it
+        (the sites then recover it from the protection's payload)."""
+        if isinstance(self.protection, KeepsModel) and self.protection.holds_model():
+            return self.parameters[:0]
+        return self.parameters
 
     # ------------------------------------------------------------------ the conversation
     def _collect(self, rnd: int, record: RoundRecord) -> Combined | None:
@@ -135,7 +159,7 @@ class Server:
         protocol = self.protection.server_round(round=rnd, dimension=self.parameters.size)
         payloads = protocol.open(record.sampled)
         requests: Mapping[str, Message] = {
-            cid: FitIns(run=self.run_id, round=rnd, parameters=self.parameters,
+            cid: FitIns(run=self.run_id, round=rnd, parameters=self.sent_parameters(),
                         config=self.fit_config, protection=payloads.get(cid))
             for cid in record.sampled}
         exchange = self.transport.exchange(requests, round=rnd, timeout=self.timeout)
@@ -156,14 +180,14 @@ class Server:
             record.train_loss = float(np.mean(train_losses))
         missing: Collection[str] = set(record.sampled) - set(first)
         result = protocol.step(first, missing)
-        while not isinstance(result, Rows | WeightedSum):
+        while not isinstance(result, Rows | WeightedSum | Sealed):
             exchange = self.transport.exchange(result, round=rnd, timeout=self.timeout)
             record.dropped.update(exchange.dropped)
             result = protocol.step(exchange.replies, set(exchange.dropped))
         return result
 
     # ------------------------------------------------------------------ aggregate + apply
-    def _apply(self, rnd: int, combined: Combined, record: RoundRecord) -> None:
+    def _apply(self, rnd: int, combined: Rows | WeightedSum, record: RoundRecord) -> None:
         for hook in self.hooks:
             transform = getattr(hook, "transform_combined", None)
             if transform is not None:

@@ -1,27 +1,35 @@
-"""HE protection: clients encrypt weight-scaled updates, the server adds ciphertexts.
+"""HE with a blind server: the sites decrypt the aggregate themselves, the server never does.
 
-One round (Phong et al., "Privacy-preserving deep learning via additively homomorphic
-encryption", IEEE TIFS 2018, with CKKS in place of Paillier/LWE):
+The server holds a public context (no key at all) and the sites' Ed25519 public keys; it
+keeps the global model only as a ciphertext.  Round ``r`` (FedAvg, McMahan et al. 2017, on
+ciphertexts; CKKS, Cheon et al. ASIACRYPT 2017, through SEAL):
 
-1. ``FitIns`` carries :class:`HERoundOpen`: the key id and a weight unit ``u = 2^k``, the
-   previous round's mean weight rounded to a power of two (1 in the first round), so that
-   ``sum_i w_i / u`` stays near the number of clients whatever the weights' scale (example
-   counts) and the sum stays far below the CKKS capacity.  A power of two scales exactly.
-2. Client ``i`` trains, then uploads :class:`HEUpload`: seeded symmetric CKKS encryptions of
-   ``(w_i / u) x_i`` (packed, :mod:`securefl.he.packing`), its weight ``w_i`` *in the clear*,
-   the unselected coordinates ``x_i`` in the clear (layer selection only) and an Ed25519
-   signature over the round, its id, the key id, ``k`` and a hash of everything above.
-3. The server drops a client whose upload fails any check (signature, key id, unit,
-   ciphertext count, SEAL validation), adds the rest: ``C = sum_i Enc((w_i / u) x_i)``, and
-   sends ``C`` to ``decryptors`` designated clients (:class:`HEDecryptRequest`).
-4. Each decryptor refuses an aggregate of fewer than ``min_contributors`` clients or a
-   second request in the same round, else returns ``Dec(C)`` (:class:`HEDecryptReply`).
-   Decryption is deterministic, so several decryptors must agree; a silent decryptor is
-   replaced by the next contributor.  The result is a :class:`WeightedSum` with
-   ``total = u Dec(C) = sum_i w_i x_i``; dividing by ``sum_i w_i`` (the weights are public)
-   gives the FedAvg mean.
+1. ``FitIns`` carries :class:`HERoundOpen`: the key id, a weight unit ``u = 2^k`` (the
+   previous round's mean weight rounded to a power of two, so ``sum w_i / u`` stays near the
+   number of sites) and the encrypted global model :class:`HEState` of the last completed
+   round (``None`` at first: then ``FitIns.parameters`` is the public initial model).
+2. Each site checks the state: at least ``min_contributors`` distinct contributors, each
+   statement signed by its site for this run, round and key, all trained from the same
+   model; the ciphertext count is fixed by the site's *own* model size, never by the server.
+   It records the state in its :class:`DecryptionLog` (one aggregate per round, persisted),
+   decrypts *locally*, ``x_r = (u' / W') Dec(S)``, and trains from ``x_r``.  Nothing
+   decrypted ever leaves the site, so the server never sees a decryption it could re-encode
+   into the key (Li and Micciancio, EUROCRYPT 2021).
+3. The site uploads seeded symmetric encryptions of ``(w_i / u)(x_r + lr delta_i)`` (the
+   server learning rate ``lr`` is applied by the sites, from their own config) with its
+   weight in the clear and its signed statement (:mod:`securefl.he.wire`).
+4. The server checks every upload before summing (type, key id, unit, weight, ciphertext
+   count, clear part, signature, SEAL validation: size, NTT form, level, scale), names each
+   excluded one, keeps the largest group trained from one model, and adds the rest:
+   ``S = sum_i Enc((w_i / u)(x_r + lr delta_i))``.  Then ``(u / W) Dec(S) = x_r + lr
+   sum_i w_i delta_i / W`` with ``W = sum_i w_i``: FedAvg with server learning rate ``lr``.
+   ``S`` becomes the state sent with the next ``FitIns``; the round yields ``Sealed``
+   (the server half is :mod:`securefl.he.server`).
 
-The server holds only :meth:`CKKSKeys.public` and the clients' Ed25519 *public* keys.
+With ``resum`` the state carries every contributor's upload instead of their sum, and each
+site adds them itself after checking each against its signed statement: then no server can
+make a site decrypt anything but the sum of the listed uploads, at ``n`` uploads of
+download instead of one sum.
 """
 
 from __future__ import annotations
@@ -29,108 +37,167 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefl.engine.messages import Decline, Message, message
-from securefl.engine.protection import Update, WeightedSum, check_update
-from securefl.engine.session import RoundContext
+from securefl.engine.messages import FitIns, Message, encode
+from securefl.engine.protection import Update, check_update
+from securefl.engine.session import RoundContext, model_digest
 from securefl.errors import ProtocolAbort
 from securefl.he.ckks import Ciphertext, CKKSKeys
 from securefl.he.packing import Selection
+from securefl.he.statelog import DecryptionLog
+from securefl.he.wire import HERoundOpen, HEState, HEUpload, statement, upload_digest
 
-__all__ = [
-    "HEClientProtection",
-    "HEDecryptReply",
-    "HEDecryptRequest",
-    "HERoundOpen",
-    "HEServerProtection",
-    "HEUpload",
-]
+__all__ = ["HEClientProtection"]
 
 _log = logging.getLogger(__name__)
-_DOMAIN = b"securefl/he/upload/v1"
 _MAX_UNIT_LOG2 = 64
+_DIGEST = 32
 
 
-@message
-class HERoundOpen(Message):
-    """Server -> client with ``FitIns``: the key in use and the weight unit ``2^unit_log2``."""
-
-    key_id: bytes
-    unit_log2: int
-
-
-@message
-class HEUpload(Message):
-    """Client -> server: encrypted ``(w / u) x`` (seeded), clear weight and signature."""
-
-    key_id: bytes
-    unit_log2: int
-    weight: float
-    ciphertexts: list[bytes]
-    clear: np.ndarray
-    signature: bytes | None
-
-
-@message
-class HEDecryptRequest(Message):
-    """Server -> decryptor: the summed ciphertexts and who contributed to them."""
-
-    key_id: bytes
-    contributors: tuple[str, ...]
-    length: int
-    ciphertexts: list[bytes]
-
-
-@message
-class HEDecryptReply(Message):
-    """Decryptor -> server: the decrypted weighted sum of the encrypted coordinates."""
-
-    total: np.ndarray
-
-
-def upload_digest(*, round: int, client_id: str, key_id: bytes, unit_log2: int,
-                  weight: float, ciphertexts: Sequence[bytes], clear: np.ndarray) -> bytes:
-    """SHA-256 over the length-prefixed upload fields: what the client's signature covers."""
-    digest = hashlib.sha256(_DOMAIN)
-    parts = [struct.pack("<q", round), client_id.encode(), key_id,
-             struct.pack("<q", unit_log2), struct.pack("<d", weight),
-             np.ascontiguousarray(clear, dtype=np.float32).tobytes(), *ciphertexts]
-    for part in parts:
-        digest.update(struct.pack("<Q", len(part)))
-        digest.update(part)
-    return digest.digest()
+def _abort(detail: str) -> ProtocolAbort:
+    return ProtocolAbort.because(f"HE: {detail}")
 
 
 # ----------------------------------------------------------------------------- client
 class HEClientProtection:
-    """Client half: holds the *secret* CKKS context and the client's signing key."""
+    """Site half: the *secret* CKKS context, the site's signing key and the directory of
+    every site's verifying key (to check the statements behind an aggregate)."""
 
     name = "he"
 
-    def __init__(self, keys: CKKSKeys, *, client_id: str,
-                 signing_key: Ed25519PrivateKey | None = None, min_contributors: int = 2,
-                 selection: Selection | None = None) -> None:
+    def __init__(self, keys: CKKSKeys, *, client_id: str, signing_key: Ed25519PrivateKey,
+                 verify_keys: Mapping[str, Ed25519PublicKey], dimension: int,
+                 min_contributors: int = 2, selection: Selection | None = None,
+                 server_lr: float = 1.0, resum: bool = False,
+                 log: DecryptionLog | None = None) -> None:
         if not keys.is_private():
-            raise ValueError("a client needs the secret CKKS context to encrypt and decrypt")
+            raise ValueError("a site needs the secret CKKS context to encrypt and decrypt")
         if min_contributors < 1:
             raise ValueError(f"min_contributors must be >= 1, got {min_contributors}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
+        self.selection = selection or Selection.everything(dimension)
+        if self.selection.dimension != dimension:
+            raise ValueError(f"layer selection covers {self.selection.dimension} parameters, "
+                             f"the model has {dimension}")
         self.keys, self.client_id, self.signing_key = keys, client_id, signing_key
-        self.min_contributors, self.selection = min_contributors, selection
+        self.verify_keys = dict(verify_keys)
+        self.dimension, self.server_lr = dimension, server_lr
+        self.min_contributors, self.resum = min_contributors, resum
+        self.log = log if log is not None else DecryptionLog()
+        self._opened: tuple[bytes, int, bytes, np.ndarray] | None = None
 
     @classmethod
-    def from_bytes(cls, secret_context: bytes, *, client_id: str,
-                   signing_key: Ed25519PrivateKey | None = None, min_contributors: int = 2,
-                   selection: Selection | None = None) -> HEClientProtection:
+    def from_bytes(cls, secret_context: bytes, **options: object) -> HEClientProtection:
         """Deployment constructor from :meth:`CKKSKeys.to_bytes` of the secret context."""
-        return cls(CKKSKeys.from_bytes(secret_context), client_id=client_id,
-                   signing_key=signing_key, min_contributors=min_contributors,
-                   selection=selection)
+        return cls(CKKSKeys.from_bytes(secret_context), **options)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- the global model
+    def open_model(self, request: FitIns) -> np.ndarray:
+        """Step 2 of the round: check, record and locally decrypt the global model."""
+        opening = request.protection
+        if not isinstance(opening, HERoundOpen) or opening.key_id != self.keys.key_id:
+            raise _abort(f"round {request.round}: no opening for this site's CKKS key")
+        if opening.state is None:
+            model = request.parameters
+            if check_update(model, self.dimension) is not None:
+                raise _abort(f"round {request.round}: the initial model is malformed")
+            state_digest = hashlib.sha256(b"initial model").digest()
+        else:
+            if request.parameters.size:
+                raise _abort(f"round {request.round}: plaintext parameters with a state")
+            if not isinstance(opening.state, HEState) or opening.state.round >= request.round:
+                raise _abort(f"round {request.round}: no aggregate of an earlier round")
+            self._check_state(opening.state, request.run)  # a refusal records nothing
+            state_digest = hashlib.sha256(encode(opening.state)).digest()
+        self.log.admit(run=request.run, round=request.round, key_id=self.keys.key_id,
+                       state=state_digest, initial=opening.state is None)
+        if opening.state is not None:
+            model = self._decrypt(opening.state)
+        model = np.ascontiguousarray(model, dtype=np.float32)
+        self._opened = (request.run, request.round, model_digest(model), model)
+        return model
+
+    def open_state(self, state: HEState, *, run: bytes) -> np.ndarray:
+        """Check ``state`` against the signed statements of its contributors and decrypt it
+        here (no replay record: :meth:`open_model` keeps that).  Also reads a final model."""
+        self._check_state(state, run)
+        return self._decrypt(state)
+
+    def _decrypt(self, state: HEState) -> np.ndarray:
+        """``x = (u / W) Dec(S)`` on the encrypted coordinates, ``clear`` on the others; with
+        ``resum`` the site adds the contributors' uploads itself into ``S`` and the clear mean."""
+        contributors = [c.client_id for c in state.contributions]
+        total_weight = math.fsum(c.weight for c in state.contributions)
+        selection = self.selection
+        ciphertexts, clear = state.ciphertexts, state.clear.astype(np.float64)
+        if self.resum:
+            ciphertexts, clear = self._resum(state, total_weight)
+        try:
+            values = self.keys.decrypt(ciphertexts, selection.encrypted.size)
+        except ProtocolAbort:
+            _log.warning("HE: the aggregate of round %d does not decrypt; suspects (its "
+                         "contributors): %s", state.round, ", ".join(contributors))
+            raise
+        encrypted = np.ldexp(values, state.unit_log2) / total_weight
+        model = selection.merge(encrypted, clear)
+        if not np.isfinite(model).all():
+            raise _abort(f"the model of round {state.round} is not finite")
+        return model.astype(np.float32)
+
+    def _resum(self, state: HEState, total_weight: float) -> tuple[list[bytes], np.ndarray]:
+        sums: list[Ciphertext | None] = [None] * len(state.parts[0].ciphertexts)
+        clear = np.zeros(self.selection.clear.size, dtype=np.float64)
+        for contribution, part in zip(state.contributions, state.parts, strict=True):
+            loaded = [self.keys.load(data) for data in part.ciphertexts]
+            sums = [self.keys.add_into(total, ct) for total, ct in zip(sums, loaded, strict=True)]
+            clear += contribution.weight * part.clear.astype(np.float64)
+        return [self.keys.dump(total) for total in sums], clear / total_weight
+
+    def _check_state(self, state: HEState, run: bytes) -> None:
+        if not isinstance(state, HEState):
+            raise _abort("the global model is not an HEState")
+        ids = [c.client_id for c in state.contributions]
+        if len(set(ids)) != len(ids) or len(ids) < self.min_contributors:
+            raise _abort(f"aggregate of round {state.round} lists {len(set(ids))} distinct of "
+                         f"{len(ids)} contributors (min_contributors = {self.min_contributors})")
+        if not -_MAX_UNIT_LOG2 <= state.unit_log2 <= _MAX_UNIT_LOG2:
+            raise _abort(f"weight unit 2^{state.unit_log2} is out of range")
+        if len({c.model for c in state.contributions}) != 1:
+            raise _abort(f"the contributors of round {state.round} trained from different models")
+        for c in state.contributions:
+            key = self.verify_keys.get(c.client_id)
+            if key is None or not (math.isfinite(c.weight) and c.weight > 0):
+                raise _abort(f"contributor {c.client_id!r}: unknown site or bad weight")
+            try:
+                key.verify(c.signature, statement(
+                    run=run, round=state.round, client_id=c.client_id, key_id=self.keys.key_id,
+                    unit_log2=state.unit_log2, weight=float(c.weight), model=c.model,
+                    upload=c.upload))
+            except InvalidSignature:
+                raise _abort(f"round {state.round}: the statement of {c.client_id!r} is not "
+                             "signed by that site for this run, round and key") from None
+        count = self.keys.ciphertext_count(self.selection.encrypted.size)
+        if check_update(state.clear, self.selection.clear.size) is not None:
+            raise _abort("the clear part of the global model is malformed")
+        if not self.resum:
+            if len(state.ciphertexts) != count or state.parts:
+                raise _abort(f"aggregate of {len(state.ciphertexts)} ciphertexts for "
+                             f"{self.selection.encrypted.size} encrypted parameters")
+            return
+        if state.ciphertexts or len(state.parts) != len(state.contributions):
+            raise _abort("the sites re-sum: the state must carry every contributor's upload")
+        for c, part in zip(state.contributions, state.parts, strict=True):
+            if (len(part.ciphertexts) != count
+                    or check_update(part.clear, self.selection.clear.size) is not None
+                    or upload_digest(part.ciphertexts, part.clear) != c.upload):
+                raise _abort(f"round {state.round}: the upload of {c.client_id!r} does not "
+                             "match its signed statement")
 
     def client_round(self, *, round: int, context: RoundContext) -> HEClientRound:
         return HEClientRound(self, round, context)
@@ -139,224 +206,34 @@ class HEClientProtection:
 class HEClientRound:
     def __init__(self, owner: HEClientProtection, round: int, context: RoundContext) -> None:
         self._owner, self._round, self._context = owner, round, context
-        self._decrypted = False
 
     def open(self, update: Update, payload: Message | None) -> Message:
-        owner = self._owner
-        problem = check_update(update.delta, update.delta.size)
-        if problem is not None:
-            raise ValueError(problem)
+        """Step 3: encrypt ``(w / u)(x + lr delta)`` and sign the statement."""
+        owner, context = self._owner, self._context
+        opened = owner._opened
+        if opened is None or opened[:3] != (context.run, context.round, context.model):
+            raise _abort(f"round {self._round}: no global model opened for this round")
+        if not isinstance(payload, HERoundOpen) or not -_MAX_UNIT_LOG2 <= payload.unit_log2 \
+                <= _MAX_UNIT_LOG2:
+            raise _abort(f"round {self._round}: malformed opening")
         weight = float(update.weight)
-        if not (np.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight must be finite and > 0, got {update.weight}")
-        unit_log2 = 0
-        if payload is not None:
-            if not isinstance(payload, HERoundOpen):
-                raise ValueError(f"HE protection expects an HERoundOpen, got "
-                                 f"{type(payload).__name__}")
-            if payload.key_id != owner.keys.key_id:
-                raise ValueError("the server uses a different CKKS key than this client")
-            if not -_MAX_UNIT_LOG2 <= payload.unit_log2 <= _MAX_UNIT_LOG2:
-                raise ValueError(f"weight unit 2^{payload.unit_log2} is out of range")
-            unit_log2 = payload.unit_log2
-        selection = owner.selection or Selection.everything(update.delta.size)
-        secret_part, clear = selection.split(update.delta)
-        scaled = np.ldexp(weight * secret_part.astype(np.float64), -unit_log2)
-        ciphertexts = owner.keys.encrypt(scaled)
+        if check_update(update.delta, owner.dimension) is not None or not (
+                math.isfinite(weight) and weight > 0):
+            raise _abort(f"round {self._round}: this site's own update is malformed")
+        if payload.state is not None:  # the one replay rule, for the aggregate it decrypted
+            context.release([c.client_id for c in payload.state.contributions])
+        local = opened[3].astype(np.float64) + owner.server_lr * update.delta
+        secret_part, clear = owner.selection.split(local)
+        ciphertexts = owner.keys.encrypt(np.ldexp(weight * secret_part, -payload.unit_log2))
         clear = np.ascontiguousarray(clear, dtype=np.float32)
-        signature = None
-        if owner.signing_key is not None:
-            signature = owner.signing_key.sign(upload_digest(
-                round=self._round, client_id=owner.client_id, key_id=owner.keys.key_id,
-                unit_log2=unit_log2, weight=weight, ciphertexts=ciphertexts, clear=clear))
-        return HEUpload(key_id=owner.keys.key_id, unit_log2=unit_log2, weight=weight,
+        signature = owner.signing_key.sign(statement(
+            run=context.run, round=self._round, client_id=owner.client_id,
+            key_id=owner.keys.key_id, unit_log2=payload.unit_log2, weight=weight,
+            model=context.model, upload=upload_digest(ciphertexts, clear)))
+        return HEUpload(run=context.run, key_id=owner.keys.key_id,
+                        unit_log2=payload.unit_log2, weight=weight, model=context.model,
                         ciphertexts=ciphertexts, clear=clear, signature=signature)
 
     def step(self, request: Message) -> Message:
-        owner = self._owner
-        if not isinstance(request, HEDecryptRequest):
-            raise ValueError(f"HE protection expects an HEDecryptRequest, got "
-                             f"{type(request).__name__}")
-        if request.key_id != owner.keys.key_id:
-            return Decline(reason="aggregate is under a different CKKS key")
-        if self._decrypted:  # one decryption per round: the server gets no oracle
-            return Decline(reason="already decrypted an aggregate this round")
-        if len(set(request.contributors)) < owner.min_contributors:
-            return Decline(reason=f"refusing to decrypt an aggregate of "
-                                  f"{len(set(request.contributors))} clients "
-                                  f"(min_contributors = {owner.min_contributors})")
-        self._context.release(request.contributors)
-        try:
-            total = owner.keys.decrypt(request.ciphertexts, request.length)
-        except ProtocolAbort:
-            return Decline(reason="aggregate does not decrypt")
-        self._decrypted = True
-        return HEDecryptReply(total=total)
-
-
-# ----------------------------------------------------------------------------- server
-class HEServerProtection:
-    """Server half: holds a *public* CKKS context only, and the clients' verifying keys.
-
-    ``verify_keys=None`` leaves upload integrity to the transport (mTLS); otherwise every
-    upload must carry a valid signature by its client's key.
-    """
-
-    name = "he"
-    reveals_rows = False
-
-    def __init__(self, context: CKKSKeys, *,
-                 verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
-                 decryptors: int = 1, min_contributors: int = 2,
-                 selection: Selection | None = None) -> None:
-        if not isinstance(context, CKKSKeys):
-            raise TypeError(f"context must be CKKSKeys, got {type(context).__name__}")
-        if context.is_private():
-            raise ValueError("the server must hold only the public CKKS context; pass "
-                             "keys.public(), never the secret context")
-        if decryptors < 1:
-            raise ValueError(f"decryptors must be >= 1, got {decryptors}")
-        if min_contributors < 1:
-            raise ValueError(f"min_contributors must be >= 1, got {min_contributors}")
-        self.context = context
-        self.verify_keys = None if verify_keys is None else dict(verify_keys)
-        self.decryptors, self.min_contributors = decryptors, min_contributors
-        self.selection = selection
-        self.unit_log2 = 0  # weight unit 2^k for the next round, from the last one's weights
-
-    @classmethod
-    def from_bytes(cls, public_context: bytes, *,
-                   verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
-                   decryptors: int = 1, min_contributors: int = 2,
-                   selection: Selection | None = None) -> HEServerProtection:
-        """Deployment constructor from :meth:`CKKSKeys.to_bytes` of the public context."""
-        return cls(CKKSKeys.from_bytes(public_context), verify_keys=verify_keys,
-                   decryptors=decryptors, min_contributors=min_contributors,
-                   selection=selection)
-
-    def server_round(self, *, round: int, dimension: int) -> HEServerRound:
-        selection = self.selection or Selection.everything(dimension)
-        if selection.dimension != dimension:
-            raise ValueError(f"layer selection covers {selection.dimension} parameters, "
-                             f"the model has {dimension}")
-        return HEServerRound(self, round, selection)
-
-
-class HEServerRound:
-    def __init__(self, owner: HEServerProtection, round: int, selection: Selection) -> None:
-        self._owner, self._round, self._selection = owner, round, selection
-        self._count = owner.context.ciphertext_count(selection.encrypted.size)
-        self._accepted: list[str] = []
-        self._weights: dict[str, float] = {}
-        self._rejected: dict[str, str] = {}
-        self._clear = np.zeros(selection.clear.size, dtype=np.float64)
-        self._request: HEDecryptRequest | None = None
-        self._asked: set[str] = set()
-        self._unit_log2 = owner.unit_log2
-
-    def open(self, participants: Sequence[str]) -> Mapping[str, Message | None]:
-        opening = HERoundOpen(key_id=self._owner.context.key_id, unit_log2=self._unit_log2)
-        return dict.fromkeys(participants, opening)
-
-    def step(self, replies: Mapping[str, Message],
-             dropped: Collection[str]) -> Mapping[str, Message] | WeightedSum:
-        if self._request is None:
-            return self._combine(replies)
-        return self._finish(self._request, replies)
-
-    # ---------------------------------------------------------------- exchange 1: uploads
-    def _check(self, client_id: str, reply: Message) -> tuple[list[Ciphertext], float] | str:
-        """The loaded ciphertexts and weight of a valid upload, or why it is rejected."""
-        owner = self._owner
-        if not isinstance(reply, HEUpload):
-            return f"expected an HEUpload, got {type(reply).__name__}"
-        if reply.key_id != owner.context.key_id:
-            return "ciphertexts are under a different CKKS context (key id mismatch)"
-        if reply.unit_log2 != self._unit_log2:
-            return f"weight unit 2^{reply.unit_log2}, expected 2^{self._unit_log2}"
-        if not (np.isfinite(reply.weight) and reply.weight > 0):
-            return f"weight must be finite and > 0, got {reply.weight}"
-        if len(reply.ciphertexts) != self._count:
-            return f"expected {self._count} ciphertexts, got {len(reply.ciphertexts)}"
-        problem = check_update(reply.clear, self._selection.clear.size)
-        if problem is not None:
-            return f"clear part: {problem}"
-        if owner.verify_keys is not None:
-            key = owner.verify_keys.get(client_id)
-            if key is None or not isinstance(reply.signature, bytes):
-                return "upload is not signed by a known client key"
-            try:
-                key.verify(reply.signature, upload_digest(
-                    round=self._round, client_id=client_id, key_id=reply.key_id,
-                    unit_log2=reply.unit_log2, weight=float(reply.weight),
-                    ciphertexts=reply.ciphertexts,
-                    clear=reply.clear))
-            except InvalidSignature:
-                return "upload signature does not verify (tampered or replayed)"
-        try:
-            loaded = [owner.context.load(data) for data in reply.ciphertexts]
-        except ProtocolAbort:
-            return "invalid ciphertext (truncated, tampered or from another context)"
-        return loaded, float(reply.weight)
-
-    def _combine(self, replies: Mapping[str, Message]) -> Mapping[str, Message]:
-        context = self._owner.context
-        sums: list[Ciphertext | None] = [None] * self._count
-        for client_id in sorted(replies):
-            outcome = self._check(client_id, replies[client_id])
-            if isinstance(outcome, str):
-                _log.warning("HE round %d: client %s rejected: %s", self._round, client_id,
-                             outcome)
-                self._rejected[client_id] = outcome
-                continue
-            loaded, weight = outcome
-            sums = [context.add_into(total, ct) for total, ct in zip(sums, loaded, strict=True)]
-            self._clear += weight * replies[client_id].clear.astype(np.float64)
-            self._accepted.append(client_id)
-            self._weights[client_id] = weight
-        if self._accepted:  # even if this round fails, the next one uses a fitting unit
-            mean_weight = sum(self._weights.values()) / len(self._accepted)
-            self._owner.unit_log2 = round(math.log2(mean_weight))
-        if len(self._accepted) < self._owner.min_contributors:
-            raise ProtocolAbort.because(
-                f"HE round {self._round}: {len(self._accepted)} valid uploads, "
-                f"min_contributors = {self._owner.min_contributors}")
-        self._request = HEDecryptRequest(
-            key_id=context.key_id, contributors=tuple(self._accepted),
-            length=int(self._selection.encrypted.size),
-            ciphertexts=[context.dump(total) for total in sums])
-        return self._ask(self._request)
-
-    # ---------------------------------------------------------------- exchange 2+: decrypt
-    def _ask(self, request: HEDecryptRequest) -> Mapping[str, Message]:
-        """Send the aggregate to the next ``decryptors`` contributors not asked yet."""
-        candidates = [c for c in self._accepted if c not in self._asked]
-        chosen = candidates[:self._owner.decryptors]
-        if not chosen:
-            raise ProtocolAbort.because(f"HE round {self._round}: no decryptor answered")
-        self._asked.update(chosen)
-        return dict.fromkeys(chosen, request)
-
-    def _finish(self, request: HEDecryptRequest,
-                replies: Mapping[str, Message]) -> Mapping[str, Message] | WeightedSum:
-        length = self._selection.encrypted.size
-        totals = []
-        for client_id, reply in sorted(replies.items()):
-            if (isinstance(reply, HEDecryptReply) and isinstance(reply.total, np.ndarray)
-                    and reply.total.shape == (length,) and np.isfinite(reply.total).all()):
-                totals.append(reply.total.astype(np.float64))
-            else:
-                reason = reply.reason if isinstance(reply, Decline) else "malformed reply"
-                _log.warning("HE round %d: decryptor %s failed: %s", self._round, client_id,
-                             reason)
-        if not totals:
-            return self._ask(request)
-        # Decryption is deterministic; only floating-point decoding may differ across hosts.
-        tolerance = self._owner.context.parameters.error_bound(len(self._accepted))
-        if any(np.max(np.abs(totals[0] - other), initial=0.0) > tolerance
-               for other in totals[1:]):
-            raise ProtocolAbort.because(f"HE round {self._round}: decryptors disagree")
-        total = self._selection.merge(np.ldexp(totals[0], self._unit_log2), self._clear)
-        return WeightedSum(client_ids=tuple(self._accepted), total=total,
-                           total_weight=float(sum(self._weights.values())),
-                           rejected=dict(self._rejected))
+        raise _abort(f"round {self._round}: unexpected {type(request).__name__} (a blind "
+                     "server has nothing to ask after the upload)")

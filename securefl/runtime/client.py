@@ -243,7 +243,7 @@ def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
             trainer = privacy.wrap_trainer(site, base)
             hooks = list(privacy.client_hooks)
     protection = site_protection(config, site, sorted(config.network.allowlist) or None,
-                                 layout=base.layout)
+                                 layout=base.layout, state_dir=state)
     return Client(site, trainer, protection, update_hooks=hooks, releases=releases,
                   evaluate=config.server.evaluate in ("federated", "both"))
 

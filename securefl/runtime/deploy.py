@@ -8,7 +8,10 @@
   server *and every site* load from disk, so a malicious server cannot substitute keys
   (SecAgg+ assumes such a PKI: Bell et al., CCS 2020, Sec. 3);
 * with ``--he CONFIG``: ``he/secret.ctx`` (the CKKS secret context, for the sites only) and
-  ``he/public.ctx`` (the public context, the only one the server ever reads).
+  ``he/public.ctx`` (the public context, the only one the server ever reads).  CKKS keys
+  are fresh for every federation run: a site refuses a key id it has used in another run,
+  so a new run needs ``securefl certs init DIR --he CONFIG --he-only`` (new keys, the TLS
+  material and identities kept).
 
 The server's half is built from public material only; a site's half from its own secrets.
 """
@@ -16,7 +19,7 @@ The server's half is built from public material only; a site's half from its own
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -57,8 +60,10 @@ def init_identities(directory: str | Path, sites: Sequence[str]) -> dict[str, st
 
 
 def init_he_context(directory: str | Path, config: HEConfig) -> None:
-    """Generate the CKKS keys as the federation's key holder: secret for sites, public for all."""
+    """Generate fresh CKKS keys as the federation's key holder: secret for sites, public for
+    all.  Run it again for every new federation run (the sites refuse a reused key id)."""
     from securefl.he import CKKSKeys
+
     keys = CKKSKeys.generate(poly_modulus_degree=config.poly_modulus_degree,
                              coeff_modulus_bits=config.coeff_modulus_bits,
                              scale_bits=config.scale_bits)
@@ -97,10 +102,11 @@ def _read(path: Path) -> bytes:
 def _he_selection(config: Config, layout: Layout | None) -> Selection | None:
     from securefl.he import layer_selection
 
-    try:
-        return layer_selection(config.protection.he, layout)
-    except ValueError as exc:
-        raise ConfigError(f"[protection.he] layers: {exc}") from None
+    return layer_selection(config.protection.he, layout)  # ConfigError on a bad pattern
+
+
+def _he_keys(directory: Mapping[str, bytes]) -> dict[str, Ed25519PublicKey]:
+    return {s: Ed25519PublicKey.from_public_bytes(k) for s, k in directory.items()}
 
 
 def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | None = None
@@ -123,18 +129,22 @@ def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | 
         return SecAggServerProtection(directory=directory, config=config.protection.secagg)
     from securefl.he import HEServerProtection
 
-    he = config.protection.he
+    if config.server.evaluate != "federated":
+        raise ConfigError("[server] evaluate: HE keeps the global model encrypted at the "
+                          "server, which can therefore not evaluate it; use evaluate = "
+                          "\"federated\" (the sites evaluate the model they decrypt)")
     return HEServerProtection.from_bytes(
-        _read(_certs(config) / "he" / "public.ctx"),
-        verify_keys={s: Ed25519PublicKey.from_public_bytes(k) for s, k in directory.items()},
-        decryptors=he.decryptors, min_contributors=he.min_contributors,
-        selection=_he_selection(config, layout))
+        _read(_certs(config) / "he" / "public.ctx"), verify_keys=_he_keys(directory),
+        min_contributors=config.protection.he.min_contributors,
+        selection=_he_selection(config, layout), resum=config.protection.he.resum)
 
 
 def site_protection(config: Config, site: str, sites: Sequence[str] | None = None, *,
-                    layout: Layout | None = None) -> ClientProtection:
+                    layout: Layout | None = None, state_dir: Path | None = None
+                    ) -> ClientProtection:
     """A site's half, from its own secrets and the public directory (``layout``: see
-    :func:`server_protection`)."""
+    :func:`server_protection`; HE needs it, and keeps its record of decrypted aggregates
+    in ``state_dir``)."""
     kind = config.protection.kind
     if kind == "plain":
         return Plain()
@@ -148,8 +158,14 @@ def site_protection(config: Config, site: str, sites: Sequence[str] | None = Non
         return SecAggClientProtection(client_id=site, identity=identity, directory=directory,
                                       config=config.protection.secagg)
     from securefl.he import HEClientProtection
+    from securefl.he.statelog import DecryptionLog
 
+    if layout is None:
+        raise ConfigError("HE needs the model layout at the site")
+    log = DecryptionLog(None if state_dir is None else state_dir / f"he-decrypted-{site}.sqlite")
     return HEClientProtection.from_bytes(
         _read(_certs(config) / "he" / "secret.ctx"), client_id=site, signing_key=identity,
+        verify_keys=_he_keys(directory), dimension=layout.size,
         min_contributors=config.protection.he.min_contributors,
-        selection=_he_selection(config, layout))
+        selection=_he_selection(config, layout), server_lr=config.server.lr,
+        resum=config.protection.he.resum, log=log)

@@ -34,6 +34,7 @@ import numpy as np
 from securefl.config import Config, load_config
 from securefl.data import federate
 from securefl.engine.history import History, RoundRecord
+from securefl.engine.protection import KeepsModel
 from securefl.engine.server import Server
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
@@ -110,6 +111,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         if last is not None:
             saved = store.load_checkpoint(last)
             server.parameters = saved.pop("model").astype(np.float32)
+            if isinstance(protection, KeepsModel):  # HE: the encrypted global model
+                protection.load_state(saved.pop("protection", np.zeros(0, np.uint8)).tobytes())
             optimizer.load_state({k.removeprefix("optimizer."): v for k, v in saved.items()
                                   if k.startswith("optimizer.")})
             if "aggregator" in saved:
@@ -133,7 +136,11 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
                 grpc_transport.close(notify=False)
             raise
         grpc_transport.close()
-        save_final_model(state, config, evaluator, server.parameters)
+        if isinstance(protection, KeepsModel):
+            # the server holds the final model only encrypted; each site decrypts model.he
+            atomic_write(state / "model.he", protection.save_state())
+        else:
+            save_final_model(state, config, evaluator, server.parameters)
         plot_accuracy(History([RoundRecord(round=r["round"], accuracy=r.get("accuracy"),
                                            federated_accuracy=r.get("federated_accuracy"))
                                for r in rows]), state / "accuracy.png", title=config.run.name)
@@ -141,7 +148,10 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         write_json(state / "summary.json", {
             "name": config.run.name, "rounds": config.run.rounds, "resumed_from": last,
             "final_accuracy": final.accuracy if final else None,
-            "model_sha256": model_hash(server.parameters), "epsilon_spent": store.spent(),
+            # HE: the server holds only the encrypted model (model.he), never a plaintext one
+            "model_sha256": (None if isinstance(protection, KeepsModel)
+                             else model_hash(server.parameters)),
+            "epsilon_spent": store.spent(),
             "protection": config.protection.kind, "aggregation": config.aggregation.rule})
         return ServeResult(server.history, server.parameters, state, last)
     finally:
@@ -175,6 +185,8 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
              **{f"optimizer.{k}": v for k, v in server.optimizer.state().items()}}
     if isinstance(server.aggregator_state, np.ndarray):
         state["aggregator"] = server.aggregator_state
+    if isinstance(server.protection, KeepsModel):
+        state["protection"] = np.frombuffer(server.protection.save_state(), dtype=np.uint8)
     digest = store.complete_round(rnd, state=state, dropped=record.dropped,
                                   metrics=record.to_json(), charges=charges)
     if audit is not None:

@@ -247,7 +247,20 @@ def site_for(pem: bytes, allowlist: Mapping[str, str]) -> str | None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """``securefl certs init DIR --sites a,b,c``: print the allowlist to paste into the config."""
+    """``securefl certs init DIR --sites a,b,c [--he CONFIG]``: print the allowlist to paste
+    into the config; ``--he CONFIG --he-only`` rotates only the CKKS keys for a new run."""
+    if getattr(args, "he_only", False):
+        if not getattr(args, "he", None):
+            raise ConfigError("--he-only needs --he CONFIG")
+        from securefl.config import load_config
+        from securefl.runtime.deploy import init_he_context
+
+        init_he_context(args.dir, load_config(args.he).protection.he)
+        print(f"wrote fresh CKKS contexts to {args.dir}/he (secret.ctx: sites only); copy "
+              "secret.ctx to every site and public.ctx to the server before the new run")
+        return 0
+    if not args.sites:
+        raise ConfigError("certs init needs --sites a,b,c")
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     try:
         allowlist = init_certificates(args.dir, sites, server_name=args.server_name,

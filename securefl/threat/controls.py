@@ -168,6 +168,9 @@ def update_secrecy(f: Facts, model: ThreatModel, accept: list[str]) -> tuple[boo
     if f.protection == "he" and f.he_layers and "he" in accept:
         return False, (f"HE encrypts only the layers matching {', '.join(f.he_layers)}; the "
                        "rest of each update reaches the server in the clear")
+    if f.protection == "he" and "he" in accept:
+        return True, ("HE with a blind server: the server sees no update and no sum; it adds "
+                      "ciphertexts and each site decrypts the global model itself")
     if f.protection in accept and f.protection != "plain":
         return True, f"protection {f.protection!r} reveals only the weighted sum to the server"
     if "dp_sgd" in accept and f.privacy_mode == "dp_sgd":
@@ -183,12 +186,17 @@ def update_secrecy(f: Facts, model: ThreatModel, accept: list[str]) -> tuple[boo
 
 
 def he_key_separation(f: Facts, model: ThreatModel) -> tuple[bool, str]:
-    """Under HE only key holders may decrypt; a server with the secret key sees every update."""
+    """Under HE only key holders may decrypt; a server with the secret key sees every update.
+    securefl's server also never receives a decryption, which it could re-encode into the key
+    (Li and Micciancio, EUROCRYPT 2021): every site decrypts the global model itself."""
     if f.protection != "he":
         return True, f"not applicable: protection is {f.protection!r}"
     if f.he_key_on_server:
         return False, f"HE with the secret key on the server violates {model.name}"
-    return True, "the HE secret key stays with the clients; the server holds a public context"
+    return True, ("who can decrypt: every site (each holds the run's secret key and decrypts "
+                  "the global model itself); the server holds a public context without any "
+                  "key and never receives a decryption; one site colluding with the server "
+                  "decrypts every upload of the run")
 
 
 def _secagg_share_threshold(f: Facts) -> tuple[int, int]:
@@ -202,14 +210,15 @@ def collusion(f: Facts, model: ThreatModel) -> tuple[bool, str]:
     """Up to t clients may collude with the server.  SecAgg+ hides an honest update while the
     coalition holds fewer than the ``floor(threshold k) + 1`` shares needed to rebuild its
     mask secrets (Bell et al. 2020).  The check is worst case: all t colluders may be among
-    one client's k neighbours.  Under securefl's HE every client holds the secret key."""
+    one client's k neighbours.  Under securefl's HE every site holds the secret key, so one
+    site colluding with the server decrypts every upload of the run."""
     t = model.max_colluding(f.clients_per_round)
     if t == 0:
         return True, "not applicable: no client colludes with the server in this model"
     if f.protection == "he":
-        return False, (f"every client holds the HE secret key, so any of the up to {t} clients "
-                       "colluding with the server decrypts every update; use secure "
-                       "aggregation")
+        return False, (f"every site holds the HE secret key, so one site (of the up to {t}) "
+                       "colluding with the server decrypts every upload of the run; use "
+                       "secure aggregation")
     if f.protection == "secagg":
         k, shares = _secagg_share_threshold(f)
         if t >= shares:

@@ -9,21 +9,25 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pytest
 
-from securefl.engine.messages import Message, decode, encode
+from securefl.engine.messages import FitIns, Message, decode, encode
 from securefl.engine.protection import (
     ClientProtection,
     Combined,
+    OpensModel,
     Rows,
+    Sealed,
     ServerProtection,
     Update,
     WeightedSum,
 )
-from securefl.engine.session import RoundContext
+from securefl.engine.session import RUN_ID_BYTES, RoundContext, model_digest
+
+RUN = b"\x01" * RUN_ID_BYTES  # RoundContext.standalone's run id
 
 
-def ctx(round: int) -> RoundContext:
+def ctx(round: int, model: bytes = b"\0" * 32) -> RoundContext:
     """A round context with a replay log of its own."""
-    return RoundContext.standalone(round=round)
+    return RoundContext.standalone(round=round, model=model)
 
 
 Drop = Callable[[int, str], bool]
@@ -40,8 +44,17 @@ def converse(server: ServerProtection, clients: Mapping[str, ClientProtection],
     protocol = server.server_round(round=round, dimension=dimension)
     participants = list(updates)
     payloads = protocol.open(participants)
-    rounds = {cid: clients[cid].client_round(round=round, context=ctx(round))
-              for cid in participants}
+    rounds = {}
+    for cid in participants:
+        context = ctx(round)
+        if isinstance(clients[cid], OpensModel):  # the site opens the global model first
+            opening = payloads.get(cid)
+            empty = opening is not None and getattr(opening, "state", None) is not None
+            request = FitIns(run=RUN, round=round, config={}, protection=opening,
+                             parameters=np.zeros(0 if empty else dimension, np.float32))
+            model = clients[cid].open_model(carry(request))  # type: ignore[union-attr]
+            context = ctx(round, model_digest(model))
+        rounds[cid] = clients[cid].client_round(round=round, context=context)
     gone: set[str] = set()
     exchange = 0
 
@@ -60,7 +73,7 @@ def converse(server: ServerProtection, clients: Mapping[str, ClientProtection],
 
     replies = deliver({cid: payloads.get(cid) for cid in participants}, first=True)
     result = protocol.step(replies, set(participants) - set(replies))
-    while not isinstance(result, Rows | WeightedSum):
+    while not isinstance(result, Rows | WeightedSum | Sealed):
         exchange += 1
         requested = dict(result)
         replies = deliver(requested, first=False)

@@ -1,5 +1,6 @@
 """CKKS parameters: the HE-Standard 128-bit table, capacity and the error bound."""
 
+import dataclasses
 import math
 
 import pytest
@@ -47,8 +48,10 @@ def test_config_rejects_insecure_choice_with_file_and_field():
     with pytest.raises(ConfigError, match=r"\[protection.he\] coeff_modulus_bits total 240"):
         config_from_dict({"protection": {"kind": "he", "he": {
             "coeff_modulus_bits": [60, 60, 60, 60]}}}, source="x.toml")
-    with pytest.raises(ConfigError, match="decryptors must be >= 1"):
-        config_from_dict({"protection": {"he": {"decryptors": 0}}})
+    with pytest.raises(ConfigError, match="min_contributors must be >= 1"):
+        config_from_dict({"protection": {"he": {"min_contributors": 0}}})
+    with pytest.raises(ConfigError, match="decryptors is not a known key"):  # sites decrypt
+        config_from_dict({"protection": {"he": {"decryptors": 1}}})
     config = config_from_dict({"protection": {"kind": "he", "he": {"scale_bits": 30}}})
     assert config.protection.he == HEConfig(scale_bits=30)
 
@@ -65,3 +68,62 @@ def test_default_capacity_and_error_bound_numbers():
     assert all(math.sqrt(2) * p.error_bound(n) / n <= 1.25e-7 for n in (1, 10, 100, 10_000))
     with pytest.raises(ValueError):
         p.error_bound(0)
+
+
+@pytest.mark.parametrize("table,message", [
+    ({"server": {"optimizer": "fedadam"}},
+     r"\[server\] optimizer 'fedadam' needs the plaintext model, which HE keeps encrypted"),
+    ({"server": {"optimizer": "fedavgm"}}, r"\[server\] optimizer 'fedavgm' needs the plain"),
+    ({"privacy": {"mode": "dp_fedavg", "target_epsilon": 1.0}},
+     r"\[privacy\] mode \"dp_fedavg\" adds its noise at the server"),
+])
+def test_what_needs_the_plaintext_model_is_refused_with_he(table, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"protection": {"kind": "he"}, **table})
+
+
+def test_a_layer_pattern_that_matches_nothing_is_one_config_line_in_simulation(tmp_path):
+    import subprocess
+    import sys
+
+    from securefl.config import load_config
+
+    text = open("examples/he.toml").read().replace('# layers = ["1.*"]', 'layers = ["fc.0.*"]')
+    path = tmp_path / "he.toml"
+    path.write_text(text)
+    assert load_config(path).protection.he.layers == ("fc.0.*",)
+    done = subprocess.run([sys.executable, "-m", "securefl.cli", "run", str(path),
+                           "--rounds", "1", "--out", str(tmp_path / "out"), "--quiet"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"securefl: error: {path}: [protection.he] layers: layer pattern 'fc.0.*' matches no "
+        "parameter (parameters: 1.weight, 1.bias, 3.weight, 3.bias)"]
+
+
+def test_the_example_layer_pattern_matches_real_parameters():
+    from securefl.config import load_config
+    from securefl.experiment import build_simulation
+
+    text = open("examples/he.toml").read()
+    assert '# layers = ["1.*"]' in text
+    config = load_config("examples/he.toml")
+    config = config.replace(protection__he=dataclasses.replace(config.protection.he,
+                                                               layers=("1.*",)))
+    sim = build_simulation(config)
+    assert sim.server.protection.selection.encrypted.size == 64 * 64 + 64
+
+
+def test_certs_init_he_only_rotates_only_the_ckks_keys(tmp_path):
+    from securefl.cli import main
+
+    certs = tmp_path / "certs"
+    assert main(["certs", "init", str(certs), "--sites", "a,b", "--he", "examples/he.toml"]) == 0
+    before = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    first = CKKSKeys.from_bytes((certs / "he" / "public.ctx").read_bytes()).key_id
+    assert main(["certs", "init", str(certs), "--he", "examples/he.toml", "--he-only"]) == 0
+    after = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    assert CKKSKeys.from_bytes((certs / "he" / "public.ctx").read_bytes()).key_id != first
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"public.ctx", "secret.ctx"}
+    assert main(["certs", "init", str(certs), "--he-only"]) == 2

@@ -61,6 +61,7 @@ def make_config(deployment, tmp_path, *, kind="plain", rounds=3, **network):
     if kind == "he":
         table["protection"]["he"] = {"poly_modulus_degree": 4096,
                                      "coeff_modulus_bits": [40, 30], "scale_bits": 25}
+        table["server"] = {"evaluate": "federated"}  # the server never holds the model
     if kind == "secagg":
         table["protection"]["secagg"] = {}
     return config_from_dict(table)
@@ -119,6 +120,22 @@ def test_plain_over_the_network_equals_the_simulation(deployment, tmp_path):
     store.close()
 
 
+def final_model(result, config):
+    """The final model: the server's, or under HE the one a site decrypts from model.he."""
+    if config.protection.kind != "he":
+        return result.parameters
+    from securefl.engine.messages import decode
+    from securefl.he.wire import HEState
+
+    state = decode((result.state_dir / "model.he").read_bytes(), expect=HEState)
+    store = ServerStore(result.state_dir)
+    run = store.run_id()
+    store.close()
+    site = build_site(config.replace(network__client_state_dir=str(result.state_dir / "x")),
+                      SITES[0])
+    return site.protection.open_state(state, run=run)
+
+
 @pytest.mark.parametrize("kind", ["secagg", "he"])
 def test_protected_runs_match_the_simulation(deployment, tmp_path, kind):
     config = make_config(deployment, tmp_path, kind=kind, rounds=2)
@@ -126,7 +143,7 @@ def test_protected_runs_match_the_simulation(deployment, tmp_path, kind):
     simulated = run_simulation(config)
     assert [len(r.clients) for r in result.history.rounds] == [5, 5]
     # secure aggregation quantizes, CKKS is approximate: equal up to their precision
-    np.testing.assert_allclose(result.parameters, simulated.parameters, atol=2e-3)
+    np.testing.assert_allclose(final_model(result, config), simulated.parameters, atol=2e-3)
     assert result.history.final.accuracy == pytest.approx(simulated.history.final.accuracy,
                                                           abs=0.02)
 
@@ -138,12 +155,12 @@ def test_he_layer_selection_over_the_network_matches_the_simulation(deployment, 
     result, sites = run_networked(config)
     simulated = run_simulation(config)
     assert [len(r.clients) for r in result.history.rounds] == [5, 5]
-    np.testing.assert_allclose(result.parameters, simulated.parameters, atol=2e-3)
+    final = final_model(result, config)
+    np.testing.assert_allclose(final, simulated.parameters, atol=2e-3)
     # the weights travel in the clear: those agree with the simulation to float32 rounding
     # (the sum is taken in a different order); the bias, under CKKS, only to its precision
     weights = slice(0, 64 * 10)
-    np.testing.assert_allclose(result.parameters[weights], simulated.parameters[weights],
-                               atol=1e-6)
+    np.testing.assert_allclose(final[weights], simulated.parameters[weights], atol=1e-6)
     assert set(sites.codes.values()) == {0}
 
 
@@ -178,15 +195,12 @@ class KillAt:
 
 
 @pytest.mark.parametrize(("kind", "phase"), [("plain", 0), ("secagg", 0), ("secagg", 1),
-                                             ("secagg", 2), ("secagg", 3), ("he", 0),
-                                             ("he", 1)])
+                                             ("secagg", 2), ("secagg", 3), ("he", 0)])
 def test_a_site_killed_mid_round_in_each_phase(deployment, tmp_path, kind, phase, caplog):
     caplog.set_level(logging.WARNING, logger="securefl")
     config = make_config(deployment, tmp_path, kind=kind, rounds=2, reconnect_timeout=0.5)
-    config = config.replace(protection__he=dataclasses.replace(
-        config.protection.he, decryptors=2), protection__secagg=config.protection.secagg)
     holder: dict = {}
-    victim = "client-1" if not (kind == "he" and phase == 1) else "client-0"
+    victim = "client-1"
 
     def wrap(site, handler):
         return KillAt(handler, round=2, phase=phase, sites=holder) if site == victim else handler
@@ -200,14 +214,16 @@ def test_a_site_killed_mid_round_in_each_phase(deployment, tmp_path, kind, phase
     first, second = result.history.rounds
     assert sorted(first.clients) == SITES and first.aborted is None
     assert second.aborted is None, second.aborted
-    if (kind, phase) in {("secagg", 3), ("he", 1)}:
-        # killed after its (masked / encrypted) input was in: the survivors unmask or
-        # decrypt the sum, which still contains it
+    if (kind, phase) == ("secagg", 3):
+        # killed after its masked input was in: the survivors unmask the sum, which still
+        # contains it
         assert sorted(second.clients) == SITES
     else:
         assert victim not in second.clients and len(second.clients) == 4
     assert victim in second.dropped
-    assert np.isfinite(result.parameters).all() and result.history.final.accuracy > 0.3
+    # HE evaluates federated: the model round 2 trained from, one round behind
+    assert np.isfinite(result.parameters).all()
+    assert result.history.final.accuracy > (0.2 if kind == "he" else 0.3)
 
 
 class _Crash(GrpcTransport):

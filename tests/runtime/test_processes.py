@@ -60,6 +60,7 @@ lr = 0.1
 [server]
 fraction = {fraction}
 min_clients = {min_clients}
+{'evaluate = "federated"' if kind == "he" else ""}
 [protection]
 kind = "{kind}"
 {he}
