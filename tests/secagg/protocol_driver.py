@@ -136,9 +136,10 @@ class Opened:
 
 def opened(ids: list[str], *, config: SecAggConfig | None = None, round: int = 1,
            seed: int = 0, d: int = 4, contexts: Mapping[str, RoundContext] | None = None,
-           run: bytes | None = None) -> Opened:
+           run: bytes | None = None, protections: tuple[Any, Mapping[str, Any]] | None = None,
+           ) -> Opened:
     config = config or SecAggConfig(max_weight=100.0)
-    server, clients = build_simulation(config, ids)
+    server, clients = protections or build_simulation(config, ids)
     protocol = server.server_round(round=round, dimension=d, run=run)
     rounds = {c: clients[c].client_round(
         round=round, context=(contexts or {}).get(c) or ctx(round)) for c in ids}
