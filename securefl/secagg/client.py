@@ -56,7 +56,6 @@ from securefl.secagg.keys import (
     verify,
 )
 from securefl.secagg.messages import (
-    DIGEST_BYTES,
     SecAggAdvertise,
     SecAggCommitments,
     SecAggConsistency,
@@ -69,6 +68,7 @@ from securefl.secagg.messages import (
     SecAggSignature,
     SecAggUnmaskReply,
     SecAggUnmaskRequest,
+    unpack,
 )
 from securefl.secagg.prg import add_masks, keystream, prg_key
 from securefl.secagg.quantize import Quantizer, levels_for
@@ -117,6 +117,7 @@ class SecAggClientRound:
         self._coin = secrets.token_bytes(32)  # r_u: this client's share of the graph seed
         self._seed = secrets.token_bytes(32)  # b_u
         self._commitments: dict[str, bytes] = {}
+        self._u1: tuple[str, ...] = ()
         self._threshold = 0
         self._neighbours: tuple[str, ...] = ()
         self._degree = 0
@@ -124,6 +125,7 @@ class SecAggClientRound:
         self._channels: dict[str, bytes] = {}  # X25519(c_u, c_v), reused to decrypt shares
         self._inbox: dict[str, bytes] = {}
         self._survivors: tuple[str, ...] = ()
+        self._survivors_digest = b""
         self._reply: SecAggUnmaskReply | None = None
 
     def _abort(self, why: str) -> ProtocolAbort:
@@ -189,11 +191,14 @@ class SecAggClientRound:
         return reply
 
     def _reveal(self, request: SecAggCommitments) -> SecAggReveal:
-        commitments = request.commitments
-        n1 = len(commitments)
-        if (commitments.get(self.client_id) != self._commitments[self.client_id]
-                or any(len(c) != DIGEST_BYTES for c in commitments.values())
-                or not set(commitments) <= self._members):
+        members = request.members
+        try:
+            commitments = unpack(members, request.commitments)
+        except ValueError:
+            raise self._abort("malformed commitment set") from None
+        n1 = len(members)
+        if (list(members) != sorted(set(members)) or not set(members) <= self._members
+                or commitments.get(self.client_id) != self._commitments[self.client_id]):
             raise self._abort("bad commitment set")
         try:
             k = degree(n1, neighbours=request.neighbours)
@@ -205,20 +210,21 @@ class SecAggClientRound:
         if not threshold_for(k, fraction=self._config.threshold) <= request.threshold <= k:
             raise self._abort(f"threshold {request.threshold} below this site's minimum for "
                               f"k = {k}")
-        self._commitments = dict(commitments)
+        self._commitments, self._u1 = commitments, members
         self._degree, self._threshold = request.neighbours, request.threshold
         return SecAggReveal(value=self._coin)
 
     def _share_keys(self, request: SecAggKeys) -> SecAggShares:
-        reveals = request.reveals
-        if set(reveals) != set(self._commitments) or any(
-                commitment(self._base, "graph", v, r) != self._commitments[v]
-                for v, r in reveals.items()):
+        try:
+            reveals = unpack(self._u1, request.reveals)
+        except ValueError:
+            raise self._abort("malformed reveals") from None
+        if any(commitment(self._base, "graph", v, r) != self._commitments[v]
+               for v, r in reveals.items()):
             raise self._abort("the reveals do not open the commitment set")
-        members = sorted(self._commitments)
         seed = graph_seed(self._base.info("graph-seed"), reveals)
         self._scope = self._base.with_graph(seed)
-        self._neighbours = neighbourhood(members, self.client_id, num_neighbours=self._degree,
+        self._neighbours = neighbourhood(self._u1, self.client_id, num_neighbours=self._degree,
                                          seed=seed)
         if set(request.advertisements) != set(self._neighbours):
             raise self._abort("the relayed neighbourhood is not the one the seed gives")
@@ -296,7 +302,9 @@ class SecAggClientRound:
             if failed:
                 raise self._abort(f"bad survivor set: {why}")
         self._survivors = survivors
-        body = consistency_body(self._scope, client_id=self.client_id, survivors=survivors)
+        self._survivors_digest = participants_digest(survivors)
+        body = consistency_body(self._scope, client_id=self.client_id,
+                                survivors=self._survivors_digest)
         return SecAggSignature(signature=sign(self._identity, body))
 
     def _unmask(self, request: SecAggUnmaskRequest) -> SecAggUnmaskReply:
@@ -305,7 +313,8 @@ class SecAggClientRound:
             signature = request.signatures.get(peer)
             if signature is None or valid >= self._threshold:
                 continue
-            body = consistency_body(self._scope, client_id=peer, survivors=self._survivors)
+            body = consistency_body(self._scope, client_id=peer,
+                                    survivors=self._survivors_digest)
             try:
                 verify(self._directory[peer], signature, body, signer=peer, what="consistency")
             except ProtocolAbort:

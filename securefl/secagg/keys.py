@@ -55,9 +55,9 @@ __all__ = [
     "generate_identity",
     "identity_public_bytes",
     "pairwise_mask_key",
+    "participants_digest",
     "private_bytes",
     "public_bytes",
-    "participants_digest",
     "self_mask_key",
     "sign",
     "verify",
@@ -107,10 +107,10 @@ def advert_body(scope: Scope, *, client_id: str, participants: bytes, c_public: 
             + graph_commitment + seed_commitment)
 
 
-def consistency_body(scope: Scope, *, client_id: str, survivors: Sequence[str]) -> bytes:
-    """What a consistency signature signs: ``info("consistency", u) || H(U3)`` (the scope
-    includes the graph seed)."""
-    return scope.info("consistency", client_id) + participants_digest(survivors)
+def consistency_body(scope: Scope, *, client_id: str, survivors: bytes) -> bytes:
+    """What a consistency signature signs: ``info("consistency", u) || H(U3)``, with
+    ``survivors = participants_digest(U3)`` (the scope includes the graph seed)."""
+    return scope.info("consistency", client_id) + survivors
 
 
 def sign(identity: Ed25519PrivateKey, body: bytes) -> bytes:

@@ -41,6 +41,8 @@ __all__ = [
     "SecAggSignature",
     "SecAggUnmaskReply",
     "SecAggUnmaskRequest",
+    "pack",
+    "unpack",
 ]
 
 
@@ -81,10 +83,12 @@ class SecAggAdvertise(Message):
 
 @message
 class SecAggCommitments(Message):
-    """The commitment set ``{u: H(r_u)}`` of every client that advertised (``U1``), the degree
+    """The commitment set of every client that advertised: ``members`` (``U1``, sorted) and
+    ``commitments``, their ``H(r_u)`` concatenated in that order (32 bytes each); the degree
     ``k`` and the threshold ``t`` of the graph that the reveals will fix."""
 
-    commitments: dict[str, bytes]
+    members: tuple[str, ...]
+    commitments: bytes
     neighbours: int
     threshold: int
 
@@ -98,10 +102,24 @@ class SecAggReveal(Message):
 
 @message
 class SecAggKeys(Message):
-    """Every reveal of ``U1`` and the advertisements of the client's neighbours."""
+    """Every reveal of ``U1`` (``r_u`` concatenated in the order of
+    :attr:`SecAggCommitments.members`) and the advertisements of the client's neighbours."""
 
-    reveals: dict[str, bytes]
+    reveals: bytes
     advertisements: dict[str, bytes]
+
+
+def pack(members: tuple[str, ...], table: dict[str, bytes]) -> bytes:
+    """The 32-byte values of ``table`` concatenated in ``members`` order."""
+    return b"".join(table[m] for m in members)
+
+
+def unpack(members: tuple[str, ...], packed: bytes) -> dict[str, bytes]:
+    """Inverse of :func:`pack`; ``ValueError`` on a wrong length."""
+    if len(packed) != DIGEST_BYTES * len(members):
+        raise ValueError(f"{len(members)} members need {DIGEST_BYTES * len(members)} bytes, "
+                         f"got {len(packed)}")
+    return {m: packed[DIGEST_BYTES * i:DIGEST_BYTES * (i + 1)] for i, m in enumerate(members)}
 
 
 @message

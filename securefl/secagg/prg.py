@@ -8,8 +8,9 @@ a mask) is
            read as little-endian uint32 words.
 
 Every stream has its own key (the ``info`` binds a label, the federation, run, round and graph
-(:class:`~securefl.secagg.scope.Scope`) and the client ids, see :func:`info`), so the fixed initial counter block never repeats under one key.  The secret
-must carry at least 128 bits of entropy (securefl uses 256-bit seeds and X25519 secrets).
+(:class:`~securefl.secagg.scope.Scope`) and the client ids, see :func:`info`), so the fixed
+initial counter block never repeats under one key. The secret must carry at least 128 bits of
+entropy (securefl uses 256-bit seeds and X25519 secrets).
 
 Why AES-128: the protocol's security level is that of X25519 and Ed25519, about 128 bits,
 the level of TLS 1.3's must-implement suite (AES-128-GCM, commonly keyed through X25519).

@@ -1,10 +1,10 @@
 """SecAgg+ as an engine protection: the server and client factories.
 
 The server side holds the public identity directory ``{client_id: Ed25519 public key}`` and
-nothing secret.  Both sides derive the federation id from their own directory and config
-(:func:`~securefl.secagg.scope.federation_id`).  Each client holds its own Ed25519 identity private key and the same
-directory (to verify its neighbours' key advertisements).  A deployment builds these from
-its own key store; :func:`build_simulation` generates identities in-process.
+nothing secret. Both sides derive the federation id from their own directory and config
+(:func:`~securefl.secagg.scope.federation_id`). Each client holds its own Ed25519 identity
+private key and the same directory (to verify its neighbours' key advertisements). A deployment
+builds these from its own key store; :func:`build_simulation` generates identities in-process.
 """
 
 from __future__ import annotations

@@ -77,19 +77,20 @@ class Quantizer:
         if dither.shape != (delta.shape[0] + 1,) or dither.dtype != np.uint32:
             raise ValueError("dither must be d + 1 uint32 words")
         scaled = np.empty(delta.shape[0] + 1, np.float64)
-        scaled[:-1] = delta  # float64 first: clipping in float32 could exceed the clip
         bound = self.levels * (weight / self.max_weight)  # <= L, since w / W <= 1
-        scaled[:-1] *= bound / self.clip
-        # Clip after scaling, at the bound itself: rounding of the scale factor can never
-        # push a coordinate past L, whatever clip value float32 or float64 cannot represent.
-        np.clip(scaled[:-1], -bound, bound, out=scaled[:-1])
+        # float64 first (clipping in float32 could exceed the clip), then clip at the bound
+        # itself, after scaling: rounding can never push a coordinate past L, whatever clip
+        # value float32 or float64 cannot represent
+        np.multiply(delta, bound / self.clip, out=scaled[:-1], dtype=np.float64)
+        np.minimum(scaled[:-1], bound, out=scaled[:-1])
+        np.maximum(scaled[:-1], -bound, out=scaled[:-1])
         scaled[-1] = bound
         floor = np.floor(scaled)
         scaled -= floor
         scaled *= 2.0 ** 32
-        rounded = floor.astype(np.int64)
-        rounded += dither < scaled
-        return rounded.astype(np.uint32)
+        rounded = floor.astype(np.int32)  # |floor| <= L <= 2**31 - 1
+        rounded += dither < scaled  # SR(v) <= ceil(v) <= L: no overflow
+        return rounded.view(np.uint32)
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """``(sum_i w_i x_i, sum_i w_i)`` from the ``d + 1``-word sum of encodings."""

@@ -19,6 +19,7 @@ in another (Bonawitz et al., CCS 2017, §4: signatures bind the round's context)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import struct
@@ -59,9 +60,13 @@ class Scope:
         if self.round < 0 or len(self.graph) > 0xFF:
             raise ValueError("round must be >= 0 and the graph seed at most 255 bytes")
 
-    def encoded(self) -> bytes:
+    @functools.cached_property
+    def _encoded(self) -> bytes:
         return (self.federation + self.run + struct.pack(">QB", self.round, len(self.graph))
                 + self.graph)
+
+    def encoded(self) -> bytes:
+        return self._encoded
 
     def info(self, label: str, *client_ids: str) -> bytes:
         return info(label, self.encoded(), *client_ids)

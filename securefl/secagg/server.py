@@ -58,6 +58,7 @@ from securefl.secagg.messages import (
     SecAggSignature,
     SecAggUnmaskReply,
     SecAggUnmaskRequest,
+    pack,
 )
 from securefl.secagg.prg import add_masks
 from securefl.secagg.quantize import Quantizer, levels_for
@@ -101,6 +102,7 @@ class SecAggServerRound:
         self._quantizer = Quantizer(clip=config.clip, max_weight=config.max_weight,
                                     levels=levels_for(len(directory), bits=config.bits))
         self._adverts: dict[str, SecAggAdvertise] = {}
+        self._u1: tuple[str, ...] = ()
         self._shares: dict[str, Mapping[str, bytes]] = {}
         self._u2: list[str] = []
         self._u3: list[str] = []
@@ -201,9 +203,10 @@ class SecAggServerRound:
         self._threshold = threshold_for(degree(n1, neighbours=requested),
                                         fraction=self._config.threshold)
         self.phase = ServerPhase.REVEAL
+        self._u1 = tuple(sorted(self._adverts))
         request = SecAggCommitments(
-            commitments={cid: a.graph_commitment for cid, a in self._adverts.items()},
-            neighbours=requested, threshold=self._threshold)
+            members=self._u1, neighbours=requested, threshold=self._threshold,
+            commitments=pack(self._u1, {c: a.graph_commitment for c, a in self._adverts.items()}))
         return dict.fromkeys(self._adverts, request)
 
     def _advert_body(self, scope: Scope, cid: str, msg: SecAggAdvertise) -> bytes:
@@ -228,11 +231,12 @@ class SecAggServerRound:
             reveals[cid] = msg.value
         seed = graph_seed(base.info("graph-seed"), reveals)
         self._scope = base.with_graph(seed)
-        self._graph = harary_graph(sorted(self._adverts), num_neighbours=self._degree,
+        self._graph = harary_graph(self._u1, num_neighbours=self._degree,
                                    seed=seed)
         self.phase = ServerPhase.SHARE
         packed = {cid: advert.packed() for cid, advert in self._adverts.items()}
-        return {cid: SecAggKeys(reveals=reveals,
+        revealed = pack(self._u1, reveals)
+        return {cid: SecAggKeys(reveals=revealed,
                                 advertisements={v: packed[v] for v in self._graph[cid]})
                 for cid in self._adverts}
 
@@ -278,11 +282,12 @@ class SecAggServerRound:
     # ------------------------------------------------------------------ 4 -> 5
     def _request_unmask(self, live: Mapping[str, Message]) -> Mapping[str, Message]:
         scope = self._base()
+        survivors = participants_digest(self._u3)
         for cid in self._u3:
             msg = live.get(cid)
             if msg is None:
                 continue
-            body = consistency_body(scope, client_id=cid, survivors=self._u3)
+            body = consistency_body(scope, client_id=cid, survivors=survivors)
             try:
                 if not isinstance(msg, SecAggSignature) or len(msg.signature) != SIGNATURE_BYTES:
                     raise ProtocolAbort.because(f"malformed consistency reply from {cid!r}")

@@ -13,10 +13,14 @@ import logging
 import numpy as np
 import pytest
 
+from securefl.aggregation import FedAvg
 from securefl.engine.client import Client
 from securefl.engine.messages import FitIns, FitRes
+from securefl.engine.optim import build_server_optimizer
 from securefl.engine.protection import Update, WeightedSum
+from securefl.engine.server import Server
 from securefl.engine.session import RoundContext, model_digest
+from securefl.engine.simulation import InProcessTransport
 from securefl.errors import ProtocolAbort
 from securefl.secagg import (
     SecAggClientProtection,
@@ -29,9 +33,10 @@ from securefl.secagg.messages import (
     SecAggCommitments,
     SecAggConsistency,
     SecAggKeys,
-    SecAggRelay,
+    SecAggMaskedInput,
     SecAggUnmaskReply,
     SecAggUnmaskRequest,
+    pack,
 )
 
 from .protocol_driver import drive, opened, wire
@@ -92,7 +97,8 @@ def test_attack2_a_neighbourhood_of_one_or_a_low_threshold_is_refused(caplog):
     for k, t in ((1, 1), (2, 1), (5, 2)):  # k = 1: the single share is the secret
         _, rounds, commitments = drive(ids, exchanges=1)
         honest = commitments["c0"]
-        lie = SecAggCommitments(commitments=honest.commitments, neighbours=k, threshold=t)
+        lie = SecAggCommitments(members=honest.members, commitments=honest.commitments,
+                                neighbours=k, threshold=t)
         with caplog.at_level(logging.WARNING, "securefl.security"):
             replies, aborted = answer(rounds, dict.fromkeys(ids, lie))
         assert replies == {} and aborted == set(ids)  # nothing shared, nothing to redo
@@ -103,8 +109,9 @@ def test_attack2_a_neighbourhood_of_one_or_a_low_threshold_is_refused(caplog):
                                                                          min_neighbours=4))
     honest = commitments["c0"]
     with pytest.raises(ProtocolAbort):
-        strict["c0"].step(wire(SecAggCommitments(commitments=honest.commitments, neighbours=3,
-                                                 threshold=3)))
+        strict["c0"].step(wire(SecAggCommitments(members=honest.members,
+                                                 commitments=honest.commitments,
+                                                 neighbours=3, threshold=3)))
 
 
 def test_attack2_a_forged_participant_count_is_caught_by_the_signed_list():
@@ -118,14 +125,16 @@ def test_attack2_a_forged_participant_count_is_caught_by_the_signed_list():
                for c in ids}
     commitments = o.protocol.step(adverts, set())
     assert "c0" in o.protocol.rejected  # the honest server sees the mismatch too
+    small_set = ("c0", "c1", "c2")
     forwarded = SecAggCommitments(
-        commitments={c: adverts[c].graph_commitment for c in ("c0", "c1", "c2")},
+        members=small_set, commitments=pack(small_set, {c: adverts[c].graph_commitment
+                                                        for c in small_set}),
         neighbours=2, threshold=2)
     reveal = o.rounds["c0"].step(wire(forwarded))
     reveals = {"c0": reveal.value, **{c: o.rounds[c].step(wire(commitments[c])).value
                                       for c in ("c1", "c2")}}
-    keys = SecAggKeys(reveals=reveals, advertisements={c: adverts[c].packed()
-                                                       for c in ("c1", "c2")})
+    keys = SecAggKeys(reveals=pack(small_set, reveals),
+                      advertisements={c: adverts[c].packed() for c in ("c1", "c2")})
     with pytest.raises(ProtocolAbort):
         o.rounds["c0"].step(wire(keys))
 
@@ -146,15 +155,16 @@ def test_grinding_the_graph_seed_is_refused():
     protocol, rounds, keys = drive(ids, exchanges=2, config=SecAggConfig(max_weight=100.0,
                                                                         neighbours=4))
     reveals = keys["c0"].reveals
-    dropped = {c: r for c, r in reveals.items() if c != "c7"}
-    swapped = {**reveals, "c7": bytes(32)}
+    dropped = reveals[:-32]  # c7's reveal left out
+    swapped = reveals[:-32] + bytes(32)
     others = [c for c in ids if c not in keys["c0"].advertisements and c != "c0"]
     moved = dict(keys["c0"].advertisements)
     moved.pop(next(iter(moved)))
     moved[others[0]] = keys[others[0]].advertisements[next(iter(keys[others[0]].advertisements))]
     for cid, bad in (("c0", SecAggKeys(reveals=dropped, advertisements=keys["c0"].advertisements)),
                      ("c1", SecAggKeys(reveals=swapped, advertisements=keys["c1"].advertisements)),
-                     ("c2", SecAggCommitments(commitments={}, neighbours=4, threshold=3)),
+                     ("c2", SecAggCommitments(members=(), commitments=b"", neighbours=4,
+                                              threshold=3)),
                      ("c3", SecAggKeys(reveals=reveals, advertisements=moved))):
         with pytest.raises(ProtocolAbort):
             rounds[cid].step(wire(bad))
@@ -233,10 +243,12 @@ def test_attack6_a_message_of_another_federation_or_run_is_rejected(other, caplo
     assert "c3" in a.protocol.rejected  # the honest server excludes it by name
     assert "suspect 'c3' reported by 'server'" in caplog.text
     mixed = {**adverts, "c3": foreign["c3"]}  # a server that relays it anyway
-    commitments = SecAggCommitments(commitments={c: m.graph_commitment for c, m in mixed.items()},
-                                    neighbours=3, threshold=2)
+    members = tuple(ids)
+    commitments = SecAggCommitments(
+        members=members, neighbours=3, threshold=2,
+        commitments=pack(members, {c: m.graph_commitment for c, m in mixed.items()}))
     reveals = {c: a.rounds[c].step(wire(commitments)).value for c in ids[:3]}
-    keys = SecAggKeys(reveals={**reveals, "c3": foreign_reveal},
+    keys = SecAggKeys(reveals=pack(members, {**reveals, "c3": foreign_reveal}),
                       advertisements={c: m.packed() for c, m in mixed.items()})
     caplog.clear()
     with caplog.at_level(logging.WARNING, "securefl.security"):
@@ -309,3 +321,52 @@ def test_attack3_a_round_rerun_with_another_cohort_reveals_nothing():
     again, aborted = _conversation(server, sites, ids, run=run, round=1, parameters=parameters)
     assert again is not None and not aborted
     np.testing.assert_allclose(again.total, first.total, atol=5 * 100.0 / ((2**31 - 1) // 5))
+
+
+class _NegativeWeight:
+    """A site's protection whose masked input pushes the weight word negative."""
+
+    name = "secagg"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def client_round(self, *, round, context):
+        inner = self.inner.client_round(round=round, context=context)
+        outer = self
+
+        class Round:
+            def open(self, update, payload):
+                return inner.open(update, payload)
+
+            def step(self, request):
+                reply = inner.step(request)
+                if isinstance(reply, SecAggMaskedInput) and round == outer.round:
+                    words = reply.masked.copy()
+                    words[-1:] -= np.uint32(1 << 31)
+                    reply = SecAggMaskedInput(masked=words)
+                return reply
+
+        return Round()
+
+    round = 1
+
+
+def test_attack4_the_engine_records_an_invalid_sum_as_aborted_and_goes_on():
+    ids = [f"c{i}" for i in range(4)]
+    server_half, protections = build_simulation(SecAggConfig(max_weight=100.0), ids)
+    protections["c0"] = _NegativeWeight(protections["c0"])
+    rng = np.random.default_rng(12)
+    clients = {c: Client(c, _Fixed(Update(rng.normal(0, 0.1, 8).astype(np.float32), 10.0)),
+                         protections[c]) for c in ids}
+    transport = InProcessTransport(clients, wire=True)
+    server = Server(transport, server_half, FedAvg(),
+                    build_server_optimizer("fedavg", lr=1.0, momentum=0.0, beta1=0.9,
+                                           beta2=0.99, tau=1e-3),
+                    parameters=np.zeros(8, np.float32), seed=0)
+    try:
+        first, second = server.run_round(1), server.run_round(2)
+    finally:
+        transport.close()
+    assert first.aborted == ProtocolAbort.MESSAGE and first.clients == []
+    assert second.aborted is None and sorted(second.clients) == ids

@@ -258,7 +258,7 @@ def test_forged_advertisement_is_rejected_by_server_and_neighbours(caplog):
 
 def test_client_rejects_inconsistent_setup():
     ids = [f"c{i}" for i in range(6)]
-    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
+    _, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
     update = make_updates(["x"], 4, np.random.default_rng(8))["x"]
     for bad in (SecAggSetup(round=3, participants=tuple(ids)),          # another round
                 SecAggSetup(round=2, participants=tuple(ids[1:])),      # without this client
