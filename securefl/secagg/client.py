@@ -26,7 +26,8 @@ from __future__ import annotations
 import enum
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -183,9 +184,11 @@ class SecAggClientRound:
             raise self._abort(f"unexpected {type(request).__name__} in phase {phase.value}")
         if self.phase is ClientPhase.UNMASKED and self._reply is not None:
             return self._reply  # a repeated request reveals nothing new
-        handler = {ClientPhase.ADVERTISED: self._reveal, ClientPhase.REVEALED: self._share_keys,
-                   ClientPhase.SHARED: self._masked_input, ClientPhase.MASKED: self._sign,
-                   ClientPhase.SIGNED: self._unmask}[self.phase]
+        handlers: dict[ClientPhase, Callable[[Any], Message]] = {
+            ClientPhase.ADVERTISED: self._reveal, ClientPhase.REVEALED: self._share_keys,
+            ClientPhase.SHARED: self._masked_input, ClientPhase.MASKED: self._sign,
+            ClientPhase.SIGNED: self._unmask}
+        handler = handlers[self.phase]
         current, self.phase = self.phase, ClientPhase.ABORTED
         reply, self.phase = handler(request), _next(current)
         return reply

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -141,7 +141,9 @@ class SecAggServerRound:
              dropped: Collection[str]) -> Mapping[str, Message] | Combined:
         gone = set(dropped)
         live = {cid: msg for cid, msg in replies.items() if cid not in gone}
-        handlers = {ServerPhase.ADVERTISE: self._collect_adverts,
+        handlers: dict[ServerPhase, Callable[[Mapping[str, Message]],
+                                             Mapping[str, Message] | Combined]] = {
+                    ServerPhase.ADVERTISE: self._collect_adverts,
                     ServerPhase.REVEAL: self._collect_reveals,
                     ServerPhase.SHARE: self._relay_shares,
                     ServerPhase.MASK: self._request_consistency,
@@ -354,7 +356,7 @@ class SecAggServerRound:
     def _collect_points(self, holder: str, msg: SecAggUnmaskReply,
                         seed_points: dict[str, dict[int, int]],
                         key_points: dict[str, dict[int, int]]) -> None:
-        decoded = []
+        decoded: list[tuple[dict[int, int], int, int]] = []
         for kind, points in ((msg.seed_shares, seed_points), (msg.key_shares, key_points)):
             for owner, raw in kind.items():
                 if owner not in points or holder not in self._graph[owner]:
@@ -365,8 +367,8 @@ class SecAggServerRound:
                 except ValueError:
                     self._reject(holder, f"malformed share of {owner!r}; its shares are unused")
                     return
-        for points, x, value in decoded:
-            points[x] = value
+        for table, x, value in decoded:
+            table[x] = value
 
     def _reconstruct(self, owner: str, points: Mapping[int, int]) -> bytes:
         try:
