@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from securefl.engine.messages import Message, decode, encode
+from securefl.engine.messages import FitIns, FitRes, Message, decode, encode
 from securefl.engine.protection import Update, WeightedSum
 from securefl.engine.session import RoundContext
+from securefl.errors import ProtocolAbort
 from securefl.secagg import SecAggConfig, build_simulation
 from securefl.secagg.messages import SecAggSetup
 from securefl.secagg.quantize import Quantizer, levels_for
@@ -157,3 +158,42 @@ def drive(ids: list[str], exchanges: int, **kw: Any) -> tuple[Any, dict[str, Any
                            else o.rounds[c].step(wire(m))) for c, m in requests.items()}
         requests = dict(o.protocol.step(replies, set()))
     return o.protocol, o.rounds, requests
+
+
+class FixedTrainer:
+    """A trainer that returns the same update every time it is asked."""
+
+    def __init__(self, update: Update) -> None:
+        self.update = update
+
+    def fit(self, parameters, *, round):
+        return self.update, {}
+
+    def evaluate(self, parameters):
+        return 1, 0.0, 0.0
+
+
+def conversation(server, sites, cohort, *, run, round, parameters):
+    """One round over the engine's Client, every message through the codec; returns the
+    result and the clients that aborted, by exchange."""
+    protocol = server.server_round(round=round, dimension=parameters.size, run=run)
+    opening = protocol.open(cohort)
+    requests = {c: FitIns(run=run, round=round, parameters=parameters, config={},
+                          protection=opening[c]) for c in cohort}
+    aborted: dict[str, int] = {}
+    for exchange in range(6):
+        replies = {}
+        for cid, request in requests.items():
+            try:
+                reply = wire(sites[cid].handle(wire(request), round=round))
+            except ProtocolAbort:
+                aborted[cid] = exchange
+                continue
+            replies[cid] = reply.payload if isinstance(reply, FitRes) else reply
+        if not replies:
+            return None, aborted
+        result = protocol.step(replies, set(requests) - set(replies))
+        if isinstance(result, WeightedSum):
+            return result, aborted
+        requests = dict(result)
+    raise AssertionError("the round did not end in six exchanges")

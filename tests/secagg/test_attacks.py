@@ -15,9 +15,8 @@ import pytest
 
 from securefl.aggregation import FedAvg
 from securefl.engine.client import Client
-from securefl.engine.messages import FitIns, FitRes
 from securefl.engine.optim import build_server_optimizer
-from securefl.engine.protection import Update, WeightedSum
+from securefl.engine.protection import Update
 from securefl.engine.server import Server
 from securefl.engine.session import RoundContext, model_digest
 from securefl.engine.simulation import InProcessTransport
@@ -39,7 +38,7 @@ from securefl.secagg.messages import (
     pack,
 )
 
-from .protocol_driver import drive, opened, wire
+from .protocol_driver import FixedTrainer, conversation, drive, opened, wire
 
 
 def answer(rounds, requests):
@@ -262,63 +261,24 @@ def test_attack6_a_message_of_another_federation_or_run_is_rejected(other, caplo
 
 
 # ----------------------------------------------------------------------------- attack 3
-class _Fixed:
-    """A trainer that returns the same update every time it is asked."""
-
-    def __init__(self, update: Update) -> None:
-        self.update = update
-
-    def fit(self, parameters, *, round):
-        return self.update, {}
-
-    def evaluate(self, parameters):
-        return 1, 0.0, 0.0
-
-
-def _conversation(server, sites, cohort, *, run, round, parameters):
-    """One round over the engine's Client, every message through the codec; returns the
-    result and the clients that aborted, by exchange."""
-    protocol = server.server_round(round=round, dimension=parameters.size, run=run)
-    opening = protocol.open(cohort)
-    requests = {c: FitIns(run=run, round=round, parameters=parameters, config={},
-                          protection=opening[c]) for c in cohort}
-    aborted: dict[str, int] = {}
-    for exchange in range(6):
-        replies = {}
-        for cid, request in requests.items():
-            try:
-                reply = wire(sites[cid].handle(wire(request), round=round))
-            except ProtocolAbort:
-                aborted[cid] = exchange
-                continue
-            replies[cid] = reply.payload if isinstance(reply, FitRes) else reply
-        if not replies:
-            return None, aborted
-        result = protocol.step(replies, set(requests) - set(replies))
-        if isinstance(result, WeightedSum):
-            return result, aborted
-        requests = dict(result)
-    raise AssertionError("the round did not end in six exchanges")
-
-
 def test_attack3_a_round_rerun_with_another_cohort_reveals_nothing():
     """Sum of {c0..c4} minus sum of {c0..c3} would be c4's update: the second reveal for the
     same (run, model) is refused by every site's persisted ReleaseLog."""
     ids = [f"c{i}" for i in range(5)]
     server, protections = build_simulation(SecAggConfig(max_weight=100.0), ids)
     rng = np.random.default_rng(11)
-    sites = {c: Client(c, _Fixed(Update(rng.normal(0, 0.1, 8).astype(np.float32), 10.0)),
+    sites = {c: Client(c, FixedTrainer(Update(rng.normal(0, 0.1, 8).astype(np.float32), 10.0)),
                        protections[c]) for c in ids}
     run, parameters = b"\x07" * 32, np.zeros(8, np.float32)
-    first, aborted = _conversation(server, sites, ids, run=run, round=1, parameters=parameters)
+    first, aborted = conversation(server, sites, ids, run=run, round=1, parameters=parameters)
     assert first is not None and sorted(first.client_ids) == ids and not aborted
-    second, aborted = _conversation(server, sites, ids[:4], run=run, round=1,
+    second, aborted = conversation(server, sites, ids[:4], run=run, round=1,
                                     parameters=parameters)
     assert second is None and aborted == dict.fromkeys(ids[:4], 5)  # all refuse to unmask
     assert all(sites[c].releases.released(run=run, model=model_digest(parameters))
                == frozenset(ids) for c in ids)
     # the identical round may be redone with the same survivor set: same sum, nothing new
-    again, aborted = _conversation(server, sites, ids, run=run, round=1, parameters=parameters)
+    again, aborted = conversation(server, sites, ids, run=run, round=1, parameters=parameters)
     assert again is not None and not aborted
     np.testing.assert_allclose(again.total, first.total, atol=5 * 100.0 / ((2**31 - 1) // 5))
 
@@ -357,7 +317,7 @@ def test_attack4_the_engine_records_an_invalid_sum_as_aborted_and_goes_on():
     server_half, protections = build_simulation(SecAggConfig(max_weight=100.0), ids)
     protections["c0"] = _NegativeWeight(protections["c0"])
     rng = np.random.default_rng(12)
-    clients = {c: Client(c, _Fixed(Update(rng.normal(0, 0.1, 8).astype(np.float32), 10.0)),
+    clients = {c: Client(c, FixedTrainer(Update(rng.normal(0, 0.1, 8).astype(np.float32), 10.0)),
                          protections[c]) for c in ids}
     transport = InProcessTransport(clients, wire=True)
     server = Server(transport, server_half, FedAvg(),

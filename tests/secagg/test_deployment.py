@@ -10,7 +10,7 @@ from securefl.engine.session import model_digest
 from securefl.runtime.client import build_site
 from securefl.runtime.deploy import init_identities, server_protection
 
-from .test_attacks import _conversation
+from .protocol_driver import conversation
 
 SITES = [f"client-{i}" for i in range(5)]
 
@@ -29,10 +29,10 @@ def test_attack3_a_resumed_server_rerunning_a_round_with_another_cohort_gets_not
     sites = {site: build_site(config, site) for site in SITES}
     run = b"\x09" * 32
     parameters = np.zeros(sites[SITES[0]].trainer.base.layout.size, np.float32)
-    first, aborted = _conversation(server, sites, SITES, run=run, round=1, parameters=parameters)
+    first, aborted = conversation(server, sites, SITES, run=run, round=1, parameters=parameters)
     assert first is not None and sorted(first.client_ids) == SITES and not aborted
     restarted = {site: build_site(config, site) for site in SITES}  # same disks, new processes
-    second, aborted = _conversation(server, restarted, SITES[:4], run=run, round=1,
+    second, aborted = conversation(server, restarted, SITES[:4], run=run, round=1,
                                     parameters=parameters)
     assert second is None and aborted == dict.fromkeys(SITES[:4], 5)
     assert all(restarted[s].releases.released(run=run, model=model_digest(parameters))
