@@ -82,8 +82,7 @@ class Quantizer:
         # itself, after scaling: rounding can never push a coordinate past L, whatever clip
         # value float32 or float64 cannot represent
         np.multiply(delta, bound / self.clip, out=scaled[:-1], dtype=np.float64)
-        np.minimum(scaled[:-1], bound, out=scaled[:-1])
-        np.maximum(scaled[:-1], -bound, out=scaled[:-1])
+        np.clip(scaled[:-1], -bound, bound, out=scaled[:-1])
         scaled[-1] = bound
         floor = np.floor(scaled)
         scaled -= floor
