@@ -36,13 +36,23 @@ from securefl.engine.protection import (
     WeightedSum,
 )
 from securefl.engine.server import Server
+from securefl.engine.session import RoundContext
 from securefl.engine.simulation import InProcessTransport
 from securefl.secagg import SecAggConfig, build_simulation, shamir
-from securefl.secagg.graph import degree
-from securefl.secagg.keys import pairwise_mask_key, self_mask_key
+from securefl.secagg.graph import degree, graph_seed, harary_graph, neighbourhood, threshold_for
+from securefl.secagg.keys import (
+    commitment,
+    consistency_body,
+    pairwise_mask_key,
+    participants_digest,
+    self_mask_key,
+    sign,
+    verify,
+)
 from securefl.secagg.messages import SecAggMaskedInput
-from securefl.secagg.prg import PRG_KEY_BYTES, add_masks, info, keystream, prg_key
+from securefl.secagg.prg import PRG_KEY_BYTES, add_masks, keystream, prg_key
 from securefl.secagg.quantize import Quantizer, levels_for
+from securefl.secagg.scope import Scope
 
 try:
     from flwr.common.secure_aggregation.crypto.shamir import create_shares
@@ -56,6 +66,9 @@ try:
     HAVE_FLWR = True
 except ImportError:  # pragma: no cover - optional peer
     HAVE_FLWR = False
+
+
+SCOPE = Scope(federation=bytes(32), run=bytes(32), round=1)
 
 
 def median_seconds(fn: Callable[[], object], repeat: int) -> float:
@@ -95,9 +108,9 @@ def bench_client_masking(d: int, k: int, repeat: int) -> dict:
 
     def ours() -> np.ndarray:
         masked = encoded.copy()
-        masks = [(self_mask_key(seed, round=1, client_id="u"), 1)]
+        masks = [(self_mask_key(seed, scope=SCOPE, client_id="u"), 1)]
         for index, shared in enumerate(secrets_):
-            key = pairwise_mask_key(shared, round=1, first="u", second=f"v{index}")
+            key = pairwise_mask_key(shared, scope=SCOPE, first="u", second=f"v{index}")
             masks.append((key, 1 if index % 2 else -1))
         add_masks(masked, masks)
         return masked
@@ -129,7 +142,7 @@ def bench_quantize(d: int, repeat: int) -> dict:
     x = np.random.default_rng(0).normal(0, 0.1, d).astype(np.float32)
     quantizer = Quantizer(clip=1.0, max_weight=1e4, levels=levels_for(10, bits="auto"))
     def ours() -> np.ndarray:
-        dither = keystream(prg_key(os.urandom(32), info("dither", 1, "u")), d + 1)
+        dither = keystream(prg_key(os.urandom(32), SCOPE.info("dither", "u")), d + 1)
         return quantizer.encode(x, 100.0, dither)
 
     ours_s = median_seconds(ours, repeat)
@@ -152,26 +165,28 @@ def bench_upload(d: int) -> dict:
 def drive(server: ServerProtection, clients: Mapping[str, ClientProtection],
           updates: Mapping[str, Update], *, dimension: int, drop_after_shares: set[str],
           timings: dict[str, float]) -> WeightedSum:
-    """One round in-process; ``timings`` gets the server's masked-input and unmask steps."""
+    """One round in-process; ``timings`` gets each server step (4: summing the masked inputs,
+    6: unmasking)."""
     protocol = server.server_round(round=1, dimension=dimension)
-    rounds = {c: clients[c].client_round(round=1) for c in updates}
+    rounds = {c: clients[c].client_round(round=1, context=RoundContext.standalone(round=1))
+              for c in updates}
     requests: Mapping[str, Message | None] = protocol.open(list(updates))
     replies = {c: rounds[c].open(updates[c], requests[c]) for c in updates}
-    for exchange in range(1, 5):
+    for exchange in range(1, 7):
         started = time.perf_counter()
         result = protocol.step(replies, set())
         timings[f"server_step_{exchange}_s"] = time.perf_counter() - started
         if isinstance(result, WeightedSum):
             return result
         replies = {c: rounds[c].step(m) for c, m in result.items()
-                   if not (exchange == 2 and c in drop_after_shares)}
-    raise RuntimeError("the round did not finish in 4 exchanges")
+                   if not (exchange == 3 and c in drop_after_shares)}
+    raise RuntimeError("the round did not finish in 6 exchanges")
 
 
 def bench_server_unmask(n: int, d: int, dropout: float, neighbours: int | str,
                         repeat: int) -> dict:
-    """The server's last two steps, medians over ``repeat`` whole rounds: summing the masked
-    inputs (step 3) and unmasking (step 4), against a plaintext float32 sum of the same rows."""
+    """Two server steps, medians over ``repeat`` whole rounds: summing the masked inputs
+    (step 4) and unmasking (step 6), against a plaintext float32 sum of the same rows."""
     config = SecAggConfig(max_weight=100.0, neighbours=neighbours)
     ids = [f"c{i:04d}" for i in range(n)]
     base = np.random.default_rng(1).normal(0, 0.05, d).astype(np.float32)
@@ -184,8 +199,8 @@ def bench_server_unmask(n: int, d: int, dropout: float, neighbours: int | str,
         timings: dict[str, float] = {}
         result = drive(server, clients, updates, dimension=d, drop_after_shares=dropped,
                        timings=timings)
-        unmask.append(timings["server_step_4_s"])
-        summing.append(timings["server_step_3_s"])
+        unmask.append(timings["server_step_6_s"])
+        summing.append(timings["server_step_4_s"])
         error = max(error, float(np.abs(result.total - weight * base.astype(np.float64)).max()))
     rows = [base.copy() for _ in range(n)]
 
@@ -246,12 +261,13 @@ def engine_rounds(server_protection: ServerProtection,
 def primitive_floor(n: int, d: int, k: int, repeat: int = 200) -> dict:
     """What one round's cryptography costs on its own, from per-operation medians.
 
-    A round with no dropout must run at least: ``n + n k`` Ed25519 verifications (the server
-    and every neighbour check each advertisement), ``2 n k`` X25519 agreements (``c`` for the
-    share channel, ``s`` for the pairwise mask), ``2 n`` X25519 key generations, ``n``
-    signatures, and ``n (k + 3)`` AES-128-CTR streams of ``d + 1`` words (per client: one
-    self mask, ``k`` pairwise masks and the rounding dither; the server: one self mask per
-    survivor).
+    A round with no dropout must run at least: ``2 n + n k + n t`` Ed25519 verifications
+    (the server checks each advertisement and each consistency signature, every neighbour
+    each advertisement, every client ``t`` consistency signatures), ``2 n`` signatures
+    (advertisement, survivor set), ``2 n k`` X25519 agreements (``c`` for the share channel,
+    ``s`` for the pairwise mask), ``2 n`` X25519 key generations, and ``n (k + 3)``
+    AES-128-CTR streams of ``d + 1`` words (per client: one self mask, ``k`` pairwise masks
+    and the rounding dither; the server: one self mask per survivor).
     """
     identity = Ed25519PrivateKey.generate()
     public, message = identity.public_key().public_bytes_raw(), os.urandom(96)
@@ -272,11 +288,54 @@ def primitive_floor(n: int, d: int, k: int, repeat: int = 200) -> dict:
         "aes128_ctr_stream_s": median_seconds(lambda: raw_ctr_stream(key, zeros, buffer),
                                               max(5, repeat // 20)),
     }
-    counts = {"ed25519_verify_s": n + n * k, "ed25519_sign_s": n, "x25519_agree_s": 2 * n * k,
-              "x25519_keygen_s": 2 * n, "aes128_ctr_stream_s": n * (k + 3)}
+    t = threshold_for(k, fraction=0.5)
+    counts = {"ed25519_verify_s": 2 * n + n * k + n * t, "ed25519_sign_s": 2 * n,
+              "x25519_agree_s": 2 * n * k, "x25519_keygen_s": 2 * n,
+              "aes128_ctr_stream_s": n * (k + 3)}
     return {"k": k, "per_operation_s": per_op,
             "operations": {name.removesuffix("_s"): c for name, c in counts.items()},
             "floor_s": sum(per_op[name] * c for name, c in counts.items())}
+
+
+def malicious_server_checks(n: int, k: int, repeat: int = 20) -> dict:
+    """What the defences against a malicious server cost, per client and for the server:
+    the commit-then-reveal graph (``n`` commitment checks, the seed, the own neighbourhood)
+    and the consistency check (one signature, ``t`` verifications); the server verifies
+    ``n`` reveals and ``n`` signatures and builds the graph."""
+    ids = [f"c{i:04d}" for i in range(n)]
+    t = threshold_for(k, fraction=0.5)
+    coins = {c: os.urandom(32) for c in ids}
+    commitments = {c: commitment(SCOPE, "graph", c, r) for c, r in coins.items()}
+    identity = Ed25519PrivateKey.generate()
+    public = identity.public_key().public_bytes_raw()
+    body = consistency_body(SCOPE, client_id="c0000", survivors=participants_digest(ids))
+    signature = sign(identity, body)
+
+    def graph_checks() -> None:
+        assert all(commitment(SCOPE, "graph", c, r) == commitments[c] for c, r in coins.items())
+        seed = graph_seed(SCOPE.info("graph-seed"), coins)
+        neighbourhood(ids, ids[0], num_neighbours=k, seed=seed)
+
+    def consistency() -> None:
+        digest = participants_digest(ids)
+        sign(identity, consistency_body(SCOPE, client_id="c0000", survivors=digest))
+        for _ in range(t):
+            verify(public, signature, consistency_body(SCOPE, client_id="c0000",
+                                                       survivors=digest), signer="c", what="c")
+
+    def server() -> None:
+        assert all(commitment(SCOPE, "graph", c, r) == commitments[c] for c, r in coins.items())
+        harary_graph(ids, num_neighbours=k, seed=graph_seed(SCOPE.info("graph-seed"), coins))
+        for _ in range(n):
+            verify(public, signature, body, signer="c", what="c")
+
+    per_graph = median_seconds(graph_checks, repeat)
+    per_consistency = median_seconds(consistency, repeat)
+    server_s = median_seconds(server, max(3, repeat // 4))
+    return {"n": n, "k": k, "t": t, "client_graph_checks_s": per_graph,
+            "client_consistency_check_s": per_consistency,
+            "client_total_s": per_graph + per_consistency, "server_s": server_s,
+            "round_total_s": n * (per_graph + per_consistency) + server_s}
 
 
 def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> dict:
@@ -287,7 +346,10 @@ def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> 
                                        ids)
     secure_s, contributors = engine_rounds(server, clients, d, rounds, wire=True)
     plain_median, secure_median = statistics.median(plain_s), statistics.median(secure_s)
-    floor = primitive_floor(n, d, degree(n, neighbours=neighbours))
+    k = degree(n, neighbours=neighbours)
+    floor = primitive_floor(n, d, k)
+    checks = malicious_server_checks(n, k)
+    added = checks["round_total_s"] / (secure_median - checks["round_total_s"])
     return {"n": n, "d": d, "neighbours": neighbours, "wire": True,
             "plain_round_s": plain_median,
             "secagg_round_s": secure_median,
@@ -295,6 +357,8 @@ def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> 
             "crypto_floor": floor,
             "crypto_floor_over_plain": round(floor["floor_s"] / plain_median, 3),
             "secagg_over_crypto_floor": round(secure_median / floor["floor_s"], 3),
+            "malicious_server_checks": checks,
+            "checks_added_to_round": round(added, 3),
             "contributors": contributors}
 
 

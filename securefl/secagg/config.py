@@ -12,6 +12,14 @@
   ``k = min(n - 1, 2 * ceil(1.5 * log2 n))`` (Bell et al., ``k = O(log n)``).
 * ``threshold``: fraction of a neighbourhood needed to reconstruct a secret,
   ``t = min(k, floor(threshold * k) + 1)``; at least 0.5 so that ``t`` is a strict majority.
+  A site also refuses a round whose ``t`` is below its own ``threshold`` applied to ``k``.
+* ``min_neighbours``: the smallest neighbourhood ``k`` *this site* accepts, whatever the
+  server announces (default 2: a three-site consortium, complete graph, ``t = 2``).  A
+  neighbourhood of ``k`` with ``t = floor(k / 2) + 1`` keeps a secret from ``t - 1`` colluding
+  neighbours and survives ``k - t`` dropped ones.
+
+``clip``, ``max_weight`` and ``bits`` must be equal at every site and the server: they enter
+the federation id (:func:`securefl.secagg.scope.federation_id`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class SecAggConfig:
     bits: int | Literal["auto"] = "auto"
     neighbours: int | Literal["auto"] = "auto"
     threshold: float = 0.5
+    min_neighbours: int = 2
 
     def validate(self) -> None:
         check(self.clip > 0 and self.clip < float("inf"), "clip",
@@ -39,8 +48,11 @@ class SecAggConfig:
               f"must be finite and > 0, got {self.max_weight}")
         if self.bits != "auto":
             check(2 <= self.bits <= 31, "bits", f"must be in [2, 31] or \"auto\", got {self.bits}")
+        check(isinstance(self.min_neighbours, int) and self.min_neighbours >= 2,
+              "min_neighbours", f"must be an integer >= 2, got {self.min_neighbours}")
         if self.neighbours != "auto":
-            check(self.neighbours >= 1, "neighbours",
-                  f"must be >= 1 or \"auto\", got {self.neighbours}")
+            check(self.neighbours >= self.min_neighbours, "neighbours",
+                  f"must be >= min_neighbours ({self.min_neighbours}) or \"auto\", "
+                  f"got {self.neighbours}")
         check(0.5 <= self.threshold < 1, "threshold",
               f"must be in [0.5, 1), got {self.threshold}")

@@ -4,16 +4,19 @@ Each client pairs with ``k = O(log n)`` neighbours instead of all ``n - 1`` othe
 Following Bell et al., the graph is a Harary graph ``H(k, n)`` under a uniformly random
 relabelling: place the clients on a ring in a random order and join each one to the ``k / 2``
 nearest clients on either side (for odd ``k`` and even ``n``, also to the client opposite).
-The order comes from :class:`secrets.SystemRandom`, never from a seeded generator.
+The order comes from a seed that the server cannot bias (:func:`graph_seed`, commit-then-
+reveal), so every client recomputes its own neighbourhood and aborts on a mismatch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import secrets
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Mapping, Sequence
 
-__all__ = ["auto_neighbours", "degree", "harary_graph", "threshold_for"]
+__all__ = ["auto_neighbours", "degree", "graph_seed", "harary_graph", "neighbourhood", "ring",
+           "threshold_for"]
 
 
 def auto_neighbours(num_clients: int) -> int:
@@ -41,36 +44,69 @@ def threshold_for(num_neighbours: int, *, fraction: float) -> int:
     return min(num_neighbours, math.floor(fraction * num_neighbours) + 1)
 
 
-def _shuffled(ids: Sequence[str]) -> list[str]:
-    order = list(ids)
-    secrets.SystemRandom().shuffle(order)
-    return order
+def graph_seed(context: bytes, reveals: Mapping[str, bytes]) -> bytes:
+    """``SHA-256(context || (len || id || r_id)* over sorted ids)``: the seed of the graph.
 
-
-def harary_graph(client_ids: Sequence[str], *, num_neighbours: int,
-                 _order: Callable[[Sequence[str]], list[str]] = _shuffled,
-                 ) -> dict[str, tuple[str, ...]]:
-    """Random ``k``-regular neighbourhoods: ``{client: sorted neighbour ids}``.
-
-    ``k >= n - 1`` gives the complete graph.  An odd ``k`` with an odd ``n`` (no ``k``-regular
-    graph exists) is raised to ``k + 1``.  ``_order`` is a seam for deterministic tests.
+    Each ``r_id`` is a fresh 256-bit value that its client committed to (``H(r_id)``, in its
+    signed advertisement) before any client revealed, and revealed only after it received
+    the full commitment set.  One honest reveal makes the seed uniform, and since a client
+    requires every committed value to be revealed, the server cannot drop or swap reveals
+    after seeing them (commit-then-reveal coin tossing, Blum 1981).
     """
+    digest = hashlib.sha256(context)
+    for client_id in sorted(reveals):
+        raw = client_id.encode()
+        digest.update(struct.pack(">H", len(raw)) + raw + reveals[client_id])
+    return digest.digest()
+
+
+def ring(client_ids: Sequence[str], seed: bytes) -> list[str]:
+    """The ids ordered by ``SHA-256(seed || id)``: a uniformly random relabelling."""
+    return sorted(client_ids, key=lambda cid: hashlib.sha256(seed + cid.encode()).digest())
+
+
+def _offsets(n: int, k: int) -> list[int]:
+    offsets = list(range(1, k // 2 + 1))
+    if k % 2:
+        offsets.append(n // 2)
+    return offsets
+
+
+def _check_ids(client_ids: Sequence[str]) -> int:
     n = len(client_ids)
     if len(set(client_ids)) != n:
         raise ValueError("client ids must be unique")
     if n < 2:
         raise ValueError(f"secure aggregation needs at least 2 clients, got {n}")
+    return n
+
+
+def neighbourhood(client_ids: Sequence[str], client_id: str, *, num_neighbours: int,
+                  seed: bytes) -> tuple[str, ...]:
+    """``client_id``'s sorted neighbours in :func:`harary_graph` (what a client checks)."""
+    n = _check_ids(client_ids)
+    order = ring(client_ids, seed)
+    position = order.index(client_id)
     k = degree(n, neighbours=num_neighbours)
-    ring = _order(client_ids)
-    if sorted(ring) != sorted(client_ids):
-        raise ValueError("the ring order must be a permutation of the client ids")
-    offsets = list(range(1, k // 2 + 1))
-    if k % 2:
-        offsets.append(n // 2)
-    graph: dict[str, set[str]] = {cid: set() for cid in ring}
-    for position, cid in enumerate(ring):
-        for offset in offsets:
-            peer = ring[(position + offset) % n]
+    return tuple(sorted({order[(position + sign * offset) % n]
+                         for offset in _offsets(n, k) for sign in (1, -1)}))
+
+
+def harary_graph(client_ids: Sequence[str], *, num_neighbours: int, seed: bytes,
+                 ) -> dict[str, tuple[str, ...]]:
+    """Random ``k``-regular neighbourhoods: ``{client: sorted neighbour ids}``.
+
+    The Harary graph ``H(k, n)`` on :func:`ring`: each client joins the ``k / 2`` nearest on
+    either side (for odd ``k``, also the client opposite).  ``k >= n - 1`` gives the complete
+    graph; an odd ``k`` with an odd ``n`` (no ``k``-regular graph exists) is raised to ``k + 1``.
+    """
+    n = _check_ids(client_ids)
+    k = degree(n, neighbours=num_neighbours)
+    order = ring(client_ids, seed)
+    graph: dict[str, set[str]] = {cid: set() for cid in order}
+    for position, cid in enumerate(order):
+        for offset in _offsets(n, k):
+            peer = order[(position + offset) % n]
             graph[cid].add(peer)
             graph[peer].add(cid)
     return {cid: tuple(sorted(graph[cid])) for cid in client_ids}

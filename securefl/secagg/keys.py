@@ -2,12 +2,17 @@
 
 * Long-term identity: an Ed25519 key per client; the server holds only the public keys.
 * Round keys: two X25519 pairs, ``c`` (encrypts shares) and ``s`` (derives pairwise masks),
-  advertised with an Ed25519 signature over ``info("advertise", round, id) || c_pk || s_pk``.
-* Share encryption: ``k_uv = HKDF(X25519(c_u, c_v), info("share-key", round, u, v))``, then
-  AES-256-GCM with a random 96-bit nonce and associated data ``info("share", round, u, v)``,
+  advertised with an Ed25519 signature (:func:`advert_body`) that also binds the participant
+  list and the commitments ``H(r_u)`` (graph randomness) and ``H(b_u)`` (self-mask seed).
+* Consistency (Bonawitz et al. §4, active adversary): each survivor signs the survivor set
+  ``U3`` (:func:`consistency_body`).
+* Every ``info`` is scoped (:class:`~securefl.secagg.scope.Scope`): federation, run, round
+  and, after the graph is fixed, its seed.
+* Share encryption: ``k_uv = HKDF(X25519(c_u, c_v), info("share-key", u, v))``, then
+  AES-256-GCM with a random 96-bit nonce and associated data ``info("share", u, v)``,
   so a ciphertext is bound to its sender, receiver, round and direction.
-* Masks: ``PRG(b_u)`` under ``info("self-mask", round, u)`` and ``PRG(X25519(s_u, s_v))``
-  under ``info("pair-mask", round, min(u, v), max(u, v))``.
+* Masks: ``PRG(b_u)`` under ``info("self-mask", u)`` and ``PRG(X25519(s_u, s_v))``
+  under ``info("pair-mask", min(u, v), max(u, v))``.
 
 Every failure (bad signature, bad ciphertext, degenerate public key) raises the opaque
 :class:`~securefl.errors.ProtocolAbort`; the reason goes to the operator log only.
@@ -15,7 +20,10 @@ Every failure (bad signature, bad ciphertext, degenerate public key) raises the 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -32,21 +40,27 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from securefl.errors import ProtocolAbort
-from securefl.secagg.prg import derive_key, info, prg_key
+from securefl.secagg.prg import derive_key, prg_key
+from securefl.secagg.scope import Scope
 
 __all__ = [
     "KEY_BYTES",
+    "advert_body",
     "agree",
+    "check_round_keys",
+    "commitment",
+    "consistency_body",
     "decrypt_shares",
     "encrypt_shares",
     "generate_identity",
     "identity_public_bytes",
     "pairwise_mask_key",
+    "participants_digest",
     "private_bytes",
     "public_bytes",
     "self_mask_key",
-    "sign_advertisement",
-    "verify_advertisement",
+    "sign",
+    "verify",
 ]
 
 KEY_BYTES = 32
@@ -71,27 +85,50 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
-def _advertised(round: int, client_id: str, c_public: bytes, s_public: bytes) -> bytes:
-    return info("advertise", round, client_id) + c_public + s_public
+def participants_digest(participants: Sequence[str]) -> bytes:
+    """``SHA-256`` of the sorted participant list (length-prefixed ids), signed in adverts."""
+    digest = hashlib.sha256(b"securefl/secagg/participants\x00")
+    for client_id in sorted(participants):
+        raw = client_id.encode()
+        digest.update(struct.pack(">H", len(raw)) + raw)
+    return digest.digest()
 
 
-def sign_advertisement(identity: Ed25519PrivateKey, *, round: int, client_id: str,
-                       c_public: bytes, s_public: bytes) -> bytes:
-    """Ed25519 signature binding both round public keys to the client and the round."""
-    return identity.sign(_advertised(round, client_id, c_public, s_public))
+def commitment(scope: Scope, label: str, client_id: str, value: bytes) -> bytes:
+    """``SHA-256(info(label, u) || value)``: hiding for a 256-bit random ``value``, binding."""
+    return hashlib.sha256(scope.info(label, client_id) + value).digest()
 
 
-def verify_advertisement(identity_public: bytes, signature: bytes, *, round: int,
-                         client_id: str, c_public: bytes, s_public: bytes) -> None:
-    """Raise :class:`ProtocolAbort` unless ``signature`` is the client's, for this round."""
+def advert_body(scope: Scope, *, client_id: str, participants: bytes, c_public: bytes,
+                s_public: bytes, graph_commitment: bytes, seed_commitment: bytes) -> bytes:
+    """What an advertisement signs: ``info("advertise", u) || H(participants) || c_pk || s_pk
+    || H(r_u) || H(b_u)``."""
+    return (scope.info("advertise", client_id) + participants + c_public + s_public
+            + graph_commitment + seed_commitment)
+
+
+def consistency_body(scope: Scope, *, client_id: str, survivors: bytes) -> bytes:
+    """What a consistency signature signs: ``info("consistency", u) || H(U3)``, with
+    ``survivors = participants_digest(U3)`` (the scope includes the graph seed)."""
+    return scope.info("consistency", client_id) + survivors
+
+
+def sign(identity: Ed25519PrivateKey, body: bytes) -> bytes:
+    return identity.sign(body)
+
+
+def verify(identity_public: bytes, signature: bytes, body: bytes, *, signer: str,
+           what: str) -> None:
+    """Raise :class:`ProtocolAbort` unless ``signature`` is ``signer``'s over ``body``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(identity_public).verify(signature, body)
+    except (InvalidSignature, ValueError):
+        raise ProtocolAbort.because(f"bad {what} signature from {signer!r}") from None
+
+
+def check_round_keys(c_public: bytes, s_public: bytes, *, client_id: str) -> None:
     if len(c_public) != KEY_BYTES or len(s_public) != KEY_BYTES or c_public == s_public:
         raise ProtocolAbort.because(f"malformed key advertisement from {client_id!r}")
-    try:
-        Ed25519PublicKey.from_public_bytes(identity_public).verify(
-            signature, _advertised(round, client_id, c_public, s_public))
-    except (InvalidSignature, ValueError):
-        raise ProtocolAbort.because(
-            f"bad advertisement signature from {client_id!r} in round {round}") from None
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes, *, peer: str) -> bytes:
@@ -102,41 +139,41 @@ def agree(private: X25519PrivateKey, peer_public: bytes, *, peer: str) -> bytes:
         raise ProtocolAbort.because(f"invalid X25519 public key from {peer!r}") from None
 
 
-def self_mask_key(seed: bytes, *, round: int, client_id: str) -> bytes:
+def self_mask_key(seed: bytes, *, scope: Scope, client_id: str) -> bytes:
     """AES-128 key of the self mask ``PRG(b_u)``."""
-    return prg_key(seed, info("self-mask", round, client_id))
+    return prg_key(seed, scope.info("self-mask", client_id))
 
 
-def pairwise_mask_key(shared: bytes, *, round: int, first: str, second: str) -> bytes:
+def pairwise_mask_key(shared: bytes, *, scope: Scope, first: str, second: str) -> bytes:
     """AES-128 key of the pairwise mask ``PRG(s_uv)``; symmetric in the two ids."""
     low, high = sorted((first, second))
-    return prg_key(shared, info("pair-mask", round, low, high))
+    return prg_key(shared, scope.info("pair-mask", low, high))
 
 
-def _share_key(shared: bytes, *, round: int, sender: str, receiver: str) -> bytes:
-    return derive_key(shared, info("share-key", round, sender, receiver),
+def _share_key(shared: bytes, *, scope: Scope, sender: str, receiver: str) -> bytes:
+    return derive_key(shared, scope.info("share-key", sender, receiver),
                       length=_AES_GCM_KEY_BYTES)
 
 
-def encrypt_shares(shared: bytes, plaintext: bytes, *, round: int, sender: str,
+def encrypt_shares(shared: bytes, plaintext: bytes, *, scope: Scope, sender: str,
                    receiver: str) -> bytes:
     """``nonce || AES-GCM(k_uv, nonce, plaintext, aad)``: the bundle ``sender -> receiver``."""
-    return _encrypt_with_nonce(shared, plaintext, os.urandom(_NONCE_BYTES), round=round,
+    return _encrypt_with_nonce(shared, plaintext, os.urandom(_NONCE_BYTES), scope=scope,
                                sender=sender, receiver=receiver)
 
 
-def _encrypt_with_nonce(shared: bytes, plaintext: bytes, nonce: bytes, *, round: int,
+def _encrypt_with_nonce(shared: bytes, plaintext: bytes, nonce: bytes, *, scope: Scope,
                         sender: str, receiver: str) -> bytes:
-    key = _share_key(shared, round=round, sender=sender, receiver=receiver)
-    aad = info("share", round, sender, receiver)
+    key = _share_key(shared, scope=scope, sender=sender, receiver=receiver)
+    aad = scope.info("share", sender, receiver)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
-def decrypt_shares(shared: bytes, ciphertext: bytes, *, round: int, sender: str,
+def decrypt_shares(shared: bytes, ciphertext: bytes, *, scope: Scope, sender: str,
                    receiver: str) -> bytes:
     """Inverse of :func:`encrypt_shares`; any tampering raises :class:`ProtocolAbort`."""
-    key = _share_key(shared, round=round, sender=sender, receiver=receiver)
-    aad = info("share", round, sender, receiver)
+    key = _share_key(shared, scope=scope, sender=sender, receiver=receiver)
+    aad = scope.info("share", sender, receiver)
     try:
         return AESGCM(key).decrypt(ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:], aad)
     except (InvalidTag, ValueError):

@@ -3,13 +3,14 @@
 ``PRG(secret, info)`` (Bonawitz et al., CCS 2017: the PRG that expands a seed into
 a mask) is
 
-    key  = HKDF-SHA256(ikm=secret, salt=None, info="securefl/secagg/v2/" || info, L=16)
+    key  = HKDF-SHA256(ikm=secret, salt=None, info="securefl/secagg/v3/" || info, L=16)
     PRG  = AES-128-CTR(key, counter block 0^128) applied to zero bytes,
            read as little-endian uint32 words.
 
-Every stream has its own key (the ``info`` binds a label, the round and the client ids, see
-:func:`info`), so the fixed initial counter block never repeats under one key.  The secret
-must carry at least 128 bits of entropy (securefl uses 256-bit seeds and X25519 secrets).
+Every stream has its own key (the ``info`` binds a label, the federation, run, round and graph
+(:class:`~securefl.secagg.scope.Scope`) and the client ids, see :func:`info`), so the fixed
+initial counter block never repeats under one key. The secret must carry at least 128 bits of
+entropy (securefl uses 256-bit seeds and X25519 secrets).
 
 Why AES-128: the protocol's security level is that of X25519 and Ed25519, about 128 bits,
 the level of TLS 1.3's must-implement suite (AES-128-GCM, commonly keyed through X25519).
@@ -40,7 +41,7 @@ __all__ = [
     "prg_words",
 ]
 
-PROTOCOL_LABEL = b"securefl/secagg/v2/"
+PROTOCOL_LABEL = b"securefl/secagg/v3/"
 PRG_KEY_BYTES = 16
 _ZERO_BLOCK = bytes(16)
 # 256 KiB of keystream per step: the keystream and its accumulator block stay in a 1 MiB L2
@@ -48,11 +49,10 @@ _ZERO_BLOCK = bytes(16)
 _BLOCK_WORDS = 1 << 16
 
 
-def info(label: str, round: int, *client_ids: str) -> bytes:
-    """HKDF ``info``: ``label || 0x00 || round (u64 BE) || (len (u16 BE) || id)*``."""
-    if round < 0:
-        raise ValueError(f"round must be >= 0, got {round}")
-    parts = [label.encode(), b"\x00", struct.pack(">Q", round)]
+def info(label: str, scope: bytes, *client_ids: str) -> bytes:
+    """HKDF ``info``: ``label || 0x00 || scope || (len (u16 BE) || id)*``, where ``scope`` is
+    :meth:`securefl.secagg.scope.Scope.encoded` (federation, run, round, graph seed)."""
+    parts = [label.encode(), b"\x00", scope]
     for client_id in client_ids:
         raw = client_id.encode()
         if len(raw) > 0xFFFF:

@@ -1,9 +1,10 @@
 """SecAgg+ as an engine protection: the server and client factories.
 
 The server side holds the public identity directory ``{client_id: Ed25519 public key}`` and
-nothing secret.  Each client holds its own Ed25519 identity private key and the same
-directory (to verify its neighbours' key advertisements).  A deployment builds these from
-its own key store; :func:`build_simulation` generates identities in-process.
+nothing secret. Both sides derive the federation id from their own directory and config
+(:func:`~securefl.secagg.scope.federation_id`). Each client holds its own Ed25519 identity
+private key and the same directory (to verify its neighbours' key advertisements). A deployment
+builds these from its own key store; :func:`build_simulation` generates identities in-process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from securefl.engine.session import RoundContext
 from securefl.secagg.client import SecAggClientRound
 from securefl.secagg.config import SecAggConfig
 from securefl.secagg.keys import KEY_BYTES, generate_identity, identity_public_bytes
+from securefl.secagg.scope import federation_id
 from securefl.secagg.server import SecAggServerRound
 
 __all__ = ["SecAggClientProtection", "SecAggServerProtection", "build_simulation"]
@@ -40,10 +42,12 @@ class SecAggServerProtection:
         config.validate()
         self.directory = _checked_directory(directory)
         self.config = config
+        self.federation = federation_id(self.directory, config)
 
-    def server_round(self, *, round: int, dimension: int) -> SecAggServerRound:
+    def server_round(self, *, round: int, dimension: int,
+                     run: bytes | None = None) -> SecAggServerRound:
         return SecAggServerRound(round=round, dimension=dimension, directory=self.directory,
-                                 config=self.config)
+                                 config=self.config, federation=self.federation, run=run)
 
 
 class SecAggClientProtection:
@@ -60,12 +64,15 @@ class SecAggClientProtection:
                              "public key")
         self.client_id = client_id
         self.config = config
+        self.federation = federation_id(self.directory, config)
         self._identity = identity
 
     def client_round(self, *, round: int, context: RoundContext) -> SecAggClientRound:
+        if round != context.round:
+            raise ValueError(f"round {round} does not match its context's {context.round}")
         return SecAggClientRound(client_id=self.client_id, identity=self._identity,
-                                 directory=self.directory, config=self.config, round=round,
-                                 context=context)
+                                 directory=self.directory, config=self.config,
+                                 federation=self.federation, context=context)
 
 
 def build_simulation(config: SecAggConfig, client_ids: Sequence[str],

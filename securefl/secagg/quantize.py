@@ -6,7 +6,10 @@ With ``L`` levels per client, clip ``c`` and public maximum weight ``W`` a clien
     q_j = SR(L * (w / W) * clip(x_j, -c, c) / c)      (j < d),     q_d = SR(L * w / W)
 
 where ``SR(v) = floor(v) + [u < v - floor(v)]`` is stochastic rounding with ``u`` uniform in
-[0, 1) (unbiased: ``E[SR(v)] = v``).  Each ``|q_j| <= L``, so the sum over ``n`` clients lies in
+[0, 1) (unbiased: ``E[SR(v)] = v``).  The clip is applied in float64 after scaling, at
+``B = L w / W`` itself (``B <= L`` because ``w <= W``), so ``|q_j| <= ceil(B) <= L`` exactly,
+for every clip value (including those float32 cannot represent, such as 0.1).  Hence
+``|q_j| <= L``, so the sum over ``n`` clients lies in
 ``[-n L, n L]``; choosing ``n L <= 2**31 - 1`` means the sum read as a signed 32-bit integer is
 exact (no wrap-around).  The server decodes ``sum_i w_i x_i ~ (W c / L) * sum_i q_ij`` and
 ``sum_i w_i ~ (W / L) * sum_i q_id``; each client adds an error below ``W c / L`` per
@@ -74,15 +77,19 @@ class Quantizer:
         if dither.shape != (delta.shape[0] + 1,) or dither.dtype != np.uint32:
             raise ValueError("dither must be d + 1 uint32 words")
         scaled = np.empty(delta.shape[0] + 1, np.float64)
-        np.clip(delta, -self.clip, self.clip, out=scaled[:-1])
-        scaled[:-1] *= self.levels * (weight / self.max_weight) / self.clip
-        scaled[-1] = self.levels * (weight / self.max_weight)
+        bound = self.levels * (weight / self.max_weight)  # <= L, since w / W <= 1
+        # float64 first (clipping in float32 could exceed the clip), then clip at the bound
+        # itself, after scaling: rounding can never push a coordinate past L, whatever clip
+        # value float32 or float64 cannot represent
+        np.multiply(delta, bound / self.clip, out=scaled[:-1], dtype=np.float64)
+        np.clip(scaled[:-1], -bound, bound, out=scaled[:-1])
+        scaled[-1] = bound
         floor = np.floor(scaled)
         scaled -= floor
         scaled *= 2.0 ** 32
-        rounded = floor.astype(np.int64)
-        rounded += dither < scaled
-        return rounded.astype(np.uint32)
+        rounded = floor.astype(np.int32)  # |floor| <= L <= 2**31 - 1
+        rounded += dither < scaled  # SR(v) <= ceil(v) <= L: no overflow
+        return rounded.view(np.uint32)
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """``(sum_i w_i x_i, sum_i w_i)`` from the ``d + 1``-word sum of encodings."""

@@ -49,6 +49,7 @@ class Facts:
     secagg_neighbours: int | str
     secagg_threshold: float
     deployment: str
+    secagg_min_neighbours: int = 2
 
 
 def _linear(rule: str, options: Mapping[str, Any], aggregation: Any) -> bool:
@@ -95,6 +96,7 @@ def facts(config: Any, *, deployment: str = "simulation") -> Facts:
         he_layers=tuple(getattr(he, "layers", ()) or ()),
         secagg_neighbours=getattr(secagg, "neighbours", "auto"),
         secagg_threshold=float(getattr(secagg, "threshold", 0.5)),
+        secagg_min_neighbours=int(getattr(secagg, "min_neighbours", 2)),
         deployment=deployment)
 
 
@@ -171,6 +173,10 @@ def update_secrecy(f: Facts, model: ThreatModel, accept: list[str]) -> tuple[boo
     if f.protection == "he" and "he" in accept:
         return True, ("HE with a blind server: the server sees no update and no sum; it adds "
                       "ciphertexts and each site decrypts the global model itself")
+    if f.protection == "secagg" and "secagg" in accept:
+        return True, ("secure aggregation reveals only the weighted sum, also to a server that "
+                      "deviates from the protocol (SecAgg+ with the consistency check of "
+                      "Bonawitz et al. 2017, section 4); inputs are not range-checked")
     if f.protection in accept and f.protection != "plain":
         return True, f"protection {f.protection!r} reveals only the weighted sum to the server"
     if "dp_sgd" in accept and f.privacy_mode == "dp_sgd":
@@ -199,10 +205,14 @@ def he_key_separation(f: Facts, model: ThreatModel) -> tuple[bool, str]:
                   "decrypts every upload of the run")
 
 
-def _secagg_share_threshold(f: Facts) -> tuple[int, int]:
+def _secagg_share_threshold(f: Facts, model: ThreatModel) -> tuple[int, int]:
+    """``(k, t)`` of the worst neighbourhood: a malicious server can show a site a commitment
+    set so small that its graph has only the site's own ``min_neighbours``."""
     n = f.clients_per_round
     k = (min(n - 1, 2 * math.ceil(1.5 * math.log2(max(n, 2))))
          if f.secagg_neighbours == "auto" else int(f.secagg_neighbours))
+    if any(a.who == "server" and a.behaviour == "malicious" for a in model.adversaries):
+        k = min(k, f.secagg_min_neighbours)
     return k, min(k, math.floor(f.secagg_threshold * k) + 1)
 
 
@@ -210,7 +220,8 @@ def collusion(f: Facts, model: ThreatModel) -> tuple[bool, str]:
     """Up to t clients may collude with the server.  SecAgg+ hides an honest update while the
     coalition holds fewer than the ``floor(threshold k) + 1`` shares needed to rebuild its
     mask secrets (Bell et al. 2020).  The check is worst case: all t colluders may be among
-    one client's k neighbours.  Under securefl's HE every site holds the secret key, so one
+    one client's k neighbours, and against a malicious server k is the sites'
+    ``min_neighbours``.  Under securefl's HE every site holds the secret key, so one
     site colluding with the server decrypts every upload of the run."""
     t = model.max_colluding(f.clients_per_round)
     if t == 0:
@@ -220,7 +231,7 @@ def collusion(f: Facts, model: ThreatModel) -> tuple[bool, str]:
                        "colluding with the server decrypts every upload of the run; use "
                        "secure aggregation")
     if f.protection == "secagg":
-        k, shares = _secagg_share_threshold(f)
+        k, shares = _secagg_share_threshold(f, model)
         if t >= shares:
             return False, (f"{t} colluding clients reach the {shares} of {k} shares that "
                            "rebuild a neighbour's mask; raise [protection.secagg] threshold "

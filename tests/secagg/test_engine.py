@@ -41,12 +41,14 @@ def test_secagg_rounds_match_plaintext_rounds(config):
 
 
 def test_dropout_at_every_exchange_and_abort_then_recovery(config):
-    dropping = {(1, 1): {"client-1"}, (1, 2): {"client-2"}, (1, 3): {"client-3"}}
+    # exchanges: 0 FitIns, 1 commitments, 2 keys, 3 relay, 4 consistency, 5 unmask
+    dropping = {(1, 2): {"client-1"}, (1, 3): {"client-2"}, (1, 4): {"client-4"},
+                (1, 5): {"client-3"}}
     ids = None
 
     def schedule(round, exchange, client_id):
         if round == 2:  # all but three miss the masked-input exchange: t = 5 > 3
-            return exchange == 2 and client_id not in ids[:3]
+            return exchange == 3 and client_id not in ids[:3]
         return client_id in dropping.get((round, exchange), ())
 
     sim = build_simulation(config.replace(run__rounds=3, client__epochs=1), schedule=schedule)
@@ -54,7 +56,8 @@ def test_dropout_at_every_exchange_and_abort_then_recovery(config):
     assert "client-1" in ids
     first, second, third = (sim.server.run_round(r) for r in (1, 2, 3))
     assert first.aborted is None
-    assert set(first.clients) == set(ids) - {"client-1", "client-2"}  # client-3 input counted
+    # client-3 and client-4 sent masked inputs before dropping: counted
+    assert set(first.clients) == set(ids) - {"client-1", "client-2"}
     assert second.aborted is not None and second.clients == []
     assert third.aborted is None and len(third.clients) == len(ids)
     assert third.accuracy > second.accuracy - 0.05

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -13,20 +14,25 @@ from securefl.engine.messages import encode
 from securefl.errors import ProtocolAbort
 from securefl.secagg import SecAggConfig, build_simulation
 from securefl.secagg.messages import (
+    SecAggConsistency,
     SecAggKeys,
     SecAggMaskedInput,
     SecAggRelay,
+    SecAggSetup,
     SecAggUnmaskRequest,
 )
 from tests.contracts.protection import ProtectionContract, ctx
 
 from .protocol_driver import (
     Transcript,
+    drive,
     expected_survivors,
     make_updates,
+    opened,
     plain_clipped_sum,
     quantizer,
     run,
+    wire,
 )
 
 
@@ -39,8 +45,10 @@ class TestSecAggContract(ProtectionContract):
 
 
 # ----------------------------------------------------------------------------- correctness
+# dropouts at every exchange, the consistency check (4) and the unmask reply (5) included;
+# a drop at 1 (a committed graph coin never revealed) must abort the round
 drop_phase = st.one_of(st.none(), st.none(), st.none(), st.none(), st.none(), st.none(),
-                       st.integers(0, 3))
+                       st.none(), st.integers(0, 5))
 
 
 @settings(max_examples=280, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -55,11 +63,11 @@ def test_secure_sum_equals_plain_sum_under_random_dropouts(n, neighbours, seed, 
     try:
         result = run(config, updates, drop_at=drop_at, transcript=transcript)
     except ProtocolAbort:
-        assert expected_survivors(transcript.setups, drop_at) is None
+        assert expected_survivors(transcript, drop_at) is None
         event("aborted")
         return
     event("summed")
-    survivors = expected_survivors(transcript.setups, drop_at)
+    survivors = expected_survivors(transcript, drop_at)
     assert survivors is not None and sorted(result.client_ids) == survivors
     total, weight = plain_clipped_sum(config, updates, survivors)
     q = quantizer(config, n)
@@ -68,16 +76,25 @@ def test_secure_sum_equals_plain_sum_under_random_dropouts(n, neighbours, seed, 
 
 
 def test_dropouts_at_each_phase_recover_exactly_the_surviving_sum():
-    ids = [f"c{i:02d}" for i in range(10)]
-    config = SecAggConfig(max_weight=100.0)  # complete graph: k = 9, t = 5
+    ids = [f"c{i:02d}" for i in range(12)]
+    config = SecAggConfig(max_weight=100.0)  # 11 advertise: complete graph, k = 10, t = 6
     updates = make_updates(ids, 32, np.random.default_rng(0))
-    drop_at = {"c01": 0, "c02": 1, "c03": 2, "c04": 3}
+    drop_at = {"c01": 0, "c02": 2, "c03": 3, "c04": 4, "c05": 5}
     result = run(config, updates, drop_at=drop_at)
     survivors = [c for c in ids if c not in ("c01", "c02", "c03")]
-    assert sorted(result.client_ids) == survivors  # c04 sent its input, then dropped
+    assert sorted(result.client_ids) == survivors  # c04, c05 sent inputs, then dropped
     total, weight = plain_clipped_sum(config, updates, survivors)
-    assert np.abs(result.total - total).max() <= 7 * quantizer(config, 10).step
-    assert result.total_weight == pytest.approx(weight, abs=7 * quantizer(config, 10).weight_step)
+    assert np.abs(result.total - total).max() <= 9 * quantizer(config, 12).step
+    assert result.total_weight == pytest.approx(weight, abs=9 * quantizer(config, 12).weight_step)
+
+
+def test_a_committed_graph_coin_that_is_never_revealed_aborts_the_round():
+    ids = [f"c{i}" for i in range(6)]
+    transcript = Transcript()
+    with pytest.raises(ProtocolAbort):
+        run(SecAggConfig(max_weight=100.0), make_updates(ids, 8, np.random.default_rng(1)),
+            drop_at={"c3": 1}, transcript=transcript)
+    assert len(transcript.requests) == 1  # only the commitments went out: nothing to redo
 
 
 # ----------------------------------------------------------------------------- aborts
@@ -86,9 +103,9 @@ def test_fewer_than_t_masked_inputs_abort_before_any_secret_is_requested():
     transcript = Transcript()
     with pytest.raises(ProtocolAbort):
         run(SecAggConfig(max_weight=100.0), make_updates(ids, 8, np.random.default_rng(1)),
-            drop_at={c: 2 for c in ids[:4]}, transcript=transcript)
-    assert transcript.setups["c0"].threshold == 3
-    assert not any(isinstance(m, SecAggUnmaskRequest)
+            drop_at={c: 3 for c in ids[:4]}, transcript=transcript)
+    assert transcript.threshold == 3
+    assert not any(isinstance(m, SecAggConsistency | SecAggUnmaskRequest)
                    for batch in transcript.requests for m in batch.values())
 
 
@@ -97,7 +114,7 @@ def test_t_minus_1_shares_cannot_unmask(caplog):
     transcript = Transcript()
     with caplog.at_level(logging.WARNING, "securefl.security"), pytest.raises(ProtocolAbort) as e:
         run(SecAggConfig(max_weight=100.0), make_updates(ids, 8, np.random.default_rng(2)),
-            drop_at={c: 3 for c in ids[:4]}, transcript=transcript)
+            drop_at={c: 5 for c in ids[:4]}, transcript=transcript)
     assert str(e.value) == ProtocolAbort.MESSAGE  # opaque to the caller ...
     assert "2 shares of 'c0', need 3" in caplog.text  # ... detailed in the operator log
 
@@ -109,53 +126,42 @@ def test_late_masked_input_is_never_unmasked_twice():
     updates = make_updates(ids, 16, np.random.default_rng(3))
     transcript = Transcript()
     # c5's masked input arrives after the deadline: it is reported dropped, reply present.
-    result = run(config, updates, late={"c5": 2}, transcript=transcript)
+    result = run(config, updates, late={"c5": 3}, transcript=transcript)
     assert "c5" not in result.client_ids
-    unmask = transcript.requests[-1]
-    assert all("c5" not in r.survivors for r in unmask.values())
-    assert sum("c5" in r.dropped for r in unmask.values()) >= transcript.setups["c0"].threshold
+    consistency = transcript.requests[3]
+    assert all("c5" not in m.survivors for m in consistency.values())
+    replies = [m for p, _, m in transcript.view if p == 5]
+    assert sum("c5" in r.key_shares for r in replies) >= transcript.threshold
+    assert not any("c5" in r.seed_shares for r in replies)
     survivors = [c for c in ids if c != "c5"]
     total, _ = plain_clipped_sum(config, updates, survivors)
     assert np.abs(result.total - total).max() <= 7 * quantizer(config, 8).step
 
 
-def _opened(ids, *, round, seed):
-    """A fresh 4-dimensional round opened for ``ids``: (server round, client rounds,
-    updates, the server's opening payloads)."""
-    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
-    protocol = server.server_round(round=round, dimension=4)
-    rounds = {c: clients[c].client_round(round=round, context=ctx(round)) for c in ids}
-    updates = make_updates(ids, 4, np.random.default_rng(seed))
-    return protocol, rounds, updates, protocol.open(ids)
-
-
-def _client_at_unmask(ids):
-    protocol, rounds, updates, requests = _opened(ids, round=4, seed=4)
-    replies = {c: rounds[c].open(updates[c], requests[c]) for c in ids}
-    for _ in range(2):
-        requests = protocol.step(replies, set())
-        replies = {c: rounds[c].step(requests[c]) for c in ids}
-    return rounds
-
-
-def test_client_refuses_to_reveal_both_secrets_of_one_peer():
+def test_client_signs_one_survivor_set_and_reveals_only_by_it():
     ids = [f"c{i}" for i in range(5)]
-    client = _client_at_unmask(ids)["c0"]
-    others = ("c1", "c2", "c3", "c4")
-    first = client.step(SecAggUnmaskRequest(survivors=others[:3], dropped=("c4",)))
-    assert set(first.seed_shares) == {"c1", "c2", "c3"} and set(first.key_shares) == {"c4"}
-    with pytest.raises(ProtocolAbort):  # now asks for c4's seed: c4's key share is out
-        client.step(SecAggUnmaskRequest(survivors=others, dropped=()))
-    with pytest.raises(ProtocolAbort):  # and the other way round
-        client.step(SecAggUnmaskRequest(survivors=others[:2], dropped=("c3", "c4")))
-    again = client.step(SecAggUnmaskRequest(survivors=others[:3], dropped=("c4",)))
+    protocol, rounds, requests = drive(ids, exchanges=4)  # at the consistency check
+    signatures = {c: rounds[c].step(requests[c]) for c in ids}
+    unmask = protocol.step(signatures, set())
+    first = rounds["c0"].step(unmask["c0"])
+    assert set(first.seed_shares) == {"c1", "c2", "c3", "c4"} and not first.key_shares
+    again = rounds["c0"].step(unmask["c0"])
     assert again.seed_shares == first.seed_shares  # a repeated request reveals nothing new
+    with pytest.raises(ProtocolAbort):  # a second survivor set is never signed
+        rounds["c0"].step(SecAggConsistency(survivors=("c0", "c1", "c2", "c3")))
+    with pytest.raises(ProtocolAbort):  # and the round is dead afterwards
+        rounds["c0"].step(unmask["c0"])
 
 
-def test_client_refuses_one_request_naming_a_peer_twice():
-    client = _client_at_unmask([f"c{i}" for i in range(5)])["c1"]
-    with pytest.raises(ProtocolAbort):
-        client.step(SecAggUnmaskRequest(survivors=("c0", "c2", "c3"), dropped=("c3",)))
+def test_client_reveals_nothing_without_t_signatures_on_its_survivor_set(caplog):
+    ids = [f"c{i}" for i in range(5)]  # complete graph, k = 4, t = 3
+    protocol, rounds, requests = drive(ids, exchanges=4)
+    signatures = {c: rounds[c].step(requests[c]) for c in ids}
+    unmask = protocol.step(signatures, set())
+    short = dict(list(unmask["c0"].signatures.items())[:2])
+    with caplog.at_level(logging.WARNING, "securefl.security"), pytest.raises(ProtocolAbort):
+        rounds["c0"].step(SecAggUnmaskRequest(signatures=short))
+    assert "2 valid neighbour signatures on the survivor set, need t = 3" in caplog.text
 
 
 # ----------------------------------------------------------------------------- privacy
@@ -176,7 +182,7 @@ def test_server_view_contains_no_unmasked_update():
     d = 4096
     updates = make_updates(ids, d, np.random.default_rng(5), scale=0.3)
     transcript = Transcript()
-    run(config, updates, drop_at={"c2": 3}, transcript=transcript)
+    run(config, updates, drop_at={"c2": 5}, transcript=transcript)
     q = quantizer(config, len(ids))
     frames = b"".join(encode(m) for _, _, m in transcript.view)
     arrays = [a for _, _, m in transcript.view for a in _arrays(m)]
@@ -214,52 +220,53 @@ def test_upload_is_at_most_1_01_bytes_per_float32_byte():
 
 
 # ----------------------------------------------------------------------------- tampering
-def test_tampered_share_ciphertext_aborts_the_receiver():
-    ids = [f"c{i}" for i in range(4)]
-    protocol, rounds, updates, opening = _opened(ids, round=1, seed=6)
-    keys = protocol.step({c: rounds[c].open(updates[c], opening[c]) for c in ids}, set())
-    relay = protocol.step({c: rounds[c].step(keys[c]) for c in ids}, set())
+def test_tampered_share_ciphertext_is_withheld_and_its_sender_named(caplog):
+    ids = [f"c{i}" for i in range(5)]  # complete graph, k = 4, t = 3
+    protocol, rounds, relay = drive(ids, exchanges=3)
     bad = bytearray(relay["c0"].ciphertexts["c1"])
-    bad[-1] ^= 1  # the server alters c1's share bundle on its way to c0
-    tampered = SecAggRelay(ciphertexts={**relay["c0"].ciphertexts, "c1": bytes(bad)})
-    masked = {c: rounds[c].step(tampered if c == "c0" else relay[c]) for c in ids}
-    unmask = protocol.step(masked, set())
-    with pytest.raises(ProtocolAbort):
-        rounds["c0"].step(unmask["c0"])
-    assert set(rounds["c2"].step(unmask["c2"]).seed_shares) == {"c0", "c1", "c3"}
+    bad[-1] ^= 1  # the server (or c1) alters c1's share bundle on its way to c0
+    relay["c0"] = SecAggRelay(ciphertexts={**relay["c0"].ciphertexts, "c1": bytes(bad)})
+    consistency = protocol.step({c: wire(rounds[c].step(wire(relay[c]))) for c in ids}, set())
+    unmask = protocol.step({c: rounds[c].step(wire(consistency[c])) for c in ids}, set())
+    with caplog.at_level(logging.WARNING, "securefl.security"):
+        reply = rounds["c0"].step(wire(unmask["c0"]))
+    assert set(reply.seed_shares) == {"c2", "c3", "c4"}  # c1's share is not revealed
+    assert "suspect 'c1' reported by 'c0'" in caplog.text
+    replies = {c: wire(reply if c == "c0" else rounds[c].step(wire(unmask[c]))) for c in ids}
+    result = protocol.step(replies, set())  # 3 other holders still reconstruct b_c1
+    assert sorted(result.client_ids) == ids
 
 
-def test_forged_advertisement_is_rejected_by_server_and_neighbours():
+def test_forged_advertisement_is_rejected_by_server_and_neighbours(caplog):
     ids = [f"c{i}" for i in range(4)]
-    protocol, rounds, updates, opening = _opened(ids, round=1, seed=7)
-    adverts = {c: rounds[c].open(updates[c], opening[c]) for c in ids}
-    forged = adverts["c3"].__class__(c_public=adverts["c2"].c_public,
-                                     s_public=adverts["c3"].s_public,
-                                     signature=adverts["c3"].signature)
-    keys = protocol.step({**adverts, "c3": forged}, set())
-    assert "c3" not in keys and "c3" in protocol.rejected
-    with pytest.raises(ProtocolAbort):  # a truncated advertisement
-        rounds["c1"].step(SecAggKeys(advertisements={**keys["c1"].advertisements,
-                                                     "c3": adverts["c3"].packed()[:-1]}))
-    with pytest.raises(ProtocolAbort):  # a server relaying the forgery is caught by clients
-        rounds["c0"].step(SecAggKeys(advertisements={**keys["c0"].advertisements,
-                                                     "c3": forged.packed()}))
+    o = opened(ids, seed=7)
+    adverts = {c: wire(o.rounds[c].open(o.updates[c], wire(o.requests[c]))) for c in ids}
+    forged = dataclasses.replace(adverts["c3"], c_public=adverts["c2"].c_public)
+    with caplog.at_level(logging.WARNING, "securefl.security"):
+        commitments = o.protocol.step({**adverts, "c3": forged}, set())
+    assert "c3" not in commitments and "c3" in o.protocol.rejected
+    assert "suspect 'c3' reported by 'server'" in caplog.text
+    # a server relaying the forgery to the clients is caught by every one of them
+    _, rounds, keys = drive(ids, exchanges=2, seed=7)
+    for cid, bad in (("c0", forged.packed()), ("c1", adverts["c3"].packed()[:-1])):
+        victim = next(v for v in keys[cid].advertisements if v != cid)
+        tampered = SecAggKeys(reveals=keys[cid].reveals,
+                              advertisements={**keys[cid].advertisements, victim: bad})
+        with pytest.raises(ProtocolAbort):
+            rounds[cid].step(wire(tampered))
 
 
 def test_client_rejects_inconsistent_setup():
     ids = [f"c{i}" for i in range(6)]
-    server, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
-    opening = server.server_round(round=2, dimension=4).open(ids)
+    _, clients = build_simulation(SecAggConfig(max_weight=100.0), ids)
     update = make_updates(["x"], 4, np.random.default_rng(8))["x"]
-    setup = opening["c0"]
-    for bad in (setup.__class__(round=3, num_participants=6, neighbours=setup.neighbours,
-                                threshold=setup.threshold),
-                setup.__class__(round=2, num_participants=6, neighbours=setup.neighbours,
-                                threshold=1),
-                setup.__class__(round=2, num_participants=6, neighbours=("c0", "c1"),
-                                threshold=1)):
+    for bad in (SecAggSetup(round=3, participants=tuple(ids)),          # another round
+                SecAggSetup(round=2, participants=tuple(ids[1:])),      # without this client
+                SecAggSetup(round=2, participants=("c0", "c1")),        # too few for k >= 2
+                SecAggSetup(round=2, participants=(*ids, "mallory")),   # unknown identity
+                SecAggSetup(round=2, participants=tuple(reversed(ids)))):
         with pytest.raises(ProtocolAbort):
-            clients["c0"].client_round(round=2, context=ctx(2)).open(update, bad)
+            clients["c0"].client_round(round=2, context=ctx(2)).open(update, wire(bad))
     with pytest.raises(ProtocolAbort):  # a relay before the keys are shared
         clients["c0"].client_round(round=2, context=ctx(2)).step(SecAggRelay(ciphertexts={}))
 
@@ -268,7 +275,8 @@ def test_too_many_clients_for_the_bits_raise_value_error():
     ids = [f"c{i}" for i in range(257)]  # 257 * (2**23 - 1) > 2**31 - 1
     server, _ = build_simulation(SecAggConfig(bits=24), ids)
     with pytest.raises(ValueError, match="overflow"):
-        server.server_round(round=1, dimension=4).open(ids)
+        server.server_round(round=1, dimension=4)
+    server, _ = build_simulation(SecAggConfig(bits=24), ids[:256])
     assert server.server_round(round=1, dimension=4).open(ids[:256])  # 256 fit exactly
 
 
@@ -277,11 +285,11 @@ def test_thousand_clients_sparse_graph_with_dropouts():
     ids = [f"c{i:04d}" for i in range(1000)]
     config = SecAggConfig(max_weight=100.0)
     updates = make_updates(ids, 256, np.random.default_rng(9))
-    drop_at = {c: (0, 1, 2, 3)[i % 4] for i, c in enumerate(ids[:40])}
+    drop_at = {c: (0, 2, 3, 5)[i % 4] for i, c in enumerate(ids[:40])}
     transcript = Transcript()
     result = run(config, updates, drop_at=drop_at, transcript=transcript, wire=False)
-    assert len(transcript.setups["c0999"].neighbours) == 30
-    survivors = expected_survivors(transcript.setups, drop_at)
+    assert len(transcript.graph["c0999"]) == 30
+    survivors = expected_survivors(transcript, drop_at)
     assert survivors is not None and sorted(result.client_ids) == survivors
     assert len(survivors) == 1000 - 30
     total, weight = plain_clipped_sum(config, updates, survivors)

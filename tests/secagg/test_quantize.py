@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securefl.secagg.prg import keystream
 from securefl.secagg.quantize import MAX_SUM, Quantizer, levels_for
@@ -59,3 +61,27 @@ def test_encode_rejects_bad_weight_and_update():
         quantizer.encode(np.array([0, np.nan, 0], np.float32), 1.0, dither(4))
     with pytest.raises(ValueError, match="dither"):
         quantizer.encode(np.zeros(3, np.float32), 1.0, dither(3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(clip=st.one_of(st.sampled_from([0.05, 0.1, 0.3, 1 / 3, 1e-3]),
+                      st.floats(1e-6, 1e4, allow_nan=False, allow_infinity=False)),
+       max_weight=st.one_of(st.sampled_from([1.0, 0.1, 1e5]), st.floats(1e-3, 1e6)),
+       n=st.integers(1, 2000))
+def test_attack5_every_word_stays_within_L_and_the_worst_sum_cannot_wrap(clip, max_weight, n):
+    """Every coordinate at +-clip as float32 holds it (float32(0.1) > 0.1), or beyond, at the
+    maximum weight, rounded up wherever it can be (an all-zero dither): ``|q| <= L``."""
+    levels = levels_for(n, bits="auto")
+    quantizer = Quantizer(clip=clip, max_weight=max_weight, levels=levels)
+    edge = np.float32(clip)
+    above = np.nextafter(edge, np.float32(np.inf))
+    delta = np.array([edge, -edge, above, -above, 2 * edge, -4 * edge,
+                      np.float32(3.4e38), np.float32(-3.4e38)], np.float32)
+    words = quantizer.encode(delta, max_weight, np.zeros(delta.size + 1, np.uint32))
+    signed = words.view(np.int32).astype(np.int64)
+    assert np.abs(signed).max() <= levels
+    # n sites all sending the same extreme words: the 32-bit sum decodes exactly
+    total = (words.astype(np.uint64) * n % (1 << 32)).astype(np.uint32)
+    np.testing.assert_array_equal(total.view(np.int32).astype(np.int64), n * signed)
+    weighted, weight = quantizer.decode(total)
+    assert np.all(np.sign(weighted[:2]) == [1, -1]) and weight > 0

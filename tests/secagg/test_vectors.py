@@ -3,6 +3,7 @@ vectors for the PRG, mask derivation, share encryption, quantization and Shamir 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from securefl.secagg import keys, shamir
 from securefl.secagg.prg import add_masks, info, keystream, prg_key, prg_words
 from securefl.secagg.quantize import Quantizer
+from securefl.secagg.scope import Scope
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "secagg.json").read_text())
 
@@ -88,11 +90,36 @@ def test_keystream_is_aes128_ctr_from_zero_counter():
 
 
 # ----------------------------------------------------------------------------- frozen
+def scope(v: dict) -> Scope:
+    return Scope(federation=bytes.fromhex(v["federation"]), run=bytes.fromhex(v["run"]),
+                 round=v["round"], graph=bytes.fromhex(v["graph"]))
+
+
 def test_info_encoding():
     for name in ("info", "info_pair"):
         v = VECTORS[name]
-        assert info(v["label"], v["round"], *v["ids"]).hex() == v["hex"]
-    assert info("a", 1, "bc") != info("a", 1, "b", "c")  # length prefixes separate ids
+        s = scope(v["scope"])
+        assert s.info(v["label"], *v["ids"]).hex() == v["hex"]
+        spelled_out = (v["label"].encode() + b"\0" + s.federation + s.run
+                       + s.round.to_bytes(8, "big") + bytes([len(s.graph)]) + s.graph
+                       + b"".join(len(i).to_bytes(2, "big") + i.encode() for i in v["ids"]))
+        assert spelled_out.hex() == v["hex"]
+    assert info("a", b"", "bc") != info("a", b"", "b", "c")  # length prefixes separate ids
+
+
+def test_scope_separates_federations_runs_rounds_and_graphs():
+    base = scope(VECTORS["info"]["scope"])
+    others = [dataclasses.replace(base, federation=bytes(32)),
+              dataclasses.replace(base, run=bytes(32)),
+              dataclasses.replace(base, round=base.round + 1), base.with_graph(b"\1" * 32)]
+    infos = {s.info("self-mask", "alice") for s in [base, *others]}
+    assert len(infos) == 5
+
+
+def test_commitment_vector():
+    v = VECTORS["commitment"]
+    assert keys.commitment(scope(v["scope"]), v["label"], v["client_id"],
+                           bytes.fromhex(v["value"])).hex() == v["hex"]
 
 
 def test_prg_vector():
@@ -101,22 +128,24 @@ def test_prg_vector():
     assert prg_key(secret, context).hex() == v["key"]
     # the documented construction, spelled out with cryptography's HKDF
     spelled_out = HKDF(algorithm=hashes.SHA256(), length=16, salt=None,
-                       info=b"securefl/secagg/v2/" + context).derive(secret)
+                       info=b"securefl/secagg/v3/" + context).derive(secret)
     assert spelled_out.hex() == v["key"]
     assert prg_words(secret, context, len(v["words"])).tolist() == v["words"]
 
 
 def test_mask_derivation_vectors():
     v = VECTORS["self_mask"]
-    assert keys.self_mask_key(bytes.fromhex(v["seed"]), round=v["round"],
+    assert keys.self_mask_key(bytes.fromhex(v["seed"]), scope=scope(v["scope"]),
                               client_id=v["client_id"]).hex() == v["key"]
     p = VECTORS["pairwise_mask"]
     alice = X25519PrivateKey.from_private_bytes(bytes.fromhex(p["alice_private"]))
     bob = X25519PrivateKey.from_private_bytes(bytes.fromhex(p["bob_private"]))
     shared = keys.agree(alice, keys.public_bytes(bob), peer="bob")
     assert shared.hex() == p["shared"]
-    forward = keys.pairwise_mask_key(shared, round=p["round"], first="alice", second="bob")
-    backward = keys.pairwise_mask_key(shared, round=p["round"], first="bob", second="alice")
+    forward = keys.pairwise_mask_key(shared, scope=scope(p["scope"]), first="alice",
+                                     second="bob")
+    backward = keys.pairwise_mask_key(shared, scope=scope(p["scope"]), first="bob",
+                                      second="alice")
     assert forward.hex() == backward.hex() == p["key"]
     assert keystream(forward, len(p["words"])).tolist() == p["words"]
 
@@ -125,10 +154,10 @@ def test_share_encryption_vector():
     v = VECTORS["share_encryption"]
     shared, nonce = bytes.fromhex(v["shared"]), bytes.fromhex(v["nonce"])
     ciphertext = keys._encrypt_with_nonce(shared, bytes.fromhex(v["plaintext"]), nonce,
-                                          round=v["round"], sender=v["sender"],
+                                          scope=scope(v["scope"]), sender=v["sender"],
                                           receiver=v["receiver"])
     assert ciphertext.hex() == v["ciphertext"]
-    assert keys.decrypt_shares(shared, ciphertext, round=v["round"], sender=v["sender"],
+    assert keys.decrypt_shares(shared, ciphertext, scope=scope(v["scope"]), sender=v["sender"],
                                receiver=v["receiver"]).hex() == v["plaintext"]
 
 
