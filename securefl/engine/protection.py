@@ -132,7 +132,10 @@ class ServerProtection(Protocol):
     name: str
     reveals_rows: bool  # True only when the server sees individual updates
 
-    def server_round(self, *, round: int, dimension: int) -> ServerRound: ...
+    def server_round(self, *, round: int, dimension: int,
+                     run: bytes | None = None) -> ServerRound:
+        """One round's server half; ``run`` is the run id the server announces in FitIns."""
+        ...
 
 
 @runtime_checkable
@@ -223,7 +226,8 @@ class Plain:
     name = "plain"
     reveals_rows = True
 
-    def server_round(self, *, round: int, dimension: int) -> ServerRound:
+    def server_round(self, *, round: int, dimension: int,
+                     run: bytes | None = None) -> ServerRound:
         return _PlainServerRound(dimension)
 
     def client_round(self, *, round: int, context: RoundContext) -> ClientRound:

@@ -156,7 +156,8 @@ class Server:
         if len(record.sampled) < self.min_clients:
             record.aborted = f"only {len(record.sampled)} clients available"
             return None
-        protocol = self.protection.server_round(round=rnd, dimension=self.parameters.size)
+        protocol = self.protection.server_round(round=rnd, dimension=self.parameters.size,
+                                                run=self.run_id)
         payloads = protocol.open(record.sampled)
         requests: Mapping[str, Message] = {
             cid: FitIns(run=self.run_id, round=rnd, parameters=self.sent_parameters(),

@@ -91,7 +91,8 @@ class HEServerProtection:
         weights = [c.weight for c in self.state.contributions]
         self.unit_log2 = round(math.log2(sum(weights) / len(weights)))
 
-    def server_round(self, *, round: int, dimension: int) -> HEServerRound:
+    def server_round(self, *, round: int, dimension: int,
+                     run: bytes | None = None) -> HEServerRound:
         selection = self.selection or Selection.everything(dimension)
         if selection.dimension != dimension:
             raise ValueError(f"layer selection covers {selection.dimension} parameters, "
