@@ -68,7 +68,7 @@ def _coerce(value: Any, hint: Any, field: str, table: str) -> Any:
             except FieldError:
                 continue
         raise FieldError(field, f"must be {_describe(hint)}, got {value!r}", table)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise FieldError(field, f"must be a table, got {value!r}", table)
         return parse(hint, value, f"{table}.{field}" if table else field)

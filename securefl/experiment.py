@@ -172,7 +172,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
 
         privacy = build_privacy(config, run_dir=run_dir, client_ids=ids,
                                 num_examples={c: len(d.train) for c, d in data.clients.items()})
-        hooks.extend(privacy.server_hooks)
+        if privacy is not None:
+            hooks.extend(privacy.server_hooks)
 
     local = {cid: local_trainer(config, data, cid) for cid in ids}
     server_protection, client_protections = build_protection(config, ids,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from securefl.config import Config
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
@@ -12,7 +12,7 @@ __all__ = ["build_protection"]
 
 
 def build_protection(config: Config, client_ids: Sequence[str], *, layout: Layout | None = None
-                     ) -> tuple[ServerProtection, dict[str, ClientProtection]]:
+                     ) -> tuple[ServerProtection, Mapping[str, ClientProtection]]:
     """``(server half, {client id: client half})``; secrets live only in the client halves.
 
     ``layout`` lets HE encrypt only the configured layers (``[protection.he] layers``).

@@ -13,8 +13,11 @@ __all__ = ["Aggregator", "as_rows", "weighted_sum"]
 class Aggregator(Protocol):
     """A pure, stateless aggregation rule (state, if any, is passed in and returned)."""
 
-    #: whether the rule can run on a :class:`~securefl.engine.protection.WeightedSum` alone
-    linear: bool
+    @property
+    def linear(self) -> bool:
+        """Whether the rule can run on a :class:`~securefl.engine.protection.WeightedSum`
+        alone."""
+        ...
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray: ...
 

@@ -51,7 +51,7 @@ from scipy import stats
 from securefl.attacks import inversion, membership
 from securefl.config import Config, DataConfig, config_from_dict
 from securefl.data import ClientData, Dataset, FederatedData, load_dataset
-from securefl.engine.protection import Combined, Rows
+from securefl.engine.protection import Combined, Rows, WeightedSum
 from securefl.models import build_model
 from securefl.params import unflatten
 
@@ -249,6 +249,8 @@ def _membership(cell: Mapping[str, Any], attacks: Sequence[str], target: str,
         if attack == "loss_threshold":
             scores = membership.loss_threshold_scores(logits, labels)
         else:
+            if shadow_phi is None or shadow_in is None:
+                raise ValueError(f"{attack} needs shadow models")
             scores = membership.lira_scores(phi, shadow_phi, shadow_in,
                                             online=attack == "lira_online")
         results[attack] = membership.evaluate_scores(scores, truth)
@@ -279,11 +281,14 @@ def _inversion(cell: Mapping[str, Any], attack: str, target: str, seed: int) -> 
     combined = trained.combined
     if target == "secagg_sum" and isinstance(combined, Rows):
         raise ValueError("target 'secagg_sum' expects the protection to hide the rows")
+    if not isinstance(combined, Rows | WeightedSum):
+        raise ValueError("inversion needs a plaintext update or sum, not an encrypted one")
     delta = combined.updates[0] if isinstance(combined, Rows) else combined.mean()
     model = _model_at(config, data, trained.previous)
     gradients = inversion.gradients_from_update(delta, model, lr=config.client.lr)
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    options = {"shape": data.shape, "num_classes": data.num_classes, "generator": generator}
+    options: dict[str, Any] = {"shape": data.shape, "num_classes": data.num_classes,
+                               "generator": generator}
     iterations = int(cell.get("iterations", 300))
     labels = inversion.recover_labels(gradients, model)
     if attack == "dlg":

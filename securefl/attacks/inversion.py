@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -95,9 +96,14 @@ def recover_labels(gradients: Sequence[torch.Tensor], module: nn.Module, *,
     return torch.argsort(signal)[:num_images].to(torch.int64)
 
 
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)``, typed as the tensor it is (the terms are never empty here)."""
+    return cast(torch.Tensor, sum(terms))
+
+
 def _functional(module: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
     model = copy.deepcopy(module).eval()
-    params = list(model.parameters())
+    params: list[torch.Tensor] = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     return model, params
@@ -148,7 +154,7 @@ class DLG:
             else:
                 loss = -(F.softmax(soft, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
             dummy = torch.autograd.grad(loss, params, create_graph=True)
-            distance = sum(((d - t) ** 2).sum() for d, t in zip(dummy, targets, strict=True))
+            distance = _total(((d - t) ** 2).sum() for d, t in zip(dummy, targets, strict=True))
             distance.backward()
             return distance
 
@@ -192,7 +198,7 @@ class InvertingGradients:
                  num_images: int = 1, labels: torch.Tensor | None = None) -> Reconstruction:
         model, params = _functional(module)
         targets = [g.detach().to(torch.float32) for g in gradients]
-        target_norm = torch.sqrt(sum((t ** 2).sum() for t in targets))
+        target_norm = torch.sqrt(_total((t ** 2).sum() for t in targets))
         if labels is None:
             labels = recover_labels(targets, module, num_images=num_images)
         candidates = []
@@ -206,12 +212,13 @@ class InvertingGradients:
                 optimizer.zero_grad()
                 dummy = torch.autograd.grad(F.cross_entropy(model(x), labels), params,
                                             create_graph=True)
-                dot = sum((d * t).sum() for d, t in zip(dummy, targets, strict=True))
-                norm = torch.sqrt(sum((d ** 2).sum() for d in dummy))
+                dot = _total((d * t).sum() for d, t in zip(dummy, targets, strict=True))
+                norm = torch.sqrt(_total((d ** 2).sum() for d in dummy))
                 loss = 1 - dot / (norm * target_norm + 1e-12)
                 loss = loss + self.tv_weight * total_variation(x)
                 loss.backward()
-                x.grad.sign_()
+                if x.grad is not None:  # signed gradients (Geiping et al. 2020)
+                    x.grad.sign_()
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():

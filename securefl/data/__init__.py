@@ -76,15 +76,16 @@ def federate(config: DataConfig, *, seed: int) -> FederatedData:
     shard into train and validation (``val_fraction``), all from one seeded stream."""
     rng = np.random.default_rng([seed, 0xDA7A])
     train, test = load_dataset(config, rng=rng)
-    kwargs = {"rng": rng, "min_examples": config.min_examples}
+    least = config.min_examples
     if config.partition == "iid":
-        parts = partition.iid(train.labels, config.num_clients, **kwargs)
+        parts = partition.iid(train.labels, config.num_clients, rng=rng, min_examples=least)
     elif config.partition == "dirichlet":
         parts = partition.dirichlet(train.labels, config.num_clients, alpha=config.alpha,
-                                    **kwargs)
+                                    rng=rng, min_examples=least)
     else:
         parts = partition.shards(train.labels, config.num_clients,
-                                 shards_per_client=config.shards_per_client, **kwargs)
+                                 shards_per_client=config.shards_per_client, rng=rng,
+                                 min_examples=least)
     clients = {}
     width = len(str(config.num_clients - 1))
     for i, idx in enumerate(parts):

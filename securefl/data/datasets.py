@@ -102,7 +102,8 @@ def make_synthetic(*, num_samples: int, num_features: int, num_classes: int,
 
 
 # ----------------------------------------------------------------------------- local folders
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_TYPES: dict[int, type | str] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
+                                     0x0D: ">f4", 0x0E: ">f8"}
 
 
 def load_idx(path: Path) -> np.ndarray:

@@ -97,7 +97,7 @@ def encode(msg: Message) -> bytes:
             array = np.ascontiguousarray(value)
             if array.dtype.str not in _DTYPES:
                 raise MessageError(f"array dtype {array.dtype} cannot be sent")
-            blobs.append(memoryview(array).cast("B"))
+            blobs.append(memoryview(array.data).cast("B"))
             arrays.append({"blob": len(blobs) - 1, "dtype": array.dtype.str,
                            "shape": list(array.shape)})
             return {"$a": len(arrays) - 1}
@@ -114,7 +114,8 @@ def encode(msg: Message) -> bytes:
             return {"$m": [[k, tree(v)] for k, v in value.items()]}
         if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
             return {"$msg": type(value).__name__, "f": {
-                f.name: tree(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+                f.name: tree(getattr(value, f.name))
+                for f in dataclasses.fields(value)}}  # type: ignore[arg-type]
         raise MessageError(f"cannot encode a value of type {type(value).__name__}")
 
     body = tree(msg)

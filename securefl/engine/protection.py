@@ -196,8 +196,11 @@ class _PlainServerRound:
     def step(self, replies: Mapping[str, Message], dropped: Collection[str]) -> Rows:
         ids, rows, weights, rejected = [], [], [], {}
         for client_id, reply in replies.items():
-            reason = (check_update(reply.update, self._dimension)
-                      if isinstance(reply, PlainUpdate) else "expected a PlainUpdate")
+            if not isinstance(reply, PlainUpdate):
+                _log.warning("client %s rejected: expected a PlainUpdate", client_id)
+                rejected[client_id] = "expected a PlainUpdate"
+                continue
+            reason = check_update(reply.update, self._dimension)
             if reason is None and not (np.isfinite(reply.weight) and reply.weight > 0):
                 reason = f"weight must be finite and > 0, got {reply.weight}"
             if reason is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
@@ -84,7 +84,7 @@ class LocalTrainer:
     def num_examples(self) -> int:
         return len(self.labels)
 
-    def make_optimizer(self, params: object) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,

@@ -212,8 +212,10 @@ class UserLevelNoise:
                            rng: np.random.Generator) -> WeightedSum:
         if isinstance(combined, Rows):
             total = combined.updates.astype(np.float64).sum(axis=0)
-        else:
+        elif isinstance(combined, WeightedSum):
             total = np.asarray(combined.total, dtype=np.float64)
+        else:  # the config refuses DP-FedAvg with HE; a sealed sum cannot be noised here
+            raise TypeError("DP-FedAvg cannot add noise to an encrypted aggregate")
         std = self.update_noise_multiplier * self.clip.clip_norm
         noise = (self.source.gaussian(total.size, std).numpy().reshape(total.shape)
                  if self.source is not None else rng.normal(0.0, std, size=total.shape))

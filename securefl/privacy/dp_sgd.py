@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -194,5 +194,5 @@ class _Examples(TensorDataset):
         return tuple(tensor[index] for tensor in self.tensors)
 
 
-def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return batch
+def _as_batch(batch: Any) -> tuple[torch.Tensor, ...]:
+    return cast(tuple[torch.Tensor, ...], batch)
