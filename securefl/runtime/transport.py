@@ -13,9 +13,20 @@ streams its replies back.  Per connection the server:
 3. accepts a reply only if it names the connection's own site, the current round, and the
    sequence number of the one request outstanding for that site (a replayed, stale or
    wrong-round frame is logged and ignored: the site may still answer properly);
-4. decodes the payload with the engine's safe codec under the size limit; a malformed,
-   oversized or non-securefl (e.g. pickle) payload drops the site from that exchange with the
-   reason, and a framing violation also closes its stream.
+4. decodes the payload with the engine's safe codec under the size limit and bounds every
+   value in it (:mod:`securefl.runtime.validate`); a malformed, oversized, out-of-bounds or
+   non-securefl (e.g. pickle) payload drops the site from that exchange with the reason, and
+   a framing violation, or any other failure while reading, also closes its stream and frees
+   the site's slot, so that it can reconnect.
+
+Connection slots: a stream must send its hello within ``hello_timeout`` seconds or it is
+cancelled; each certificate has at most one stream waiting for its hello (a newer one
+replaces it, so an honest site that reconnects is never locked out by its own stale
+stream), and the server admits ``2 * sites + 8`` concurrent streams, so the allowlisted
+sites always find a slot.  Bytes of partly received payloads count against a per-server
+:class:`~securefl.runtime.wire.ByteBudget` (``max_inflight_bytes``); per stream at most one
+payload of ``max_message_bytes`` is in flight, and memory grows with the bytes received.
+Repeated warnings about one site are rate-limited (:class:`~securefl.runtime.throttle.Throttle`).
 
 Disconnections and missed deadlines appear in :attr:`Exchange.dropped`; nothing is raised, so
 the round logic (and secure aggregation's dropout recovery) runs exactly as in simulation.
@@ -46,7 +57,9 @@ from securefl.runtime.tls import (
     server_credentials,
     site_for,
 )
-from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, split
+from securefl.runtime.throttle import Throttle
+from securefl.runtime.validate import Limits, Refused, sanitize
+from securefl.runtime.wire import Assembler, ByteBudget, Envelope, Kind, WireError, split
 
 __all__ = ["METHOD", "GrpcTransport", "channel_options"]
 
@@ -99,10 +112,16 @@ class GrpcTransport:
         self._dropped: dict[str, str] = {}
         # Random start: a reply recorded under an earlier server process can never match.
         self._seq = int.from_bytes(os.urandom(6), "little")
+        self._hello_pending: dict[str, grpc.ServicerContext] = {}
+        self._budget = ByteBudget(config.max_inflight_bytes, wait=config.round_timeout)
+        self._limits = Limits.of(config)
+        self._throttle = Throttle(_log, interval=config.warning_interval)
+        # every stream holds a worker thread: one session and one pending hello per site,
+        # plus room for refused strangers
+        slots = 2 * len(self._sites) + 8
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=len(self._sites) + 8,
-                                       thread_name_prefix="securefl-rpc"),
-            options=channel_options(config), maximum_concurrent_rpcs=len(self._sites) + 8)
+            futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="securefl-rpc"),
+            options=channel_options(config), maximum_concurrent_rpcs=slots)
         handler = grpc.stream_stream_rpc_method_handler(self._connect)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Connect": handler}),))
@@ -198,18 +217,45 @@ class GrpcTransport:
         _log.warning("refused connection from %s: %s", who, reason)
         context.abort(code, reason)
 
+    def _await_hello(self, site: str | None, frames: Iterator[bytes],
+                     context: grpc.ServicerContext) -> Envelope | None:
+        """The stream's first envelope, within ``hello_timeout``; one waiting stream per
+        certificate (a newer one cancels the older)."""
+        if site is not None:
+            with self._cond:
+                stale = self._hello_pending.get(site)
+                self._hello_pending[site] = context
+            if stale is not None:
+                stale.cancel()
+        timer = threading.Timer(self.config.hello_timeout, context.cancel)
+        timer.daemon = True
+        timer.start()
+        assembler = Assembler(max_bytes=min(self.config.max_message_bytes, 1 << 20),
+                              max_chunk_bytes=self.config.chunk_bytes)
+        hello = None
+        try:
+            while hello is None:
+                hello = assembler.feed(next(frames))
+        except (StopIteration, WireError, grpc.RpcError) as exc:
+            reason = (f"no hello within {self.config.hello_timeout:g} s"
+                      if not timer.is_alive() else f"bad hello ({exc or 'stream ended'})")
+            self._throttle.warning(site or "?", "hello", "refused connection from %s: %s",
+                                   site or context.peer(), reason)
+            if context.is_active():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+        finally:
+            timer.cancel()
+            if site is not None:
+                with self._cond:
+                    if self._hello_pending.get(site) is context:
+                        del self._hello_pending[site]
+        return hello
+
     def _connect(self, frames: Iterator[bytes],
                  context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._identify(context)
-        assembler = Assembler(max_bytes=min(self.config.max_message_bytes, 1 << 20),
-                              max_chunk_bytes=self.config.chunk_bytes)
-        try:
-            hello = None
-            while hello is None:
-                hello = assembler.feed(next(frames))
-        except (StopIteration, WireError) as exc:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"bad hello ({exc or 'stream ended'})", site or context.peer())
+        hello = self._await_hello(site, frames, context)
+        if hello is None:
             return
         claimed = hello.client_id
         if hello.kind != Kind.HELLO:
@@ -264,7 +310,7 @@ class GrpcTransport:
     def _read(self, session: _Session, frames: Iterator[bytes],
               context: grpc.ServicerContext) -> None:
         assembler = Assembler(max_bytes=self.config.max_message_bytes,
-                              max_chunk_bytes=self.config.chunk_bytes)
+                              max_chunk_bytes=self.config.chunk_bytes, budget=self._budget)
         try:
             for frame in frames:
                 envelope = assembler.feed(frame)
@@ -277,11 +323,21 @@ class GrpcTransport:
             return
         except grpc.RpcError:
             pass
+        except Exception as exc:  # whatever broke, the slot is freed and the site may return
+            _log.exception("site %s: reading its stream failed", session.site)
+            self._reject(session, f"stream failed ({type(exc).__name__})")
+            self._forget(session, f"stream closed after an error ({type(exc).__name__})")
+            context.cancel()
+            return
+        finally:
+            assembler.reset()
         self._forget(session, "disconnected")
 
     def _reject(self, session: _Session, reason: str) -> None:
         """Drop the site from the exchange in progress (if it owes a reply) with ``reason``."""
-        _log.warning("round %s: rejected message from %s: %s", self._round, session.site, reason)
+        reason = reason[:self.config.max_string]
+        self._throttle.warning(session.site, "reject", "round %s: rejected message from %s: %s",
+                               self._round, session.site, reason)
         with self._cond:
             if session.site in self._pending:
                 del self._pending[session.site]
@@ -297,12 +353,12 @@ class GrpcTransport:
             expected = self._pending.get(site)
             current = self._round
         if envelope.round != current:
-            _log.warning("ignored message from %s for round %d (current round is %s)", site,
-                         envelope.round, current)
+            self._throttle.warning(site, "round", "ignored message from %s for round %d "
+                                   "(current round is %s)", site, envelope.round, current)
             return
         if expected is None or envelope.seq != expected:
-            _log.warning("ignored replayed or unexpected message from %s (sequence %d, "
-                         "expected %s)", site, envelope.seq, expected)
+            self._throttle.warning(site, "seq", "ignored replayed or unexpected message from %s "
+                                   "(sequence %d, expected %s)", site, envelope.seq, expected)
             return
         if envelope.kind == Kind.ERROR:
             self._reject(session, "client error: " + bytes(envelope.payload).decode(
@@ -312,9 +368,13 @@ class GrpcTransport:
             self._reject(session, f"unexpected {envelope.kind.name} frame")
             return
         try:
-            reply = decode(envelope.payload, max_bytes=self.config.max_message_bytes)
+            reply = sanitize(decode(envelope.payload, max_bytes=self.config.max_message_bytes),
+                             limits=self._limits)
         except MessageError as exc:
             self._reject(session, f"undecodable payload: {exc}")
+            return
+        except Refused as exc:
+            self._reject(session, f"out-of-bounds value: {exc}")
             return
         with self._cond:
             if self._pending.get(site) == envelope.seq:
