@@ -50,6 +50,7 @@ from securefl.engine.messages import Message, decode, encode
 from securefl.engine.transport import Exchange
 from securefl.errors import ConfigError, MessageError
 from securefl.runtime.config import NetworkConfig, is_loopback, split_address
+from securefl.runtime.throttle import Throttle
 from securefl.runtime.tls import (
     certificate_problem,
     fingerprint,
@@ -57,7 +58,6 @@ from securefl.runtime.tls import (
     server_credentials,
     site_for,
 )
-from securefl.runtime.throttle import Throttle
 from securefl.runtime.validate import Limits, Refused, sanitize
 from securefl.runtime.wire import Assembler, ByteBudget, Envelope, Kind, WireError, split
 
@@ -237,11 +237,17 @@ class GrpcTransport:
             while hello is None:
                 hello = assembler.feed(next(frames))
         except (StopIteration, WireError, grpc.RpcError) as exc:
-            reason = (f"no hello within {self.config.hello_timeout:g} s"
-                      if not timer.is_alive() else f"bad hello ({exc or 'stream ended'})")
+            with self._cond:
+                replaced = site is not None and self._hello_pending.get(site) is not context
+            if replaced:
+                reason = "replaced by a newer stream with the same certificate"
+            elif not timer.is_alive():
+                reason = f"no hello within {self.config.hello_timeout:g} s"
+            else:
+                reason = f"bad hello ({exc or 'stream ended'})"
             self._throttle.warning(site or "?", "hello", "refused connection from %s: %s",
                                    site or context.peer(), reason)
-            if context.is_active():
+            if context.is_active() and not replaced:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         finally:
             timer.cancel()

@@ -76,7 +76,8 @@ def _array(value: np.ndarray, where: str, bound: float) -> np.ndarray:
         raise Refused(f"{where} is a complex array")
     if value.dtype.kind != "f":
         return value
-    cast = value.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which is refused below
+        cast = value.astype(np.float32, copy=False)
     if cast.size:
         low, high = float(cast.min()), float(cast.max())
         if not (math.isfinite(low) and math.isfinite(high) and -bound <= low
