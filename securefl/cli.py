@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     audit_sub = audit_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     verify = audit_sub.add_parser("verify", help="verify a run's signed hash chain")
     verify.add_argument("run_dir")
+    verify.add_argument("--public-key", help="the server's audit key (64 hex digits or a file "
+                        "with them), kept outside the server; default: audit.pub in RUN_DIR")
+    verify.add_argument("--identities", help="identities.json (or its folder): the sites' "
+                        "pinned keys; checks the sites' countersignatures and receipts")
+    verify.add_argument("--site-head", action="append", metavar="FILE",
+                        help="a site's audit-head-<run>.json (repeatable)")
     return parser
 
 

@@ -8,6 +8,11 @@ drops the site from that exchange instead of waiting for the deadline.  When the
 breaks (server restart, network), the site reconnects with exponential backoff for up to
 ``reconnect_timeout`` seconds, keeping its state (keys, privacy ledger, trainer) in memory;
 a ``CLOSE`` frame ends the process cleanly.
+
+With its identity key (``[network] certs``) a site also answers the server's evidence
+requests itself, outside the engine: :class:`~securefl.runtime.receipts.ReceiptRequest`
+from its own privacy ledger and :class:`~securefl.runtime.evidence.Countersign` with its
+:class:`~securefl.runtime.evidence.SiteWitness` (both kept in ``client_state_dir``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +34,23 @@ import torch
 from securefl.config import Config, load_config
 from securefl.data import federate
 from securefl.engine.client import Client
-from securefl.engine.messages import decode, encode
+from securefl.engine.messages import FitIns, Message, decode, encode
 from securefl.engine.protection import Update
 from securefl.engine.trainer import LocalTrainer, Trainer
 from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
 from securefl.experiment import local_trainer
 from securefl.runtime.config import NetworkConfig
-from securefl.runtime.deploy import site_protection
+from securefl.runtime.deploy import load_identity, site_protection
+from securefl.runtime.evidence import Countersign, SiteWitness
+from securefl.runtime.receipts import ReceiptReply, ReceiptRequest, SiteReceipts
+from securefl.runtime.store import model_hash
 from securefl.runtime.tls import certificate_problem, client_credentials, site_paths
 from securefl.runtime.transport import METHOD, channel_options
 from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, split
 
-__all__ = ["RoundRewind", "SiteClient", "build_site", "command"]
+__all__ = ["RoundRewind", "SiteClient", "SiteEvidence", "build_site", "build_site_client",
+           "command"]
 
 _log = logging.getLogger(__name__)
 
@@ -51,15 +61,35 @@ _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_
                     grpc.StatusCode.INVALID_ARGUMENT})
 
 
+@dataclass
+class SiteEvidence:
+    """A site's countersigning witness and (with privacy accounting) its receipts."""
+
+    witness: SiteWitness
+    receipts: SiteReceipts | None = None
+
+    def answer(self, request: Message) -> Message | None:
+        """The reply to an evidence request, or ``None`` for an engine message."""
+        if isinstance(request, Countersign):
+            return self.witness.countersign(request)
+        if isinstance(request, ReceiptRequest):
+            raw = (self.receipts.issue(request.run, request.round)
+                   if self.receipts is not None else b"")
+            return ReceiptReply(receipt=raw)
+        if isinstance(request, FitIns) and self.receipts is not None:
+            self.receipts.models[request.round] = model_hash(request.parameters)
+        return None
+
+
 class SiteClient:
     """Connect ``handler`` (an engine :class:`~securefl.engine.client.Client`) to the server."""
 
     def __init__(self, handler: ClientHandler, config: NetworkConfig, *,
-                 site: str | None = None) -> None:
+                 site: str | None = None, evidence: SiteEvidence | None = None) -> None:
         self.site = site or config.site or handler.client_id
         if not self.site:
             raise ConfigError("[network] site is required for a client")
-        self.handler, self.config = handler, config
+        self.handler, self.config, self.evidence = handler, config, evidence
         self._stop = threading.Event()
         self._call: grpc.Future | None = None
         self.requests_handled = 0
@@ -169,7 +199,9 @@ class SiteClient:
     def _answer(self, envelope: Envelope) -> Iterator[bytes]:
         try:
             request = decode(envelope.payload, max_bytes=self.config.max_message_bytes)
-            reply = self.handler.handle(request, round=envelope.round)
+            reply = self.evidence.answer(request) if self.evidence is not None else None
+            if reply is None:
+                reply = self.handler.handle(request, round=envelope.round)
             kind, payload = Kind.REPLY, encode(reply)
         except Exception as exc:  # any handler failure is reported, never fatal to the site
             _log.warning("site %s: cannot answer request %d of round %d: %s", self.site,
@@ -204,13 +236,14 @@ class RoundRewind:
         return self.base.evaluate(parameters)
 
 
-def build_site(config: Config, site: str) -> Client:
+def _build(config: Config, site: str) -> tuple[Client, Any]:
     """The engine :class:`~securefl.engine.client.Client` of ``site``, from its own data.
 
     The site trains on shard ``[network] data_shard`` (default: the site name) of the
     configured data; with real local data (``[data] path``) that is ``"client-0"`` of a
     one-client partition.  Model initialisation and the trainer's seed are derived exactly as
-    in the in-process simulation, so a networked run reproduces a simulated one.
+    in the in-process simulation, so a networked run reproduces a simulated one.  Returns
+    the client and the site's privacy ledger (``None`` without privacy accounting).
     """
     seed = config.run.seed
     data = federate(config.data, seed=seed)
@@ -221,12 +254,13 @@ def build_site(config: Config, site: str) -> Client:
     base = local_trainer(config, data, shard)
     hooks: list[Any] = []
     trainer: Trainer = RoundRewind(base)
+    ledger = None
     if config.privacy.mode != "none":
         # the private trainers answer a repeated round from their cache: no second charge
         from securefl.privacy import build_privacy
 
         # the site's own ledger, on the site's own disk
-        state = Path(config.network.client_state_dir or f"site-state-{site}")
+        state = site_state_dir(config, site)
         state.mkdir(parents=True, exist_ok=True)
         # DP-FedAvg's sampling rate depends on the federation's size: account over all sites
         peers = (sorted(config.network.allowlist) or [site]
@@ -236,9 +270,40 @@ def build_site(config: Config, site: str) -> Client:
         if privacy is not None:
             trainer = privacy.wrap_trainer(site, base)
             hooks = list(privacy.client_hooks)
+            ledger = privacy.ledger
     protection = site_protection(config, site, sorted(config.network.allowlist) or None,
                                  layout=base.layout)
-    return Client(site, trainer, protection, update_hooks=hooks)
+    return Client(site, trainer, protection, update_hooks=hooks), ledger
+
+
+def build_site(config: Config, site: str) -> Client:
+    """The engine client of ``site`` (see :func:`_build`)."""
+    return _build(config, site)[0]
+
+
+def site_state_dir(config: Config, site: str) -> Path:
+    return Path(config.network.client_state_dir or f"site-state-{site}")
+
+
+def build_site_client(config: Config, site: str, *,
+                      wrap: Callable[[Client], ClientHandler] | None = None) -> SiteClient:
+    """``site``'s :class:`SiteClient` with its evidence (when ``[network] certs`` holds its
+    identity key); ``wrap`` may wrap the engine client (tests inject faults with it)."""
+    client, ledger = _build(config, site)
+    evidence = None
+    if config.network.certs is not None:
+        identity, state = load_identity(config, site), site_state_dir(config, site)
+        receipts = (SiteReceipts(site, identity=identity, state_dir=state, ledger=ledger)
+                    if ledger is not None else None)
+        witness = SiteWitness(site, identity=identity, state_dir=state,
+                              charged=receipts.charged if receipts is not None
+                              else lambda _run, _round: None)
+        evidence = SiteEvidence(witness, receipts)
+    return SiteClient(client if wrap is None else wrap(client), config.network, site=site,
+                      evidence=evidence)
+
+
+
 
 
 def command(args: argparse.Namespace) -> int:
@@ -247,4 +312,4 @@ def command(args: argparse.Namespace) -> int:
     site = args.site or config.network.site
     if not site:
         raise ConfigError(f"{args.config}: [network] site is required (or pass --site)")
-    return SiteClient(build_site(config, site), config.network, site=site).run()
+    return build_site_client(config, site).run()

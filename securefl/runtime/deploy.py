@@ -30,7 +30,8 @@ from securefl.he.packing import Selection
 from securefl.params import Layout
 from securefl.runtime.tls import write_private
 
-__all__ = ["init_he_context", "init_identities", "server_protection", "site_protection"]
+__all__ = ["identity_directory", "init_he_context", "init_identities", "load_identity",
+           "server_protection", "site_protection"]
 
 
 def _certs(config: Config) -> Path:
@@ -76,6 +77,20 @@ def _directory(config: Config) -> dict[str, bytes]:
         raise ConfigError(f"{path}: cannot read the identity directory ({exc})") from None
 
 
+def identity_directory(config: Config, sites: Sequence[str]) -> dict[str, bytes]:
+    """The pinned public identity keys of ``sites`` (every one must be present)."""
+    directory = {s: k for s, k in _directory(config).items() if s in sites}
+    missing = sorted(set(sites) - set(directory))
+    if missing:
+        raise ConfigError(f"identities.json has no key for sites {missing}")
+    return directory
+
+
+def load_identity(config: Config, site: str) -> Ed25519PrivateKey:
+    """``site``'s own Ed25519 identity key (``certs/sites/<site>.identity``)."""
+    return _identity(config, site)
+
+
 def _identity(config: Config, site: str) -> Ed25519PrivateKey:
     path = _certs(config) / "sites" / f"{site}.identity"
     try:
@@ -113,10 +128,7 @@ def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | 
     kind = config.protection.kind
     if kind == "plain":
         return Plain()
-    directory = {s: k for s, k in _directory(config).items() if s in sites}
-    missing = sorted(set(sites) - set(directory))
-    if missing:
-        raise ConfigError(f"identities.json has no key for sites {missing}")
+    directory = identity_directory(config, sites)
     if kind == "secagg":
         from securefl.secagg import SecAggServerProtection
 

@@ -18,6 +18,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+def completed_rounds(directory: str | Path) -> list[int] | None:
+    """Rounds recorded as completed in ``directory/state.sqlite`` (read-only), ``None`` if
+    there is no state file."""
+    path = Path(directory) / "state.sqlite"
+    if not path.is_file():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT round FROM rounds WHERE status='completed' "
+                              "ORDER BY round").fetchall()
+    except sqlite3.DatabaseError:
+        return None
+    return [int(r[0]) for r in rows]
+
+
 class ServerStore:
     """The server's durable state under ``directory`` (``state.sqlite``, ``checkpoints/``)."""
 
@@ -86,14 +102,23 @@ class ServerStore:
         if row is None:
             if self.last_completed() is not None:
                 raise ConfigError(f"{self.directory}: state without a configuration record")
-            self._db.execute("INSERT INTO meta VALUES ('config', ?)", (fingerprint,))
+            self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("config", fingerprint), ("run", os.urandom(16).hex())])
             return
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('run', ?)", (os.urandom(16).hex(),))
         if not resume:
             raise ConfigError(f"{self.directory}: holds the state of an earlier run; "
                               "pass --resume to continue it or choose another state_dir")
         if row[0] != fingerprint:
             raise ConfigError(f"{self.directory}: was written by a different configuration; "
                               "resume needs the same config file")
+
+    def run_id(self) -> str:
+        """This run's random id (32 hex digits): what sites countersign and receipts name."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='run'").fetchone()
+        if row is None:
+            raise ConfigError(f"{self.directory}: state without a run id (call bind first)")
+        return str(row[0])
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, round: int, participants: Sequence[str]) -> None:
@@ -172,6 +197,12 @@ class ServerStore:
             "SELECT client_id, epsilon FROM ledger AS l WHERE round = "
             "(SELECT MAX(round) FROM ledger WHERE client_id = l.client_id)")
         return {cid: float(total) for cid, total in cursor}
+
+    def details(self, round: int) -> dict[str, dict[str, Any]]:
+        """What was recorded per client for ``round`` (its receipt, under ``"receipt"``)."""
+        cursor = self._db.execute("SELECT client_id, detail FROM ledger WHERE round = ?",
+                                  (round,))
+        return {cid: json.loads(detail) for cid, detail in cursor}
 
     def charges(self) -> list[tuple[int, str, float, float]]:
         cursor = self._db.execute("SELECT round, client_id, epsilon, delta FROM ledger "

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from securefl.config import config_from_dict
 from securefl.engine.messages import FitIns
 from securefl.experiment import run_simulation
 from securefl.runtime.auditlog import verify
-from securefl.runtime.client import SiteClient, build_site
+from securefl.runtime.client import build_site, build_site_client
 from securefl.runtime.server import serve
 from securefl.runtime.store import ServerStore, model_hash
 from securefl.runtime.tls import init_certificates
@@ -70,13 +71,12 @@ class Sites:
 
     def __init__(self, config, wrap=None, site_dirs=None) -> None:
         self.clients, self.threads, self.codes = {}, [], {}
+        site_dirs = site_dirs or Path(config.network.state_dir).parent / "sites"
         for site in SITES:
-            own = config
-            if site_dirs is not None:  # each site's own disk
-                own = config.replace(network__client_state_dir=str(site_dirs / site))
-            handler = build_site(own, site)
-            client = SiteClient(handler if wrap is None else wrap(site, handler),
-                                config.network, site=site)
+            # each site's own disk
+            own = config.replace(network__client_state_dir=str(site_dirs / site))
+            client = build_site_client(
+                own, site, wrap=None if wrap is None else lambda c, s=site: wrap(s, c))
             self.clients[site] = client
             thread = threading.Thread(target=lambda s=site, c=client: self.codes.__setitem__(
                 s, c.run()), daemon=True)

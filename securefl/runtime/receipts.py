@@ -1,0 +1,196 @@
+"""Privacy receipts: each site's signed statement of what one round cost it.
+
+After a round the server asks every site for its receipt (:class:`ReceiptRequest`).  A site
+whose own privacy ledger charged it since its previous receipt answers with::
+
+    body_t = {federation: run id, site, round: t, model_sha256 (the global model it trained
+              from), events: [{round, mechanism, noise_multiplier, sample_rate, steps}, ...],
+              epsilon_charged, epsilon_total, delta, prev: SHA-256 of the previous receipt}
+    sig_t  = Ed25519_sign(site identity key, b"securefl-receipt-v1" || canonical JSON(body_t))
+
+(``events`` lists every ledger row since the previous receipt: DP-FedAvg also charges the
+rounds a site was not sampled in.)  The site appends each receipt to its own
+``receipts-<run>.jsonl``; asked again for the same round it returns the same receipt.  The
+server verifies the signature under the site's pinned identity key, takes the site's ε from
+the receipt (never from a bare number in the metrics), stores the receipt and writes it into
+the round's audit entry; ``securefl privacy report`` and ``securefl report`` read the
+receipts back from the audit log and verify each signature (:func:`read_receipts`).
+
+ε is read from the site's ledger through its public API only
+(:meth:`~securefl.privacy.ledger.PrivacyLedger.history` and ``events``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from securefl.engine.messages import Message, message
+from securefl.runtime.evidence import canonical
+
+__all__ = ["RECEIPT_DOMAIN", "ReceiptReply", "ReceiptRequest", "SiteReceipts",
+           "collect_receipts", "read_receipts", "verify_receipt"]
+
+_log = logging.getLogger(__name__)
+RECEIPT_DOMAIN = b"securefl-receipt-v1"
+_GENESIS = "0" * 64
+
+
+@message
+class ReceiptRequest(Message):
+    """Server -> site: your privacy receipt for round ``round`` of run ``run``."""
+
+    run: str
+    round: int
+
+
+@message
+class ReceiptReply(Message):
+    """Site -> server: ``canonical({"body": body, "signature": hex})``, or empty (no charge)."""
+
+    receipt: bytes
+
+
+def receipt_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def verify_receipt(raw: bytes, *, site: str, key: bytes) -> dict[str, Any]:
+    """The receipt's body, after checking its form and signature; ``ValueError`` otherwise."""
+    try:
+        outer = json.loads(raw)
+        body, signature = outer["body"], bytes.fromhex(outer["signature"])
+        Ed25519PublicKey.from_public_bytes(key).verify(signature,
+                                                       RECEIPT_DOMAIN + canonical(body))
+    except (ValueError, KeyError, TypeError, InvalidSignature):
+        raise ValueError(f"receipt of {site} is malformed or its signature does not verify"
+                         ) from None
+    if not isinstance(body, dict) or body.get("site") != site:
+        raise ValueError(f"receipt of {site} names another site")
+    for name in ("epsilon_charged", "epsilon_total", "delta"):
+        value = body.get(name)
+        if not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise ValueError(f"receipt of {site}: {name} is not a finite number >= 0")
+    return body
+
+
+class SiteReceipts:
+    """A site's receipts for one ledger (``ledger``: a :class:`PrivacyLedger`)."""
+
+    def __init__(self, site: str, *, identity: Ed25519PrivateKey, state_dir: str | Path,
+                 ledger: Any) -> None:
+        self.site, self._key, self.ledger = site, identity, ledger
+        self.state_dir = Path(state_dir)
+        self.models: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, run: str) -> Path:
+        return self.state_dir / f"receipts-{run}.jsonl"
+
+    def chain(self, run: str) -> list[bytes]:
+        path = self._path(run)
+        return path.read_bytes().splitlines() if path.exists() else []
+
+    def issue(self, run: str, round: int) -> bytes:
+        """The receipt for ``round`` (made now if the ledger charged since the last one)."""
+        with self._lock:
+            chain = self.chain(run)
+            for raw in chain:
+                if json.loads(raw)["body"]["round"] == round:
+                    return raw
+            last = json.loads(chain[-1])["body"] if chain else None
+            if last is not None and round < last["round"]:
+                raise ValueError(f"round {round} is before this site's last receipt "
+                                 f"(round {last['round']})")
+            history = self.ledger.history(self.site)
+            events = self.ledger.events(self.site)
+            done = last["round"] if last else 0
+            rows = [(r, e, ev) for (r, e), ev in zip(history, events, strict=True)
+                    if done < r <= round]
+            if not rows or rows[-1][0] != round:
+                return b""
+            total = rows[-1][1]
+            body = {"federation": run, "site": self.site, "round": round,
+                    "model_sha256": self.models.get(round, ""),
+                    "events": [{"round": r, "mechanism": ev.mechanism,
+                                "noise_multiplier": ev.noise_multiplier,
+                                "sample_rate": ev.sample_rate, "steps": ev.steps}
+                               for r, _, ev in rows],
+                    "epsilon_charged": total - (last["epsilon_total"] if last else 0.0),
+                    "epsilon_total": total, "delta": self.ledger.delta,
+                    "prev": receipt_hash(chain[-1]) if chain else _GENESIS}
+            raw = canonical({"body": body,
+                             "signature": self._key.sign(RECEIPT_DOMAIN + canonical(body)).hex()})
+            with open(self._path(run), "ab") as handle:
+                handle.write(raw + b"\n")
+            return raw
+
+    def charged(self, run: str, round: int) -> float | None:
+        """ε of this site's receipt for ``round`` (``None``: no receipt)."""
+        for raw in self.chain(run):
+            body = json.loads(raw)["body"]
+            if body["round"] == round:
+                return float(body["epsilon_charged"])
+        return None
+
+
+def collect_receipts(transport: Any, *, run: str, round: int, sites: Sequence[str],
+                     identities: Mapping[str, bytes], timeout: float
+                     ) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Ask ``sites`` for their receipts of ``round``: ``{site: (receipt, body)}`` of the
+    receipts that verify and belong to this run and round; the rest are logged by site."""
+    exchange = transport.exchange(dict.fromkeys(sites, ReceiptRequest(run=run, round=round)),
+                                  round=round, timeout=timeout)
+    out = {}
+    for site, reply in sorted(exchange.replies.items()):
+        if not isinstance(reply, ReceiptReply) or not reply.receipt:
+            continue
+        try:
+            if site not in identities:
+                raise ValueError(f"receipt of {site}: no pinned identity key")
+            body = verify_receipt(reply.receipt, site=site, key=identities[site])
+            if body.get("federation") != run or body.get("round") != round:
+                raise ValueError(f"receipt of {site} is for another run or round")
+        except ValueError as exc:
+            _log.warning("round %d: refused the privacy receipt of %s: %s", round, site, exc)
+            continue
+        out[site] = (reply.receipt.decode(), body)
+    return out
+
+
+def read_receipts(events: list[Mapping[str, Any]], identities: Mapping[str, bytes]
+                  ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """``({site: [receipt body, ...]}, problems)`` from the ``round_end`` entries of a log.
+
+    Every receipt's signature is checked under the pinned identity keys and each site's
+    receipts must form one chain (``prev`` = hash of the previous receipt).
+    """
+    bodies: dict[str, list[dict[str, Any]]] = {}
+    heads: dict[str, str] = {}
+    problems = []
+    for entry in events:
+        if entry["event"] != "round_end":
+            continue
+        for site, raw in sorted((entry["data"].get("receipts") or {}).items()):
+            encoded = raw.encode()
+            try:
+                if site not in identities:
+                    raise ValueError(f"receipt of {site}: no pinned identity key")
+                body = verify_receipt(encoded, site=site, key=identities[site])
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            if body["prev"] != heads.get(site, _GENESIS):
+                problems.append(f"receipt of {site} for round {body['round']} does not follow "
+                                "its previous receipt")
+            heads[site] = receipt_hash(encoded)
+            bodies.setdefault(site, []).append(body)
+    return bodies, problems
