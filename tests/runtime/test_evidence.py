@@ -274,3 +274,29 @@ def test_a_malformed_statement_is_refused(tmp_path, raw):
 
     with pytest.raises(ValueError):
         _witness(tmp_path).countersign(Countersign(statement=raw))
+
+
+def test_privacy_report_and_compliance_report_read_and_verify_the_receipts(run, tmp_path,
+                                                                           capsys):
+    from securefl.privacy.report import command as privacy_report
+    from securefl.report import build_sections
+
+    state = _copy(run, tmp_path)
+    assert privacy_report(argparse.Namespace(run_dir=str(state))) == 0
+    out = capsys.readouterr().out
+    assert "privacy receipts signed by the sites" in out and out.count("dp_sgd") == 5
+    blocks = next(s for s in build_sections(state) if s.id == "audit-log").blocks
+    start = next(i for i, b in enumerate(blocks)
+                 if getattr(b, "text", "") == "Privacy receipts signed by the sites:")
+    assert blocks[start + 1].text.startswith("VERIFIED: 10 receipts of 5 sites")
+    assert len(blocks[start + 2].rows) == 10
+    entries = _entries(state)
+    end = next(e for e in entries if e["event"] == "round_end")
+    raw = json.loads(end["data"]["receipts"]["client-0"])
+    raw["body"]["epsilon_total"] = 0.0
+    end["data"]["receipts"]["client-0"] = json.dumps(raw)
+    _resign(state, entries)
+    assert privacy_report(argparse.Namespace(run_dir=str(state))) == 1
+    blocks = next(s for s in build_sections(state) if s.id == "audit-log").blocks
+    assert any("receipt of client-0 is malformed or its signature does not verify"
+               in getattr(b, "text", "") for b in blocks)
