@@ -27,6 +27,7 @@ _HANDLERS = {
     ("privacy", "audit"): "securefl.privacy.audit:command",
     ("attack", "run"): "securefl.attacks.harness:command",
     ("certs", "init"): "securefl.runtime.tls:command",
+    ("certs", "renew"): "securefl.runtime.tls:renew_command",
     ("server",): "securefl.runtime.server:command",
     ("client",): "securefl.runtime.client:command",
     ("audit", "verify"): "securefl.runtime.auditlog:command",
@@ -87,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     certs_init.add_argument("--days", type=int, default=365, help="leaf validity in days")
     certs_init.add_argument("--he", metavar="CONFIG",
                             help="also generate CKKS keys for this config's [protection.he]")
+
+    certs_renew = certs_sub.add_parser("renew", help="re-issue site certificates from the CA")
+    certs_renew.add_argument("dir")
+    certs_renew.add_argument("--sites", required=True, help="comma-separated site names")
+    certs_renew.add_argument("--days", type=int, default=365, help="validity in days")
 
     server = sub.add_parser("server", help="run the federation server (gRPC, mTLS)")
     server.add_argument("config")

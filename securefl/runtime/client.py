@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 import torch
 
-from securefl.config import Config, load_config
+from securefl.config import Config
 from securefl.data import federate
 from securefl.engine.client import Client
 from securefl.engine.messages import FitIns, Message, decode, encode
@@ -41,7 +41,7 @@ from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
 from securefl.experiment import local_trainer
 from securefl.runtime.config import NetworkConfig
-from securefl.runtime.deploy import load_identity, site_protection
+from securefl.runtime.deploy import load_deployment, load_identity, site_protection
 from securefl.runtime.evidence import Countersign, SiteWitness
 from securefl.runtime.receipts import ReceiptReply, ReceiptRequest, SiteReceipts
 from securefl.runtime.store import model_hash
@@ -206,10 +206,21 @@ class SiteClient:
         except Exception as exc:  # any handler failure is reported, never fatal to the site
             _log.warning("site %s: cannot answer request %d of round %d: %s", self.site,
                          envelope.seq, envelope.round, exc)
-            kind, payload = Kind.ERROR, f"{type(exc).__name__}: {exc}".encode()
+            kind, payload = Kind.ERROR, error_payload(exc)
         self.requests_handled += 1
         return split(kind, payload, round=envelope.round, seq=envelope.seq, client_id=self.site,
                      chunk_bytes=self.config.chunk_bytes)
+
+
+def error_payload(exc: BaseException) -> bytes:
+    """The ERROR frame's UTF-8 text: ``"<type>: <message>"``, and ``" [suspect: <site>]"``
+    when the failure is blamed on another party (an exception with a ``suspect`` attribute,
+    e.g. the sender of a share bundle that failed authentication)."""
+    text = f"{type(exc).__name__}: {exc}"
+    suspect = getattr(exc, "suspect", None)
+    if isinstance(suspect, str) and suspect:
+        text += f" [suspect: {suspect}]"
+    return text.encode()
 
 
 class RoundRewind:
@@ -307,9 +318,16 @@ def build_site_client(config: Config, site: str, *,
 
 
 def command(args: argparse.Namespace) -> int:
-    """``securefl client CONFIG [--site NAME]``: serve one site until the federation ends."""
-    config = load_config(args.config)
+    """``securefl client CONFIG [--site NAME]``: serve one site until the federation ends.
+
+    Without ``[network] client_state_dir`` the site keeps its state (privacy ledger, receipts,
+    audit head) in ``site-state-<site>`` next to the config file.
+    """
+    config = load_deployment(args.config)
     site = args.site or config.network.site
     if not site:
         raise ConfigError(f"{args.config}: [network] site is required (or pass --site)")
+    if config.network.client_state_dir is None:
+        config = config.replace(network__client_state_dir=str(
+            Path(args.config).resolve().parent / f"site-state-{site}"))
     return build_site_client(config, site).run()

@@ -15,6 +15,7 @@ The server's half is built from public material only; a site's half from its own
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefl.config import Config
+from securefl.config import Config, load_config
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.errors import ConfigError
 from securefl.he.config import HEConfig
@@ -30,8 +31,28 @@ from securefl.he.packing import Selection
 from securefl.params import Layout
 from securefl.runtime.tls import write_private
 
-__all__ = ["identity_directory", "init_he_context", "init_identities", "load_identity",
-           "server_protection", "site_protection"]
+__all__ = ["identity_directory", "init_he_context", "init_identities", "load_deployment",
+           "load_identity", "server_protection", "site_protection"]
+
+
+def load_deployment(path: str | Path) -> Config:
+    """:func:`~securefl.config.load_config`, with the relative file paths of ``[network]``
+    (``certs``, ``state_dir``, ``client_state_dir``) and ``[data] path`` resolved from the
+    config file's folder, not from wherever the command runs."""
+    config = load_config(path)
+    base = Path(path).resolve().parent
+
+    def resolve(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        return str(base / value)
+
+    net = config.network
+    return config.replace(
+        network=dataclasses.replace(net, certs=resolve(net.certs),
+                                    state_dir=resolve(net.state_dir) or net.state_dir,
+                                    client_state_dir=resolve(net.client_state_dir)),
+        data=dataclasses.replace(config.data, path=resolve(config.data.path)))
 
 
 def _certs(config: Config) -> Path:

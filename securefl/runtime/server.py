@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from securefl.config import Config, load_config
+from securefl.config import Config
 from securefl.data import federate
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.server import Server
@@ -54,7 +54,7 @@ from securefl.experiment import (
 from securefl.rundir import append_jsonl, atomic_write, write_json
 from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
-from securefl.runtime.deploy import identity_directory, server_protection
+from securefl.runtime.deploy import identity_directory, load_deployment, server_protection
 from securefl.runtime.evidence import collect_countersignatures, statement
 from securefl.runtime.receipts import collect_receipts
 from securefl.runtime.store import ServerStore, model_hash
@@ -270,7 +270,7 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
 
 def command(args: argparse.Namespace) -> int:
     """``securefl server CONFIG [--resume] [--out STATE_DIR]``."""
-    config = load_config(args.config)
+    config = load_deployment(args.config)
     if config.run.threat_model:
         from securefl.threat import require
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -53,6 +54,7 @@ from securefl.runtime.config import NetworkConfig, is_loopback, split_address
 from securefl.runtime.throttle import Throttle
 from securefl.runtime.tls import (
     certificate_problem,
+    common_name,
     fingerprint,
     peer_certificate,
     server_credentials,
@@ -67,6 +69,7 @@ _log = logging.getLogger(__name__)
 SERVICE = "securefl.Federation"
 METHOD = f"/{SERVICE}/Connect"
 _FRAME_SLACK = 4096
+_SUSPECT = re.compile(r"\[suspect: ([^\]]{1,64})\]$")
 
 
 def channel_options(config: NetworkConfig) -> list[tuple[str, Any]]:
@@ -113,6 +116,8 @@ class GrpcTransport:
         # Random start: a reply recorded under an earlier server process can never match.
         self._seq = int.from_bytes(os.urandom(6), "little")
         self._hello_pending: dict[str, grpc.ServicerContext] = {}
+        #: reporter -> the site it blamed in its latest error (see :meth:`_blame`)
+        self.suspects: dict[str, str] = {}
         self._budget = ByteBudget(config.max_inflight_bytes, wait=config.round_timeout)
         self._limits = Limits.of(config)
         self._throttle = Throttle(_log, interval=config.warning_interval)
@@ -201,14 +206,15 @@ class GrpcTransport:
         if pem is None:
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate",
                          context.peer())
+        site = site_for(pem, self.config.allowlist)
+        who = (site if site is not None
+               else f"{context.peer()} (certificate of {common_name(pem)!r}, not pinned)")
         problem = certificate_problem(pem)
         if problem is not None:
-            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, problem, context.peer())
-        site = site_for(pem, self.config.allowlist)
+            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, problem, who)
         if site is None or site not in self._sites:
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
-                         f"certificate {fingerprint(pem)} is not on the allowlist",
-                         context.peer())
+                         f"certificate {fingerprint(pem)} is not on the allowlist", who)
         return site
 
     @staticmethod
@@ -350,6 +356,21 @@ class GrpcTransport:
                 self._dropped[session.site] = reason
                 self._cond.notify_all()
 
+    def _blame(self, reporter: str, text: str) -> None:
+        """Name the suspect of an error a site blames on another (``[suspect: A]``)."""
+        match = _SUSPECT.search(text)
+        if match is None:
+            return
+        suspect = match.group(1)
+        if suspect in self._sites and suspect != reporter:
+            self.suspects[reporter] = suspect
+            _log.warning("round %s: suspect %s: %s reports that a message from %s failed "
+                         "authentication (reporter %s)", self._round, suspect, reporter,
+                         suspect, reporter)
+        else:
+            _log.warning("round %s: %s blamed an unknown party %r", self._round, reporter,
+                         suspect[:64])
+
     def _receive(self, session: _Session, envelope: Envelope) -> None:
         site = session.site
         if envelope.client_id != site:
@@ -367,8 +388,9 @@ class GrpcTransport:
                                    "(sequence %d, expected %s)", site, envelope.seq, expected)
             return
         if envelope.kind == Kind.ERROR:
-            self._reject(session, "client error: " + bytes(envelope.payload).decode(
-                "utf-8", "replace")[:500])
+            text = bytes(envelope.payload[:self.config.max_string]).decode("utf-8", "replace")
+            self._blame(site, text)
+            self._reject(session, "client error: " + text[:500])
             return
         if envelope.kind != Kind.REPLY:
             self._reject(session, f"unexpected {envelope.kind.name} frame")

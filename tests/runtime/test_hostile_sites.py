@@ -228,3 +228,28 @@ def test_a_flood_of_bad_frames_writes_few_log_lines(certs, caplog):
     log = _with_raw(certs, body, caplog)
     lines = log.count("ignored replayed or unexpected message from gamma")
     assert 1 <= lines <= 20
+
+
+class _ShareFailed(Exception):
+    """What a receiver raises when a share bundle from ``suspect`` fails authentication."""
+
+    def __init__(self, suspect: str) -> None:
+        super().__init__("cryptographic protocol aborted")
+        self.suspect = suspect
+
+
+class _Receiver(EchoHandler):
+    def handle(self, request, *, round):
+        raise _ShareFailed("alpha")
+
+
+def test_a_failed_share_names_its_sender_as_suspect_and_the_receiver_as_reporter(certs, caplog):
+    with federation(network(certs), [EchoHandler("alpha"), _Receiver("beta"),
+                                     EchoHandler("gamma")]) as fed:
+        out = fed.transport.exchange({s: _evaluate_ins() for s in ("alpha", "beta", "gamma")},
+                                     round=1)
+        assert set(out.replies) == {"alpha", "gamma"}  # the round goes on
+        assert out.dropped["beta"].endswith("[suspect: alpha]")
+        assert fed.transport.suspects == {"beta": "alpha"}
+    assert ("round 1: suspect alpha: beta reports that a message from alpha failed "
+            "authentication (reporter beta)") in caplog.text
