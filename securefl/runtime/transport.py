@@ -233,7 +233,13 @@ class GrpcTransport:
                 self._hello_pending[site] = context
             if stale is not None:
                 stale.cancel()
-        timer = threading.Timer(self.config.hello_timeout, context.cancel)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            context.cancel()
+
+        timer = threading.Timer(self.config.hello_timeout, expire)
         timer.daemon = True
         timer.start()
         assembler = Assembler(max_bytes=min(self.config.max_message_bytes, 1 << 20),
@@ -247,7 +253,7 @@ class GrpcTransport:
                 replaced = site is not None and self._hello_pending.get(site) is not context
             if replaced:
                 reason = "replaced by a newer stream with the same certificate"
-            elif not timer.is_alive():
+            elif expired.is_set():
                 reason = f"no hello within {self.config.hello_timeout:g} s"
             else:
                 reason = f"bad hello ({exc or 'stream ended'})"
