@@ -139,7 +139,8 @@ class ServerStore:
         """Checkpoint ``state`` atomically, then commit the round; returns the model hash.
 
         ``state["model"]`` must be the global model after the round; ``charges`` maps
-        client id -> {"epsilon": cumulative ε the site reports, "delta": ...} for the
+        client id -> {"epsilon": cumulative ε from the site's signed receipt (or, without
+        identity keys, its metrics), "delta": ..., "receipt": ...} for the
         server's copy of the ledger.
         """
         if "model" not in state:

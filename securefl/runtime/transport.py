@@ -28,6 +28,10 @@ sites always find a slot.  Bytes of partly received payloads count against a per
 payload of ``max_message_bytes`` is in flight, and memory grows with the bytes received.
 Repeated warnings about one site are rate-limited (:class:`~securefl.runtime.throttle.Throttle`).
 
+Blame: a site's error frame that ends in ``[suspect: A]`` (the sender of a message that failed
+authentication at the site, e.g. a tampered SecAgg share bundle) is logged naming ``A`` as the
+suspect and the site as the reporter, and recorded in :attr:`GrpcTransport.suspects`.
+
 Disconnections and missed deadlines appear in :attr:`Exchange.dropped`; nothing is raised, so
 the round logic (and secure aggregation's dropout recovery) runs exactly as in simulation.
 """

@@ -300,3 +300,35 @@ def test_privacy_report_and_compliance_report_read_and_verify_the_receipts(run, 
     blocks = next(s for s in build_sections(state) if s.id == "audit-log").blocks
     assert any("receipt of client-0 is malformed or its signature does not verify"
                in getattr(b, "text", "") for b in blocks)
+
+
+def test_a_round_end_cut_by_a_crash_is_recovered_and_countersigned(deployment, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
+    from securefl.runtime import server as server_module
+    from tests.runtime.test_federation import _Crash
+
+    config = make_config(deployment, tmp_path, rounds=3)
+    original = server_module._audit_round_end
+
+    def crash_at_two(audit, server, evidence, rnd, **kwargs):
+        if rnd == 2 and not kwargs.get("recovered"):
+            raise RuntimeError("power cut after round 2 was committed")
+        return original(audit, server, evidence, rnd, **kwargs)
+
+    sites = Sites(config, site_dirs=tmp_path / "sites")
+    try:
+        monkeypatch.setattr(server_module, "_audit_round_end", crash_at_two)
+        with pytest.raises(RuntimeError, match="power cut"):
+            serve(config, transport=_Crash(config.network, sites=SITES))
+        monkeypatch.setattr(server_module, "_audit_round_end", original)
+        resumed = serve(config, resume=True)
+    finally:
+        sites.join()
+    assert resumed.resumed_from == 2
+    identities = read_identities(Path(config.network.certs))
+    heads = sorted((tmp_path / "sites").glob("*/audit-head-*.json"))
+    report = audit_run(resumed.state_dir, identities=identities, site_heads=heads)
+    assert report.ok, report.problems
+    ends = [e["data"] for e in report.events if e["event"] == "round_end"]
+    assert [e["round"] for e in ends] == [1, 2, 3] and ends[1]["recovered"] is True
+    assert all(sorted(e["countersignatures"]) == SITES for e in ends)
