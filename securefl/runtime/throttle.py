@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 __all__ = ["Throttle"]
 
+_MAX_KEYS = 4096
+
 
 class Throttle:
     """``warning(site, kind, fmt, *args)`` logs at most once per ``interval`` seconds per key."""
@@ -33,6 +35,9 @@ class Throttle:
             if last is not None and now - last < self.interval:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
                 return False
+            if len(self._last) >= _MAX_KEYS:  # forget quiet keys: memory stays bounded
+                for stale in [k for k, t in self._last.items() if now - t >= self.interval]:
+                    del self._last[stale]
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:

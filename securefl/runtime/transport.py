@@ -358,8 +358,10 @@ class GrpcTransport:
     def _reject(self, session: _Session, reason: str) -> None:
         """Drop the site from the exchange in progress (if it owes a reply) with ``reason``."""
         reason = reason[:self.config.max_string]
-        self._throttle.warning(session.site, "reject", "round %s: rejected message from %s: %s",
-                               self._round, session.site, reason)
+        # one line per site and round at least: a flood within a round is what is throttled
+        self._throttle.warning(session.site, f"reject-{self._round}",
+                               "round %s: rejected message from %s: %s", self._round,
+                               session.site, reason)
         with self._cond:
             if session.site in self._pending:
                 del self._pending[session.site]

@@ -6,6 +6,7 @@ The same runs as real processes are in ``test_processes.py``; threads keep these
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import socket
 import threading
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from securefl.config import config_from_dict
-from securefl.engine.messages import FitIns
+from securefl.engine.messages import FitIns, FitRes, PlainUpdate
 from securefl.experiment import run_simulation
 from securefl.runtime.auditlog import verify
 from securefl.runtime.client import build_site, build_site_client
@@ -279,3 +280,37 @@ def test_a_redone_round_trains_exactly_like_the_lost_attempt(deployment, tmp_pat
     np.testing.assert_array_equal(lost.delta, redone.delta)
     third, _ = trainer.fit(redone.delta, round=3)
     assert not np.array_equal(third.delta, redone.delta)
+
+
+class Corrupt:
+    """Handler wrapper: the site's ``FitRes`` carries a poisoned value from round 1 on."""
+
+    def __init__(self, handler, poison) -> None:
+        self.client_id, self.inner, self.poison = handler.client_id, handler, poison
+
+    def handle(self, request, *, round):
+        reply = self.inner.handle(request, round=round)
+        return self.poison(reply) if isinstance(reply, FitRes) else reply
+
+
+@pytest.mark.parametrize("poison", [
+    lambda r: FitRes(payload=r.payload, metrics={**r.metrics, "epsilon": float("nan")}),
+    lambda r: FitRes(payload=r.payload, metrics={**r.metrics, "epsilon": -1e9}),
+    lambda r: FitRes(payload=PlainUpdate(update=np.full(r.payload.update.shape, 1e300),
+                                         weight=r.payload.weight), metrics=r.metrics),
+    lambda r: FitRes(payload=PlainUpdate(update=r.payload.update, weight=1e300),
+                     metrics=r.metrics),
+], ids=["epsilon-nan", "epsilon-negative", "float64-1e300", "weight-1e300"])
+def test_a_poisoning_site_is_refused_and_the_federation_trains_on(deployment, tmp_path, caplog,
+                                                                   poison):
+    caplog.set_level(logging.WARNING, logger="securefl")
+    config = make_config(deployment, tmp_path, rounds=2)
+    result, _ = run_networked(config, wrap=lambda site, handler: (
+        Corrupt(handler, poison) if site == "client-3" else handler))
+    for record in result.history.rounds:
+        assert record.aborted is None and "client-3" not in record.clients
+        assert len(record.clients) == 4 and "out-of-bounds value" in record.dropped["client-3"]
+    assert np.isfinite(result.parameters).all() and result.history.final.accuracy > 0.3
+    summary = json.loads((result.state_dir / "summary.json").read_text())
+    assert summary["final_accuracy"] == result.history.final.accuracy
+    assert caplog.text.count("rejected message from client-3: out-of-bounds value") == 2
