@@ -38,6 +38,7 @@ class Throttle:
             if len(self._last) >= _MAX_KEYS:  # forget quiet keys: memory stays bounded
                 for stale in [k for k, t in self._last.items() if now - t >= self.interval]:
                     del self._last[stale]
+                    self._suppressed.pop(stale, None)
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:
