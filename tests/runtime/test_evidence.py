@@ -332,3 +332,31 @@ def test_a_round_end_cut_by_a_crash_is_recovered_and_countersigned(deployment, t
     ends = [e["data"] for e in report.events if e["event"] == "round_end"]
     assert [e["round"] for e in ends] == [1, 2, 3] and ends[1]["recovered"] is True
     assert all(sorted(e["countersignatures"]) == SITES for e in ends)
+
+
+def test_dp_fedavg_receipts_cover_the_rounds_a_site_was_not_sampled_in(deployment, tmp_path):  # noqa: F811
+    base = make_config(deployment, tmp_path, rounds=3)
+    config = base.replace(
+        privacy=dataclasses.replace(base.privacy, mode="dp_fedavg", noise_multiplier=1.0,
+                                    delta=1e-5),
+        server=dataclasses.replace(base.server, fraction=0.6, min_clients=2))
+    sites = Sites(config, site_dirs=tmp_path / "sites")
+    try:
+        result = serve(config)
+    finally:
+        sites.join()
+    identities = read_identities(Path(config.network.certs))
+    heads = sorted((tmp_path / "sites").glob("*/audit-head-*.json"))
+    report = audit_run(result.state_dir, identities=identities, site_heads=heads)
+    assert report.ok, report.problems
+    receipts, problems = read_receipts(report.events, identities)
+    store = ServerStore(result.state_dir)
+    spent = store.spent()
+    store.close()
+    assert problems == [] and sorted(receipts) == sorted(spent)
+    for site, bodies in receipts.items():
+        covered = [e["round"] for b in bodies for e in b["events"]]
+        assert covered == list(range(1, covered[-1] + 1))  # every round, none twice
+        assert bodies[-1]["epsilon_total"] == spent[site]
+        assert sum(b["epsilon_charged"] for b in bodies) == pytest.approx(spent[site])
+    assert any(len(b["events"]) > 1 for bodies in receipts.values() for b in bodies)
