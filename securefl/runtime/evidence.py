@@ -23,7 +23,8 @@ own (or a new) key, or drops rounds cannot produce the sites' signatures for the
 statements.  :func:`check_countersignatures` and :func:`check_site_heads` are the checks of
 ``securefl audit verify --identities DIR --site-head FILE``.  What remains undetectable:
 cutting the tail of the log (the last rounds) when every site's head is withheld from the
-auditor.
+auditor.  (Witness cosigning of an authority's statements: Syta et al., "Keeping
+Authorities 'Honest or Bust' with Decentralized Witness Cosigning", IEEE S&P 2016.)
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ class SiteWitness:
         """
         statement = _parse(request.statement)
         run, rnd = statement["run"], statement["round"]
-        if not (len(run) <= 64 and run.isalnum()):
-            raise ValueError("statement run id must be 1-64 letters or digits")
+        if not (0 < len(run) <= 64 and run.isascii() and run.isalnum()):
+            raise ValueError("statement run id must be 1-64 ASCII letters or digits")
         digest = statement_digest(statement)
         with self._lock:
             head = self.head(run)

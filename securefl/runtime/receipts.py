@@ -94,6 +94,9 @@ class SiteReceipts:
         self._lock = threading.Lock()
 
     def _path(self, run: str) -> Path:
+        # the run id comes from the server: it must not name another file
+        if not (0 < len(run) <= 64 and run.isascii() and run.isalnum()):
+            raise ValueError("run id must be 1-64 ASCII letters or digits")
         return self.state_dir / f"receipts-{run}.jsonl"
 
     def chain(self, run: str) -> list[bytes]:

@@ -360,3 +360,18 @@ def test_dp_fedavg_receipts_cover_the_rounds_a_site_was_not_sampled_in(deploymen
         assert bodies[-1]["epsilon_total"] == spent[site]
         assert sum(b["epsilon_charged"] for b in bodies) == pytest.approx(spent[site])
     assert any(len(b["events"]) > 1 for bodies in receipts.values() for b in bodies)
+
+
+@pytest.mark.parametrize("run_id", ["../../etc/x", "a/b", "", "x" * 65, "ü"])
+def test_a_run_id_from_the_server_cannot_name_another_file(tmp_path, run_id):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefl.runtime.receipts import SiteReceipts
+
+    receipts = SiteReceipts("alpha", identity=Ed25519PrivateKey.generate(),
+                            state_dir=tmp_path / "site", ledger=None)
+    with pytest.raises(ValueError, match="run id"):
+        receipts.issue(run_id, 1)
+    with pytest.raises(ValueError, match="run id"):
+        _witness(tmp_path / "w").countersign(_claim(1, run=run_id))
+    assert not any(p for p in tmp_path.rglob("*") if p.is_file())
