@@ -375,3 +375,13 @@ def test_a_run_id_from_the_server_cannot_name_another_file(tmp_path, run_id):
     with pytest.raises(ValueError, match="run id"):
         _witness(tmp_path / "w").countersign(_claim(1, run=run_id))
     assert not any(p for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_a_removed_middle_round_resigned_fails_the_statement_link(run, tmp_path):
+    state = _copy(run, tmp_path)
+    entries = _entries(state)
+    kept = [e for e in entries if e["data"].get("round") != 1]
+    _resign(state, kept)
+    assert audit_run(state).ok is False  # the state still holds round 1
+    problems = _check(run, state).problems
+    assert "round_end of round 2: its statement does not link to the previous entry" in problems
