@@ -10,6 +10,7 @@
 * :mod:`~securefl.runtime.deploy` — protection key material and the two halves built from it;
 * :mod:`~securefl.runtime.validate` — bounds on every value a site sends;
 * :mod:`~securefl.runtime.throttle` — rate-limited repeated warnings;
+* :mod:`~securefl.runtime.slots` — hello deadline, one waiting stream per certificate;
 * :mod:`~securefl.runtime.evidence` — sites countersign each round; audit-verify checks;
 * :mod:`~securefl.runtime.receipts` — the sites' signed privacy receipts.
 

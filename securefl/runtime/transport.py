@@ -19,10 +19,10 @@ streams its replies back.  Per connection the server:
    a framing violation, or any other failure while reading, also closes its stream and frees
    the site's slot, so that it can reconnect.
 
-Connection slots: a stream must send its hello within ``hello_timeout`` seconds or it is
-cancelled; each certificate has at most one stream waiting for its hello (a newer one
-replaces it, so an honest site that reconnects is never locked out by its own stale
-stream), and the server admits ``2 * sites + 8`` concurrent streams, so the allowlisted
+Connection slots (:mod:`securefl.runtime.slots`): a stream must send its hello within
+``hello_timeout`` seconds or it is cancelled; each certificate has at most one stream waiting
+for its hello (a newer one replaces it, so an honest site that reconnects is never locked out
+by its own stale stream), and the server admits ``2 * sites + 8`` concurrent streams, so the allowlisted
 sites always find a slot.  Bytes of partly received payloads count against a per-server
 :class:`~securefl.runtime.wire.ByteBudget` (``max_inflight_bytes``); per stream at most one
 payload of ``max_message_bytes`` is in flight, and memory grows with the bytes received.
@@ -55,6 +55,7 @@ from securefl.engine.messages import Message, decode, encode
 from securefl.engine.transport import Exchange
 from securefl.errors import ConfigError, MessageError
 from securefl.runtime.config import NetworkConfig, is_loopback, split_address
+from securefl.runtime.slots import HelloGate
 from securefl.runtime.throttle import Throttle
 from securefl.runtime.tls import (
     certificate_problem,
@@ -119,12 +120,12 @@ class GrpcTransport:
         self._dropped: dict[str, str] = {}
         # Random start: a reply recorded under an earlier server process can never match.
         self._seq = int.from_bytes(os.urandom(6), "little")
-        self._hello_pending: dict[str, grpc.ServicerContext] = {}
         #: reporter -> the site it blamed in its latest error (see :meth:`_blame`)
         self.suspects: dict[str, str] = {}
         self._budget = ByteBudget(config.max_inflight_bytes, wait=config.round_timeout)
         self._limits = Limits.of(config)
         self._throttle = Throttle(_log, interval=config.warning_interval)
+        self._hellos = HelloGate(config, self._throttle)
         # every stream holds a worker thread: one session and one pending hello per site,
         # plus room for refused strangers
         slots = 2 * len(self._sites) + 8
@@ -227,56 +228,10 @@ class GrpcTransport:
         _log.warning("refused connection from %s: %s", who, reason)
         context.abort(code, reason)
 
-    def _await_hello(self, site: str | None, frames: Iterator[bytes],
-                     context: grpc.ServicerContext) -> Envelope | None:
-        """The stream's first envelope, within ``hello_timeout``; one waiting stream per
-        certificate (a newer one cancels the older)."""
-        if site is not None:
-            with self._cond:
-                stale = self._hello_pending.get(site)
-                self._hello_pending[site] = context
-            if stale is not None:
-                stale.cancel()
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            context.cancel()
-
-        timer = threading.Timer(self.config.hello_timeout, expire)
-        timer.daemon = True
-        timer.start()
-        assembler = Assembler(max_bytes=min(self.config.max_message_bytes, 1 << 20),
-                              max_chunk_bytes=self.config.chunk_bytes)
-        hello = None
-        try:
-            while hello is None:
-                hello = assembler.feed(next(frames))
-        except (StopIteration, WireError, grpc.RpcError) as exc:
-            with self._cond:
-                replaced = site is not None and self._hello_pending.get(site) is not context
-            if replaced:
-                reason = "replaced by a newer stream with the same certificate"
-            elif expired.is_set():
-                reason = f"no hello within {self.config.hello_timeout:g} s"
-            else:
-                reason = f"bad hello ({exc or 'stream ended'})"
-            self._throttle.warning(site or "?", "hello", "refused connection from %s: %s",
-                                   site or context.peer(), reason)
-            if context.is_active() and not replaced:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
-        finally:
-            timer.cancel()
-            if site is not None:
-                with self._cond:
-                    if self._hello_pending.get(site) is context:
-                        del self._hello_pending[site]
-        return hello
-
     def _connect(self, frames: Iterator[bytes],
                  context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._identify(context)
-        hello = self._await_hello(site, frames, context)
+        hello = self._hellos.await_hello(site, frames, context)
         if hello is None:
             return
         claimed = hello.client_id

@@ -137,7 +137,7 @@ def test_a_stream_without_hello_is_cancelled_at_the_deadline(certs, caplog):
         assert _outcome(call) == grpc.StatusCode.CANCELLED
         gate.set()
         channel.close()
-        assert fed.transport._hello_pending == {}
+        assert fed.transport._hellos.pending == {}
         fed.join(EchoHandler("gamma"))
         out = fed.transport.exchange({"alpha": _evaluate_ins(), "gamma": _evaluate_ins()},
                                      round=1)
@@ -157,7 +157,7 @@ def test_streams_that_never_say_hello_cannot_lock_out_honest_sites(certs, caplog
             time.sleep(0.01)
         ended = [call.code() for _, call, _ in hogs if call.done()]
         assert ended == [grpc.StatusCode.CANCELLED] * 29
-        assert len(fed.transport._hello_pending) == 1
+        assert len(fed.transport._hellos.pending) == 1
         first = next(k for k in fed.clients if k.startswith("alpha"))
         fed.clients[first].stop()
         fed.wait_exit(first)
