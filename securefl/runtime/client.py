@@ -73,9 +73,8 @@ class SiteEvidence:
         if isinstance(request, Countersign):
             return self.witness.countersign(request)
         if isinstance(request, ReceiptRequest):
-            raw = (self.receipts.issue(request.run, request.round)
-                   if self.receipts is not None else b"")
-            return ReceiptReply(receipt=raw)
+            return ReceiptReply(receipts=[] if self.receipts is None else self.receipts.segment(
+                request.run, request.round, request.after))
         if isinstance(request, FitIns) and self.receipts is not None:
             self.receipts.models[request.round] = model_hash(request.parameters)
         return None

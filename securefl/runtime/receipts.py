@@ -1,7 +1,8 @@
 """Privacy receipts: each site's signed statement of what one round cost it.
 
-After a round the server asks every site for its receipt (:class:`ReceiptRequest`).  A site
-whose own privacy ledger charged it since its previous receipt answers with::
+After a round the server asks every site for its receipts after the last one the server holds
+(:class:`ReceiptRequest`).  A site whose own privacy ledger charged it since its previous
+receipt first makes the round's receipt::
 
     body_t = {federation: run id, site, round: t, model_sha256 (the global model it trained
               from), events: [{round, mechanism, noise_multiplier, sample_rate, steps}, ...],
@@ -10,11 +11,14 @@ whose own privacy ledger charged it since its previous receipt answers with::
 
 (``events`` lists every ledger row since the previous receipt: DP-FedAvg also charges the
 rounds a site was not sampled in.)  The site appends each receipt to its own
-``receipts-<run>.jsonl``; asked again for the same round it returns the same receipt.  The
-server verifies the signature under the site's pinned identity key, takes the site's ε from
-the receipt (never from a bare number in the metrics), stores the receipt and writes it into
-the round's audit entry; ``securefl privacy report`` and ``securefl report`` read the
-receipts back from the audit log and verify each signature (:func:`read_receipts`).
+``receipts-<run>.jsonl``; asked again for the same round it returns the same receipt.  It
+answers with every receipt after the one the server names (so a receipt that reached the
+server too late, or not at all, is delivered with the next round's and the chain has no
+gap).  The server verifies each signature under the site's pinned identity key and the
+chain link, takes the site's ε from the receipts (never from a bare number in the metrics),
+stores them and writes them into the round's audit entry; ``securefl privacy report`` and
+``securefl report`` read the receipts back from the audit log and verify each signature
+(:func:`read_receipts`).
 
 ε is read from the site's ledger through its public API only
 (:meth:`~securefl.privacy.ledger.PrivacyLedger.history` and ``events``).
@@ -47,17 +51,19 @@ _GENESIS = "0" * 64
 
 @message
 class ReceiptRequest(Message):
-    """Server -> site: your privacy receipt for round ``round`` of run ``run``."""
+    """Server -> site: your receipts up to round ``round`` of run ``run`` after the receipt
+    whose hash is ``after`` (``0^64``: from the first)."""
 
     run: str
     round: int
+    after: str
 
 
 @message
 class ReceiptReply(Message):
-    """Site -> server: ``canonical({"body": body, "signature": hex})``, or empty (no charge)."""
+    """Site -> server: receipts, each ``canonical({"body": body, "signature": hex})``."""
 
-    receipt: bytes
+    receipts: list[bytes]
 
 
 def receipt_hash(raw: bytes) -> str:
@@ -137,6 +143,14 @@ class SiteReceipts:
                 handle.write(raw + b"\n")
             return raw
 
+    def segment(self, run: str, round: int, after: str) -> list[bytes]:
+        """Every receipt after the one hashed ``after`` (all of them if it is unknown), up
+        to ``round``, making ``round``'s first if the ledger charged it."""
+        self.issue(run, round)
+        chain = [raw for raw in self.chain(run) if json.loads(raw)["body"]["round"] <= round]
+        start = next((i + 1 for i, raw in enumerate(chain) if receipt_hash(raw) == after), 0)
+        return chain[start:]
+
     def charged(self, run: str, round: int) -> float | None:
         """ε of this site's receipt for ``round`` (``None``: no receipt)."""
         for raw in self.chain(run):
@@ -146,27 +160,39 @@ class SiteReceipts:
         return None
 
 
-def collect_receipts(transport: Any, *, run: str, round: int, sites: Sequence[str],
-                     identities: Mapping[str, bytes], timeout: float
-                     ) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Ask ``sites`` for their receipts of ``round``: ``{site: (receipt, body)}`` of the
-    receipts that verify and belong to this run and round; the rest are logged by site."""
-    exchange = transport.exchange(dict.fromkeys(sites, ReceiptRequest(run=run, round=round)),
-                                  round=round, timeout=timeout)
+def collect_receipts(transport: Any, *, run: str, round: int, after: Mapping[str, str],
+                     sites: Sequence[str], identities: Mapping[str, bytes], timeout: float
+                     ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Ask ``sites`` for their receipts after ``after[site]`` (the hash of the last one the
+    server holds): ``{site: [(receipt, body), ...]}`` of those that verify, belong to this
+    run, are no later than ``round`` and continue the chain; the rest are logged by site."""
+    requests = {site: ReceiptRequest(run=run, round=round, after=after.get(site, _GENESIS))
+                for site in sites}
+    exchange = transport.exchange(requests, round=round, timeout=timeout)
     out = {}
     for site, reply in sorted(exchange.replies.items()):
-        if not isinstance(reply, ReceiptReply) or not reply.receipt:
+        if not isinstance(reply, ReceiptReply):
             continue
-        try:
-            if site not in identities:
-                raise ValueError(f"receipt of {site}: no pinned identity key")
-            body = verify_receipt(reply.receipt, site=site, key=identities[site])
-            if body.get("federation") != run or body.get("round") != round:
-                raise ValueError(f"receipt of {site} is for another run or round")
-        except ValueError as exc:
-            _log.warning("round %d: refused the privacy receipt of %s: %s", round, site, exc)
-            continue
-        out[site] = (reply.receipt.decode(), body)
+        head, accepted = after.get(site, _GENESIS), []
+        for raw in reply.receipts[:round]:
+            try:
+                if site not in identities:
+                    raise ValueError(f"receipt of {site}: no pinned identity key")
+                body = verify_receipt(raw, site=site, key=identities[site])
+                if body.get("federation") != run or not (
+                        isinstance(body.get("round"), int) and body["round"] <= round):
+                    raise ValueError(f"receipt of {site} is for another run or a later round")
+                if body.get("prev") != head:
+                    raise ValueError(f"receipt of {site} for round {body['round']} does not "
+                                     "follow its previous receipt")
+            except ValueError as exc:
+                _log.warning("round %d: refused the privacy receipt of %s: %s", round, site,
+                             exc)
+                break
+            head = receipt_hash(raw)
+            accepted.append((raw.decode(), body))
+        if accepted:
+            out[site] = accepted
     return out
 
 
@@ -183,21 +209,35 @@ def read_receipts(events: list[Mapping[str, Any]], identities: Mapping[str, byte
     for entry in events:
         if entry["event"] != "round_end":
             continue
-        for site, raw in sorted((entry["data"].get("receipts") or {}).items()):
-            encoded = raw.encode()
-            try:
-                if site not in identities:
-                    raise ValueError(f"receipt of {site}: no pinned identity key")
-                body = verify_receipt(encoded, site=site, key=identities[site])
-            except ValueError as exc:
-                problems.append(str(exc))
+        for site, raws in sorted((entry["data"].get("receipts") or {}).items()):
+            if not isinstance(raws, list):
+                problems.append(f"receipts of {site} are not a list")
                 continue
-            if body["prev"] != heads.get(site, _GENESIS):
-                problems.append(f"receipt of {site} for round {body['round']} does not follow "
-                                "its previous receipt")
-            heads[site] = receipt_hash(encoded)
-            bodies.setdefault(site, []).append(body)
+            for raw in raws:
+                problem = _read_one(site, raw, identities, heads, bodies)
+                if problem is not None:
+                    problems.append(problem)
     return bodies, problems
+
+
+def _read_one(site: str, raw: Any, identities: Mapping[str, bytes], heads: dict[str, str],
+              bodies: dict[str, list[dict[str, Any]]]) -> str | None:
+    if not isinstance(raw, str):
+        return f"receipt of {site} is not text"
+    encoded = raw.encode()
+    try:
+        if site not in identities:
+            raise ValueError(f"receipt of {site}: no pinned identity key")
+        body = verify_receipt(encoded, site=site, key=identities[site])
+    except ValueError as exc:
+        return str(exc)
+    problem = None
+    if body["prev"] != heads.get(site, _GENESIS):
+        problem = (f"receipt of {site} for round {body['round']} does not follow its previous "
+                   "receipt")
+    heads[site] = receipt_hash(encoded)
+    bodies.setdefault(site, []).append(body)
+    return problem
 
 
 def receipts_of_run(run_dir: str | Path, *, identities: Mapping[str, bytes] | None = None

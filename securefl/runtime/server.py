@@ -196,7 +196,8 @@ def _audit_resume(audit: AuditLog, store: ServerStore, server: Server,
         _audit_round_end(audit, server, evidence, last, clients=row["metrics"].get("clients", []),
                          charged={s: d["epsilon_charged"] for s, d in details.items()
                                   if "epsilon_charged" in d},
-                         receipts={s: d["receipt"] for s, d in details.items() if "receipt" in d},
+                         receipts={s: d["receipts"] for s, d in details.items()
+                                   if "receipts" in d},
                          model_sha256=row["model_sha256"],
                          accuracy=row["metrics"].get("accuracy"), recovered=True,
                          dropped=row["dropped"], epsilon_spent=store.spent())
@@ -205,7 +206,8 @@ def _audit_resume(audit: AuditLog, store: ServerStore, server: Server,
 
 def _audit_round_end(audit: AuditLog, server: Server, evidence: _Evidence | None, rnd: int, *,
                      clients: list[str], charged: Mapping[str, float],
-                     receipts: Mapping[str, str], model_sha256: str, accuracy: float | None,
+                     receipts: Mapping[str, list[str]], model_sha256: str,
+                     accuracy: float | None,
                      **data: Any) -> None:
     """Append ``round_end`` with the statement the sites countersigned (when they can)."""
     if evidence is None:
@@ -235,13 +237,18 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
     record = server.run_round(rnd)
     if evidence is not None and config.privacy.mode != "none":
         receipts = collect_receipts(server.transport, run=evidence.run, round=rnd,
+                                    after=store.receipt_heads(),
                                     sites=server.transport.client_ids(),
                                     identities=evidence.identities, timeout=evidence.timeout)
-        charges: dict[str, dict[str, Any]] = {
-            site: {"epsilon": body["epsilon_total"], "delta": body["delta"],
-                   "epsilon_charged": body["epsilon_charged"], "receipt": raw}
-            for site, (raw, body) in receipts.items()}
-        charged = {site: float(c["epsilon_charged"]) for site, c in charges.items()}
+        charges: dict[str, dict[str, Any]] = {}
+        for site, segment in receipts.items():
+            last = segment[-1][1]
+            charges[site] = {"epsilon": last["epsilon_total"], "delta": last["delta"],
+                             "receipts": [raw for raw, _ in segment]}
+            if last["round"] == rnd:
+                charges[site]["epsilon_charged"] = last["epsilon_charged"]
+        charged = {site: float(c["epsilon_charged"]) for site, c in charges.items()
+                   if "epsilon_charged" in c}
     elif evidence is None:
         charges = _metric_charges(record.client_metrics)
         charged = {site: c["epsilon"] - before.get(site, 0.0) for site, c in charges.items()}
@@ -255,8 +262,8 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
                                   metrics=record.to_json(), charges=charges)
     if audit is not None:
         _audit_round_end(audit, server, evidence, rnd, clients=record.clients,
-                         charged=charged, receipts={s: c["receipt"] for s, c in charges.items()
-                                                    if "receipt" in c},
+                         charged=charged, receipts={s: c["receipts"] for s, c in charges.items()
+                                                    if "receipts" in c},
                          model_sha256=digest, accuracy=record.to_json().get("accuracy"),
                          dropped=record.dropped, declined=record.declined,
                          rejected=record.rejected, aborted=record.aborted,

@@ -140,7 +140,7 @@ class ServerStore:
 
         ``state["model"]`` must be the global model after the round; ``charges`` maps
         client id -> {"epsilon": cumulative ε from the site's signed receipt (or, without
-        identity keys, its metrics), "delta": ..., "receipt": ...} for the
+        identity keys, its metrics), "delta": ..., "receipts": [...]} for the
         server's copy of the ledger.
         """
         if "model" not in state:
@@ -200,10 +200,20 @@ class ServerStore:
         return {cid: float(total) for cid, total in cursor}
 
     def details(self, round: int) -> dict[str, dict[str, Any]]:
-        """What was recorded per client for ``round`` (its receipt, under ``"receipt"``)."""
+        """What was recorded per client for ``round`` (its receipts, under ``"receipts"``)."""
         cursor = self._db.execute("SELECT client_id, detail FROM ledger WHERE round = ?",
                                   (round,))
         return {cid: json.loads(detail) for cid, detail in cursor}
+
+    def receipt_heads(self) -> dict[str, str]:
+        """SHA-256 of the last privacy receipt recorded for each site."""
+        heads = {}
+        for cid, detail in self._db.execute("SELECT client_id, detail FROM ledger "
+                                            "ORDER BY round"):
+            receipts = json.loads(detail).get("receipts")
+            if receipts:
+                heads[cid] = hashlib.sha256(receipts[-1].encode()).hexdigest()
+        return heads
 
     def charges(self) -> list[tuple[int, str, float, float]]:
         cursor = self._db.execute("SELECT round, client_id, epsilon, delta FROM ledger "

@@ -22,8 +22,8 @@ streams its replies back.  Per connection the server:
 Connection slots (:mod:`securefl.runtime.slots`): a stream must send its hello within
 ``hello_timeout`` seconds or it is cancelled; each certificate has at most one stream waiting
 for its hello (a newer one replaces it, so an honest site that reconnects is never locked out
-by its own stale stream), and the server admits ``2 * sites + 8`` concurrent streams, so the allowlisted
-sites always find a slot.  Bytes of partly received payloads count against a per-server
+by its own stale stream), and the server admits ``2 * sites + 8`` concurrent streams, so the
+allowlisted sites always find a slot.  Bytes of partly received payloads count against a per-server
 :class:`~securefl.runtime.wire.ByteBudget` (``max_inflight_bytes``); per stream at most one
 payload of ``max_message_bytes`` is in flight, and memory grows with the bytes received.
 Repeated warnings about one site are rate-limited (:class:`~securefl.runtime.throttle.Throttle`).

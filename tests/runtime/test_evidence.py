@@ -192,9 +192,9 @@ def test_a_tampered_receipt_fails(run, tmp_path):
     state = _copy(run, tmp_path)
     entries = _entries(state)
     end = next(e for e in entries if e["event"] == "round_end")
-    raw = json.loads(end["data"]["receipts"]["client-3"])
+    raw = json.loads(end["data"]["receipts"]["client-3"][0])
     raw["body"]["epsilon_charged"] = 0.0
-    end["data"]["receipts"]["client-3"] = json.dumps(raw)
+    end["data"]["receipts"]["client-3"] = [json.dumps(raw)]
     _resign(state, entries)
     problems = _check(run, state).problems
     assert "receipt of client-3 is malformed or its signature does not verify" in problems
@@ -292,9 +292,9 @@ def test_privacy_report_and_compliance_report_read_and_verify_the_receipts(run, 
     assert len(blocks[start + 2].rows) == 10
     entries = _entries(state)
     end = next(e for e in entries if e["event"] == "round_end")
-    raw = json.loads(end["data"]["receipts"]["client-0"])
+    raw = json.loads(end["data"]["receipts"]["client-0"][0])
     raw["body"]["epsilon_total"] = 0.0
-    end["data"]["receipts"]["client-0"] = json.dumps(raw)
+    end["data"]["receipts"]["client-0"] = [json.dumps(raw)]
     _resign(state, entries)
     assert privacy_report(argparse.Namespace(run_dir=str(state))) == 1
     blocks = next(s for s in build_sections(state) if s.id == "audit-log").blocks
@@ -385,3 +385,37 @@ def test_a_removed_middle_round_resigned_fails_the_statement_link(run, tmp_path)
     assert audit_run(state).ok is False  # the state still holds round 1
     problems = _check(run, state).problems
     assert "round_end of round 2: its statement does not link to the previous entry" in problems
+
+
+def test_a_receipt_lost_in_one_round_arrives_with_the_next(deployment, tmp_path):  # noqa: F811
+    from securefl.runtime.receipts import ReceiptReply, ReceiptRequest
+
+    base = make_config(deployment, tmp_path, rounds=2)
+    config = base.replace(privacy=dataclasses.replace(
+        base.privacy, mode="dp_sgd", noise_multiplier=1.0, delta=1e-5))
+    sites = Sites(config, site_dirs=tmp_path / "sites")
+    evidence = sites.clients["client-2"].evidence
+    answer = evidence.answer
+
+    def loses_round_one(request):
+        reply = answer(request)
+        if isinstance(request, ReceiptRequest) and request.round == 1:
+            return ReceiptReply(receipts=[])  # issued and kept at the site, lost on the way
+        return reply
+
+    evidence.answer = loses_round_one
+    try:
+        result = serve(config)
+    finally:
+        sites.join()
+    identities = read_identities(Path(config.network.certs))
+    heads = sorted((tmp_path / "sites").glob("*/audit-head-*.json"))
+    report = audit_run(result.state_dir, identities=identities, site_heads=heads)
+    assert report.ok, report.problems
+    ends = [e["data"] for e in report.events if e["event"] == "round_end"]
+    assert "client-2" not in ends[0]["receipts"] and len(ends[1]["receipts"]["client-2"]) == 2
+    # the statement of round 1 lacked its charge, so client-2 did not countersign it
+    assert "client-2" not in ends[0]["countersignatures"]
+    assert sorted(ends[1]["countersignatures"]) == SITES
+    receipts, _ = read_receipts(report.events, identities)
+    assert [b["round"] for b in receipts["client-2"]] == [1, 2]
