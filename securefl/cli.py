@@ -30,6 +30,7 @@ _HANDLERS = {
     ("privacy", "audit"): "securefl.privacy.audit:command",
     ("attack", "run"): "securefl.attacks.harness:command",
     ("certs", "init"): "securefl.runtime.tls:command",
+    ("certs", "renew"): "securefl.runtime.tls:renew_command",
     ("server",): "securefl.runtime.server:command",
     ("client",): "securefl.runtime.client:command",
     ("audit", "verify"): "securefl.runtime.auditlog:command",
@@ -128,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
                             help="rotate only the CKKS keys (with --he), for a new run; the "
                             "TLS material and site identities stay")
 
+    certs_renew = add(certs_sub, "renew", help="re-issue site certificates from the CA")
+    certs_renew.add_argument("dir")
+    certs_renew.add_argument("--sites", required=True, help="comma-separated site names")
+    certs_renew.add_argument("--days", type=int, default=365, help="validity in days")
+
     server = add(sub, "server", help="run the federation server (gRPC, mTLS)")
     server.add_argument("config")
     server.add_argument("--resume", action="store_true", help="continue from the last round")
@@ -143,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     audit_sub = audit_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     verify = add(audit_sub, "verify", help="verify a run's signed hash chain")
     verify.add_argument("run_dir")
+    verify.add_argument("--public-key", help="the server's audit key (64 hex digits or a file "
+                        "with them), kept outside the server; default: audit.pub in RUN_DIR")
+    verify.add_argument("--identities", help="identities.json (or its folder): the sites' "
+                        "pinned keys; checks the sites' countersignatures and receipts")
+    verify.add_argument("--site-head", action="append", metavar="FILE",
+                        help="a site's audit-head-<run>.json (repeatable)")
     return parser
 
 

@@ -15,6 +15,12 @@ in ``header["arrays"][i]`` and whose bytes are a blob, ``{"$t": [...]}`` a tuple
 a nested message.  Decoding never executes code: arrays are rebuilt with
 :func:`numpy.frombuffer` from a whitelist of dtypes (no object dtype, no pickle), and every
 decoded field is checked against the dataclass annotations before the object is built.
+
+Decoding a frame from another party raises :class:`~securefl.errors.MessageError` and nothing
+else: the header is at most ``max_header_bytes`` (default :data:`MAX_HEADER_BYTES`, 1 MiB),
+its tree at most :data:`MAX_DEPTH` (32) containers deep, an array at most :data:`MAX_NDIM`
+dimensions whose element count is computed exactly (no int64 wrap-around), and any other
+failure inside the decoder is reported as a malformed message.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from securefl.errors import MessageError
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_HEADER_BYTES",
+    "MAX_NDIM",
     "WIRE_VERSION",
     "Decline",
     "EvaluateIns",
@@ -48,6 +57,9 @@ __all__ = [
 
 WIRE_VERSION = 1
 DEFAULT_MAX_BYTES = 1 << 31
+MAX_HEADER_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NDIM = 32
 _MAGIC = b"SFLM"
 _PREFIX = struct.Struct("<4sHI")
 _DTYPES = frozenset(
@@ -129,13 +141,25 @@ def encode(msg: Message) -> bytes:
 
 # ----------------------------------------------------------------------------- decoding
 def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES,
-           expect: type[T] | None = None) -> T:
+           max_header_bytes: int = MAX_HEADER_BYTES, expect: type[T] | None = None) -> T:
     """Parse and validate a frame made by :func:`encode`.
 
-    Raises :class:`MessageError` on anything malformed: bad magic or version, a frame larger
-    than ``max_bytes``, lengths that do not add up, an unknown type, an unknown or missing
-    field, or a field whose type disagrees with the dataclass annotation.
+    Raises :class:`MessageError`, and only that, on anything malformed: bad magic or version,
+    a frame larger than ``max_bytes`` or a header larger than ``max_header_bytes``, a tree
+    deeper than :data:`MAX_DEPTH`, lengths or shapes that do not add up, an unknown type, an
+    unknown or missing field, or a field whose type disagrees with the dataclass annotation.
     """
+    try:
+        return _decode(frame, max_bytes=max_bytes, max_header_bytes=max_header_bytes,
+                       expect=expect)
+    except MessageError:
+        raise
+    except Exception as exc:  # the codec has one error type, whatever broke inside it
+        raise MessageError(f"malformed message ({type(exc).__name__})") from None
+
+
+def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header_bytes: int,
+            expect: type[T] | None) -> T:
     view = memoryview(frame).cast("B")
     if view.nbytes > max_bytes:
         raise MessageError(f"message of {view.nbytes} bytes exceeds the limit of {max_bytes}")
@@ -146,16 +170,22 @@ def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MA
         raise MessageError("not a securefl message")
     if version != WIRE_VERSION:
         raise MessageError(f"unsupported wire version {version}, expected {WIRE_VERSION}")
+    if header_len > max_header_bytes:
+        raise MessageError(f"message header of {header_len} bytes exceeds the limit of "
+                           f"{max_header_bytes}")
     start = _PREFIX.size + header_len
     if start > view.nbytes:
         raise MessageError("truncated message header")
     try:
         header = json.loads(bytes(view[_PREFIX.size:start]))
-        sizes = [int(s) for s in header["blobs"]]
+        sizes = [s for s in header["blobs"] if isinstance(s, int) and not isinstance(s, bool)]
         arrays = header["arrays"]
         body = header["body"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MessageError("malformed message header") from exc
+        well_formed = len(sizes) == len(header["blobs"]) and isinstance(arrays, list)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise MessageError("malformed message header") from None
+    if not well_formed:
+        raise MessageError("malformed message header")
     if any(s < 0 for s in sizes) or start + sum(sizes) != view.nbytes:
         raise MessageError("message length does not match its header")
     offsets = np.cumsum([start, *sizes]).tolist()
@@ -172,39 +202,48 @@ def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MA
         spec = arrays[index]
         try:
             dtype = np.dtype(spec["dtype"]) if spec["dtype"] in _DTYPES else None
-            shape = tuple(int(s) for s in spec["shape"])
+            shape = tuple(spec["shape"])
             raw = blob(spec["blob"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError("malformed array description") from exc
         if dtype is None:
-            raise MessageError(f"array dtype {spec['dtype']!r} is not allowed")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if any(s < 0 for s in shape) or expected != raw.nbytes:
+            raise MessageError(f"array dtype {str(spec['dtype'])[:32]!r} is not allowed")
+        if len(shape) > MAX_NDIM or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise MessageError("malformed array shape")
+        count = 1
+        for s in shape:  # exact Python integers: [2**32, 2**32] cannot wrap around to 0
+            count *= s
+        if count * dtype.itemsize != raw.nbytes:
             raise MessageError("array shape does not match its bytes")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
-    def build(node: Any) -> Any:
+    def build(node: Any, depth: int = 0) -> Any:
         if node is None or isinstance(node, bool | int | float | str):
             return node
+        if depth >= MAX_DEPTH:
+            raise MessageError(f"message nests deeper than {MAX_DEPTH} levels")
+        depth += 1
         if isinstance(node, list):
-            return [build(v) for v in node]
+            return [build(v, depth) for v in node]
         if isinstance(node, dict) and len(node) in (1, 2):
             if "$b" in node:
                 return bytes(blob(node["$b"]))
             if "$a" in node:
                 return array(node["$a"])
             if "$t" in node and isinstance(node["$t"], list):
-                return tuple(build(v) for v in node["$t"])
+                return tuple(build(v, depth) for v in node["$t"])
             if "$m" in node and isinstance(node["$m"], list):
                 out = {}
                 for pair in node["$m"]:
                     if not (isinstance(pair, list) and len(pair) == 2
                             and isinstance(pair[0], int | str) and not isinstance(pair[0], bool)):
                         raise MessageError("malformed dict entry")
-                    out[pair[0]] = build(pair[1])
+                    out[pair[0]] = build(pair[1], depth)
                 return out
             if "$msg" in node and isinstance(node.get("f"), dict):
-                return _construct(node["$msg"], {k: build(v) for k, v in node["f"].items()})
+                return _construct(node["$msg"],
+                                  {k: build(v, depth) for k, v in node["f"].items()})
         raise MessageError("malformed message body")
 
     msg = build(body)
@@ -218,10 +257,11 @@ def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MA
 def _construct(name: Any, fields: dict[str, Any]) -> Message:
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise MessageError(f"unknown message type {name!r}")
+        raise MessageError(f"unknown message type {str(name)[:64]!r}")
     hints = _hints(cls)
     if set(fields) != set(hints):
-        raise MessageError(f"{name}: fields {sorted(fields)} do not match {sorted(hints)}")
+        raise MessageError(f"{name}: fields {sorted(fields)[:16]} do not match "
+                           f"{sorted(hints)}")
     for key, value in fields.items():
         if not _conforms(value, hints[key]):
             raise MessageError(f"{name}.{key} has the wrong type ({type(value).__name__})")

@@ -157,6 +157,11 @@ def command(args: Any) -> int:
 
     run_dir = Path(args.run_dir)
     path = run_dir / LEDGER_FILE
+    if not path.is_file() and (run_dir / "audit.log").is_file():
+        # a networked server keeps no ledger: it reports the sites' signed receipts
+        from securefl.runtime.receipts import command as receipts_command
+
+        return receipts_command(args)
     if not path.is_file():
         raise LedgerError(f"{run_dir}: no {LEDGER_FILE} (was the run made with [privacy] "
                           f"mode = \"dp_sgd\" or \"dp_fedavg\"?)")

@@ -12,7 +12,8 @@ missing:
 4. the participants of every round (``metrics.jsonl``) and the accuracy plot;
 5. ε spent and left per client (``privacy.json``) with ``epsilon.png``;
 6. the attack-suite results (``results.jsonl``, ``RESULTS.md``, their PNG figures);
-7. the verification of the signed audit log (:func:`securefl.runtime.auditlog.verify`).
+7. the verification of the signed audit log (:func:`securefl.runtime.auditlog.verify`) and
+   of the sites' signed privacy receipts recorded in it (:mod:`securefl.report.receipts`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from securefl.errors import SecureFLError
+from securefl.report.receipts import receipt_blocks
 from securefl.report.render import (
     Image,
     Paragraph,
@@ -284,6 +286,7 @@ def _audit_section(run: _Run) -> Section:
         Paragraph(f"Signer (Ed25519 public key from audit.pub): {signer}. Compare it with the "
                   "key the server operator published; a forger could replace both."),
         *([Table(["index", "time", "event"], events)] if events else []),
+        *receipt_blocks(run.directory),
     ])
 
 

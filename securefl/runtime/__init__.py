@@ -7,7 +7,12 @@
 * :mod:`~securefl.runtime.server` — :func:`serve`, ``securefl server [--resume]``;
 * :mod:`~securefl.runtime.store` — SQLite rounds, atomic checkpoints, the ledger copy;
 * :mod:`~securefl.runtime.auditlog` — hash-chained, Ed25519-signed log, ``securefl audit verify``;
-* :mod:`~securefl.runtime.deploy` — protection key material and the two halves built from it.
+* :mod:`~securefl.runtime.deploy` — protection key material and the two halves built from it;
+* :mod:`~securefl.runtime.validate` — bounds on every value a site sends;
+* :mod:`~securefl.runtime.throttle` — rate-limited repeated warnings;
+* :mod:`~securefl.runtime.slots` — hello deadline, one waiting stream per certificate;
+* :mod:`~securefl.runtime.evidence` — sites countersign each round; audit-verify checks;
+* :mod:`~securefl.runtime.receipts` — the sites' signed privacy receipts.
 
 Submodules are imported on use, so ``securefl.config`` (which reads
 :class:`~securefl.runtime.config.NetworkConfig`) never pulls in gRPC.

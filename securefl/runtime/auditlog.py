@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from securefl.errors import ConfigError
 
-__all__ = ["AuditLog", "Verification", "command", "load_signing_key", "verify"]
+__all__ = ["AuditLog", "Verification", "audit_run", "command", "load_signing_key", "verify"]
 
 _DOMAIN = b"securefl-audit-v1"
 _GENESIS = "0" * 64
@@ -103,6 +103,11 @@ class AuditLog:
         self._index, self._prev = report.entries, report.head
         if report.entries:
             self._sign_head(report.entries - 1, report.head)
+
+    @property
+    def head(self) -> str:
+        """Hash of the last entry (``0^64`` for an empty log)."""
+        return self._prev
 
     def _sign_head(self, index: int, digest: str) -> None:
         head = {"index": index, "hash": digest,
@@ -206,13 +211,83 @@ def verify(directory: str | Path, *, public_key: bytes | None = None) -> Verific
     return report
 
 
+def _public_key(value: str) -> bytes:
+    """``--public-key``: 64 hex digits, or a file holding them (a copy of ``audit.pub``)."""
+    text = value.strip()
+    if not (len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)):
+        try:
+            text = Path(value).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--public-key: not 64 hex digits nor a readable file ({exc})"
+                              ) from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError("--public-key: not hex") from None
+    if len(key) != 32:
+        raise ConfigError("--public-key: an Ed25519 public key is 32 bytes (64 hex digits)")
+    return key
+
+
+def _identities(directory: str | Path) -> dict[str, bytes]:
+    path = Path(directory)
+    path = path / "identities.json" if path.is_dir() else path
+    try:
+        return {s: bytes.fromhex(k) for s, k in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: cannot read the identity directory ({exc})") from None
+
+
+def audit_run(run_dir: str | Path, *, public_key: bytes | None = None,
+              identities: dict[str, bytes] | None = None,
+              site_heads: list[Path] | tuple[Path, ...] = ()) -> Verification:
+    """Everything ``securefl audit verify`` checks, as one :class:`Verification`.
+
+    On top of :func:`verify` (under the pinned ``public_key``): the log must exist, it must
+    hold a ``round_end`` for every round ``state.sqlite`` records as completed, and with
+    ``identities`` (the sites' pinned keys) every ``round_end`` must be countersigned, every
+    privacy receipt must verify, and every site head must be a statement of the log
+    (:mod:`securefl.runtime.evidence`).
+    """
+    from securefl.runtime.evidence import check_countersignatures, check_site_heads
+    from securefl.runtime.receipts import read_receipts
+    from securefl.runtime.store import completed_rounds
+
+    directory = Path(run_dir)
+    if not (directory / LOG).exists():
+        report = Verification()
+        report.problems.append(f"{directory / LOG} is missing")
+        return report
+    report = verify(directory, public_key=public_key)
+    if not report.ok:
+        return report
+    ends = {e["data"].get("round") for e in report.events if e["event"] == "round_end"}
+    lacking = sorted(set(completed_rounds(directory) or []) - ends)
+    if lacking:
+        report.problems.append(f"state.sqlite holds completed rounds {lacking} that the log "
+                               "lacks (entries were removed)")
+    if identities is not None:
+        report.problems.extend(check_countersignatures(report.events, identities))
+        report.problems.extend(read_receipts(report.events, identities)[1])
+        report.problems.extend(check_site_heads(report.events, list(site_heads), identities))
+    return report
+
+
 def command(args: argparse.Namespace) -> int:
-    """``securefl audit verify RUN_DIR``: print the verdict; exit 0 only if the log is intact."""
-    report = verify(args.run_dir)
+    """``securefl audit verify RUN_DIR [--public-key KEY] [--identities DIR] [--site-head F]``:
+    print the verdict; exit 0 only if the log is intact."""
+    key = _public_key(args.public_key) if args.public_key else None
+    identities = _identities(args.identities) if args.identities else None
+    report = audit_run(args.run_dir, public_key=key, identities=identities,
+                       site_heads=[Path(p) for p in args.site_head or ()])
     if report.ok:
-        pub = (Path(args.run_dir) / PUBLIC).read_text().strip()
+        pub = key.hex() if key else (Path(args.run_dir) / PUBLIC).read_text().strip()
         print(f"audit log OK: {report.entries} entries, head {report.head}, "
-              f"signed by Ed25519 key {pub}")
+              f"signed by Ed25519 key {pub}"
+              + ("" if key else " (read from the run directory: pass --public-key to pin it)")
+              + (f"; countersigned by the sites, {len(args.site_head or ())} site heads "
+                 "checked" if identities else
+                 "; countersignatures not checked (pass --identities)"))
         return 0
     for problem in report.problems:
         print(f"audit log FAILED: {problem}")

@@ -8,6 +8,11 @@ drops the site from that exchange instead of waiting for the deadline.  When the
 breaks (server restart, network), the site reconnects with exponential backoff for up to
 ``reconnect_timeout`` seconds, keeping its state (keys, privacy ledger, trainer) in memory;
 a ``CLOSE`` frame ends the process cleanly.
+
+With its identity key (``[network] certs``) a site also answers the server's evidence
+requests itself, outside the engine: :class:`~securefl.runtime.receipts.ReceiptRequest`
+from its own privacy ledger and :class:`~securefl.runtime.evidence.Countersign` with its
+:class:`~securefl.runtime.evidence.SiteWitness` (both kept in ``client_state_dir``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +31,10 @@ import grpc
 import numpy as np
 import torch
 
-from securefl.config import Config, load_config
+from securefl.config import Config
 from securefl.data import federate
 from securefl.engine.client import Client
-from securefl.engine.messages import decode, encode
+from securefl.engine.messages import FitIns, Message, decode, encode
 from securefl.engine.protection import Update
 from securefl.engine.session import ReleaseLog
 from securefl.engine.trainer import LocalTrainer, Trainer
@@ -36,12 +42,16 @@ from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
 from securefl.experiment import local_trainer
 from securefl.runtime.config import NetworkConfig
-from securefl.runtime.deploy import site_protection
+from securefl.runtime.deploy import load_deployment, load_identity, site_protection
+from securefl.runtime.evidence import Countersign, SiteWitness
+from securefl.runtime.receipts import ReceiptReply, ReceiptRequest, SiteReceipts
+from securefl.runtime.store import model_hash
 from securefl.runtime.tls import certificate_problem, client_credentials, site_paths
 from securefl.runtime.transport import METHOD, channel_options
 from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, split
 
-__all__ = ["RoundRewind", "SiteClient", "build_site", "command"]
+__all__ = ["RoundRewind", "SiteClient", "SiteEvidence", "build_site", "build_site_client",
+           "command"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,15 +62,34 @@ _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_
                     grpc.StatusCode.INVALID_ARGUMENT})
 
 
+@dataclass
+class SiteEvidence:
+    """A site's countersigning witness and (with privacy accounting) its receipts."""
+
+    witness: SiteWitness
+    receipts: SiteReceipts | None = None
+
+    def answer(self, request: Message) -> Message | None:
+        """The reply to an evidence request, or ``None`` for an engine message."""
+        if isinstance(request, Countersign):
+            return self.witness.countersign(request)
+        if isinstance(request, ReceiptRequest):
+            return ReceiptReply(receipts=[] if self.receipts is None else self.receipts.segment(
+                request.run, request.round, request.after))
+        if isinstance(request, FitIns) and self.receipts is not None:
+            self.receipts.models[request.round] = model_hash(request.parameters)
+        return None
+
+
 class SiteClient:
     """Connect ``handler`` (an engine :class:`~securefl.engine.client.Client`) to the server."""
 
     def __init__(self, handler: ClientHandler, config: NetworkConfig, *,
-                 site: str | None = None) -> None:
+                 site: str | None = None, evidence: SiteEvidence | None = None) -> None:
         self.site = site or config.site or handler.client_id
         if not self.site:
             raise ConfigError("[network] site is required for a client")
-        self.handler, self.config = handler, config
+        self.handler, self.config, self.evidence = handler, config, evidence
         self._stop = threading.Event()
         self._call: grpc.Future | None = None
         self.requests_handled = 0
@@ -170,15 +199,28 @@ class SiteClient:
     def _answer(self, envelope: Envelope) -> Iterator[bytes]:
         try:
             request = decode(envelope.payload, max_bytes=self.config.max_message_bytes)
-            reply = self.handler.handle(request, round=envelope.round)
+            reply = self.evidence.answer(request) if self.evidence is not None else None
+            if reply is None:
+                reply = self.handler.handle(request, round=envelope.round)
             kind, payload = Kind.REPLY, encode(reply)
         except Exception as exc:  # any handler failure is reported, never fatal to the site
             _log.warning("site %s: cannot answer request %d of round %d: %s", self.site,
                          envelope.seq, envelope.round, exc)
-            kind, payload = Kind.ERROR, f"{type(exc).__name__}: {exc}".encode()
+            kind, payload = Kind.ERROR, error_payload(exc)
         self.requests_handled += 1
         return split(kind, payload, round=envelope.round, seq=envelope.seq, client_id=self.site,
                      chunk_bytes=self.config.chunk_bytes)
+
+
+def error_payload(exc: BaseException) -> bytes:
+    """The ERROR frame's UTF-8 text: ``"<type>: <message>"``, and ``" [suspect: <site>]"``
+    when the failure is blamed on another party (an exception with a ``suspect`` attribute,
+    e.g. the sender of a share bundle that failed authentication)."""
+    text = f"{type(exc).__name__}: {exc}"
+    suspect = getattr(exc, "suspect", None)
+    if isinstance(suspect, str) and suspect:
+        text += f" [suspect: {suspect}]"
+    return text.encode()
 
 
 class RoundRewind:
@@ -205,7 +247,7 @@ class RoundRewind:
         return self.base.evaluate(parameters)
 
 
-def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
+def _build(config: Config, site: str, *, new_run: bool = False) -> tuple[Client, Any]:
     """The engine :class:`~securefl.engine.client.Client` of ``site``, from its own data.
 
     The site's :class:`~securefl.engine.session.ReleaseLog` (the one replay rule) lives in
@@ -214,7 +256,8 @@ def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
     ``[network] data_shard`` (default: the site name) of the configured data; with real
     local data (``[data] path``) that is ``"client-0"`` of a one-client partition.  Model
     initialisation and the trainer's seed are derived exactly as in the in-process
-    simulation, so a networked run reproduces a simulated one.
+    simulation, so a networked run reproduces a simulated one.  Returns the client and the
+    site's privacy ledger (``None`` without privacy accounting).
     """
     seed = config.run.seed
     data = federate(config.data, seed=seed)
@@ -225,9 +268,10 @@ def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
     base = local_trainer(config, data, shard)
     hooks: list[Any] = []
     trainer: Trainer = RoundRewind(base)
-    state = Path(config.network.client_state_dir or f"site-state-{site}")
+    state = site_state_dir(config, site)
     state.mkdir(parents=True, exist_ok=True)
     releases = ReleaseLog(state / f"releases-{site}.sqlite", new_run=new_run)
+    ledger = None
     if config.privacy.mode != "none":
         # the private trainers answer a repeated round from their cache: no second charge
         from securefl.privacy import build_privacy
@@ -242,17 +286,54 @@ def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
         if privacy is not None:
             trainer = privacy.wrap_trainer(site, base)
             hooks = list(privacy.client_hooks)
+            ledger = privacy.ledger
     protection = site_protection(config, site, sorted(config.network.allowlist) or None,
                                  layout=base.layout, state_dir=state)
-    return Client(site, trainer, protection, update_hooks=hooks, releases=releases,
-                  evaluate=config.server.evaluate in ("federated", "both"))
+    client = Client(site, trainer, protection, update_hooks=hooks, releases=releases,
+                    evaluate=config.server.evaluate in ("federated", "both"))
+    return client, ledger
+
+
+def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
+    """The engine client of ``site`` (see :func:`_build`)."""
+    return _build(config, site, new_run=new_run)[0]
+
+
+def site_state_dir(config: Config, site: str) -> Path:
+    return Path(config.network.client_state_dir or f"site-state-{site}")
+
+
+def build_site_client(config: Config, site: str, *, new_run: bool = False,
+                      wrap: Callable[[Client], ClientHandler] | None = None) -> SiteClient:
+    """``site``'s :class:`SiteClient` with its evidence (when ``[network] certs`` holds its
+    identity key); ``wrap`` may wrap the engine client (tests inject faults with it)."""
+    client, ledger = _build(config, site, new_run=new_run)
+    evidence = None
+    if config.network.certs is not None:
+        identity, state = load_identity(config, site), site_state_dir(config, site)
+        receipts = (SiteReceipts(site, identity=identity, state_dir=state, ledger=ledger)
+                    if ledger is not None else None)
+        witness = SiteWitness(site, identity=identity, state_dir=state,
+                              charged=receipts.charged if receipts is not None
+                              else lambda _run, _round: None)
+        evidence = SiteEvidence(witness, receipts)
+    return SiteClient(client if wrap is None else wrap(client), config.network, site=site,
+                      evidence=evidence)
+
+
 
 
 def command(args: argparse.Namespace) -> int:
-    """``securefl client CONFIG [--site NAME]``: serve one site until the federation ends."""
-    config = load_config(args.config)
+    """``securefl client CONFIG [--site NAME]``: serve one site until the federation ends.
+
+    Without ``[network] client_state_dir`` the site keeps its state (privacy ledger, receipts,
+    audit head) in ``site-state-<site>`` next to the config file.
+    """
+    config = load_deployment(args.config)
     site = args.site or config.network.site
     if not site:
         raise ConfigError(f"{args.config}: [network] site is required (or pass --site)")
-    handler = build_site(config, site, new_run=getattr(args, "new_run", False))
-    return SiteClient(handler, config.network, site=site).run()
+    if config.network.client_state_dir is None:
+        config = config.replace(network__client_state_dir=str(
+            Path(args.config).resolve().parent / f"site-state-{site}"))
+    return build_site_client(config, site, new_run=getattr(args, "new_run", False)).run()

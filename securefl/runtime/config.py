@@ -8,11 +8,20 @@ fingerprint of the site's client certificate), the deadlines, ``max_message_byte
 
 Without TLS the server refuses to start unless ``insecure = true``, and then it binds to the
 loopback interface only.
+
+The limits on what a site may send (see :mod:`securefl.runtime.validate` and
+docs/deployment.md) have defaults far beyond any honest run: ``hello_timeout`` (10 s to
+send the first frame of a stream), ``max_inflight_bytes`` (4 GiB of partly received
+payloads over all streams), ``max_value`` (1e6: the largest magnitude of any float a site
+sends), ``max_weight`` (1e9: an update's aggregation weight, e.g. its example count),
+``max_epsilon`` (1e6), ``max_string`` (2048 characters kept of any string) and
+``warning_interval`` (1 s between repeated warnings about one site).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +71,13 @@ class NetworkConfig:
     client_state_dir: str | None = None
     data_shard: str | None = None
     audit: bool = True
+    hello_timeout: float = 10.0
+    max_inflight_bytes: int = 1 << 32
+    max_value: float = 1e6
+    max_weight: float = 1e9
+    max_epsilon: float = 1e6
+    max_string: int = 2048
+    warning_interval: float = 1.0
 
     def validate(self) -> None:
         try:
@@ -92,3 +108,16 @@ class NetworkConfig:
               f"must be in [4096, 16 MiB], got {self.chunk_bytes}")
         check(self.max_message_bytes >= self.chunk_bytes, "max_message_bytes",
               f"must be >= chunk_bytes ({self.chunk_bytes}), got {self.max_message_bytes}")
+        check(self.hello_timeout > 0, "hello_timeout",
+              f"must be > 0 seconds, got {self.hello_timeout}")
+        check(self.max_inflight_bytes >= self.max_message_bytes, "max_inflight_bytes",
+              f"must be >= max_message_bytes ({self.max_message_bytes}), got "
+              f"{self.max_inflight_bytes}")
+        for name in ("max_value", "max_weight", "max_epsilon"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and 0 < value <= 1e30, name,
+                  f"must be finite, > 0 and <= 1e30, got {value}")
+        check(64 <= self.max_string <= 1 << 20, "max_string",
+              f"must be in [64, 1 MiB] characters, got {self.max_string}")
+        check(self.warning_interval >= 0, "warning_interval",
+              f"must be >= 0 seconds, got {self.warning_interval}")

@@ -18,6 +18,7 @@ The server's half is built from public material only; a site's half from its own
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefl.config import Config
+from securefl.config import Config, load_config
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.errors import ConfigError
 from securefl.he.config import HEConfig
@@ -33,7 +34,28 @@ from securefl.he.packing import Selection
 from securefl.params import Layout
 from securefl.runtime.tls import write_private
 
-__all__ = ["init_he_context", "init_identities", "server_protection", "site_protection"]
+__all__ = ["identity_directory", "init_he_context", "init_identities", "load_deployment",
+           "load_identity", "server_protection", "site_protection"]
+
+
+def load_deployment(path: str | Path) -> Config:
+    """:func:`~securefl.config.load_config`, with the relative file paths of ``[network]``
+    (``certs``, ``state_dir``, ``client_state_dir``) and ``[data] path`` resolved from the
+    config file's folder, not from wherever the command runs."""
+    config = load_config(path)
+    base = Path(path).resolve().parent
+
+    def resolve(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        return str(base / value)
+
+    net = config.network
+    return config.replace(
+        network=dataclasses.replace(net, certs=resolve(net.certs),
+                                    state_dir=resolve(net.state_dir) or net.state_dir,
+                                    client_state_dir=resolve(net.client_state_dir)),
+        data=dataclasses.replace(config.data, path=resolve(config.data.path)))
 
 
 def _certs(config: Config) -> Path:
@@ -81,6 +103,20 @@ def _directory(config: Config) -> dict[str, bytes]:
         raise ConfigError(f"{path}: cannot read the identity directory ({exc})") from None
 
 
+def identity_directory(config: Config, sites: Sequence[str]) -> dict[str, bytes]:
+    """The pinned public identity keys of ``sites`` (every one must be present)."""
+    directory = {s: k for s, k in _directory(config).items() if s in sites}
+    missing = sorted(set(sites) - set(directory))
+    if missing:
+        raise ConfigError(f"identities.json has no key for sites {missing}")
+    return directory
+
+
+def load_identity(config: Config, site: str) -> Ed25519PrivateKey:
+    """``site``'s own Ed25519 identity key (``certs/sites/<site>.identity``)."""
+    return _identity(config, site)
+
+
 def _identity(config: Config, site: str) -> Ed25519PrivateKey:
     path = _certs(config) / "sites" / f"{site}.identity"
     try:
@@ -119,10 +155,7 @@ def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | 
     kind = config.protection.kind
     if kind == "plain":
         return Plain()
-    directory = {s: k for s, k in _directory(config).items() if s in sites}
-    missing = sorted(set(sites) - set(directory))
-    if missing:
-        raise ConfigError(f"identities.json has no key for sites {missing}")
+    directory = identity_directory(config, sites)
     if kind == "secagg":
         from securefl.secagg import SecAggServerProtection
 

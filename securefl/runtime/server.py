@@ -6,12 +6,20 @@ module adds what a long-lived process needs):
 1. audit ``round_start`` (participants sampled from ``(seed, t)``, protection, aggregator,
    hash of the model the round starts from) and record the round as started in SQLite;
 2. ``Server.run_round(t)`` over :class:`~securefl.runtime.transport.GrpcTransport`;
-3. checkpoint model + optimizer state atomically and mark the round completed, with the ε
-   each site reported (the server's copy of the ledger) — see :mod:`securefl.runtime.store`;
-4. audit ``round_end`` (who contributed, who dropped/declined/was rejected, ε charged, new
-   model hash, accuracy).
+3. collect the sites' signed privacy receipts (:mod:`securefl.runtime.receipts`), then
+   checkpoint model + optimizer state atomically and mark the round completed, with each
+   site's ε *from its receipt* (the server's copy of the ledger) — see
+   :mod:`securefl.runtime.store`;
+4. have the sites countersign the round's statement (:mod:`securefl.runtime.evidence`) and
+   audit ``round_end`` (who contributed, who dropped/declined/was rejected, ε charged, new
+   model hash, accuracy, the statement, the countersignatures and the receipts).
 
-``--resume`` reloads the checkpoint of the last completed round and continues with the next.
+Without ``[network] certs`` (``insecure = true``, loopback tests) there are no identity keys:
+no receipts, no countersignatures, and ε is taken from the sites' metrics.
+
+``--resume`` reloads the checkpoint of the last completed round and continues with the next;
+it refuses a state whose audit log is gone or does not verify, or lacks a round the state
+holds.  Resuming a run that already completed all its rounds says so and returns at once.
 Client sampling and server-side noise derive their randomness from ``(seed, round)``, a round
 is only ever committed once, and a site asked to redo a round trains it from the same random
 state (:class:`~securefl.runtime.client.RoundRewind`), so the resumed run ends with the same
@@ -31,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from securefl.config import Config, load_config
+from securefl.config import Config
 from securefl.data import federate
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.protection import KeepsModel
@@ -45,9 +53,11 @@ from securefl.experiment import (
     save_final_model,
 )
 from securefl.rundir import append_jsonl, atomic_write, write_json
-from securefl.runtime.auditlog import AuditLog, load_signing_key
+from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
-from securefl.runtime.deploy import server_protection
+from securefl.runtime.deploy import identity_directory, load_deployment, server_protection
+from securefl.runtime.evidence import collect_countersignatures, statement
+from securefl.runtime.receipts import collect_receipts
 from securefl.runtime.store import ServerStore, model_hash
 from securefl.runtime.transport import GrpcTransport
 
@@ -69,9 +79,19 @@ class ServeResult:
     parameters: np.ndarray
     state_dir: Path
     resumed_from: int | None
+    complete: bool = False  #: a resume found every round already done
 
 
-def _charges(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+@dataclass(frozen=True)
+class _Evidence:
+    """What the server needs to collect receipts and countersignatures."""
+
+    run: str
+    identities: Mapping[str, bytes]
+    timeout: float
+
+
+def _metric_charges(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
     return {site: {k: float(v) for k, v in m.items() if k in ("epsilon", "delta")}
             for site, m in metrics.items() if "epsilon" in m}
 
@@ -84,6 +104,16 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
     store = ServerStore(state)
     try:
         store.bind(config_fingerprint(config), resume=resume)
+        last = store.last_completed() if resume else None
+        if last is not None and last >= config.run.rounds:
+            _log.warning("run %s is already complete (%d of %d rounds); nothing to resume",
+                         config.run.name, last, config.run.rounds)
+            saved = store.load_checkpoint(last)
+            return ServeResult(History(), saved["model"].astype(np.float32), state, last,
+                               complete=True)
+        if net.audit and last is not None and not (state / LOG).exists():
+            raise ConfigError(f"{state}: holds {last} completed rounds but its audit log is "
+                              "gone; refusing to resume")
         audit = (AuditLog(state, signing_key=load_signing_key(state / "keys" / "audit.key"))
                  if net.audit else None)
         atomic_write(state / "config.toml", config.to_toml())
@@ -92,6 +122,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         # the sites build the same model from the config: HE layer selections agree
         evaluator = central_evaluator(config, data)
         protection = server_protection(config, sites, layout=evaluator.layout)
+        evidence = (_Evidence(store.run_id().hex(), identity_directory(config, sites),
+                              min(net.round_timeout, 60.0)) if net.certs is not None else None)
         grpc_transport = transport or GrpcTransport(net, sites=sites)
         hooks: list[Any] = []
         if config.privacy.mode == "dp_fedavg":
@@ -107,7 +139,6 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
                                  timeout=net.round_timeout, evaluator=evaluator,
                                  run_id=store.run_id())
         optimizer = server.optimizer
-        last = store.last_completed() if resume else None
         if last is not None:
             saved = store.load_checkpoint(last)
             server.parameters = saved.pop("model").astype(np.float32)
@@ -118,16 +149,16 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             if "aggregator" in saved:
                 server.aggregator_state = saved["aggregator"]
             _log.info("resuming after round %d", last)
-            if audit is not None:
-                _audit_resume(audit, store, state, last)
         if isinstance(grpc_transport, GrpcTransport):
             wanted = net.min_connected or len(sites)
             ready = grpc_transport.wait_for_clients(wanted, timeout=net.connect_timeout)
             _log.info("%d of %d sites connected: %s", len(ready), len(sites), ready)
+        if last is not None and audit is not None:
+            _audit_resume(audit, store, server, evidence, state, last)
         rows = [r["metrics"] for r in store.rounds() if r["status"] == "completed"]
         try:
             for rnd in range((last or 0) + 1, config.run.rounds + 1):
-                _run_round(server, store, audit, config, rnd)
+                _run_round(server, store, audit, config, rnd, evidence)
                 rows.append(server.history.rounds[-1].to_json())
                 append_jsonl(state / "metrics.jsonl", rows)
         except BaseException:
@@ -158,19 +189,55 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         store.close()
 
 
-def _audit_resume(audit: AuditLog, store: ServerStore, state: Path, last: int) -> None:
-    """Record the resume; first close a round committed just before a crash cut its entry."""
+def _audit_resume(audit: AuditLog, store: ServerStore, server: Server,
+                  evidence: _Evidence | None, state: Path, last: int) -> None:
+    """Record the resume; first close a round committed just before a crash cut its entry.
+
+    Refuses a log that lacks a completed round other than the last (cut or rewritten).
+    """
     ends = [e["data"]["round"] for e in verify_log(state).events if e["event"] == "round_end"]
+    completed = [r["round"] for r in store.rounds() if r["status"] == "completed"]
+    missing = sorted(set(completed) - set(ends) - {last})
+    if missing:
+        raise ConfigError(f"{state / LOG}: has no round_end for completed rounds {missing}; "
+                          "refusing to resume")
     if not ends or ends[-1] < last:
         row = next(r for r in store.rounds() if r["round"] == last)
-        audit.append("round_end", round=last, recovered=True, dropped=row["dropped"],
-                     clients=row["metrics"].get("clients", []), epsilon_spent=store.spent(),
-                     model_sha256=row["model_sha256"])
+        details = store.details(last)
+        _audit_round_end(audit, server, evidence, last, clients=row["metrics"].get("clients", []),
+                         charged={s: d["epsilon_charged"] for s, d in details.items()
+                                  if "epsilon_charged" in d},
+                         receipts={s: d["receipts"] for s, d in details.items()
+                                   if "receipts" in d},
+                         model_sha256=row["model_sha256"],
+                         accuracy=row["metrics"].get("accuracy"), recovered=True,
+                         dropped=row["dropped"], epsilon_spent=store.spent())
     audit.append("resume", after_round=last)
 
 
+def _audit_round_end(audit: AuditLog, server: Server, evidence: _Evidence | None, rnd: int, *,
+                     clients: list[str], charged: Mapping[str, float],
+                     receipts: Mapping[str, list[str]], model_sha256: str,
+                     accuracy: float | None,
+                     **data: Any) -> None:
+    """Append ``round_end`` with the statement the sites countersigned (when they can)."""
+    if evidence is None:
+        audit.append("round_end", round=rnd, clients=clients, epsilon_charged=dict(charged),
+                     model_sha256=model_sha256, accuracy=accuracy, **data)
+        return
+    claim = statement(run=evidence.run, round=rnd, prev=audit.head, model_sha256=model_sha256,
+                      participants=clients, epsilon_charged=charged, accuracy=accuracy)
+    signatures = collect_countersignatures(
+        server.transport, claim, sites=server.transport.client_ids(),
+        identities=evidence.identities, timeout=evidence.timeout)
+    audit.append("round_end", round=rnd, clients=claim["participants"],
+                 epsilon_charged=claim["epsilon_charged"], model_sha256=model_sha256,
+                 accuracy=claim["accuracy"], statement=claim, countersignatures=signatures,
+                 receipts=dict(receipts), **data)
+
+
 def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, config: Config,
-               rnd: int) -> RoundRecord:
+               rnd: int, evidence: _Evidence | None) -> RoundRecord:
     participants = server.sampler(server.transport.client_ids(), server.round_rng(rnd))
     store.begin_round(rnd, participants)
     if audit is not None:
@@ -179,8 +246,25 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
                      privacy=config.privacy.mode, model_sha256=model_hash(server.parameters))
     before = store.spent()
     record = server.run_round(rnd)
-    charges = _charges(record.client_metrics)
-    charged = {site: c["epsilon"] - before.get(site, 0.0) for site, c in charges.items()}
+    if evidence is not None and config.privacy.mode != "none":
+        receipts = collect_receipts(server.transport, run=evidence.run, round=rnd,
+                                    after=store.receipt_heads(),
+                                    sites=server.transport.client_ids(),
+                                    identities=evidence.identities, timeout=evidence.timeout)
+        charges: dict[str, dict[str, Any]] = {}
+        for site, segment in receipts.items():
+            last = segment[-1][1]
+            charges[site] = {"epsilon": last["epsilon_total"], "delta": last["delta"],
+                             "receipts": [raw for raw, _ in segment]}
+            if last["round"] == rnd:
+                charges[site]["epsilon_charged"] = last["epsilon_charged"]
+        charged = {site: float(c["epsilon_charged"]) for site, c in charges.items()
+                   if "epsilon_charged" in c}
+    elif evidence is None:
+        charges = _metric_charges(record.client_metrics)
+        charged = {site: c["epsilon"] - before.get(site, 0.0) for site, c in charges.items()}
+    else:
+        charges, charged = {}, {}
     state = {"model": server.parameters,
              **{f"optimizer.{k}": v for k, v in server.optimizer.state().items()}}
     if isinstance(server.aggregator_state, np.ndarray):
@@ -190,10 +274,13 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
     digest = store.complete_round(rnd, state=state, dropped=record.dropped,
                                   metrics=record.to_json(), charges=charges)
     if audit is not None:
-        audit.append("round_end", round=rnd, clients=record.clients, dropped=record.dropped,
-                     declined=record.declined, rejected=record.rejected, aborted=record.aborted,
-                     epsilon_charged=charged, epsilon_spent=store.spent(),
-                     model_sha256=digest, accuracy=record.accuracy)
+        _audit_round_end(audit, server, evidence, rnd, clients=record.clients,
+                         charged=charged, receipts={s: c["receipts"] for s, c in charges.items()
+                                                    if "receipts" in c},
+                         model_sha256=digest, accuracy=record.to_json().get("accuracy"),
+                         dropped=record.dropped, declined=record.declined,
+                         rejected=record.rejected, aborted=record.aborted,
+                         epsilon_spent=store.spent())
     _log.warning("round %d/%d: %d clients, accuracy %s%s", rnd, config.run.rounds,
                  len(record.clients), "n/a" if record.accuracy is None
                  else f"{record.accuracy:.4f}",
@@ -203,7 +290,7 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
 
 def command(args: argparse.Namespace) -> int:
     """``securefl server CONFIG [--resume] [--out STATE_DIR]``."""
-    config = load_config(args.config)
+    config = load_deployment(args.config)
     if config.run.threat_model:
         from securefl.threat import require
 
@@ -211,6 +298,10 @@ def command(args: argparse.Namespace) -> int:
     if not config.network.allowlist:
         raise ConfigError(f"{args.config}: [network.allowlist] names no site")
     result = serve(config, state_dir=args.out, resume=args.resume)
+    if result.complete:
+        print(f"run {config.run.name} is already complete ({result.resumed_from} rounds); "
+              f"model {model_hash(result.parameters)}; state directory {result.state_dir}")
+        return 0
     final = result.history.final
     accuracy = "n/a" if final is None or final.accuracy is None else f"{final.accuracy:.4f}"
     print(f"final accuracy {accuracy}; model {model_hash(result.parameters)}; "

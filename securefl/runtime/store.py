@@ -18,6 +18,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+def completed_rounds(directory: str | Path) -> list[int] | None:
+    """Rounds recorded as completed in ``directory/state.sqlite`` (read-only), ``None`` if
+    there is no state file."""
+    path = Path(directory) / "state.sqlite"
+    if not path.is_file():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT round FROM rounds WHERE status='completed' "
+                              "ORDER BY round").fetchall()
+    except sqlite3.DatabaseError:
+        return None
+    return [int(r[0]) for r in rows]
+
+
 class ServerStore:
     """The server's durable state under ``directory`` (``state.sqlite``, ``checkpoints/``)."""
 
@@ -87,8 +103,11 @@ class ServerStore:
         if row is None:
             if self.last_completed() is not None:
                 raise ConfigError(f"{self.directory}: state without a configuration record")
-            self._db.execute("INSERT INTO meta VALUES ('config', ?)", (fingerprint,))
+            self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("config", fingerprint), ("run", os.urandom(RUN_ID_BYTES).hex())])
             return
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('run', ?)",
+                         (os.urandom(RUN_ID_BYTES).hex(),))
         if not resume:
             raise ConfigError(f"{self.directory}: holds the state of an earlier run; "
                               "pass --resume to continue it or choose another state_dir")
@@ -97,13 +116,12 @@ class ServerStore:
                               "resume needs the same config file")
 
     def run_id(self) -> bytes:
-        """This state's run id: drawn from the CSPRNG once, then the same on every resume."""
-        row = self._db.execute("SELECT value FROM meta WHERE key='run_id'").fetchone()
-        if row is not None:
-            return bytes.fromhex(row[0])
-        run = os.urandom(RUN_ID_BYTES)
-        self._db.execute("INSERT INTO meta VALUES ('run_id', ?)", (run.hex(),))
-        return run
+        """This run's id, drawn from the CSPRNG at the first bind: announced in every FitIns
+        (sites pin it), countersigned by the sites and named by their receipts."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='run'").fetchone()
+        if row is None:
+            raise ConfigError(f"{self.directory}: state without a run id (call bind first)")
+        return bytes.fromhex(str(row[0]))
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, round: int, participants: Sequence[str]) -> None:
@@ -124,7 +142,8 @@ class ServerStore:
         """Checkpoint ``state`` atomically, then commit the round; returns the model hash.
 
         ``state["model"]`` must be the global model after the round; ``charges`` maps
-        client id -> {"epsilon": cumulative ε the site reports, "delta": ...} for the
+        client id -> {"epsilon": cumulative ε from the site's signed receipt (or, without
+        identity keys, its metrics), "delta": ..., "receipts": [...]} for the
         server's copy of the ledger.
         """
         if "model" not in state:
@@ -182,6 +201,22 @@ class ServerStore:
             "SELECT client_id, epsilon FROM ledger AS l WHERE round = "
             "(SELECT MAX(round) FROM ledger WHERE client_id = l.client_id)")
         return {cid: float(total) for cid, total in cursor}
+
+    def details(self, round: int) -> dict[str, dict[str, Any]]:
+        """What was recorded per client for ``round`` (its receipts, under ``"receipts"``)."""
+        cursor = self._db.execute("SELECT client_id, detail FROM ledger WHERE round = ?",
+                                  (round,))
+        return {cid: json.loads(detail) for cid, detail in cursor}
+
+    def receipt_heads(self) -> dict[str, str]:
+        """SHA-256 of the last privacy receipt recorded for each site."""
+        heads = {}
+        for cid, detail in self._db.execute("SELECT client_id, detail FROM ledger "
+                                            "ORDER BY round"):
+            receipts = json.loads(detail).get("receipts")
+            if receipts:
+                heads[cid] = hashlib.sha256(receipts[-1].encode()).hexdigest()
+        return heads
 
     def charges(self) -> list[tuple[int, str, float, float]]:
         cursor = self._db.execute("SELECT round, client_id, epsilon, delta FROM ledger "

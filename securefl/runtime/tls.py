@@ -69,6 +69,13 @@ def certificate_problem(pem: bytes, *, now: dt.datetime | None = None) -> str | 
     return None
 
 
+def common_name(pem: bytes) -> str:
+    """The subject CN of a certificate (a site's name, as ``certs init`` issues them)."""
+    names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME)
+    return str(names[0].value)[:64] if names else "?"
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file readable by its owner only (mode 0600, also when it existed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +251,25 @@ def site_for(pem: bytes, allowlist: Mapping[str, str]) -> str | None:
     """The site whose pinned fingerprint matches ``pem``, or ``None``."""
     digest = fingerprint(pem)
     return next((site for site, pinned in allowlist.items() if pinned == digest), None)
+
+
+def renew_command(args: argparse.Namespace) -> int:
+    """``securefl certs renew DIR --sites a,b [--days N]``: re-issue site certificates from
+    the federation CA (new key, new validity) and print their new allowlist entries."""
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    if not sites:
+        raise ConfigError("--sites names no site")
+    try:
+        renewed = {site: issue_site_certificate(args.dir, site, days=args.days)
+                   for site in sites}
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{args.dir}: cannot renew ({exc})") from None
+    print(f"renewed {len(renewed)} site certificates in {args.dir} for {args.days} days; "
+          "replace these entries in the server's [network.allowlist] and restart it "
+          "(--resume), then copy sites/<site>.pem and .key to each site")
+    for site, digest in renewed.items():
+        print(f'{site} = "{digest}"')
+    return 0
 
 
 def command(args: argparse.Namespace) -> int:

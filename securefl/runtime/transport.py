@@ -13,9 +13,24 @@ streams its replies back.  Per connection the server:
 3. accepts a reply only if it names the connection's own site, the current round, and the
    sequence number of the one request outstanding for that site (a replayed, stale or
    wrong-round frame is logged and ignored: the site may still answer properly);
-4. decodes the payload with the engine's safe codec under the size limit; a malformed,
-   oversized or non-securefl (e.g. pickle) payload drops the site from that exchange with the
-   reason, and a framing violation also closes its stream.
+4. decodes the payload with the engine's safe codec under the size limit and bounds every
+   value in it (:mod:`securefl.runtime.validate`); a malformed, oversized, out-of-bounds or
+   non-securefl (e.g. pickle) payload drops the site from that exchange with the reason, and
+   a framing violation, or any other failure while reading, also closes its stream and frees
+   the site's slot, so that it can reconnect.
+
+Connection slots (:mod:`securefl.runtime.slots`): a stream must send its hello within
+``hello_timeout`` seconds or it is cancelled; each certificate has at most one stream waiting
+for its hello (a newer one replaces it, so an honest site that reconnects is never locked out
+by its own stale stream), and the server admits ``2 * sites + 8`` concurrent streams, so the
+allowlisted sites always find a slot.  Bytes of partly received payloads count against a per-server
+:class:`~securefl.runtime.wire.ByteBudget` (``max_inflight_bytes``); per stream at most one
+payload of ``max_message_bytes`` is in flight, and memory grows with the bytes received.
+Repeated warnings about one site are rate-limited (:class:`~securefl.runtime.throttle.Throttle`).
+
+Blame: a site's error frame that ends in ``[suspect: A]`` (the sender of a message that failed
+authentication at the site, e.g. a tampered SecAgg share bundle) is logged naming ``A`` as the
+suspect and the site as the reporter, and recorded in :attr:`GrpcTransport.suspects`.
 
 Disconnections and missed deadlines appear in :attr:`Exchange.dropped`; nothing is raised, so
 the round logic (and secure aggregation's dropout recovery) runs exactly as in simulation.
@@ -26,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,14 +55,18 @@ from securefl.engine.messages import Message, decode, encode
 from securefl.engine.transport import Exchange
 from securefl.errors import ConfigError, MessageError
 from securefl.runtime.config import NetworkConfig, is_loopback, split_address
+from securefl.runtime.slots import HelloGate
+from securefl.runtime.throttle import Throttle
 from securefl.runtime.tls import (
     certificate_problem,
+    common_name,
     fingerprint,
     peer_certificate,
     server_credentials,
     site_for,
 )
-from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, split
+from securefl.runtime.validate import Limits, Refused, sanitize
+from securefl.runtime.wire import Assembler, ByteBudget, Envelope, Kind, WireError, split
 
 __all__ = ["METHOD", "GrpcTransport", "channel_options"]
 
@@ -54,6 +74,7 @@ _log = logging.getLogger(__name__)
 SERVICE = "securefl.Federation"
 METHOD = f"/{SERVICE}/Connect"
 _FRAME_SLACK = 4096
+_SUSPECT = re.compile(r"\[suspect: ([^\]]{1,64})\]$")
 
 
 def channel_options(config: NetworkConfig) -> list[tuple[str, Any]]:
@@ -99,10 +120,18 @@ class GrpcTransport:
         self._dropped: dict[str, str] = {}
         # Random start: a reply recorded under an earlier server process can never match.
         self._seq = int.from_bytes(os.urandom(6), "little")
+        #: reporter -> the site it blamed in its latest error (see :meth:`_blame`)
+        self.suspects: dict[str, str] = {}
+        self._budget = ByteBudget(config.max_inflight_bytes, wait=config.round_timeout)
+        self._limits = Limits.of(config)
+        self._throttle = Throttle(_log, interval=config.warning_interval)
+        self._hellos = HelloGate(config, self._throttle)
+        # every stream holds a worker thread: one session and one pending hello per site,
+        # plus room for refused strangers
+        slots = 2 * len(self._sites) + 8
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=len(self._sites) + 8,
-                                       thread_name_prefix="securefl-rpc"),
-            options=channel_options(config), maximum_concurrent_rpcs=len(self._sites) + 8)
+            futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="securefl-rpc"),
+            options=channel_options(config), maximum_concurrent_rpcs=slots)
         handler = grpc.stream_stream_rpc_method_handler(self._connect)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Connect": handler}),))
@@ -182,14 +211,15 @@ class GrpcTransport:
         if pem is None:
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate",
                          context.peer())
+        site = site_for(pem, self.config.allowlist)
+        who = (site if site is not None
+               else f"{context.peer()} (certificate of {common_name(pem)!r}, not pinned)")
         problem = certificate_problem(pem)
         if problem is not None:
-            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, problem, context.peer())
-        site = site_for(pem, self.config.allowlist)
+            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, problem, who)
         if site is None or site not in self._sites:
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
-                         f"certificate {fingerprint(pem)} is not on the allowlist",
-                         context.peer())
+                         f"certificate {fingerprint(pem)} is not on the allowlist", who)
         return site
 
     @staticmethod
@@ -201,15 +231,8 @@ class GrpcTransport:
     def _connect(self, frames: Iterator[bytes],
                  context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._identify(context)
-        assembler = Assembler(max_bytes=min(self.config.max_message_bytes, 1 << 20),
-                              max_chunk_bytes=self.config.chunk_bytes)
-        try:
-            hello = None
-            while hello is None:
-                hello = assembler.feed(next(frames))
-        except (StopIteration, WireError) as exc:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"bad hello ({exc or 'stream ended'})", site or context.peer())
+        hello = self._hellos.await_hello(site, frames, context)
+        if hello is None:
             return
         claimed = hello.client_id
         if hello.kind != Kind.HELLO:
@@ -264,7 +287,7 @@ class GrpcTransport:
     def _read(self, session: _Session, frames: Iterator[bytes],
               context: grpc.ServicerContext) -> None:
         assembler = Assembler(max_bytes=self.config.max_message_bytes,
-                              max_chunk_bytes=self.config.chunk_bytes)
+                              max_chunk_bytes=self.config.chunk_bytes, budget=self._budget)
         try:
             for frame in frames:
                 envelope = assembler.feed(frame)
@@ -277,16 +300,43 @@ class GrpcTransport:
             return
         except grpc.RpcError:
             pass
+        except Exception as exc:  # whatever broke, the slot is freed and the site may return
+            _log.exception("site %s: reading its stream failed", session.site)
+            self._reject(session, f"stream failed ({type(exc).__name__})")
+            self._forget(session, f"stream closed after an error ({type(exc).__name__})")
+            context.cancel()
+            return
+        finally:
+            assembler.reset()
         self._forget(session, "disconnected")
 
     def _reject(self, session: _Session, reason: str) -> None:
         """Drop the site from the exchange in progress (if it owes a reply) with ``reason``."""
-        _log.warning("round %s: rejected message from %s: %s", self._round, session.site, reason)
+        reason = reason[:self.config.max_string]
+        # one line per site and round at least: a flood within a round is what is throttled
+        self._throttle.warning(session.site, f"reject-{self._round}",
+                               "round %s: rejected message from %s: %s", self._round,
+                               session.site, reason)
         with self._cond:
             if session.site in self._pending:
                 del self._pending[session.site]
                 self._dropped[session.site] = reason
                 self._cond.notify_all()
+
+    def _blame(self, reporter: str, text: str) -> None:
+        """Name the suspect of an error a site blames on another (``[suspect: A]``)."""
+        match = _SUSPECT.search(text)
+        if match is None:
+            return
+        suspect = match.group(1)
+        if suspect in self._sites and suspect != reporter:
+            self.suspects[reporter] = suspect
+            _log.warning("round %s: suspect %s: %s reports that a message from %s failed "
+                         "authentication (reporter %s)", self._round, suspect, reporter,
+                         suspect, reporter)
+        else:
+            _log.warning("round %s: %s blamed an unknown party %r", self._round, reporter,
+                         suspect[:64])
 
     def _receive(self, session: _Session, envelope: Envelope) -> None:
         site = session.site
@@ -297,24 +347,29 @@ class GrpcTransport:
             expected = self._pending.get(site)
             current = self._round
         if envelope.round != current:
-            _log.warning("ignored message from %s for round %d (current round is %s)", site,
-                         envelope.round, current)
+            self._throttle.warning(site, "round", "ignored message from %s for round %d "
+                                   "(current round is %s)", site, envelope.round, current)
             return
         if expected is None or envelope.seq != expected:
-            _log.warning("ignored replayed or unexpected message from %s (sequence %d, "
-                         "expected %s)", site, envelope.seq, expected)
+            self._throttle.warning(site, "seq", "ignored replayed or unexpected message from %s "
+                                   "(sequence %d, expected %s)", site, envelope.seq, expected)
             return
         if envelope.kind == Kind.ERROR:
-            self._reject(session, "client error: " + bytes(envelope.payload).decode(
-                "utf-8", "replace")[:500])
+            text = bytes(envelope.payload[:self.config.max_string]).decode("utf-8", "replace")
+            self._blame(site, text)
+            self._reject(session, "client error: " + text[:500])
             return
         if envelope.kind != Kind.REPLY:
             self._reject(session, f"unexpected {envelope.kind.name} frame")
             return
         try:
-            reply = decode(envelope.payload, max_bytes=self.config.max_message_bytes)
+            reply = sanitize(decode(envelope.payload, max_bytes=self.config.max_message_bytes),
+                             limits=self._limits)
         except MessageError as exc:
             self._reject(session, f"undecodable payload: {exc}")
+            return
+        except Refused as exc:
+            self._reject(session, f"out-of-bounds value: {exc}")
             return
         with self._cond:
             if self._pending.get(site) == envelope.seq:

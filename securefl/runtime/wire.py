@@ -9,7 +9,9 @@ One gRPC stream message is one chunk frame (integers little-endian)::
 by :func:`securefl.engine.messages.encode`); the chunks of one payload share every header
 field except ``index``, which runs ``0 .. count-1``.  The receiver refuses a payload whose
 announced ``total`` exceeds its limit *before* allocating anything, refuses chunks that are
-larger than the chunk limit, out of order or inconsistent, and hands out only raw bytes: the
+larger than the chunk limit, out of order or inconsistent, grows its buffer only with the
+bytes that actually arrived (an announced total reserves nothing), can charge those bytes to
+a :class:`ByteBudget` shared by every stream, and hands out only raw bytes: the
 engine codec decodes them from JSON and numeric arrays, so no received byte is ever executed
 (no pickle).  ``seq`` ties a reply to the one request it answers, which rejects replays;
 ``round`` rejects messages that belong to another round.
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from securefl.errors import MessageError
 
-__all__ = ["ENVELOPE_VERSION", "Assembler", "Envelope", "Kind", "WireError", "split"]
+__all__ = ["ENVELOPE_VERSION", "Assembler", "ByteBudget", "Envelope", "Kind", "WireError",
+           "split"]
 
 ENVELOPE_VERSION = 1
 _MAGIC = b"SFLW"
@@ -70,29 +74,65 @@ def split(kind: Kind, payload: bytes | bytearray | memoryview, *, round: int, se
         yield b"".join((head, ident, view[index * chunk_bytes:(index + 1) * chunk_bytes]))
 
 
+class ByteBudget:
+    """Bytes of partly received payloads held at once, over every stream of a server.
+
+    A chunk that does not fit waits up to ``wait`` seconds for other payloads to complete
+    (honest sites are slowed, never refused, by a burst); after that its stream fails.
+    """
+
+    def __init__(self, limit: int, *, wait: float) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.limit, self.wait = limit, wait
+        self.held = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, count: int) -> bool:
+        with self._cond:
+            room = self._cond.wait_for(lambda: self.held + count <= self.limit, self.wait)
+            if room:
+                self.held += count
+            return room
+
+    def release(self, count: int) -> None:
+        with self._cond:
+            self.held -= count
+            self._cond.notify_all()
+
+
 class Assembler:
     """Reassemble chunk frames into :class:`Envelope` objects, enforcing the limits.
 
     :meth:`feed` returns an envelope when its last chunk arrives and ``None`` before that.
-    Any violation raises :class:`WireError` and resets the assembler.
+    Any violation raises :class:`WireError` and resets the assembler.  Memory held is the
+    bytes received so far (charged to ``budget`` when one is given), never the announced total.
     """
 
-    def __init__(self, *, max_bytes: int, max_chunk_bytes: int) -> None:
+    def __init__(self, *, max_bytes: int, max_chunk_bytes: int,
+                 budget: ByteBudget | None = None) -> None:
         if max_bytes < 1 or max_chunk_bytes < 1:
             raise ValueError("max_bytes and max_chunk_bytes must be >= 1")
         self.max_bytes = max_bytes
         self.max_chunk_bytes = max_chunk_bytes
+        self.budget = budget
         self._key: tuple[int, int, int, int, int, str] | None = None
         self._buffer = bytearray()
-        self._filled = 0
         self._next = 0
 
     def _fail(self, reason: str) -> WireError:
         self.reset()
         return WireError(reason)
 
+    @property
+    def held(self) -> int:
+        """Bytes of the payload in progress held in memory."""
+        return len(self._buffer)
+
     def reset(self) -> None:
-        self._key, self._buffer, self._filled, self._next = None, bytearray(), 0, 0
+        if self.budget is not None and self._buffer:
+            self.budget.release(len(self._buffer))
+        self._key, self._buffer, self._next = None, bytearray(), 0
 
     def feed(self, frame: bytes) -> Envelope | None:
         if len(frame) < _HEADER.size:
@@ -124,18 +164,21 @@ class Assembler:
         if index == 0:
             if self._key is not None:
                 raise self._fail("a new payload started before the previous one was complete")
-            self._key, self._buffer, self._filled, self._next = key, bytearray(total), 0, 0
+            self._key, self._next = key, 0
         elif key != self._key or index != self._next:
             raise self._fail(f"chunk {index} does not continue the payload in progress")
-        if self._filled + chunk.nbytes > total:
+        filled = len(self._buffer)
+        if filled + chunk.nbytes > total:
             raise self._fail("chunks carry more bytes than the payload announced")
-        self._buffer[self._filled:self._filled + chunk.nbytes] = chunk
-        self._filled += chunk.nbytes
+        if self.budget is not None and chunk.nbytes and not self.budget.acquire(chunk.nbytes):
+            raise self._fail(f"the receiver already holds {self.budget.held} bytes in flight "
+                             f"(limit {self.budget.limit})")
+        self._buffer += chunk
         self._next = index + 1
         if self._next < count:
             return None
-        if self._filled != total:
-            raise self._fail(f"payload ended after {self._filled} of {total} bytes")
+        if len(self._buffer) != total:
+            raise self._fail(f"payload ended after {len(self._buffer)} of {total} bytes")
         envelope = Envelope(Kind(kind), round_, seq, client_id, self._buffer)
         self.reset()
         return envelope

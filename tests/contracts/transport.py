@@ -27,7 +27,7 @@ class EchoHandler:
             raise RuntimeError("site crashed")
         if isinstance(request, EvaluateIns):
             return EvaluateRes(num_examples=len(self.client_id),
-                               loss=float(request.parameters.sum()), accuracy=float(round))
+                               loss=float(request.parameters.sum()), accuracy=round / 100)
         return Decline(reason=f"{self.client_id} declines")
 
 
@@ -48,7 +48,7 @@ class TransportContract:
                 reply = out.replies[c]
                 assert isinstance(reply, EvaluateRes)
                 assert reply.loss == pytest.approx(10.0 * (i + 1))
-                assert reply.num_examples == len(c) + i and reply.accuracy == 3.0
+                assert reply.num_examples == len(c) + i and reply.accuracy == 0.03
         finally:
             transport.close()
 

@@ -1,8 +1,11 @@
+import json
 import pickle
 import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securefl.engine import messages as m
 from securefl.errors import MessageError
@@ -120,3 +123,56 @@ def test_registering_twice_is_refused():
         @m.message
         class Decline(m.Message):
             reason: str
+
+
+def _evaluate_ins_with_shape(shape) -> bytes:
+    header = json.dumps({"body": {"$msg": "EvaluateIns", "f": {"round": 1,
+                                                             "parameters": {"$a": 0}}},
+                         "arrays": [{"blob": 0, "dtype": "<f4", "shape": shape}],
+                         "blobs": [0]}).encode()
+    return _frame(header)
+
+
+@pytest.mark.parametrize("frame", [
+    _evaluate_ins_with_shape([2**32, 2**32]),     # int64 product wraps to 0 = the blob's size
+    _evaluate_ins_with_shape([2**64, 0]),
+    _evaluate_ins_with_shape([1] * 33),           # more dimensions than numpy allows
+    _evaluate_ins_with_shape([1.5]),
+    _evaluate_ins_with_shape([True]),
+    _frame(b'{"body":' + b"[" * 100_000 + b"]" * 100_000 + b',"arrays":[],"blobs":[]}'),
+    _frame(b'{"body":{"$msg":"Decline","f":{"reason":' + b'{"$t":[' * 40 + b"1"
+           + b"]}" * 40 + b'}},"arrays":[],"blobs":[]}'),
+    _frame(b'{"body":{"$msg":"Decline","f":{"reason":"x"}},"arrays":[],"blobs":[1e400]}'),
+    _frame(b'{"body":{"$msg":"Decline","f":{"reason":"x"}},"arrays":{},"blobs":["1"]}'),
+])
+def test_hostile_shapes_and_nesting_raise_only_message_error(frame):
+    with pytest.raises(MessageError) as caught:
+        m.decode(frame)
+    assert type(caught.value) is MessageError
+
+
+def test_header_size_is_capped_before_parsing():
+    frame = m.encode(m.Decline(reason="x" * 5000))
+    with pytest.raises(MessageError, match="header of"):
+        m.decode(frame, max_header_bytes=4096)
+    assert m.decode(frame, max_header_bytes=8192).reason == "x" * 5000
+    assert m.MAX_HEADER_BYTES == 1 << 20 and m.MAX_DEPTH == 32
+
+
+def test_error_messages_do_not_echo_long_attacker_strings():
+    frame = _frame(json.dumps({"body": {"$msg": "N" * 100_000, "f": {}}, "arrays": [],
+                               "blobs": []}).encode())
+    with pytest.raises(MessageError) as caught:
+        m.decode(frame)
+    assert len(str(caught.value)) < 200
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_after_a_valid_prefix_only_raise_message_error(tail):
+    frame = m.encode(m.EvaluateIns(round=1, parameters=np.ones(2, np.float32)))
+    for cut in (10, 30, len(frame) - 4):
+        try:
+            m.decode(frame[:cut] + tail)
+        except MessageError:
+            pass

@@ -95,11 +95,16 @@ def test_a_log_signed_by_another_key_is_refused(run_dir):
         AuditLog(run_dir, signing_key=Ed25519PrivateKey.generate())
 
 
+def _args(run_dir):
+    return argparse.Namespace(run_dir=str(run_dir), public_key=None, identities=None,
+                              site_head=None)
+
+
 def test_verify_command_exit_status(run_dir, capsys):
-    assert command(argparse.Namespace(run_dir=str(run_dir))) == 0
+    assert command(_args(run_dir)) == 0
     assert "audit log OK: 6 entries" in capsys.readouterr().out
     _write(run_dir, _lines(run_dir)[1:])
-    assert command(argparse.Namespace(run_dir=str(run_dir))) == 1
+    assert command(_args(run_dir)) == 1
     assert "audit log FAILED: line 1: index 1, expected 0" in capsys.readouterr().out
 
 

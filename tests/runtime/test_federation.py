@@ -6,18 +6,20 @@ The same runs as real processes are in ``test_processes.py``; threads keep these
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from securefl.config import config_from_dict
-from securefl.engine.messages import FitIns
+from securefl.engine.messages import FitIns, FitRes, PlainUpdate
 from securefl.experiment import run_simulation
 from securefl.runtime.auditlog import verify
-from securefl.runtime.client import SiteClient, build_site
+from securefl.runtime.client import build_site, build_site_client
 from securefl.runtime.server import serve
 from securefl.runtime.store import ServerStore, model_hash
 from securefl.runtime.tls import init_certificates
@@ -54,7 +56,6 @@ def make_config(deployment, tmp_path, *, kind="plain", rounds=3, **network):
         "protection": {"kind": kind},
         "network": {"address": f"127.0.0.1:{free_port()}", "certs": str(folder / "certs"),
                     "allowlist": dict(allowlist), "state_dir": str(tmp_path / "state"),
-                    "client_state_dir": str(tmp_path / "sites"),
                     "round_timeout": 30.0, "connect_timeout": 20.0,
                     "reconnect_timeout": 20.0, **network},
     }
@@ -72,13 +73,14 @@ class Sites:
 
     def __init__(self, config, wrap=None, site_dirs=None) -> None:
         self.clients, self.threads, self.codes = {}, [], {}
+        # one folder of site disks per server state: two runs never share a site's state
+        state = Path(config.network.state_dir)
+        site_dirs = site_dirs or state.with_name(f"{state.name}-sites")
         for site in SITES:
-            own = config
-            if site_dirs is not None:  # each site's own disk
-                own = config.replace(network__client_state_dir=str(site_dirs / site))
-            handler = build_site(own, site)
-            client = SiteClient(handler if wrap is None else wrap(site, handler),
-                                config.network, site=site)
+            # each site's own disk
+            own = config.replace(network__client_state_dir=str(site_dirs / site))
+            client = build_site_client(
+                own, site, wrap=None if wrap is None else lambda c, s=site: wrap(s, c))
             self.clients[site] = client
             thread = threading.Thread(target=lambda s=site, c=client: self.codes.__setitem__(
                 s, c.run()), daemon=True)
@@ -240,7 +242,6 @@ def test_server_killed_between_rounds_resumes_to_the_same_model(deployment, tmp_
     uninterrupted, _ = run_networked(dataclasses.replace(
         config, network=dataclasses.replace(config.network,
                                             state_dir=str(tmp_path / "whole"),
-                                            client_state_dir=str(tmp_path / "whole-sites"),
                                             address=f"127.0.0.1:{free_port()}")))
     first_leg = config.replace(run__rounds=2)
     sites = Sites(config)
@@ -290,7 +291,7 @@ def test_dp_sgd_sites_keep_their_own_ledgers_and_the_server_a_copy(deployment, t
 
 
 def test_a_redone_round_trains_exactly_like_the_lost_attempt(deployment, tmp_path):
-    config = make_config(deployment, tmp_path)
+    config = make_config(deployment, tmp_path, client_state_dir=str(tmp_path / "site"))
     trainer = build_site(config, "client-2").trainer
     start = np.zeros(trainer.base.layout.size, np.float32)
     first, _ = trainer.fit(start, round=1)
@@ -299,3 +300,37 @@ def test_a_redone_round_trains_exactly_like_the_lost_attempt(deployment, tmp_pat
     np.testing.assert_array_equal(lost.delta, redone.delta)
     third, _ = trainer.fit(redone.delta, round=3)
     assert not np.array_equal(third.delta, redone.delta)
+
+
+class Corrupt:
+    """Handler wrapper: the site's ``FitRes`` carries a poisoned value from round 1 on."""
+
+    def __init__(self, handler, poison) -> None:
+        self.client_id, self.inner, self.poison = handler.client_id, handler, poison
+
+    def handle(self, request, *, round):
+        reply = self.inner.handle(request, round=round)
+        return self.poison(reply) if isinstance(reply, FitRes) else reply
+
+
+@pytest.mark.parametrize("poison", [
+    lambda r: FitRes(payload=r.payload, metrics={**r.metrics, "epsilon": float("nan")}),
+    lambda r: FitRes(payload=r.payload, metrics={**r.metrics, "epsilon": -1e9}),
+    lambda r: FitRes(payload=PlainUpdate(update=np.full(r.payload.update.shape, 1e300),
+                                         weight=r.payload.weight), metrics=r.metrics),
+    lambda r: FitRes(payload=PlainUpdate(update=r.payload.update, weight=1e300),
+                     metrics=r.metrics),
+], ids=["epsilon-nan", "epsilon-negative", "float64-1e300", "weight-1e300"])
+def test_a_poisoning_site_is_refused_and_the_federation_trains_on(deployment, tmp_path, caplog,
+                                                                   poison):
+    caplog.set_level(logging.WARNING, logger="securefl")
+    config = make_config(deployment, tmp_path, rounds=2)
+    result, _ = run_networked(config, wrap=lambda site, handler: (
+        Corrupt(handler, poison) if site == "client-3" else handler))
+    for record in result.history.rounds:
+        assert record.aborted is None and "client-3" not in record.clients
+        assert len(record.clients) == 4 and "out-of-bounds value" in record.dropped["client-3"]
+    assert np.isfinite(result.parameters).all() and result.history.final.accuracy > 0.3
+    summary = json.loads((result.state_dir / "summary.json").read_text())
+    assert summary["final_accuracy"] == result.history.final.accuracy
+    assert caplog.text.count("rejected message from client-3: out-of-bounds value") == 2

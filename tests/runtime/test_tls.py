@@ -74,3 +74,55 @@ def test_network_config_validation():
     with pytest.raises(ConfigError, match="max_message_bytes must be >= chunk_bytes"):
         _network(chunk_bytes=1 << 20, max_message_bytes=1000)
     assert _network(address="[::1]:7000", insecure=True).network.insecure
+
+
+def test_certs_renew_reissues_a_site_certificate(tmp_path, capsys):
+    import datetime as dt
+
+    from securefl.cli import main
+    from securefl.runtime.tls import certificate_problem, fingerprint, init_certificates
+
+    folder = tmp_path / "certs"
+    old = init_certificates(folder, ["alpha", "beta"], days=1)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
+    assert certificate_problem((folder / "sites" / "alpha.pem").read_bytes(), now=later)
+    assert main(["certs", "renew", str(folder), "--sites", "alpha", "--days", "30"]) == 0
+    pem = (folder / "sites" / "alpha.pem").read_bytes()
+    assert certificate_problem(pem, now=later) is None
+    out = capsys.readouterr().out
+    assert f'alpha = "{fingerprint(pem)}"' in out and fingerprint(pem) != old["alpha"]
+    assert (folder / "sites" / "beta.pem").read_bytes()  # untouched
+    assert main(["certs", "renew", str(tmp_path / "nothing"), "--sites", "alpha"]) == 2
+
+
+def test_deployment_paths_resolve_from_the_config_folder(tmp_path, monkeypatch):
+    from securefl.runtime.deploy import load_deployment
+
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    (folder / "fed.toml").write_text('[network]\ncerts = "certs"\nstate_dir = "state"\n'
+                                     'client_state_dir = "/abs/site"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_deployment("deploy/fed.toml")
+    assert config.network.certs == str(folder / "certs")
+    assert config.network.state_dir == str(folder / "state")
+    assert config.network.client_state_dir == "/abs/site"
+
+
+def test_example_shard_names_exist_at_every_site():
+    import tomllib
+    from pathlib import Path
+
+    from securefl.config import load_config
+    from securefl.data import federate
+
+    examples = Path(__file__).parents[2] / "examples" / "deployment"
+    client = load_config(examples / "client.toml")
+    server = tomllib.loads((examples / "server.toml").read_text())
+    shards = federate(client.data, seed=client.run.seed).clients
+    hospitals = sorted(server["network"]["allowlist"])
+    assert client.network.data_shard in shards
+    assert len(hospitals) == client.data.num_clients == len(shards)
+    text = (examples / "client.toml").read_text()
+    for index, hospital in enumerate(hospitals):
+        assert f"{hospital} = client-{index}" in text and f"client-{index}" in shards
