@@ -198,7 +198,8 @@ class SiteClient:
 
     def _answer(self, envelope: Envelope) -> Iterator[bytes]:
         try:
-            request = decode(envelope.payload, max_bytes=self.config.max_message_bytes)
+            request: Message = decode(envelope.payload,
+                                      max_bytes=self.config.max_message_bytes)
             reply = self.evidence.answer(request) if self.evidence is not None else None
             if reply is None:
                 reply = self.handler.handle(request, round=envelope.round)

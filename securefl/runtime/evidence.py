@@ -252,7 +252,7 @@ def check_site_heads(events: Sequence[Mapping[str, Any]], heads: Sequence[Path],
         statement = entry["data"].get("statement") if entry["event"] == "round_end" else None
         if isinstance(statement, dict):
             signed[(statement.get("run"), statement.get("round"))] = statement_digest(statement)
-    last = max((r for _, r in signed), default=0)
+    last = max((r for _, r in signed if isinstance(r, int)), default=0)
     problems = []
     for path in heads:
         try:

@@ -196,7 +196,7 @@ def collect_receipts(transport: Any, *, run: str, round: int, after: Mapping[str
     return out
 
 
-def read_receipts(events: list[Mapping[str, Any]], identities: Mapping[str, bytes]
+def read_receipts(events: Sequence[Mapping[str, Any]], identities: Mapping[str, bytes]
                   ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """``({site: [receipt body, ...]}, problems)`` from the ``round_end`` entries of a log.
 

@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -224,9 +224,10 @@ class GrpcTransport:
 
     @staticmethod
     def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str,
-                who: str) -> None:
+                who: str) -> NoReturn:
         _log.warning("refused connection from %s: %s", who, reason)
         context.abort(code, reason)
+        raise RuntimeError("unreachable: grpc's abort raises")
 
     def _connect(self, frames: Iterator[bytes],
                  context: grpc.ServicerContext) -> Iterator[bytes]:
