@@ -98,6 +98,11 @@ class ReleaseLog:
                              "VALUES (?, ?, ?)", (run, round, model))
             return False
 
+    def pinned(self) -> bytes | None:
+        """The run this site is in (the run id of its first FitIns), if any."""
+        row = self._db.execute("SELECT run FROM run WHERE id = 0").fetchone()
+        return None if row is None else bytes(row[0])
+
     def current(self, run: bytes) -> tuple[int, bytes] | None:
         """The round in progress of ``run`` and the model it trains from, if any."""
         row = self._db.execute("SELECT round, model FROM current WHERE run = ?",

@@ -315,6 +315,7 @@ def build_site_client(config: Config, site: str, *, new_run: bool = False,
         receipts = (SiteReceipts(site, identity=identity, state_dir=state, ledger=ledger)
                     if ledger is not None else None)
         witness = SiteWitness(site, identity=identity, state_dir=state,
+                              pinned=client.releases.pinned,
                               charged=receipts.charged if receipts is not None
                               else lambda _run, _round: None)
         evidence = SiteEvidence(witness, receipts)

@@ -117,13 +117,17 @@ class SiteWitness:
     """A site's side: check and countersign statements, keep the head, hand out receipts.
 
     ``charged(run, round)`` returns the ε of the site's own receipt for that round
-    (``None`` when it has none: no privacy accounting, or not charged).
+    (``None`` when it has none: no privacy accounting, or not charged).  ``pinned()`` is
+    the run the site trains in (its :class:`~securefl.engine.session.ReleaseLog`'s); a
+    statement about any other run is refused, so a server cannot collect countersignatures
+    for a history that never happened.
     """
 
     def __init__(self, site: str, *, identity: Ed25519PrivateKey, state_dir: str | Path,
+                 pinned: Callable[[], bytes | None],
                  charged: Callable[[str, int], float | None] = lambda _run, _round: None
                  ) -> None:
-        self.site, self._key = site, identity
+        self.site, self._key, self._pinned = site, identity, pinned
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._charged = charged
@@ -148,6 +152,12 @@ class SiteWitness:
         run, rnd = statement["run"], statement["round"]
         if not (0 < len(run) <= 64 and run.isascii() and run.isalnum()):
             raise ValueError("statement run id must be 1-64 ASCII letters or digits")
+        pinned = self._pinned()
+        if pinned is None or pinned.hex() != run:
+            _log.error("site %s: refused to countersign round %s of run %s: this site trains "
+                       "in run %s", self.site, rnd, run[:16],
+                       "none yet" if pinned is None else pinned.hex()[:16])
+            raise ValueError("the statement is about a run this site is not in")
         digest = statement_digest(statement)
         with self._lock:
             head = self.head(run)

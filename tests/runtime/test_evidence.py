@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -226,6 +227,7 @@ def _witness(tmp_path, charged=None):
     from securefl.runtime.evidence import SiteWitness
 
     return SiteWitness("alpha", identity=Ed25519PrivateKey.generate(), state_dir=tmp_path,
+                       pinned=lambda: bytes.fromhex("ab12"),
                        charged=charged or (lambda _run, _round: None))
 
 
@@ -238,6 +240,14 @@ def _claim(round, **changes):
               **changes}
     # through the wire codec, as the site receives it
     return decode(encode(Countersign(statement=canonical(statement(**fields)))))
+
+
+def test_a_site_countersigns_only_the_run_it_trains_in(tmp_path, caplog):
+    witness = _witness(tmp_path)
+    with caplog.at_level(logging.ERROR), pytest.raises(ValueError, match="not in"):
+        witness.countersign(_claim(1, run="cd34"))  # a history the server made up
+    assert "this site trains in run ab12" in caplog.text
+    assert witness.head("cd34") is None and witness.countersign(_claim(1)).signature
 
 
 def test_a_site_signs_each_round_once_and_refuses_equivocation(tmp_path, caplog):
