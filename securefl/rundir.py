@@ -13,13 +13,17 @@ import numpy as np
 __all__ = ["append_jsonl", "atomic_write", "save_model", "write_json"]
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` atomically (same-directory temp file, fsync, rename)."""
+def atomic_write(path: str | Path, data: bytes | str, *, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically: a same-directory temp file (created with
+    ``mode`` when given, e.g. 0o600 for a key), fsync, rename, then fsync of the directory so
+    the rename itself survives a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(raw)
             handle.flush()
@@ -28,6 +32,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return path
 
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from securefl.errors import ConfigError
+from securefl.rundir import atomic_write
 
 __all__ = ["AuditLog", "Verification", "audit_run", "command", "load_signing_key", "verify"]
 
@@ -56,15 +57,6 @@ def _head_hash(index: int, entry_hash: str) -> bytes:
     return _DOMAIN + b"head" + _canonical({"index": index, "hash": entry_hash})
 
 
-def _write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
@@ -77,7 +69,7 @@ def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
         return key
     key = Ed25519PrivateKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, key.private_bytes(serialization.Encoding.PEM,
+    atomic_write(path, key.private_bytes(serialization.Encoding.PEM,
                                           serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()), mode=0o600)
     return key
@@ -112,7 +104,7 @@ class AuditLog:
     def _sign_head(self, index: int, digest: str) -> None:
         head = {"index": index, "hash": digest,
                 "sig": self._key.sign(_head_hash(index, digest)).hex()}
-        _write_atomic(self.directory / HEAD, _canonical(head) + b"\n")
+        atomic_write(self.directory / HEAD, _canonical(head) + b"\n")
 
     def append(self, event: str, **data: Any) -> str:
         """Append one event; returns its hash.  The head is re-signed after the line is durable."""

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from securefl.engine.messages import Message, message
+from securefl.rundir import atomic_write
 
 __all__ = ["COUNTERSIGN_DOMAIN", "Countersign", "Countersigned", "SiteWitness",
            "check_countersignatures", "check_site_heads", "collect_countersignatures",
@@ -104,13 +104,6 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class SiteWitness:
@@ -180,7 +173,7 @@ class SiteWitness:
                 raise ValueError(f"epsilon charged in round {rnd} does not match the site's "
                                  "ledger")
             signature = self._key.sign(COUNTERSIGN_DOMAIN + canonical(statement))
-            _write_atomic(self.head_path(run), canonical(
+            atomic_write(self.head_path(run), canonical(
                 {"site": self.site, "run": run, "round": rnd, "statement_sha256": digest,
                  "signature": signature.hex()}) + b"\n")
         return Countersigned(signature=signature)

@@ -28,6 +28,7 @@ from safetensors.numpy import save as save_tensors
 
 from securefl.engine.session import RUN_ID_BYTES
 from securefl.errors import ConfigError
+from securefl.rundir import atomic_write
 
 __all__ = ["ServerStore", "model_hash"]
 
@@ -48,18 +49,6 @@ def model_hash(vector: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def completed_rounds(directory: str | Path) -> list[int] | None:
@@ -150,7 +139,7 @@ class ServerStore:
             raise ValueError("state must contain the global 'model' vector")
         blob = save_tensors({k: np.ascontiguousarray(v) for k, v in state.items()})
         name = f"round-{round:06d}.safetensors"
-        _write_atomic(self.directory / "checkpoints" / name, blob)
+        atomic_write(self.directory / "checkpoints" / name, blob)
         digest = model_hash(state["model"])
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
