@@ -68,7 +68,7 @@ def workload(name: str) -> tuple[dict[str, Any], str]:
         "data": {"dataset": dataset, "num_clients": 10, "partition": "iid",
                  "test_fraction": 0.2, "val_fraction": 0.0},
         "model": {"name": "cnn"},
-        "client": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+        "client": {"epochs": 1, "batch_size": 64, "lr": 0.1, "momentum": 0.9},
         "server": {"evaluate": "central"},
     }
     return table, source
