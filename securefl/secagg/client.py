@@ -330,16 +330,18 @@ class SecAggClientRound:
                               f"need t = {self._threshold}")
         survivors = set(self._survivors)
         self._context.release(survivors)
-        seed_shares, key_shares = {}, {}
+        seed_shares, key_shares, withheld = {}, {}, []
         for peer in sorted(self._inbox):
             bundle = self._open_bundle(peer)
             if bundle is None:
+                withheld.append(peer)
                 continue
             if peer in survivors:
                 seed_shares[peer] = bundle[:shamir.SHARE_BYTES]
             else:
                 key_shares[peer] = bundle[shamir.SHARE_BYTES:]
-        self._reply = SecAggUnmaskReply(seed_shares=seed_shares, key_shares=key_shares)
+        self._reply = SecAggUnmaskReply(seed_shares=seed_shares, key_shares=key_shares,
+                                        withheld=tuple(withheld))
         return self._reply
 
     def _open_bundle(self, peer: str) -> bytes | None:

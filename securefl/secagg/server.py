@@ -356,6 +356,10 @@ class SecAggServerRound:
     def _collect_points(self, holder: str, msg: SecAggUnmaskReply,
                         seed_points: dict[str, dict[int, int]],
                         key_points: dict[str, dict[int, int]]) -> None:
+        for sender in sorted(set(msg.withheld)):
+            if sender in self._graph and holder in self._graph[sender]:
+                suspects.report(self._round, suspect=sender, reporter=holder,
+                                why="its share bundle failed authentication at the reporter")
         decoded: list[tuple[dict[int, int], int, int]] = []
         for kind, points in ((msg.seed_shares, seed_points), (msg.key_shares, key_points)):
             for owner, raw in kind.items():

@@ -180,7 +180,8 @@ def test_attack4_a_wrong_share_aborts_instead_of_a_wrong_sum(caplog):
     bad = dict(replies[holder].seed_shares)
     value = int.from_bytes(bad["c5"], "big") + 1
     bad["c5"] = value.to_bytes(len(bad["c5"]), "big")
-    replies[holder] = SecAggUnmaskReply(seed_shares=bad, key_shares=replies[holder].key_shares)
+    replies[holder] = SecAggUnmaskReply(seed_shares=bad, key_shares=replies[holder].key_shares,
+                                        withheld=())
     with caplog.at_level(logging.WARNING, "securefl.security"), pytest.raises(ProtocolAbort):
         protocol.step(replies, set())
     assert "reconstructed seed of 'c5' does not match its commitment" in caplog.text
@@ -190,7 +191,7 @@ def test_attack4_a_malformed_share_excludes_its_holder_by_name(caplog):
     ids = [f"c{i}" for i in range(6)]
     protocol, rounds, unmask = drive(ids, exchanges=5)
     replies = {c: wire(rounds[c].step(wire(unmask[c]))) for c in ids}
-    replies["c1"] = SecAggUnmaskReply(seed_shares={"c0": b"\x01"}, key_shares={})
+    replies["c1"] = SecAggUnmaskReply(seed_shares={"c0": b"\x01"}, key_shares={}, withheld=())
     with caplog.at_level(logging.WARNING, "securefl.security"):
         result = protocol.step(replies, set())
     assert sorted(result.client_ids) == ids and "c1" in result.rejected

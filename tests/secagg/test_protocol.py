@@ -232,9 +232,14 @@ def test_tampered_share_ciphertext_is_withheld_and_its_sender_named(caplog):
         reply = rounds["c0"].step(wire(unmask["c0"]))
     assert set(reply.seed_shares) == {"c2", "c3", "c4"}  # c1's share is not revealed
     assert "suspect 'c1' reported by 'c0'" in caplog.text
+    assert reply.withheld == ("c1",)
     replies = {c: wire(reply if c == "c0" else rounds[c].step(wire(unmask[c]))) for c in ids}
-    result = protocol.step(replies, set())  # 3 other holders still reconstruct b_c1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "securefl.security"):
+        result = protocol.step(replies, set())  # 3 other holders still reconstruct b_c1
     assert sorted(result.client_ids) == ids
+    # the server's operator learns the sender as suspect and the receiver as reporter
+    assert caplog.text.count("suspect 'c1' reported by 'c0'") == 1
 
 
 def test_forged_advertisement_is_rejected_by_server_and_neighbours(caplog):
