@@ -28,7 +28,13 @@ from securefl.engine.optim import build_server_optimizer
 from securefl.engine.protection import KeepsModel, ServerProtection
 from securefl.engine.server import Sampler, Server
 from securefl.engine.simulation import DropSchedule, InProcessTransport
-from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model, torch_threads
+from securefl.engine.trainer import (
+    LocalTrainer,
+    RoundRewind,
+    Trainer,
+    evaluate_model,
+    torch_threads,
+)
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import build_model
@@ -181,10 +187,10 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     trainers: dict[str, Trainer] = {}
     clients: dict[str, Client] = {}
     for cid in ids:
-        trainer: Trainer = local[cid]
+        trainer: Trainer = RoundRewind(local[cid])  # a redone round trains the same batches
         update_hooks = list((client_hooks or {}).get(cid, ()))
-        if privacy is not None:
-            trainer = privacy.wrap_trainer(cid, trainer)
+        if privacy is not None:  # a private trainer answers a redone round from its memo
+            trainer = privacy.wrap_trainer(cid, local[cid])
             update_hooks = [*privacy.client_hooks, *update_hooks]
         trainers[cid] = trainer
         clients[cid] = Client(cid, trainer, client_protections[cid], update_hooks=update_hooks,

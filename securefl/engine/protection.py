@@ -37,6 +37,7 @@ __all__ = [
     "KeepsModel",
     "OpensModel",
     "Plain",
+    "Redoable",
     "Rows",
     "Sealed",
     "ServerProtection",
@@ -113,6 +114,16 @@ class ServerRound(Protocol):
         :class:`~securefl.errors.ProtocolAbort` when the round cannot complete.
         """
         ...
+
+
+@runtime_checkable
+class Redoable(Protocol):
+    """A server round that can say whether any client may have revealed anything yet; one
+    that aborted before that point may be redone in the same round (see
+    :class:`~securefl.engine.session.ReleaseLog`)."""
+
+    @property
+    def revealed(self) -> bool: ...
 
 
 class ClientRound(Protocol):

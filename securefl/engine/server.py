@@ -37,9 +37,11 @@ from securefl.engine.optim import ServerOptimizer
 from securefl.engine.protection import (
     Combined,
     KeepsModel,
+    Redoable,
     Rows,
     Sealed,
     ServerProtection,
+    ServerRound,
     WeightedSum,
 )
 from securefl.engine.session import RUN_ID_BYTES
@@ -153,16 +155,39 @@ class Server:
 
     # ------------------------------------------------------------------ the conversation
     def _collect(self, rnd: int, record: RoundRecord) -> Combined | None:
+        """The round's conversation.  A protection that aborts before it revealed anything
+        (:class:`Redoable`) is redone once, at once, with the clients still answering: the
+        sites recognise the repeated ``FitIns`` (same run, round and model), answer from their
+        memo without a new privacy charge, and the one replay rule lets them reveal for one
+        survivor set only, so the aborted attempt can never be unmasked."""
         if len(record.sampled) < self.min_clients:
             record.aborted = f"only {len(record.sampled)} clients available"
             return None
-        protocol = self.protection.server_round(round=rnd, dimension=self.parameters.size,
-                                                run=self.run_id)
-        payloads = protocol.open(record.sampled)
+        participants, redone = list(record.sampled), False
+        while True:
+            protocol = self.protection.server_round(round=rnd, dimension=self.parameters.size,
+                                                    run=self.run_id)
+            try:
+                return self._converse(rnd, record, protocol, participants)
+            except ProtocolAbort:
+                if redone or not (isinstance(protocol, Redoable) and not protocol.revealed):
+                    raise
+                gone = set(record.dropped) | set(record.declined)
+                participants = [c for c in participants if c not in gone]
+                if len(participants) < self.min_clients:
+                    raise
+                record.extra["redone"] = sorted(gone)
+                redone = True
+                _log.info("round %d: aborted before any reveal; redone without %s", rnd,
+                          sorted(gone))
+
+    def _converse(self, rnd: int, record: RoundRecord, protocol: ServerRound,
+                  participants: Sequence[str]) -> Combined:
+        payloads = protocol.open(participants)
         requests: Mapping[str, Message] = {
             cid: FitIns(run=self.run_id, round=rnd, parameters=self.sent_parameters(),
                         config=self.fit_config, protection=payloads.get(cid))
-            for cid in record.sampled}
+            for cid in participants}
         exchange = self.transport.exchange(requests, round=rnd, timeout=self.timeout)
         record.dropped.update(exchange.dropped)
         first: dict[str, Message] = {}
@@ -179,7 +204,7 @@ class Server:
                 record.dropped[cid] = f"unexpected reply {type(reply).__name__}"
         if train_losses:
             record.train_loss = float(np.mean(train_losses))
-        missing: Collection[str] = set(record.sampled) - set(first)
+        missing: Collection[str] = set(participants) - set(first)
         result = protocol.step(first, missing)
         while not isinstance(result, Rows | WeightedSum | Sealed):
             exchange = self.transport.exchange(result, round=rnd, timeout=self.timeout)

@@ -14,7 +14,7 @@ from securefl.data import Dataset
 from securefl.engine.protection import Update
 from securefl.params import Layout, flatten, unflatten
 
-__all__ = ["LocalTrainer", "Trainer", "evaluate_model", "torch_threads"]
+__all__ = ["LocalTrainer", "RoundRewind", "Trainer", "evaluate_model", "torch_threads"]
 
 
 @contextmanager
@@ -112,3 +112,28 @@ class LocalTrainer:
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
         unflatten(self.model, parameters, self.layout)
         return evaluate_model(self.model, self.val_features, self.val_labels)
+
+
+class RoundRewind:
+    """Trainer wrapper: a round trained again starts from the same random state.
+
+    When round ``t`` is asked for again (a server that resumed after a crash, or one that
+    redoes a round that aborted before any reveal), the trainer restores its batch-shuffling
+    generator to where it stood before the lost attempt, so the redone round (and the final
+    model) equals an uninterrupted run's.
+    """
+
+    def __init__(self, base: LocalTrainer) -> None:
+        self.base = base
+        self._before: tuple[int, torch.Tensor] | None = None
+
+    def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
+        generator = self.base.generator
+        if self._before is not None and self._before[0] == round:
+            generator.set_state(self._before[1])
+        else:
+            self._before = (round, generator.get_state())
+        return self.base.fit(parameters, round=round)
+
+    def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
+        return self.base.evaluate(parameters)

@@ -28,16 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
-import torch
 
 from securefl.config import Config
 from securefl.data import federate
 from securefl.engine.client import Client
 from securefl.engine.messages import FitIns, Message, decode, encode
-from securefl.engine.protection import Update
 from securefl.engine.session import ReleaseLog
-from securefl.engine.trainer import LocalTrainer, Trainer
+from securefl.engine.trainer import RoundRewind, Trainer
 from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
 from securefl.experiment import local_trainer
@@ -50,7 +47,7 @@ from securefl.runtime.tls import certificate_problem, client_credentials, site_p
 from securefl.runtime.transport import METHOD, channel_options
 from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, split
 
-__all__ = ["RoundRewind", "SiteClient", "SiteEvidence", "build_site", "build_site_client",
+__all__ = ["SiteClient", "SiteEvidence", "build_site", "build_site_client",
            "command"]
 
 _log = logging.getLogger(__name__)
@@ -222,30 +219,6 @@ def error_payload(exc: BaseException) -> bytes:
     if isinstance(suspect, str) and suspect:
         text += f" [suspect: {suspect}]"
     return text.encode()
-
-
-class RoundRewind:
-    """Trainer wrapper: a round trained again starts from the same random state.
-
-    When the server crashes after a site trained round ``t`` and, resumed, asks for round
-    ``t`` again, the site restores its batch-shuffling generator to where it stood before the
-    lost attempt, so the redone round (and the final model) equals an uninterrupted run's.
-    """
-
-    def __init__(self, base: LocalTrainer) -> None:
-        self.base = base
-        self._before: tuple[int, torch.Tensor] | None = None
-
-    def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
-        generator = self.base.generator
-        if self._before is not None and self._before[0] == round:
-            generator.set_state(self._before[1])
-        else:
-            self._before = (round, generator.get_state())
-        return self.base.fit(parameters, round=round)
-
-    def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
-        return self.base.evaluate(parameters)
 
 
 def _build(config: Config, site: str, *, new_run: bool = False) -> tuple[Client, Any]:

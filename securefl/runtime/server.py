@@ -22,7 +22,7 @@ it refuses a state whose audit log is gone or does not verify, or lacks a round 
 holds.  Resuming a run that already completed all its rounds says so and returns at once.
 Client sampling and server-side noise derive their randomness from ``(seed, round)``, a round
 is only ever committed once, and a site asked to redo a round trains it from the same random
-state (:class:`~securefl.runtime.client.RoundRewind`), so the resumed run ends with the same
+state (:class:`~securefl.engine.trainer.RoundRewind`), so the resumed run ends with the same
 model as an uninterrupted one.
 """
 

@@ -87,6 +87,12 @@ class SecAggServerRound:
     most advertisements sign, and excludes the others.
     """
 
+    @property
+    def revealed(self) -> bool:
+        """Whether the unmask request went out: before it, no client revealed anything and
+        the round may be redone (the engine's :class:`~securefl.engine.protection.Redoable`)."""
+        return self.phase in (ServerPhase.UNMASK, ServerPhase.DONE)
+
     def __init__(self, *, round: int, dimension: int, directory: Mapping[str, bytes],
                  config: SecAggConfig, federation: bytes, run: bytes | None = None) -> None:
         if dimension < 1:
