@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,8 +18,13 @@ from securefl.data.datasets import (
     make_synthetic,
     split,
 )
+from securefl.data.files import FileRecord, load_source
+from securefl.errors import DataError
 
-__all__ = ["ClientData", "Dataset", "FederatedData", "federate", "load_dataset", "partition"]
+__all__ = ["ClientData", "Dataset", "FederatedData", "FileRecord", "federate", "load_dataset",
+           "partition"]
+
+FILE_SOURCES = ("csv", "npz", "image_folder")
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,45 @@ class FederatedData:
     test: Dataset
     num_classes: int
     shape: tuple[int, ...]
+    #: the files read (name, rows, SHA-256), for the run directory's provenance
+    files: tuple[FileRecord, ...] = field(default=())
 
 
 def load_dataset(config: DataConfig, *, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
     """(train, test) for the configured dataset; embedded sets are split ``test_fraction``."""
+    return _load(config, rng=rng)[:2]
+
+
+def _load(config: DataConfig, *,
+          rng: np.random.Generator) -> tuple[Dataset, Dataset, tuple[FileRecord, ...]]:
+    if config.dataset in FILE_SOURCES:
+        return _load_files(config, rng=rng)
+    if config.dataset == "python":
+        raise DataError("[data] dataset = \"python\" records data given as Python objects; "
+                        "pass them again with securefl.own.run(..., data=...)")
+    return (*_load_embedded(config, rng=rng), ())
+
+
+def _load_files(config: DataConfig, *,
+                rng: np.random.Generator) -> tuple[Dataset, Dataset, tuple[FileRecord, ...]]:
+    """A site's own file; the test set is ``test_path`` or a stratified ``test_fraction``."""
+    options = {"label": config.label, "features": config.features,
+               "num_classes": config.num_classes}
+    full, record = load_source(config.dataset, str(config.path), **options)
+    if config.test_path is None:
+        train, test = split(full, config.test_fraction, rng=rng)
+        return train, test, (record,)
+    test, test_record = load_source(config.dataset, config.test_path, **options)
+    if test.shape != full.shape:
+        raise DataError(f"{config.test_path}: examples of shape {test.shape}, but "
+                        f"{config.path} has {full.shape}")
+    classes = max(full.num_classes, test.num_classes)
+    fix = lambda d: Dataset(d.features, d.labels, classes, d.name)  # noqa: E731
+    return fix(full), fix(test), (record, test_record)
+
+
+def _load_embedded(config: DataConfig, *,
+                   rng: np.random.Generator) -> tuple[Dataset, Dataset]:
     if config.dataset in ("mnist", "fashion_mnist"):
         return load_mnist(str(config.path), name=config.dataset)
     if config.dataset == "cifar10":
@@ -71,11 +111,23 @@ def _standardise(train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
     return scale(train), scale(test)
 
 
-def federate(config: DataConfig, *, seed: int) -> FederatedData:
+def federate(config: DataConfig, *, seed: int,
+             source: tuple[Dataset, Dataset | None] | None = None) -> FederatedData:
     """Load, hold out the test set, partition over ``num_clients`` and split each client's
-    shard into train and validation (``val_fraction``), all from one seeded stream."""
+    shard into train and validation (``val_fraction``), all from one seeded stream.
+
+    ``source`` replaces the configured dataset with ``(data, test)`` already validated by
+    :func:`securefl.data.own.as_dataset`; without ``test``, a stratified ``test_fraction``
+    of ``data`` is held out, as for the embedded sets.
+    """
     rng = np.random.default_rng([seed, 0xDA7A])
-    train, test = load_dataset(config, rng=rng)
+    files: tuple[FileRecord, ...] = ()
+    if source is None:
+        train, test, files = _load(config, rng=rng)
+    elif source[1] is None:
+        train, test = split(source[0], config.test_fraction, rng=rng)
+    else:
+        train, test = source  # type: ignore[assignment]
     least = config.min_examples
     if config.partition == "iid":
         parts = partition.iid(train.labels, config.num_clients, rng=rng, min_examples=least)
@@ -94,4 +146,4 @@ def federate(config: DataConfig, *, seed: int) -> FederatedData:
         n_val = min(n_val, len(idx) - 1)
         clients[f"client-{i:0{width}d}"] = ClientData(train.subset(np.sort(idx[n_val:])),
                                                       train.subset(np.sort(idx[:n_val])))
-    return FederatedData(clients, test, train.num_classes, train.shape)
+    return FederatedData(clients, test, train.num_classes, train.shape, files)
