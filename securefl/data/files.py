@@ -6,7 +6,8 @@ numbers, integer labels in range) and returns the :class:`Dataset` with a
 provenance.  Problems are one :class:`~securefl.errors.DataError` line naming the file and
 the column.
 
-CSV: the first row is the header; ``label`` names the label column (integer class codes),
+CSV: the first row is the header and rows are numbered as in the file (the header is row
+1); ``label`` names the label column (integer class codes),
 ``features`` the feature columns (default: every other column).  Categorical columns are
 not guessed: a non-numeric value is an error naming its row and column; encode categories
 as numeric codes, the same at every site, before federating (codes a site computed from its
@@ -57,7 +58,8 @@ def load_csv(path: str | Path, *, label: str = "label", features: tuple[str, ...
         rows = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"))))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from None
-    rows = [r for r in rows if r]
+    while rows and not rows[-1]:  # trailing blank lines
+        rows.pop()
     if not rows:
         raise DataError(f"{path}: empty file (no header row)")
     header = [h.strip() for h in rows[0]]
@@ -86,7 +88,7 @@ def load_csv(path: str | Path, *, label: str = "label", features: tuple[str, ...
                 raise DataError(f"{path}: column {header[i]!r}, row {r + 2}: {text!r} is not "
                                 "a number (encode categories as numeric codes)") from None
     data = as_dataset(table[:, :-1], table[:, -1], name=str(path), num_classes=num_classes,
-                      columns=chosen, label_column=label)
+                      columns=chosen, label_column=label, first_row=2)
     return data, FileRecord(path.name, len(data), hashlib.sha256(raw).hexdigest())
 
 

@@ -23,11 +23,13 @@ __all__ = ["as_dataset", "fingerprint", "from_torch"]
 
 
 def as_dataset(features: Any, labels: Any, *, name: str, num_classes: int | None = None,
-               columns: tuple[str, ...] | None = None, label_column: str = "label") -> Dataset:
+               columns: tuple[str, ...] | None = None, label_column: str = "label",
+               first_row: int = 0) -> Dataset:
     """Validate and convert ``(features, labels)`` into a float32 / int64 :class:`Dataset`.
 
     ``columns`` (the feature columns' names, for tables) and ``label_column`` only make the
-    error messages name the column at fault.  Without ``num_classes`` it is
+    error messages name the column at fault; rows are numbered from ``first_row`` (0 for
+    arrays, the file's line number for a CSV).  Without ``num_classes`` it is
     ``max(label) + 1``.
     """
     x = _numeric(features, name=name, what="features")
@@ -45,19 +47,20 @@ def as_dataset(features: Any, labels: Any, *, name: str, num_classes: int | None
         raise DataError(f"{name}: {len(x)} feature rows but {len(y)} labels")
     bad = ~np.isfinite(x)
     if bad.any():
-        row, *rest = np.argwhere(bad)[0]
+        row, *rest = (int(i) for i in np.argwhere(bad)[0])
         col = f"column {columns[rest[0]]!r}" if columns and x.ndim == 2 else f"index {rest}"
-        raise DataError(f"{name}: {col}, row {row}: missing or non-finite value "
-                        f"({x[(row, *rest)]!r}); fill or drop it before federating")
+        raise DataError(f"{name}: {col}, row {row + first_row}: missing or non-finite value "
+                        f"({x[(row, *rest)].item()!r}); fill or drop it before federating")
     if not np.isfinite(y).all() or (y != np.round(y)).any():
         row = int(np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))[0])
-        raise DataError(f"{name}: label column {label_column!r}, row {row}: {y[row]!r} is not "
-                        "an integer class code")
+        raise DataError(f"{name}: label column {label_column!r}, row {row + first_row}: "
+                        f"{y[row].item()!r} is not an integer class code")
     codes = y.astype(np.int64)
     classes = int(codes.max()) + 1 if num_classes is None else num_classes
     out = np.flatnonzero((codes < 0) | (codes >= classes))
     if len(out):
-        raise DataError(f"{name}: label column {label_column!r}, row {int(out[0])}: label "
+        raise DataError(f"{name}: label column {label_column!r}, row {int(out[0]) + first_row}: "
+                        f"label "
                         f"{int(codes[out[0]])} is out of range 0..{classes - 1}")
     if classes < 2:
         raise DataError(f"{name}: label column {label_column!r} holds one class only; "
