@@ -63,7 +63,7 @@ class DataConfig:
     features: tuple[str, ...] = ()
     num_classes: int | None = None
     num_clients: int = 10
-    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards", "files"] = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2
     test_fraction: float = 0.2
@@ -87,6 +87,8 @@ class DataConfig:
               "path", f"is required for dataset {self.dataset!r} (a local folder)")
         check(self.dataset not in ("csv", "npz", "image_folder") or bool(self.path), "path",
               f"is required for dataset {self.dataset!r} (the site's own file or folder)")
+        check(self.partition != "files" or self.dataset in ("csv", "npz", "image_folder"),
+              "partition", "= \"files\" needs dataset = \"csv\", \"npz\" or \"image_folder\"")
         check(self.num_classes is None or self.num_classes >= 2, "num_classes",
               f"must be >= 2, got {self.num_classes}")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -118,9 +120,12 @@ def federate(config: DataConfig, *, seed: int,
 
     ``source`` replaces the configured dataset with ``(data, test)`` already validated by
     :func:`securefl.data.own.as_dataset`; without ``test``, a stratified ``test_fraction``
-    of ``data`` is held out, as for the embedded sets.
+    of ``data`` is held out, as for the embedded sets.  ``partition = "files"``: each
+    file matching the ``path`` pattern is one client (:func:`_per_file`).
     """
     rng = np.random.default_rng([seed, 0xDA7A])
+    if config.partition == "files" and source is None:
+        return _per_file(config, rng=rng)
     files: tuple[FileRecord, ...] = ()
     if source is None:
         train, test, files = _load(config, rng=rng)
@@ -134,16 +139,59 @@ def federate(config: DataConfig, *, seed: int,
     elif config.partition == "dirichlet":
         parts = partition.dirichlet(train.labels, config.num_clients, alpha=config.alpha,
                                     rng=rng, min_examples=least)
-    else:
+    elif config.partition == "shards":
         parts = partition.shards(train.labels, config.num_clients,
                                  shards_per_client=config.shards_per_client, rng=rng,
                                  min_examples=least)
-    clients = {}
+    else:
+        raise DataError("[data] partition = \"files\" needs the site's own files "
+                        "(dataset = \"csv\", \"npz\" or \"image_folder\")")
     width = len(str(config.num_clients - 1))
-    for i, idx in enumerate(parts):
-        idx = rng.permutation(idx)
-        n_val = round(config.val_fraction * len(idx)) if len(idx) > 1 else 0
-        n_val = min(n_val, len(idx) - 1)
-        clients[f"client-{i:0{width}d}"] = ClientData(train.subset(np.sort(idx[n_val:])),
-                                                      train.subset(np.sort(idx[:n_val])))
+    clients = {f"client-{i:0{width}d}": _train_val(train.subset(idx), config, rng=rng)
+               for i, idx in enumerate(parts)}
     return FederatedData(clients, test, train.num_classes, train.shape, files)
+
+
+def _train_val(shard: Dataset, config: DataConfig, *, rng: np.random.Generator) -> ClientData:
+    """A client's shard, shuffled and split into train and ``val_fraction`` validation."""
+    idx = rng.permutation(len(shard))
+    n_val = round(config.val_fraction * len(idx)) if len(idx) > 1 else 0
+    n_val = min(n_val, len(idx) - 1)
+    return ClientData(shard.subset(np.sort(idx[n_val:])), shard.subset(np.sort(idx[:n_val])))
+
+
+def _per_file(config: DataConfig, *, rng: np.random.Generator) -> FederatedData:
+    """``partition = "files"``: every file matching ``path`` (a glob, sorted) is the data of
+    one client named by the file's stem, as each site holds its own file in a deployment.
+    The test set is ``test_path``, or the pooled stratified ``test_fraction`` of each file."""
+    paths = sorted(Path(p) for p in glob.glob(str(config.path)))
+    if len(paths) != config.num_clients:
+        raise DataError(f"[data] path {config.path!r} matches {len(paths)} files, but "
+                        f"num_clients = {config.num_clients} (partition = \"files\": one file "
+                        "per client)")
+    options = {"label": config.label, "features": config.features,
+               "num_classes": config.num_classes}
+    loaded = [load_source(config.dataset, p, **options) for p in paths]
+    shapes = {d.shape for d, _ in loaded}
+    if len(shapes) > 1:
+        raise DataError(f"[data] path {config.path!r}: files hold examples of different "
+                        f"shapes {sorted(shapes)}")
+    records = [r for _, r in loaded]
+    if config.test_path is not None:
+        test, record = load_source(config.dataset, config.test_path, **options)
+        records.append(record)
+        parts = [d for d, _ in loaded]
+    else:
+        halves = [split(d, config.test_fraction, rng=rng) for d, _ in loaded]
+        parts = [h[0] for h in halves]
+        held = [h[1] for h in halves]
+        test = Dataset(np.concatenate([h.features for h in held]),
+                       np.concatenate([h.labels for h in held]),
+                       max(h.num_classes for h in held), "test")
+    classes = max([d.num_classes for d in parts] + [test.num_classes])
+    same = lambda d: Dataset(d.features, d.labels, classes, d.name)  # noqa: E731
+    clients = {p.stem: _train_val(same(d), config, rng=rng) for p, d in zip(paths, parts,
+                                                                          strict=True)}
+    if len(clients) != len(paths):
+        raise DataError(f"[data] path {config.path!r}: two files share a name")
+    return FederatedData(clients, same(test), classes, parts[0].shape, tuple(records))
