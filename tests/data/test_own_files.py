@@ -169,3 +169,29 @@ def test_test_path_is_the_held_out_set(tmp_path):
     fed = federate(config.data, seed=0)
     assert len(fed.test) == 2 and [f.name for f in fed.files] == ["site.csv", "test.csv"]
     assert sum(len(c.train) + len(c.val) for c in fed.clients.values()) == 160
+
+
+def test_one_file_per_site_makes_one_client_per_file(tmp_path):
+    (tmp_path / "sites").mkdir()
+    for name, rows in (("site-a", 30), ("site-b", 20), ("site-c", 10)):
+        write(tmp_path / "sites" / f"{name}.csv", "a,b,label\n" + "".join(
+            f"{i},{i % 3},{i % 2}\n" for i in range(rows)))
+    path = write(tmp_path / "files.toml", textwrap.dedent("""
+        [data]
+        dataset = "csv"
+        path = "sites/site-*.csv"
+        partition = "files"
+        num_clients = 3
+        test_fraction = 0.2
+    """))
+    config = load_config(path)
+    fed = federate(config.data, seed=0)
+    assert sorted(fed.clients) == ["site-a", "site-b", "site-c"]
+    sizes = {c: len(d.train) + len(d.val) for c, d in fed.clients.items()}
+    assert sizes == {"site-a": 24, "site-b": 16, "site-c": 8} and len(fed.test) == 12
+    assert [f.rows for f in fed.files] == [30, 20, 10]
+    wrong = config.replace(data__num_clients=4)
+    with pytest.raises(DataError, match=r"matches 3 files, but num_clients = 4"):
+        federate(wrong.data, seed=0)
+    with pytest.raises(ConfigError, match=r"\[data\] partition = \"files\" needs dataset"):
+        load_config(write(tmp_path / "bad.toml", '[data]\npartition = "files"\n'))
