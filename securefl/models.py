@@ -122,7 +122,7 @@ def import_factory(config: ModelConfig) -> Callable[..., nn.Module]:
         target = getattr(target, part)
     if not callable(target):
         raise ConfigError(f"[model] factory {spec!r} is not callable")
-    return target  # type: ignore[return-value]
+    return target
 
 
 def own_model(own: OwnModel, in_shape: Sequence[int], num_classes: int, *,

@@ -63,19 +63,22 @@ def _load(config: DataConfig, *,
 def _load_files(config: DataConfig, *,
                 rng: np.random.Generator) -> tuple[Dataset, Dataset, tuple[FileRecord, ...]]:
     """A site's own file; the test set is ``test_path`` or a stratified ``test_fraction``."""
-    options = {"label": config.label, "features": config.features,
-               "num_classes": config.num_classes}
-    full, record = load_source(config.dataset, str(config.path), **options)
+    full, record = _source(config, str(config.path))
     if config.test_path is None:
         train, test = split(full, config.test_fraction, rng=rng)
         return train, test, (record,)
-    test, test_record = load_source(config.dataset, config.test_path, **options)
+    test, test_record = _source(config, config.test_path)
     if test.shape != full.shape:
         raise DataError(f"{config.test_path}: examples of shape {test.shape}, but "
                         f"{config.path} has {full.shape}")
     classes = max(full.num_classes, test.num_classes)
     fix = lambda d: Dataset(d.features, d.labels, classes, d.name)  # noqa: E731
     return fix(full), fix(test), (record, test_record)
+
+
+def _source(config: DataConfig, path: str | Path) -> tuple[Dataset, FileRecord]:
+    return load_source(config.dataset, path, label=config.label, features=config.features,
+                       num_classes=config.num_classes)
 
 
 def _load_embedded(config: DataConfig, *,
@@ -169,16 +172,14 @@ def _per_file(config: DataConfig, *, rng: np.random.Generator) -> FederatedData:
         raise DataError(f"[data] path {config.path!r} matches {len(paths)} files, but "
                         f"num_clients = {config.num_clients} (partition = \"files\": one file "
                         "per client)")
-    options = {"label": config.label, "features": config.features,
-               "num_classes": config.num_classes}
-    loaded = [load_source(config.dataset, p, **options) for p in paths]
+    loaded = [_source(config, p) for p in paths]
     shapes = {d.shape for d, _ in loaded}
     if len(shapes) > 1:
         raise DataError(f"[data] path {config.path!r}: files hold examples of different "
                         f"shapes {sorted(shapes)}")
     records = [r for _, r in loaded]
     if config.test_path is not None:
-        test, record = load_source(config.dataset, config.test_path, **options)
+        test, record = _source(config, config.test_path)
         records.append(record)
         parts = [d for d, _ in loaded]
     else:

@@ -124,14 +124,16 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None,
     if len(classes) < 2:
         raise DataError(f"{root}: needs one sub-folder per class (at least 2), found "
                         f"{len(classes)}")
-    digest, images, labels = hashlib.sha256(), [], []
+    digest = hashlib.sha256()
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for code, folder in enumerate(classes):
         for file in sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
             raw = _read(file)
             digest.update(file.relative_to(root).as_posix().encode() + b"\0" + raw)
             try:
-                with Image.open(io.BytesIO(raw)) as img:
-                    img = img.convert("L" if img.mode in ("1", "L", "I", "F") else "RGB")
+                with Image.open(io.BytesIO(raw)) as opened:
+                    img = opened.convert("L" if opened.mode in ("1", "L", "I", "F") else "RGB")
                     if size is not None:
                         img = img.resize((size[1], size[0]))
                     pixels = np.asarray(img, dtype=np.float32) / 255.0
