@@ -151,3 +151,19 @@ def test_bad_arrays_give_one_line_errors():
         with pytest.raises(DataError, match=pattern) as info:
             make()
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("extra", [
+    {"protection": {"kind": "he", "he": {"poly_modulus_degree": 4096,
+                                         "coeff_modulus_bits": [40, 30], "scale_bits": 25}}},
+    {"privacy": {"mode": "dp_fedavg", "noise_multiplier": 0.5, "clip_norm": 1.0}},
+    {"aggregation": {"rule": "trimmed_mean", "beta": 0.1}},
+], ids=["he", "dp_fedavg", "trimmed_mean"])
+def test_own_model_runs_under_every_protection_unchanged(extra):
+    x, y = table(600)
+    config = config_from_dict({"run": {"rounds": 2}, "client": {"lr": 0.2},
+                               "data": {"num_clients": 10, "partition": "iid"}, **extra})
+    result = own.run(config, model=sequential(), data=x, labels=y)
+    assert [len(r.clients) for r in result.history.rounds] == [10, 10]
+    assert not any(r.aborted for r in result.history.rounds)
+    assert 0.0 <= result.history.final.accuracy <= 1.0
