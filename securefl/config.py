@@ -55,10 +55,15 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["digits", "breast_cancer", "mnist", "mnist5k", "fashion_mnist", "cifar10",
-                     "synthetic"] = "digits"
+                     "synthetic", "csv", "npz", "image_folder", "python"] = "digits"
     path: str | None = None
+    #: a site's own files (csv, npz, image_folder): see :mod:`securefl.data.files`
+    test_path: str | None = None
+    label: str = "label"
+    features: tuple[str, ...] = ()
+    num_classes: int | None = None
     num_clients: int = 10
-    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards", "files"] = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2
     test_fraction: float = 0.2
@@ -80,15 +85,41 @@ class DataConfig:
         check(self.min_examples >= 1, "min_examples", f"must be >= 1, got {self.min_examples}")
         check(self.dataset not in ("mnist", "fashion_mnist", "cifar10") or bool(self.path),
               "path", f"is required for dataset {self.dataset!r} (a local folder)")
+        check(self.dataset not in ("csv", "npz", "image_folder") or bool(self.path), "path",
+              f"is required for dataset {self.dataset!r} (the site's own file or folder)")
+        check(self.partition != "files" or self.dataset in ("csv", "npz", "image_folder"),
+              "partition", "= \"files\" needs dataset = \"csv\", \"npz\" or \"image_folder\"")
+        check(self.num_classes is None or self.num_classes >= 2, "num_classes",
+              f"must be >= 2, got {self.num_classes}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["logistic", "mlp", "cnn"] = "mlp"
+    """A built-in model (``name``), or the site's own: ``factory = "package.module:function"``
+    (``name`` becomes ``"factory"``; ``path`` is the folder put first on the import path,
+    by default the config file's), or ``name = "python"`` for a module given as a Python
+    object through :mod:`securefl.own`, whose ``factory`` then records its class."""
+
+    name: Literal["logistic", "mlp", "cnn", "factory", "python"] = "mlp"
     hidden: tuple[int, ...] = (64,)
+    factory: str | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.factory is not None and self.name == "mlp":  # the default: factory wins
+            object.__setattr__(self, "name", "factory")
 
     def validate(self) -> None:
         check(all(h >= 1 for h in self.hidden), "hidden", f"sizes must be >= 1, got {self.hidden}")
+        check(self.name not in ("factory", "python") or self.factory is not None, "factory",
+              f"is required with name = {self.name!r}")
+        check(self.factory is None or self.name in ("factory", "python"), "factory",
+              f"and name = {self.name!r} both given; give one")
+        if self.name == "factory":
+            module, _, attr = str(self.factory).partition(":")
+            check(bool(module) and bool(attr) and all(
+                p.isidentifier() for p in (*module.split("."), *attr.split("."))), "factory",
+                f"must be \"package.module:function\", got {self.factory!r}")
 
 
 @dataclass(frozen=True)
@@ -281,4 +312,18 @@ def load_config(path: str | Path) -> Config:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return config_from_dict(table, source=str(path))
+    return _resolve_paths(config_from_dict(table, source=str(path)), path.parent)
+
+
+def _resolve_paths(config: Config, folder: Path) -> Config:
+    """A site's own files resolve from the config file's folder, as does the folder put on
+    the import path for ``[model] factory``."""
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else str((folder / value).resolve())
+
+    if config.data.dataset in ("csv", "npz", "image_folder"):
+        config = config.replace(data__path=absolute(config.data.path),
+                                data__test_path=absolute(config.data.test_path))
+    if config.model.name == "factory":
+        config = config.replace(model__path=absolute(config.model.path or "."))
+    return config

@@ -37,10 +37,11 @@ from securefl.engine.trainer import (
 )
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
-from securefl.models import build_model
+from securefl.models import OwnModel, build_model
 from securefl.params import Layout, flatten, unflatten
 from securefl.plots import pyplot, save_figure
 from securefl.protections import build_protection
+from securefl.provenance import provenance
 from securefl.rundir import append_jsonl, atomic_write, save_model, write_json
 
 __all__ = ["RunResult", "Simulation", "TestSetEvaluator", "build_server", "build_simulation",
@@ -89,23 +90,27 @@ class Simulation:
         return self.evaluator.layout
 
 
-def local_trainer(config: Config, data: FederatedData, client_id: str) -> LocalTrainer:
+def local_trainer(config: Config, data: FederatedData, client_id: str, *,
+                  model: OwnModel | None = None) -> LocalTrainer:
     """``client_id``'s trainer.  Simulation and deployment derive its seed the same way, from
-    ``(seed, the client's index)``, so a networked run reproduces a simulated one."""
+    ``(seed, the client's index)``, so a networked run reproduces a simulated one.
+    ``model``: the site's own (:func:`securefl.models.own_model`) instead of ``[model]``."""
     seed, c = config.run.seed, config.client
     index = list(data.clients).index(client_id)
     shard = data.clients[client_id]
     return LocalTrainer(
-        build_model(config.model, data.shape, data.num_classes, seed=seed), shard.train,
+        build_model(config.model, data.shape, data.num_classes, seed=seed, own=model),
+        shard.train,
         shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
         momentum=c.momentum, weight_decay=c.weight_decay,
         seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
 
-def central_evaluator(config: Config, data: FederatedData) -> TestSetEvaluator:
+def central_evaluator(config: Config, data: FederatedData, *,
+                      model: OwnModel | None = None) -> TestSetEvaluator:
     """The server's model, initialised from ``[run] seed``, with the held-out test set."""
     return TestSetEvaluator(build_model(config.model, data.shape, data.num_classes,
-                                        seed=config.run.seed), data.test)
+                                        seed=config.run.seed, own=model), data.test)
 
 
 def build_server(config: Config, transport: Transport, protection: ServerProtection,
@@ -113,7 +118,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
                  timeout: float | None = None,
                  root_data: FederatedData | None = None,
                  evaluator: TestSetEvaluator | None = None,
-                 run_id: bytes | None = None) -> tuple[Server, TestSetEvaluator]:
+                 run_id: bytes | None = None,
+                 model: OwnModel | None = None) -> tuple[Server, TestSetEvaluator]:
     """The round loop and the central evaluator, as both simulation and deployment build it.
 
     The initial model comes from ``[run] seed`` (``evaluator``: one already made by
@@ -124,11 +130,11 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
     seed, s = config.run.seed, config.server
     aggregator = config.aggregation.build()
     check_feasible(config, aggregator, num_clients=len(data.clients))
-    evaluator = evaluator or central_evaluator(config, data)
+    evaluator = evaluator or central_evaluator(config, data, model=model)
     reference = None
     if getattr(aggregator, "needs_reference", False):
         root = root_trainer(config, root_data or data,
-                            count=getattr(aggregator, "root_examples", 100))
+                            count=getattr(aggregator, "root_examples", 100), model=model)
         reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
     optimizer = build_server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum,
                                        beta1=s.beta1, beta2=s.beta2, tau=s.tau)
@@ -161,13 +167,15 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                      server_hooks: Sequence[Any] = (),
                      client_hooks: Mapping[str, Sequence[UpdateHook]] | None = None,
                      schedule: DropSchedule | None = None,
-                     root_data: FederatedData | None = None) -> Simulation:
+                     root_data: FederatedData | None = None,
+                     model: OwnModel | None = None) -> Simulation:
     """Assemble an in-process federation from ``config`` (nothing runs yet).
 
     ``data`` replaces the configured dataset (e.g. with poisoned client shards; then pass
     the clean one as ``root_data`` for the server's FLTrust root set);
     ``server_hooks`` and ``client_hooks`` inject attacks or defenses; ``schedule`` drops
-    clients deterministically (see :class:`InProcessTransport`).
+    clients deterministically (see :class:`InProcessTransport`); ``model`` is the users'
+    own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``.
     """
     data = data if data is not None else federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
@@ -181,7 +189,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
         if privacy is not None:
             hooks.extend(privacy.server_hooks)
 
-    local = {cid: local_trainer(config, data, cid) for cid in ids}
+    local = {cid: local_trainer(config, data, cid, model=model) for cid in ids}
     server_protection, client_protections = build_protection(config, ids,
                                                              layout=local[ids[0]].layout)
     trainers: dict[str, Trainer] = {}
@@ -201,7 +209,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                    dropout=sim_cfg.dropout, schedule=schedule,
                                    seed=config.run.seed)
     server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks,
-                                     root_data=root_data)
+                                     root_data=root_data, model=model)
     if privacy is not None and privacy.sampling_seed is not None:
         server.seed = privacy.sampling_seed  # DP-FedAvg's secret sample: not from the config
     view = None
@@ -218,7 +226,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                       view)
 
 
-def root_trainer(config: Config, data: FederatedData, *, count: int) -> LocalTrainer:
+def root_trainer(config: Config, data: FederatedData, *, count: int,
+                 model: OwnModel | None = None) -> LocalTrainer:
     """A trainer on the server's small clean root dataset (FLTrust, Cao et al. 2021).
 
     In simulation the root set is ``count`` examples drawn, with a seeded RNG, from the
@@ -231,8 +240,9 @@ def root_trainer(config: Config, data: FederatedData, *, count: int) -> LocalTra
     pick = np.sort(rng.choice(len(labels), size=min(count, len(labels)), replace=False))
     root = Dataset(features[pick], labels[pick], data.num_classes, "root")
     c = config.client
-    model = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed)
-    return LocalTrainer(model, root, root.subset(np.arange(0)), epochs=c.epochs,
+    net = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed,
+                      own=model)
+    return LocalTrainer(net, root, root.subset(np.arange(0)), epochs=c.epochs,
                         batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
                         momentum=c.momentum, weight_decay=c.weight_decay, seed=config.run.seed)
 
@@ -266,6 +276,8 @@ def _simulate(config: Config, run_dir: Path | None,
     started = time.perf_counter()
     sim = build_simulation(config, run_dir=run_dir, **build_options)
     setup_seconds = time.perf_counter() - started
+    if run_dir is not None:
+        write_json(run_dir / "provenance.json", provenance(sim.config, sim.data, sim.model))
     rows: list[dict[str, Any]] = []
 
     def record(rec: RoundRecord) -> None:

@@ -1,4 +1,5 @@
-"""Small reference models: logistic regression, MLP and a CNN for 8x8 to 32x32 images.
+"""Small reference models (logistic regression, MLP, a CNN for 8x8 to 32x32 images) and a
+site's own model (``[model] factory`` or a Python object, see :func:`own_model`).
 
 All layers are Opacus-compatible (no BatchNorm).  Parameters are initialised from an
 explicit ``torch.Generator`` (PyTorch's default ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
@@ -7,8 +8,12 @@ scheme), never from the global RNG, so the same seed gives the same model everyw
 
 from __future__ import annotations
 
+import copy
+import importlib
+import inspect
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +21,10 @@ from torch import nn
 from securefl.config import ModelConfig
 from securefl.errors import ConfigError
 
-__all__ = ["CNN", "MLP", "build_model", "logistic"]
+__all__ = ["CNN", "MLP", "OwnModel", "build_model", "import_factory", "logistic", "own_model"]
+
+#: what a user brings: a module (copied for every party) or a factory that returns one
+OwnModel = nn.Module | Callable[..., nn.Module]
 
 
 def logistic(in_features: int, num_classes: int) -> nn.Module:
@@ -56,8 +64,15 @@ class CNN(nn.Module):
 
 
 def build_model(config: ModelConfig, in_shape: Sequence[int], num_classes: int, *,
-                seed: int) -> nn.Module:
-    """Build the configured model for inputs of shape ``in_shape`` (without the batch axis)."""
+                seed: int, own: OwnModel | None = None) -> nn.Module:
+    """Build the configured model for inputs of shape ``in_shape`` (without the batch axis);
+    ``own`` (or ``[model] factory``) is the site's own model, see :func:`own_model`."""
+    if own is not None or config.name in ("factory", "python"):
+        if own is None and config.name == "python":
+            raise ConfigError("[model] name = \"python\" records a model given as a Python "
+                              "object; pass it again with securefl.own.run(..., model=...)")
+        return own_model(own if own is not None else import_factory(config), in_shape,
+                         num_classes, seed=seed)
     in_features = math.prod(in_shape)
     if config.name == "logistic":
         model = logistic(in_features, num_classes)
@@ -83,3 +98,67 @@ def initialise(model: nn.Module, generator: torch.Generator) -> None:
                 for param in (module.weight, module.bias):
                     if param is not None:
                         param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
+
+
+def import_factory(config: ModelConfig) -> Callable[..., nn.Module]:
+    """Resolve ``[model] factory = "package.module:function"`` like any import, with
+    ``[model] path`` (the config file's folder) searched first."""
+    spec = str(config.factory)
+    module_name, _, attr = spec.partition(":")
+    added = config.path is not None and config.path not in sys.path
+    if added:
+        sys.path.insert(0, str(config.path))
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"[model] factory {spec!r}: cannot import {module_name!r} ({exc}; "
+                          f"searched {config.path} first)") from None
+    finally:
+        if added:
+            sys.path.remove(str(config.path))
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"[model] factory {spec!r}: {module_name!r} has no {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"[model] factory {spec!r} is not callable")
+    return target
+
+
+def own_model(own: OwnModel, in_shape: Sequence[int], num_classes: int, *,
+              seed: int) -> nn.Module:
+    """A site's own model, checked: a module is deep-copied (every party starts from its
+    weights); a factory is called as ``factory()`` or ``factory(in_shape, num_classes)``
+    with torch's RNG forked and seeded from ``seed`` (the caller's RNG is left untouched,
+    and every party builds the same initial weights).  Float64 parameters become float32.
+    The model must map a batch of ``in_shape`` inputs to ``(batch, num_classes)`` logits."""
+    name = getattr(own, "__qualname__", type(own).__qualname__)
+    if isinstance(own, nn.Module):
+        model = copy.deepcopy(own)
+    elif callable(own):
+        required = [p for p in inspect.signature(own).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                           p.POSITIONAL_OR_KEYWORD)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = own(tuple(in_shape), num_classes) if required else own()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model factory {name} returned {type(model).__name__}, "
+                              "not a torch.nn.Module")
+    else:
+        raise ConfigError(f"a model must be a torch.nn.Module or a factory, got "
+                          f"{type(own).__name__}")
+    if not any(True for _ in model.parameters()):
+        raise ConfigError(f"model {name} has no parameters to train")
+    model = model.float()
+    with torch.no_grad():
+        try:
+            out = model.eval()(torch.zeros((2, *in_shape)))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ConfigError(f"model {name} does not accept inputs of shape "
+                              f"{tuple(in_shape)}: {str(exc).splitlines()[0]}") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError(f"model {name} returns shape {tuple(out.shape[1:])} per example, but "
+                          f"the data has {num_classes} classes (logits of shape "
+                          f"({num_classes},) needed)")
+    return model.train()

@@ -30,6 +30,11 @@ class Dataset:
     name: str
 
     def __post_init__(self) -> None:
+        # numpy's default float64 (and int32 labels) would fail deep inside torch: convert
+        if self.features.dtype != np.float32 and np.issubdtype(self.features.dtype, np.number):
+            object.__setattr__(self, "features", self.features.astype(np.float32))
+        if self.labels.dtype != np.int64 and np.issubdtype(self.labels.dtype, np.integer):
+            object.__setattr__(self, "labels", self.labels.astype(np.int64))
         if len(self.features) != len(self.labels):
             raise DataError(f"{self.name}: {len(self.features)} feature rows but "
                             f"{len(self.labels)} labels")
