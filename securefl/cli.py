@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--identities", help="identities.json (or its folder): the sites' "
                         "pinned keys; checks the sites' countersignatures and receipts")
     verify.add_argument("--site-head", action="append", metavar="FILE",
-                        help="a site's audit-head-<run>.json (repeatable)")
+                        help="a site's audit-head-<site>-<run>.json (repeatable)")
     return parser
 
 

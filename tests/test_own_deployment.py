@@ -84,3 +84,14 @@ def test_three_site_processes_train_their_own_model_on_their_own_csv(tmp_path):
     summary = json.loads((tmp_path / "state" / "summary.json").read_text())
     assert summary["final_accuracy"] >= 0.85
     assert verify(tmp_path / "state").ok
+    # with the sites' keys pinned: every round countersigned, every receipt verified, even
+    # though the three sites share one state folder
+    from securefl.runtime.auditlog import _identities as read_identities
+    from securefl.runtime.auditlog import audit_run
+
+    heads = sorted((tmp_path / "site-state").glob("audit-head-*.json"))
+    assert len(heads) == 3
+    report = audit_run(tmp_path / "state", identities=read_identities(tmp_path / "certs"),
+                       site_heads=heads)
+    assert report.ok, report.problems
+    assert not any("refused" in (tmp_path / f"{s}.log").read_text() for s in SITES)

@@ -14,7 +14,7 @@ A site signs only a statement of its own run whose round is later than the last 
 signed (or a byte-identical repeat of that one, after a server crash), and only when the ε
 the statement charges it equals the ε of its own privacy receipt for that round
 (:mod:`securefl.runtime.receipts`; no receipt, no charge).  It keeps its *head*
-(``audit-head-<run>.json``: the round and hash of the last statement it signed) on its own
+(``audit-head-<site>-<run>.json``: the round and hash of the last statement it signed) on its own
 disk.  The server writes ``S_t`` and the countersignatures into the ``round_end`` entry.
 
 Because ``S_t`` contains the chain head before it, every countersignature commits to the
@@ -127,7 +127,7 @@ class SiteWitness:
         self._lock = threading.Lock()
 
     def head_path(self, run: str) -> Path:
-        return self.state_dir / f"audit-head-{run}.json"
+        return self.state_dir / f"audit-head-{self.site}-{run}.json"
 
     def head(self, run: str) -> dict[str, Any] | None:
         path = self.head_path(run)

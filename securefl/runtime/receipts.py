@@ -11,7 +11,7 @@ receipt first makes the round's receipt::
 
 (``events`` lists every ledger row since the previous receipt: DP-FedAvg also charges the
 rounds a site was not sampled in.)  The site appends each receipt to its own
-``receipts-<run>.jsonl``; asked again for the same round it returns the same receipt.  It
+``receipts-<site>-<run>.jsonl``; asked again for the same round it returns the same receipt.  It
 answers with every receipt after the one the server names (so a receipt that reached the
 server too late, or not at all, is delivered with the next round's and the chain has no
 gap).  The server verifies each signature under the site's pinned identity key and the
@@ -103,7 +103,8 @@ class SiteReceipts:
         # the run id comes from the server: it must not name another file
         if not (0 < len(run) <= 64 and run.isascii() and run.isalnum()):
             raise ValueError("run id must be 1-64 ASCII letters or digits")
-        return self.state_dir / f"receipts-{run}.jsonl"
+        # named by site too: sites that share a state folder keep separate chains
+        return self.state_dir / f"receipts-{self.site}-{run}.jsonl"
 
     def chain(self, run: str) -> list[bytes]:
         path = self._path(run)

@@ -432,3 +432,18 @@ def test_a_receipt_lost_in_one_round_arrives_with_the_next(deployment, tmp_path)
     assert sorted(ends[1]["countersignatures"]) == SITES
     receipts, _ = read_receipts(report.events, identities)
     assert [b["round"] for b in receipts["client-2"]] == [1, 2]
+
+
+def test_sites_sharing_a_state_folder_keep_their_own_heads(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefl.runtime.evidence import SiteWitness
+
+    witnesses = [SiteWitness(site, identity=Ed25519PrivateKey.generate(), state_dir=tmp_path,
+                             pinned=lambda: bytes.fromhex("ab12")) for site in ("alpha", "beta")]
+    for witness in witnesses:
+        witness.countersign(_claim(1))
+    witnesses[0].countersign(_claim(2))
+    assert [w.head("ab12")["round"] for w in witnesses] == [2, 1]  # two files, no mixing
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit-head-alpha-ab12.json", "audit-head-beta-ab12.json"]
