@@ -12,7 +12,7 @@ from securefl.cli import main
 from securefl.config import clients_per_round, config_from_dict
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.server import Sampler
-from securefl.experiment import failure
+from securefl.output import failure
 from securefl.threat.controls import facts
 
 ROOT = Path(__file__).parents[1]

@@ -46,12 +46,8 @@ from securefl.engine.protection import KeepsModel
 from securefl.engine.server import Server
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
-from securefl.experiment import (
-    build_server,
-    central_evaluator,
-    plot_accuracy,
-    save_final_model,
-)
+from securefl.experiment import build_server, central_evaluator, save_final_model
+from securefl.output import plot_accuracy
 from securefl.rundir import append_jsonl, atomic_write, write_json
 from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
