@@ -32,6 +32,13 @@ from securefl.confparse import check
 __all__ = ["NetworkConfig", "split_address"]
 
 _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: the one description of a valid site name (it also names the site's files)
+SITE_NAMES = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def valid_site_name(name: str) -> bool:
+    """Whether ``name`` is a site name: :data:`SITE_NAMES`, so never a path."""
+    return bool(_SITE.match(name))
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -89,13 +96,13 @@ class NetworkConfig:
               f"must be a loopback address (127.0.0.1, ::1 or localhost) when insecure = true,"
               f" got {self.address!r}")
         for site, fingerprint in self.allowlist.items():
-            check(bool(_SITE.match(site)), "allowlist",
-                  f"site names must be 1-64 letters, digits, '.', '_' or '-', got {site!r}")
+            check(valid_site_name(site), "allowlist",
+                  f"site names must be {SITE_NAMES}, got {site!r}")
             check(isinstance(fingerprint, str) and bool(_FINGERPRINT.match(fingerprint)),
                   "allowlist", f"entry {site!r} must be a 64-digit lowercase hex SHA-256 "
                   f"certificate fingerprint, got {fingerprint!r}")
-        check(self.site is None or bool(_SITE.match(self.site)), "site",
-              f"must be 1-64 letters, digits, '.', '_' or '-', got {self.site!r}")
+        check(self.site is None or valid_site_name(self.site), "site",
+              f"must be {SITE_NAMES}, got {self.site!r}")
         check(self.round_timeout > 0, "round_timeout",
               f"must be > 0 seconds, got {self.round_timeout}")
         check(self.connect_timeout > 0, "connect_timeout",

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from securefl.errors import ConfigError
-from securefl.runtime.config import NetworkConfig
+from securefl.runtime.config import SITE_NAMES, NetworkConfig, valid_site_name
 
 __all__ = [
     "certificate_problem",
@@ -142,7 +142,10 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 
 def site_paths(directory: str | Path, site: str) -> tuple[Path, Path]:
-    """``(certificate, private key)`` paths of ``site`` inside a certs folder."""
+    """``(certificate, private key)`` paths of ``site`` inside a certs folder; a name that
+    is not a site name (``../x``, ``a b``) is refused before any path is built from it."""
+    if not valid_site_name(site):
+        raise ConfigError(f"site name {site!r} is not allowed: site names are {SITE_NAMES}")
     base = Path(directory) / "sites"
     return base / f"{site}.pem", base / f"{site}.key"
 
@@ -180,6 +183,8 @@ def init_certificates(directory: str | Path, sites: Sequence[str], *,
         raise ValueError(f"days must be >= 1, got {days}")
     if not sites or len(set(sites)) != len(sites):
         raise ValueError(f"sites must be distinct and non-empty, got {list(sites)}")
+    for site in sites:
+        site_paths(directory, site)  # refuses a name that is not a site name
     if (directory / "ca.key").exists():
         raise ConfigError(f"{directory}: a CA already exists; choose an empty folder")
     now = dt.datetime.now(_UTC) - dt.timedelta(hours=1)
@@ -209,8 +214,7 @@ def init_certificates(directory: str | Path, sites: Sequence[str], *,
     from securefl.runtime.deploy import init_identities
 
     init_identities(directory, sites)
-    lines = ["[network.allowlist]", *(f'{s} = "{f}"' for s, f in allowlist.items())]
-    (directory / "allowlist.toml").write_text("\n".join(lines) + "\n")
+    (directory / "allowlist.toml").write_text(allowlist_toml(allowlist))
     return allowlist
 
 
@@ -267,8 +271,7 @@ def renew_command(args: argparse.Namespace) -> int:
     print(f"renewed {len(renewed)} site certificates in {args.dir} for {args.days} days; "
           "replace these entries in the server's [network.allowlist] and restart it "
           "(--resume), then copy sites/<site>.pem and .key to each site")
-    for site, digest in renewed.items():
-        print(f'{site} = "{digest}"')
+    print(allowlist_toml(renewed), end="")
     return 0
 
 
@@ -300,7 +303,12 @@ def command(args: argparse.Namespace) -> int:
         init_he_context(args.dir, load_config(args.he).protection.he)
         print(f"wrote the CKKS contexts to {args.dir}/he (secret.ctx: sites only)")
     print(f"wrote CA, server and {len(sites)} site certificates to {args.dir}")
-    print("[network.allowlist]")
-    for site, digest in allowlist.items():
-        print(f'{site} = "{digest}"')
+    print(allowlist_toml(allowlist), end="")
     return 0
+
+
+def allowlist_toml(allowlist: dict[str, str]) -> str:
+    """The ``[network.allowlist]`` table to paste into a config (quoted keys: a site name
+    may hold a '.', which a bare TOML key would split)."""
+    return "[network.allowlist]\n" + "".join(f'"{site}" = "{digest}"\n'
+                                             for site, digest in allowlist.items())

@@ -33,8 +33,8 @@ def test_certs_init_writes_ca_server_sites_with_private_keys_0600(tmp_path, caps
     usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     digest = fingerprint((base / "sites" / "h2.pem").read_bytes())
-    assert f'h2 = "{digest}"' in out and len(digest) == 64
-    assert f'h2 = "{digest}"' in (base / "allowlist.toml").read_text()
+    assert f'"h2" = "{digest}"' in out and len(digest) == 64
+    assert f'"h2" = "{digest}"' in (base / "allowlist.toml").read_text()
     assert sorted(json.loads((base / "identities.json").read_text())) == ["h1", "h2", "h3"]
     server = x509.load_pem_x509_certificate((base / "server.pem").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -90,7 +90,7 @@ def test_certs_renew_reissues_a_site_certificate(tmp_path, capsys):
     pem = (folder / "sites" / "alpha.pem").read_bytes()
     assert certificate_problem(pem, now=later) is None
     out = capsys.readouterr().out
-    assert f'alpha = "{fingerprint(pem)}"' in out and fingerprint(pem) != old["alpha"]
+    assert f'"alpha" = "{fingerprint(pem)}"' in out and fingerprint(pem) != old["alpha"]
     assert (folder / "sites" / "beta.pem").read_bytes()  # untouched
     assert main(["certs", "renew", str(tmp_path / "nothing"), "--sites", "alpha"]) == 2
 
@@ -126,3 +126,25 @@ def test_example_shard_names_exist_at_every_site():
     text = (examples / "client.toml").read_text()
     for index, hospital in enumerate(hospitals):
         assert f"{hospital} = client-{index}" in text and f"client-{index}" in shards
+
+
+@pytest.mark.parametrize("bad", ["../x", "a b", "x/y", ".hidden", "é"])
+def test_certs_init_refuses_a_site_name_that_is_not_one(tmp_path, capsys, bad):
+    from securefl.cli import main
+
+    assert main(["certs", "init", str(tmp_path / "c"), "--sites", f"ok,{bad}"]) == 2
+    assert "site names are 1-64 letters" in capsys.readouterr().err
+    assert not (tmp_path / "x.key").exists() and not (tmp_path / "c" / "ca.key").exists()
+
+
+def test_the_printed_allowlist_is_valid_toml(tmp_path, capsys):
+    import tomllib
+
+    from securefl.cli import main
+
+    assert main(["certs", "init", str(tmp_path / "c"), "--sites", "site.a,b-2,c_3"]) == 0
+    printed = capsys.readouterr().out.split("\n", 1)[1]  # after the "wrote ..." line
+    table = tomllib.loads(printed)["network"]["allowlist"]
+    assert sorted(table) == ["b-2", "c_3", "site.a"]
+    assert tomllib.loads((tmp_path / "c" / "allowlist.toml").read_text()) == {
+        "network": {"allowlist": table}}
