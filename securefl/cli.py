@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from securefl.errors import SecureFLError
+from securefl.errors import RunFailed, SecureFLError
 
 __all__ = ["main"]
 
@@ -192,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler = getattr(importlib.import_module(module_name), function_name)
         return int(handler(args) or 0)
+    except RunFailed as exc:
+        print(f"securefl: failed: {exc}", file=sys.stderr)
+        return 1
     except SecureFLError as exc:
         print(f"securefl: error: {exc}", file=sys.stderr)
         return 2

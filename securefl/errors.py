@@ -17,6 +17,7 @@ __all__ = [
     "DataError",
     "MessageError",
     "ProtocolAbort",
+    "RunFailed",
     "SecureFLError",
 ]
 
@@ -37,6 +38,11 @@ class DataError(SecureFLError):
 
 class MessageError(SecureFLError):
     """A message could not be decoded or failed validation (malformed, wrong type, too big)."""
+
+
+class RunFailed(SecureFLError):
+    """The work asked for could not be done (the CLI exits 1, not 2): e.g. a server whose
+    sites never connected."""
 
 
 class BudgetExceeded(SecureFLError):

@@ -45,7 +45,7 @@ from securefl.engine.history import History, RoundRecord
 from securefl.engine.protection import KeepsModel
 from securefl.engine.server import Server
 from securefl.engine.transport import Transport
-from securefl.errors import ConfigError
+from securefl.errors import ConfigError, RunFailed
 from securefl.experiment import build_server, central_evaluator, save_final_model
 from securefl.output import plot_accuracy
 from securefl.rundir import append_jsonl, atomic_write, write_json
@@ -149,6 +149,12 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             wanted = net.min_connected or len(sites)
             ready = grpc_transport.wait_for_clients(wanted, timeout=net.connect_timeout)
             _log.info("%d of %d sites connected: %s", len(ready), len(sites), ready)
+            if len(ready) < wanted:  # no round that cannot finish, no charge for one
+                grpc_transport.close(notify=False)
+                raise RunFailed(f"only {len(ready)} of the {wanted} sites needed "
+                                f"([network] min_connected) connected within "
+                                f"{net.connect_timeout:g} s ({', '.join(ready) or 'none'}); "
+                                "no round was started")
         if last is not None and audit is not None:
             _audit_resume(audit, store, server, evidence, state, last)
         rows = [r["metrics"] for r in store.rounds() if r["status"] == "completed"]

@@ -155,11 +155,18 @@ class GrpcTransport:
             return sorted(self._sessions)
 
     def wait_for_clients(self, count: int, *, timeout: float) -> list[str]:
-        """Block until ``count`` sites are connected (or ``timeout``); returns who is."""
+        """Block until ``count`` sites are connected (or ``timeout``); returns who is.  The
+        wait is visible: every 10 s the log says who is in and how long is left."""
         deadline = time.monotonic() + timeout
+        next_note = time.monotonic()
         with self._cond:
-            while len(self._sessions) < count and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
+            while len(self._sessions) < count and (now := time.monotonic()) < deadline:
+                if now >= next_note:
+                    _log.info("waiting for sites: %d of %d connected (%s); %.0f s left",
+                              len(self._sessions), count,
+                              ", ".join(sorted(self._sessions)) or "none", deadline - now)
+                    next_note = now + 10.0
+                self._cond.wait(min(deadline - now, max(0.0, next_note - now)))
             return sorted(self._sessions)
 
     def exchange(self, requests: Mapping[str, Message], *, round: int,

@@ -334,3 +334,14 @@ def test_a_poisoning_site_is_refused_and_the_federation_trains_on(deployment, tm
     summary = json.loads((result.state_dir / "summary.json").read_text())
     assert summary["final_accuracy"] == result.history.final.accuracy
     assert caplog.text.count("rejected message from client-3: out-of-bounds value") == 2
+
+
+def test_a_server_whose_sites_never_come_starts_no_round(deployment, tmp_path):
+    from securefl.errors import RunFailed
+
+    config = make_config(deployment, tmp_path, connect_timeout=1.0, min_connected=2)
+    with pytest.raises(RunFailed, match="only 0 of the 2 sites needed"):
+        serve(config)
+    store = ServerStore(tmp_path / "state")
+    assert store.rounds() == [] and store.spent() == {}  # nothing run, nothing charged
+    store.close()
