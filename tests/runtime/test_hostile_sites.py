@@ -137,6 +137,10 @@ def test_a_stream_without_hello_is_cancelled_at_the_deadline(certs, caplog):
         assert _outcome(call) == grpc.StatusCode.CANCELLED
         gate.set()
         channel.close()
+        # the server's stream thread frees the slot once it leaves the cancelled read
+        deadline = time.monotonic() + 5.0
+        while fed.transport._hellos.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert fed.transport._hellos.pending == {}
         fed.join(EchoHandler("gamma"))
         out = fed.transport.exchange({"alpha": _evaluate_ins(), "gamma": _evaluate_ins()},
