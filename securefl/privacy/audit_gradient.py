@@ -182,10 +182,13 @@ def gradient_activity(model: torch.nn.Module, features: torch.Tensor, labels: to
 
 
 class _Scores:
-    """Client-side update hook: adds ``-Δ[c]`` of the client's own canaries to its scores."""
+    """Client-side update hook: adds ``-Δ[c]`` of the client's own canaries to its scores
+    (the canaries are set once drawn, before the first round)."""
 
-    def __init__(self, scores: np.ndarray, mine: np.ndarray, coordinates: np.ndarray) -> None:
-        self.scores, self.mine, self.coordinates = scores, mine, coordinates
+    def __init__(self) -> None:
+        self.scores = np.zeros(0)
+        self.mine = np.zeros(0, dtype=bool)
+        self.coordinates = np.zeros(0, dtype=np.int64)
 
     def __call__(self, update: Any) -> Any:
         self.scores[self.mine] -= np.asarray(update.delta, dtype=np.float64)[self.coordinates]
@@ -209,22 +212,22 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
 
     ``tamper`` plants a fault in each built trainer (tests and benchmarks only)."""
     from securefl.attacks.inference_suite import _accountant_epsilon
+    from securefl.data import federate
     from securefl.experiment import build_simulation
+    from securefl.models import build_model
+    from securefl.params import unflatten
 
     if config.privacy.mode not in ("none", "dp_sgd"):
         raise ConfigError(f"[privacy] gradient canaries audit sample-level DP-SGD or a "
                           f"non-private run, not mode = {config.privacy.mode!r} "
                           f"(use --canary input)")
-    from securefl.data import federate
-    from securefl.models import build_model
-    from securefl.params import unflatten
-
     data = federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
+    hooks = {cid: _Scores() for cid in ids}
+    simulation = build_simulation(config, data=data,
+                                  client_hooks={cid: [hook] for cid, hook in hooks.items()})
     model = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed)
-    probe = build_simulation(config, data=data)
-    unflatten(model, probe.server.parameters)
-    probe.transport.close()
+    unflatten(model, simulation.server.parameters)
     activity = gradient_activity(
         model, torch.from_numpy(np.concatenate([c.train.features for c in data.clients.values()])),
         torch.from_numpy(np.concatenate([c.train.labels for c in data.clients.values()])))
@@ -233,10 +236,9 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
                              norm=norm_factor * clip,
                              rng=np.random.default_rng([config.run.seed, 0xA0D2]))
     scores = np.zeros(num_canaries)
-    hooks = {cid: [_Scores(scores, canaries.owners == index,
-                           canaries.coordinates[canaries.owners == index])]
-             for index, cid in enumerate(ids)}
-    simulation = build_simulation(config, data=data, client_hooks=hooks)
+    for index, hook in enumerate(hooks.values()):
+        hook.scores, hook.mine = scores, canaries.owners == index
+        hook.coordinates = canaries.coordinates[hook.mine]
     for index, cid in enumerate(ids):
         trainer = simulation.trainers[cid]
         if tamper is not None:
