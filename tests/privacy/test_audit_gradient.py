@@ -49,9 +49,8 @@ def _no_clipping(_cid: str, trainer: Any) -> None:
 
 
 def _four_times_rate(_cid: str, trainer: Any) -> None:
-    sampler = trainer.loader.batch_sampler
-    assert 4 * sampler.sample_rate < 1
-    sampler.sample_rate *= 4
+    sampler = trainer.loader.batch_sampler  # 4 q, at most 1 (a client with q = 1/4 in the
+    sampler.sample_rate = min(1.0, 4 * sampler.sample_rate)  # Dirichlet split samples all)
 
 
 BUGS: dict[str, Callable[[str, Any], None]] = {
@@ -69,7 +68,16 @@ def test_correct_pipeline_passes_the_gate() -> None:
 
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_planted_bug_fails_the_gate(bug: str) -> None:
-    report, _, _ = run_gradient_audit(_config(), num_canaries=CANARIES, tamper=BUGS[bug])
+    rates: list[tuple[float, float]] = []  # (sampled, accounted) per client
+
+    def tamper(cid: str, trainer: Any) -> None:
+        BUGS[bug](cid, trainer)
+        rates.append((trainer.loader.batch_sampler.sample_rate, trainer.sample_rate))
+
+    report, _, _ = run_gradient_audit(_config(), num_canaries=CANARIES, tamper=tamper)
+    if bug == "four_times_rate":  # still below 1 here: exactly four times the accounted rate
+        assert len(rates) == 2 and all(real == pytest.approx(4 * told) and real < 1
+                                       for real, told in rates)
     assert report.accountant_epsilon <= CLAIMED + 1e-9  # the accountant does not see the bug
     assert gate_fails(report), report
 
