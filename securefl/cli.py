@@ -98,11 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     privacy_report.add_argument("run_dir")
     audit = add(privacy_sub, "audit", help="empirical epsilon lower bound with canaries")
     audit.add_argument("config")
-    audit.add_argument("--out", help="output directory")
+    audit.add_argument("--out", help="output directory for audit.json and audit-scores.png "
+                       "(default: the working directory)")
     audit.add_argument("--seed", type=int, help="override [run] seed")
-    audit.add_argument("--canaries", type=_at_least(2), default=200,
-                       help="mislabelled canaries, each inserted with probability 1/2 "
-                       "(default 200)")
+    audit.add_argument("--canary", choices=("gradient", "input"), default="gradient",
+                       help="white-box Dirac gradient canaries (default; DP-SGD or no DP) or "
+                       "mislabelled input canaries")
+    audit.add_argument("--canaries", type=_at_least(2), default=None,
+                       help="canaries, each inserted with probability 1/2 (default 1000 "
+                       "gradient, 200 input)")
+    audit.add_argument("--gate", action="store_true",
+                       help="exit 1 when the lower bound exceeds the accountant's epsilon")
     audit.add_argument("--confidence", type=_open_unit, default=0.95,
                        help="confidence of the lower bound (default 0.95)")
 

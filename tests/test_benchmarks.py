@@ -83,3 +83,12 @@ def test_round() -> None:
         assert parts["training"] > 0
     assert rows["secagg"]["breakdown_s"]["protection"] > 0
     assert rows["plain"]["breakdown_s"]["accounting"] == 0  # no DP, no accounting
+
+
+@pytest.mark.slow
+def test_audit_quick() -> None:
+    report = run("audit.py", "--seeds", "1", "--rounds", "1", "--canaries", "500")
+    assert report["seeds"] == 1 and report["accountant_epsilon_max"] <= 1.0 + 1e-9
+    assert set(report["catch_rate"]) == {"noise_off", "tenth_sigma", "no_clipping",
+                                         "four_times_rate"}
+    assert report["cost_vs_training_median"] > 0

@@ -21,7 +21,11 @@ probability ``confidence`` if the training run is (ε, δ)-DP:
 :func:`run_audit` inserts mislabelled canaries into the clients' training data, trains a
 federation with securefl's own pipeline, scores every canary by its logit-scaled confidence
 in the canary label, and reports both the bound and the accountant's ε; ``securefl privacy
-audit CONFIG`` runs it from a config file.
+audit CONFIG --canary input`` runs it from a config file.  It is weak: on the shipped
+configurations it bounds nothing (0.0).  The default, ``--canary gradient``, is the white-box
+audit of :mod:`securefl.privacy.audit_gradient`.  ``--gate`` turns either into a check: exit 1
+when the lower bound exceeds the accountant's ε (:func:`gate_fails`), evidence that the pipeline
+does not deliver what it accounts.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "AuditReport",
     "clopper_pearson_lower_bound",
     "command",
+    "gate_fails",
     "insert_canaries",
     "one_run_lower_bound",
     "one_run_p_value",
@@ -191,6 +196,7 @@ class AuditReport:
     num_guesses: int
     num_correct: int
     test_accuracy: float
+    canary: str = "input"
 
     def to_json(self) -> dict[str, float | int | str | None]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -227,8 +233,37 @@ def insert_canaries(data: FederatedData, *, num_canaries: int,
     return federation, canaries, included
 
 
+def gate_fails(report: AuditReport) -> bool:
+    """The gate: the empirical lower bound exceeds the accountant's ε.  If the run were
+    (ε, δ)-DP this happens with probability at most ``1 - confidence``."""
+    return report.epsilon_lower_bound > report.accountant_epsilon
+
+
+def write_score_plot(scores: np.ndarray, included: np.ndarray, path: Path, *,
+                     title: str) -> Path:
+    """Histogram of the canary scores, inserted (IN) against not inserted (OUT)."""
+    from securefl.plots import pyplot, save_figure
+
+    figure, axes = pyplot().subplots(figsize=(6, 3.5))
+    bins = np.histogram_bin_edges(scores, bins=40)
+    axes.hist(scores[included], bins=bins, alpha=0.6, label=f"in ({int(included.sum())})")
+    axes.hist(scores[~included], bins=bins, alpha=0.6, label=f"out ({int((~included).sum())})")
+    axes.set_xlabel("canary score")
+    axes.set_ylabel("canaries")
+    axes.set_title(title, fontsize=9)
+    axes.legend()
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def run_audit(config: Config, *, num_canaries: int = 200, confidence: float = 0.95
               ) -> AuditReport:
+    """The input-canary audit's report (:func:`_input_audit`)."""
+    return _input_audit(config, num_canaries=num_canaries, confidence=confidence)[0]
+
+
+def _input_audit(config: Config, *, num_canaries: int, confidence: float
+                 ) -> tuple[AuditReport, np.ndarray, np.ndarray]:
     """Insert canaries, train ``config`` with securefl's pipeline, score each canary by the
     final model's logit-scaled confidence in its (wrong) label, and bound ε from one run."""
     from securefl.attacks.inference_suite import train_federation
@@ -248,27 +283,41 @@ def run_audit(config: Config, *, num_canaries: int = 200, confidence: float = 0.
     accuracy = float((test_logits.argmax(axis=1) == data.test.labels).mean())
     delta = config.privacy.delta
     bound = one_run_lower_bound(scores, included, delta=delta, confidence=confidence)
-    return AuditReport(bound.epsilon, trained.epsilon, delta, confidence, bound.method,
-                       num_canaries, int(included.sum()), bound.num_guesses,
-                       bound.num_correct, accuracy)
+    report = AuditReport(bound.epsilon, trained.epsilon, delta, confidence, bound.method,
+                         num_canaries, int(included.sum()), bound.num_guesses,
+                         bound.num_correct, accuracy)
+    return report, scores, included
 
 
 def command(args: argparse.Namespace) -> int:
-    """``securefl privacy audit CONFIG``: print (and with ``--out`` write) ``audit.json``."""
+    """``securefl privacy audit CONFIG``: print and write ``audit.json`` and
+    ``audit-scores.png`` (to ``--out``, default the working directory); with ``--gate``
+    exit 1 when :func:`gate_fails`."""
     from securefl.config import load_config
+    from securefl.privacy.audit_gradient import run_gradient_audit
 
     config = load_config(args.config)
     if args.seed is not None:
         config = config.replace(run__seed=args.seed)
-    report = run_audit(config, num_canaries=args.canaries, confidence=args.confidence)
-    text = json.dumps(report.to_json(), indent=2)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "audit.json").write_text(text + "\n", encoding="utf-8")
-    print(text)
+    if args.canary == "gradient":
+        report, scores, included = run_gradient_audit(
+            config, num_canaries=args.canaries or 1000, confidence=args.confidence)
+    else:
+        report, scores, included = _input_audit(config, num_canaries=args.canaries or 200,
+                                                confidence=args.confidence)
+    failed = gate_fails(report)
+    text = json.dumps({**report.to_json(), "gate": "fail" if failed else "pass"}, indent=2)
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(text + "\n", encoding="utf-8")
     accountant = ("not private" if not math.isfinite(report.accountant_epsilon)
                   else f"{report.accountant_epsilon:.3f}")
-    print(f"empirical epsilon lower bound {report.epsilon_lower_bound:.3f} "
-          f"(confidence {report.confidence:.0%}) vs accountant epsilon {accountant}")
+    summary = (f"empirical epsilon lower bound {report.epsilon_lower_bound:.3f} "
+               f"(confidence {report.confidence:.0%}) vs accountant epsilon {accountant}")
+    write_score_plot(scores, included, out / "audit-scores.png", title=summary)
+    print(text)
+    print(summary)
+    if args.gate and failed:
+        print("audit gate FAILED: the pipeline leaks more than its accountant says")
+        return 1
     return 0
