@@ -121,14 +121,13 @@ def train_federation(config: Config, data: FederatedData) -> Trained:
     if recorder.combined is None:
         raise RuntimeError(f"round {rounds} produced no combined update (all clients failed)")
     return Trained(simulation.server.parameters.copy(), previous, recorder.combined,
-                   _accountant_epsilon(simulation, config))
+                   accountant_epsilon(simulation))
 
 
-def _accountant_epsilon(simulation: Any, config: Config) -> float:
-    if config.privacy.mode == "none" or simulation.privacy is None:
-        return float("inf")
-    ledger = simulation.privacy.ledger
-    return max(ledger.epsilon(cid, delta=config.privacy.delta) for cid in ledger.clients())
+def accountant_epsilon(simulation: Any) -> float:
+    """The largest ε the run's ledgers hold; infinite for a run without DP."""
+    privacy = simulation.privacy
+    return float("inf") if privacy is None else float(privacy.largest_epsilon())
 
 
 def _config(cell: Mapping[str, Any], *, seed: int, rounds: int, clients: int, epochs: int,

@@ -80,6 +80,13 @@ class PrivacySetup:
     sampling_rate: float | None = None
     _trainers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
+    def largest_epsilon(self) -> float:
+        """The largest ε any client's ledger holds, at the configured δ (what an audit's
+        lower bound is compared against)."""
+        ledger = self.ledger
+        return max((ledger.epsilon(cid, delta=self.config.delta) for cid in ledger.clients()),
+                   default=0.0)
+
     def wrap_trainer(self, client_id: str, base: Any) -> Any:
         """The private trainer of ``client_id``, built once and reused (same ``base``)."""
         if client_id not in self.noise_multipliers:

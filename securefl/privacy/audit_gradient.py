@@ -26,6 +26,7 @@ non-private client); the library's DP path is not changed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -150,10 +151,12 @@ def install_canaries(trainer: Any, *, layout: Layout, coordinates: np.ndarray, n
     """Insert Dirac canaries ``norm * e_c`` (``c`` in ``coordinates``) into ``trainer``'s
     steps: into the per-example gradients before clipping for DP-SGD, into the mini-batch
     gradient for a non-private client."""
-    from securefl.engine.trainer import LocalTrainer
+    from securefl.engine.trainer import LocalTrainer, RoundRewind
     from securefl.privacy.dp_sgd import DPSGDTrainer
 
     injector = _Injector(layout, coordinates, norm, rng)
+    if isinstance(trainer, RoundRewind):  # a simulation's plain trainer, wrapped for redos
+        trainer = trainer.base
     if isinstance(trainer, DPSGDTrainer):
         _dp_sgd_hook(trainer, injector)
     elif isinstance(trainer, LocalTrainer):
@@ -211,7 +214,6 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
     ``[privacy] max_grad_norm``; 1 when non-private) and score them.
 
     ``tamper`` plants a fault in each built trainer (tests and benchmarks only)."""
-    from securefl.attacks.inference_suite import _accountant_epsilon
     from securefl.data import federate
     from securefl.experiment import build_simulation
     from securefl.models import build_model
@@ -251,8 +253,9 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
         simulation.server.run(config.run.rounds)
     finally:
         simulation.transport.close()
-    return CanaryRun(scores, canaries, _accountant_epsilon(simulation, config),
-                     simulation.server.parameters.copy())
+    privacy = simulation.privacy
+    spent = math.inf if privacy is None else privacy.largest_epsilon()
+    return CanaryRun(scores, canaries, spent, simulation.server.parameters.copy())
 
 
 def run_gradient_audit(config: Config, *, num_canaries: int = 1000, confidence: float = 0.95,
