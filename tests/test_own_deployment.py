@@ -69,8 +69,9 @@ def test_three_site_processes_train_their_own_model_on_their_own_csv(tmp_path):
     server.write_text(base + data.replace("[data]", '[data]\npath = "sites/test.csv"\n'
                                           'test_path = "sites/test.csv"'))
     for site in SITES:  # each site: its own file, its whole file for training
-        (tmp_path / f"{site}.toml").write_text(
-            base.replace("[network]", f'[network]\nsite = "{site}"\ndata_shard = "client-0"')
+        own = base.replace(str(tmp_path / "site-state"), str(tmp_path / f"site-state-{site}"))
+        (tmp_path / f"{site}.toml").write_text(  # and its own disk for ledger and evidence
+            own.replace("[network]", f'[network]\nsite = "{site}"\ndata_shard = "client-0"')
             + data + f'path = "sites/{site}.csv"\ntest_path = "sites/test.csv"\n')
     proc = start("server", str(server), log=tmp_path / "server.log")
     clients = {s: start("client", str(tmp_path / f"{s}.toml"), log=tmp_path / f"{s}.log")
@@ -84,12 +85,11 @@ def test_three_site_processes_train_their_own_model_on_their_own_csv(tmp_path):
     summary = json.loads((tmp_path / "state" / "summary.json").read_text())
     assert summary["final_accuracy"] >= 0.85
     assert verify(tmp_path / "state").ok
-    # with the sites' keys pinned: every round countersigned, every receipt verified, even
-    # though the three sites share one state folder
+    # with the sites' keys pinned: every round countersigned, every receipt verified
     from securefl.runtime.auditlog import _identities as read_identities
     from securefl.runtime.auditlog import audit_run
 
-    heads = sorted((tmp_path / "site-state").glob("audit-head-*.json"))
+    heads = sorted(tmp_path.glob("site-state-*/audit-head-*.json"))
     assert len(heads) == 3
     report = audit_run(tmp_path / "state", identities=read_identities(tmp_path / "certs"),
                        site_heads=heads)
