@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from securefl.engine.session import RUN_ID_BYTES
+from securefl.engine.session import RUN_ID_BYTES, model_digest
 from securefl.errors import ConfigError
 from securefl.rundir import atomic_write
 
@@ -45,8 +45,8 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 
 def model_hash(vector: np.ndarray) -> str:
-    """SHA-256 of the model's float32 bytes (what the audit log records)."""
-    return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+    """:func:`~securefl.engine.session.model_digest` in hex (what the audit log records)."""
+    return model_digest(vector).hex()
 
 
 

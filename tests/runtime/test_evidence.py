@@ -221,6 +221,15 @@ def test_resuming_a_finished_run_returns_at_once_and_keeps_the_summary(run, tmp_
 
 
 # ----------------------------------------------------------------------------- the site side
+def pinned_audit(result, config, site_dirs):
+    """``audit verify`` with the sites' keys and heads pinned; it must pass."""
+    identities = read_identities(Path(config.network.certs))
+    heads = sorted(site_dirs.glob("*/audit-head-*.json"))
+    report = audit_run(result.state_dir, identities=identities, site_heads=heads)
+    assert report.ok, report.problems
+    return report, identities
+
+
 def _witness(tmp_path, charged=None):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -355,10 +364,7 @@ def test_dp_fedavg_receipts_cover_every_round_a_site_took_part_in(deployment, tm
         result = serve(config)
     finally:
         sites.join()
-    identities = read_identities(Path(config.network.certs))
-    heads = sorted((tmp_path / "sites").glob("*/audit-head-*.json"))
-    report = audit_run(result.state_dir, identities=identities, site_heads=heads)
-    assert report.ok, report.problems
+    report, identities = pinned_audit(result, config, tmp_path / "sites")
     receipts, problems = read_receipts(report.events, identities)
     store = ServerStore(result.state_dir)
     spent = store.spent()
@@ -421,10 +427,7 @@ def test_a_receipt_lost_in_one_round_arrives_with_the_next(deployment, tmp_path)
         result = serve(config)
     finally:
         sites.join()
-    identities = read_identities(Path(config.network.certs))
-    heads = sorted((tmp_path / "sites").glob("*/audit-head-*.json"))
-    report = audit_run(result.state_dir, identities=identities, site_heads=heads)
-    assert report.ok, report.problems
+    report, identities = pinned_audit(result, config, tmp_path / "sites")
     ends = [e["data"] for e in report.events if e["event"] == "round_end"]
     assert "client-2" not in ends[0]["receipts"] and len(ends[1]["receipts"]["client-2"]) == 2
     # the statement of round 1 lacked its charge, so client-2 did not countersign it
