@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from securefl.config import Config, load_config
-from securefl.experiment import build_simulation
 from securefl.privacy.audit import gate_fails
 from securefl.privacy.audit_gradient import run_gradient_audit
+from securefl.simulation import build_simulation
 
 ROOT = Path(__file__).parents[1]
 

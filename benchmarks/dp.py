@@ -51,10 +51,10 @@ from securefl.config import ModelConfig
 from securefl.data.datasets import Dataset
 from securefl.engine.trainer import LocalTrainer
 from securefl.models import build_model
-from securefl.params import flatten, unflatten
 from securefl.privacy.dp_sgd import GRAD_SAMPLE_MODES, DPSGDTrainer
 from securefl.privacy.ledger import PrivacyLedger
 from securefl.privacy.randomness import SecurePoissonSampler, SecureRandom
+from securefl.vector import flatten, unflatten
 
 SHAPE = (1, 28, 28)
 CLASSES = 10

@@ -82,7 +82,7 @@ def flower_round_seconds(n: int, d: int, repeats: int) -> float | None:
 
 
 def quickstart_startup() -> float:
-    from securefl.experiment import build_simulation
+    from securefl.simulation import build_simulation
 
     config = load_config("examples/quickstart.toml")
     t0 = time.perf_counter()

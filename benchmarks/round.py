@@ -41,7 +41,7 @@ import numpy as np
 
 from securefl.config import Config, config_from_dict
 from securefl.engine.trainer import torch_threads
-from securefl.experiment import build_simulation
+from securefl.simulation import build_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 #: variant -> (DP-SGD grad_sample_mode or None, protection kind)

@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Config": "securefl.config",
-    "load_config": "securefl.config",
-    "config_from_dict": "securefl.config",
-    "build_simulation": "securefl.experiment",
-    "run_simulation": "securefl.experiment",
+    "load_config": "securefl.build",
+    "config_from_dict": "securefl.build",
+    "build_simulation": "securefl.simulation",
+    "run_simulation": "securefl.simulation",
     "SecureFLError": "securefl.errors",
     "ProtocolAbort": "securefl.errors",
     "BudgetExceeded": "securefl.errors",

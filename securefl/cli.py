@@ -23,7 +23,7 @@ __all__ = ["main"]
 # sub-command path -> "module:function"; each function takes the parsed Namespace, returns
 # the exit status.
 _HANDLERS = {
-    ("run",): "securefl.experiment:command",
+    ("run",): "securefl.simulation:command",
     ("check",): "securefl.threat:command",
     ("report",): "securefl.report:command",
     ("privacy", "report"): "securefl.privacy.report:command",

@@ -1,8 +1,19 @@
-"""What a run leaves behind: the run directory it writes into, its summary, its accuracy
-plot, and the one-line verdict of a run that did not do what was asked."""
+"""What a run leaves behind, written so that nothing is ever half-written.
+
+* files: :func:`atomic_write` (a temporary file, fsync, rename, fsync of the folder),
+  :func:`write_json`, :func:`append_jsonl`, :func:`save_model` (safetensors: no code on load);
+* plots: :func:`pyplot` (matplotlib on the headless Agg backend) and :func:`save_figure`;
+* the run directory: :func:`run_directory` (never mixes two runs), :func:`summary`,
+  :func:`plot_accuracy`, and :func:`failure`, the one-line verdict of a run that did not do
+  what was asked.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,9 +23,72 @@ import numpy as np
 from securefl.config import Config
 from securefl.engine.history import History
 from securefl.errors import ConfigError
-from securefl.plots import pyplot, save_figure
 
-__all__ = ["failure", "plot_accuracy", "run_directory", "summary"]
+__all__ = ["append_jsonl", "atomic_write", "failure", "plot_accuracy", "pyplot",
+           "run_directory", "save_figure", "save_model", "summary", "write_json"]
+
+
+def atomic_write(path: str | Path, data: bytes | str, *, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically: a same-directory temp file (created with
+    ``mode`` when given, e.g. 0o600 for a key), fsync, rename, then fsync of the directory so
+    the rename itself survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Rewrite a JSON-lines file with ``rows`` atomically (files stay small: one row a round)."""
+    return atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def save_model(path: str | Path, tensors: dict[str, np.ndarray],
+               metadata: dict[str, str] | None = None) -> Path:
+    """Save parameters as safetensors (no code on load), atomically."""
+    from safetensors.numpy import save
+
+    return atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                   metadata=metadata))
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: str | Path, *, dpi: int = 110, **options: Any) -> Path:
+    """Render ``figure`` to PNG, write it atomically to ``path`` and close the figure."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, **options)
+    pyplot().close(figure)
+    return atomic_write(path, buffer.getvalue())
 
 
 def summary(config: Config, history: History, setup: float, total: float) -> dict[str, Any]:

@@ -42,8 +42,8 @@ from securefl.config import Config, ModelConfig
 from securefl.data import Dataset, FederatedData, federate
 from securefl.data.own import as_dataset, from_torch
 from securefl.errors import DataError
-from securefl.experiment import RunResult, Simulation, build_simulation, run_simulation
 from securefl.models import OwnModel
+from securefl.simulation import RunResult, Simulation, build_simulation, run_simulation
 
 __all__ = ["federation", "recorded", "run", "simulation"]
 
@@ -93,7 +93,7 @@ def recorded(config: Config, model: OwnModel) -> Config:
 
 def simulation(config: Config, *, model: OwnModel, data: Data, labels: Any = None,
                test: Data | tuple[Any, Any] | None = None, **options: Any) -> Simulation:
-    """:func:`securefl.experiment.build_simulation` on users' model and data."""
+    """:func:`securefl.simulation.build_simulation` on users' model and data."""
     return build_simulation(recorded(config, model), data=federation(config, data, labels,
                                                                      test=test),
                             model=model, **options)
@@ -102,7 +102,7 @@ def simulation(config: Config, *, model: OwnModel, data: Data, labels: Any = Non
 def run(config: Config | None = None, *, model: OwnModel, data: Data, labels: Any = None,
         test: Data | tuple[Any, Any] | None = None, out_dir: str | Path | None = None,
         **options: Any) -> RunResult:
-    """:func:`securefl.experiment.run_simulation` on users' model and data; with
+    """:func:`securefl.simulation.run_simulation` on users' model and data; with
     ``out_dir``, the full run directory (``config.toml``, ``provenance.json``, metrics,
     model, summary, and ``privacy.json`` under DP)."""
     config = config or Config()

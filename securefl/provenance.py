@@ -2,7 +2,7 @@
 
 * ``model``: its source (a built-in name, the ``[model] factory`` import path, or the class
   of a Python object), its class, and its parameter layout (name, shape, dtype of every
-  parameter, in :class:`~securefl.params.Layout` order) with ``layout_sha256``, the SHA-256
+  parameter, in :class:`~securefl.vector.Layout` order) with ``layout_sha256``, the SHA-256
   of that layout's canonical JSON.  Two parties with the same hash flatten to the same
   vector.
 * ``data``: the source, the files read (name, rows, SHA-256 of their bytes), and for each

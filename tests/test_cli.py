@@ -113,3 +113,21 @@ def test_sampler_and_threat_checker_agree_on_clients_per_round():
     import tomllib
 
     assert facts(config_from_dict(tomllib.loads(text))).clients_per_round == 7
+
+
+def test_threat_checker_takes_secagg_degree_and_threshold_from_the_graph():
+    # neighbours = 3 at n = 5: the Harary graph raises an odd k with odd n to k = 4, t = 3
+    from securefl.secagg.graph import degree, threshold_for
+    from securefl.threat.controls import secagg_share_threshold
+    from securefl.threat.model import load_threat_model
+
+    text = QUICKSTART.replace("num_clients = 10", "num_clients = 5")
+    import tomllib
+
+    table = tomllib.loads(text)
+    table["protection"] = {"kind": "secagg", "secagg": {"neighbours": 3}}
+    known = facts(config_from_dict(table))
+    assert known.clients_per_round == 5
+    model = load_threat_model("honest-but-curious-server")
+    assert secagg_share_threshold(known, model) == (4, 3)
+    assert (degree(5, neighbours=3), threshold_for(4, fraction=0.5)) == (4, 3)

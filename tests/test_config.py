@@ -2,7 +2,8 @@ import tomllib
 
 import pytest
 
-from securefl.config import Config, config_from_dict, load_config
+from securefl.build import config_from_dict, load_config
+from securefl.config import Config
 from securefl.errors import ConfigError
 
 

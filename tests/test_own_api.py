@@ -67,7 +67,7 @@ def test_recorded_config_is_refused_without_the_python_objects(tmp_path):
     x, y = table(200)
     config = config_from_dict({"run": {"rounds": 1}, "data": {"num_clients": 2}})
     recorded = own.recorded(config, sequential())
-    from securefl.experiment import build_simulation
+    from securefl.simulation import build_simulation
 
     with pytest.raises(DataError, match=r"dataset = \"python\".*securefl.own.run"):
         build_simulation(recorded)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from securefl.config import load_config
-from securefl.experiment import run_simulation
+from securefl.simulation import run_simulation
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hospital"
 

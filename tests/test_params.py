@@ -5,7 +5,7 @@ from torch import nn
 
 from securefl.config import ModelConfig
 from securefl.models import build_model
-from securefl.params import Layout, flatten, unflatten
+from securefl.vector import Layout, flatten, unflatten
 
 
 @pytest.mark.parametrize("name,shape", [("logistic", (30,)), ("mlp", (1, 8, 8)),

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from securefl.config import load_config
-from securefl.experiment import run_simulation
+from securefl.simulation import run_simulation
 
 
 def test_quickstart_reduced_rounds_reaches_accuracy_and_is_deterministic(tmp_path):

@@ -177,7 +177,7 @@ def test_require_is_silent_without_a_threat_model_and_lists_every_failure() -> N
 
 
 def test_securefl_run_refuses_to_start_when_the_check_fails(tmp_path: Path) -> None:
-    from securefl.experiment import run_simulation
+    from securefl.simulation import run_simulation
 
     quick = load_config(FIXTURES / "quickstart.toml")
     out = tmp_path / "run"

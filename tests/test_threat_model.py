@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from securefl.config import Config, ServerConfig
+from securefl.config.secagg import SecAggConfig
 from securefl.errors import ConfigError
-from securefl.secagg.config import SecAggConfig
 from securefl.threat.controls import byzantine_tolerance, collusion, facts
 from securefl.threat.model import load_threat_model, parse_threat_model
 

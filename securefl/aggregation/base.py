@@ -2,24 +2,91 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Aggregator", "as_rows", "weighted_sum"]
+__all__ = ["Aggregator", "ReferenceRule", "Rule", "StatefulRule", "as_rows", "weighted_sum"]
 
 
 @runtime_checkable
 class Aggregator(Protocol):
-    """A pure, stateless aggregation rule (state, if any, is passed in and returned)."""
+    """A pure aggregation rule and what it states about itself.
+
+    ``linear``: the rule can run on a :class:`~securefl.engine.protection.WeightedSum` alone
+    (so it works under secure aggregation and HE).  ``stateful``: it is a
+    :class:`StatefulRule`; ``needs_reference``: a :class:`ReferenceRule`.  ``min_clients``: the
+    fewest rows it can combine (Krum's ``2f + 3``); ``max_byzantine(n)``: how many byzantine
+    rows among ``n`` it is proven to withstand, with ``byzantine_note(n)`` saying why that is
+    0 when it is.
+    """
+
+    @property
+    def linear(self) -> bool: ...
+
+    @property
+    def stateful(self) -> bool: ...
+
+    @property
+    def needs_reference(self) -> bool: ...
+
+    @property
+    def min_clients(self) -> int: ...
+
+    def max_byzantine(self, n: int) -> int: ...
+
+    def byzantine_note(self, n: int) -> str: ...
+
+    def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray: ...
+
+
+class StatefulRule(Protocol):
+    """A rule whose state (e.g. the previous aggregate) is passed in and returned."""
+
+    def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None, *,
+                 state: Any = None, **context: Any) -> tuple[np.ndarray, Any]: ...
+
+
+class ReferenceRule(Protocol):
+    """A rule that also needs the server's own reference update (FLTrust's root data)."""
+
+    root_examples: int
+
+    def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None, *,
+                 reference: np.ndarray | None = None, **context: Any) -> np.ndarray: ...
+
+
+class Rule:
+    """The defaults of a rule that states nothing: not linear, no state, no reference, any
+    ``n >= 1``, no byzantine row tolerated.  Each rule overrides what it states."""
 
     @property
     def linear(self) -> bool:
-        """Whether the rule can run on a :class:`~securefl.engine.protection.WeightedSum`
-        alone."""
-        ...
+        return False
 
-    def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray: ...
+    @property
+    def stateful(self) -> bool:
+        return False
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    @property
+    def min_clients(self) -> int:
+        return 1
+
+    def max_byzantine(self, n: int) -> int:
+        return 0
+
+    def byzantine_note(self, n: int) -> str:
+        """Why :meth:`max_byzantine` is 0 at ``n`` ("" when it is not)."""
+        if self.max_byzantine(n) > 0:
+            return ""
+        if n < self.min_clients:
+            return (f"{self!r} needs at least {self.min_clients} clients per round, the "
+                    f"config has {n}")
+        return f"{self!r} tolerates no byzantine client among {n}"
 
 
 def as_rows(updates: np.ndarray, weights: np.ndarray | None = None, *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefl.aggregation.base import as_rows
+from securefl.aggregation.base import Rule, as_rows
 from securefl.aggregation.geometry import pairwise_sq_distances
 from securefl.aggregation.krum import check_num_byzantine, krum_ranking
 from securefl.aggregation.median import median_of_sorted, sorted_blocks
@@ -44,7 +44,7 @@ def nearest_to_median_mean(values: np.ndarray, count: int) -> np.ndarray:
     return np.take_along_axis(values, window, axis=1).sum(axis=1, dtype=np.float64) / count
 
 
-class Bulyan:
+class Bulyan(Rule):
     """Bulyan (El Mhamdi, Guerraoui, Rouault, "The hidden vulnerability of distributed learning
     in Byzantium", ICML 2018).
 
@@ -65,6 +65,10 @@ class Bulyan:
     def min_clients(self) -> int:
         """``n >= 4f + 3``."""
         return 4 * self.num_byzantine + 3
+
+    def max_byzantine(self, n: int) -> int:
+        """The configured ``f`` when ``n >= 4f + 3`` (El Mhamdi et al. 2018), else 0."""
+        return self.num_byzantine if n >= self.min_clients else 0
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, _ = as_rows(updates, weights)

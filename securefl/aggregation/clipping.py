@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import overload
 
 import numpy as np
 
-from securefl.aggregation.base import as_rows
+from securefl.aggregation.base import Rule, as_rows
 from securefl.aggregation.geometry import (
     affine_sq_norms,
     centred_gram,
@@ -27,7 +28,7 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-class CenteredClipping:
+class CenteredClipping(Rule):
     """Centered clipping (Karimireddy, He, Jaggi, "Learning from history for Byzantine robust
     optimization", ICML 2021).
 
@@ -46,6 +47,11 @@ class CenteredClipping:
 
     linear = False
     stateful = True
+
+    def max_byzantine(self, n: int) -> int:
+        """Counted conservatively at ``delta_max = 0.1`` of the round (the robustness constant
+        of Karimireddy et al., ICLR 2022)."""
+        return math.floor(0.1 * n + 1e-9)
 
     def __init__(self, *, tau: float = 1.0, iterations: int = 1) -> None:
         self.tau = _positive("tau", tau)
@@ -99,7 +105,7 @@ class CenteredClipping:
         return f"CenteredClipping(tau={self.tau}, iterations={self.iterations})"
 
 
-class NormBound:
+class NormBound(Rule):
     """Norm bounding (Sun et al., "Can you really backdoor federated learning?", 2019).
 
     ``x_i <- x_i min(1, M / ||x_i||)``, then the weighted mean
@@ -108,6 +114,10 @@ class NormBound:
     """
 
     linear = False
+
+    def byzantine_note(self, n: int) -> str:
+        return ("norm_bound clips then averages: f byzantine clients still move the mean "
+                "by up to f * max_norm / n every round")
 
     def __init__(self, *, max_norm: float) -> None:
         self.max_norm = _positive("max_norm", max_norm)

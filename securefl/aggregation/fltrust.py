@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefl.aggregation.base import as_rows
+from securefl.aggregation.base import Rule, as_rows
 from securefl.aggregation.geometry import combine_rows, row_statistics
 
 __all__ = ["FLTrust"]
 
 
-class FLTrust:
+class FLTrust(Rule):
     """FLTrust (Cao, Fang, Liu, Gong, "FLTrust: Byzantine-robust federated learning via trust
     bootstrapping", NDSS 2021).
 
@@ -28,6 +28,10 @@ class FLTrust:
 
     linear = False
     needs_reference = True
+
+    def max_byzantine(self, n: int) -> int:
+        """Trust comes from the server's root data, not from a majority: up to ``n - 1``."""
+        return n - 1
 
     def __init__(self, *, root_examples: int = 100) -> None:
         if isinstance(root_examples, bool) or not isinstance(root_examples, int) \

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefl.aggregation.base import as_rows
+from securefl.aggregation.base import Rule, as_rows
 from securefl.aggregation.geometry import affine_sq_norms, centred_gram, combine_rows
 
 __all__ = ["GeometricMedian", "weiszfeld_coefficients"]
@@ -35,7 +35,7 @@ def weiszfeld_coefficients(gram: np.ndarray, alpha: np.ndarray, *, smoothing: fl
     return coefficients
 
 
-class GeometricMedian:
+class GeometricMedian(Rule):
     """Geometric median, RFA (Pillutla et al., "Robust aggregation for federated learning",
     IEEE Trans. Signal Processing 2022), computed by the smoothed Weiszfeld algorithm.
 
@@ -48,6 +48,10 @@ class GeometricMedian:
     """
 
     linear = False
+
+    def max_byzantine(self, n: int) -> int:
+        """``f < n / 2`` (Pillutla et al. 2022)."""
+        return (n - 1) // 2
 
     def __init__(self, *, smoothing: float = 1e-6, max_iterations: int = 500,
                  tolerance: float = 1e-7) -> None:

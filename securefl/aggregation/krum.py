@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefl.aggregation.base import as_rows
+from securefl.aggregation.base import Rule, as_rows
 from securefl.aggregation.geometry import combine_rows, pairwise_sq_distances
 
 __all__ = ["Krum", "MultiKrum", "check_num_byzantine", "krum_ranking", "krum_scores"]
@@ -44,7 +44,7 @@ def krum_ranking(distances: np.ndarray, neighbours: int) -> np.ndarray:
     return np.lexsort((spread, scores))
 
 
-class Krum:
+class Krum(Rule):
     """Krum (Blanchard et al., "Machine learning with adversaries: Byzantine tolerant gradient
     descent", NeurIPS 2017).
 
@@ -63,6 +63,10 @@ class Krum:
         """The smallest ``n`` with ``n > 2f + 2``."""
         return 2 * self.num_byzantine + 3
 
+    def max_byzantine(self, n: int) -> int:
+        """The configured ``f`` when ``n > 2f + 2``, else 0 (Blanchard et al. 2017)."""
+        return self.num_byzantine if n >= self.min_clients else 0
+
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, _ = as_rows(updates, weights)
         _check_bound("Krum", rows.shape[0], self.num_byzantine)
@@ -74,7 +78,7 @@ class Krum:
         return f"Krum(num_byzantine={self.num_byzantine})"
 
 
-class MultiKrum:
+class MultiKrum(Rule):
     """Multi-Krum (Blanchard et al., NeurIPS 2017, Section 5).
 
     Scores every row once as :class:`Krum` does (``n - f - 2`` neighbours) and returns the
@@ -98,6 +102,10 @@ class MultiKrum:
     def min_clients(self) -> int:
         """The smallest ``n`` with ``n > 2f + 2`` and ``m <= n - f``."""
         return max(2 * self.num_byzantine + 3, (self.num_selected or 0) + self.num_byzantine)
+
+    def max_byzantine(self, n: int) -> int:
+        """The configured ``f`` when the preconditions hold at ``n``, else 0."""
+        return self.num_byzantine if n >= self.min_clients else 0
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, _ = as_rows(updates, weights)

@@ -8,11 +8,12 @@ handles an order of magnitude faster.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
 
-from securefl.aggregation.base import as_rows
+from securefl.aggregation.base import Rule, as_rows
 from securefl.aggregation.geometry import column_blocks
 
 __all__ = ["Median", "TrimmedMean", "sorted_blocks"]
@@ -50,7 +51,7 @@ def median_of_sorted(values: np.ndarray) -> np.ndarray:
     return values[:, middle - 1] * 0.5 + values[:, middle] * 0.5
 
 
-class Median:
+class Median(Rule):
     """Coordinate-wise median (Yin et al., "Byzantine-robust distributed learning: towards
     optimal statistical rates", ICML 2018).
 
@@ -61,6 +62,10 @@ class Median:
     """
 
     linear = False
+
+    def max_byzantine(self, n: int) -> int:
+        """``f < n / 2``: the breakdown point of the median."""
+        return (n - 1) // 2
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         rows, _ = as_rows(updates, weights)
@@ -73,7 +78,7 @@ class Median:
         return "Median()"
 
 
-class TrimmedMean:
+class TrimmedMean(Rule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018).
 
     With ``k = floor(beta * n)``: ``out[j] = 1/(n - 2k) * sum of the sorted values
@@ -95,6 +100,10 @@ class TrimmedMean:
     def min_clients(self) -> int:
         """The smallest ``n`` with ``floor(beta * n) >= 1`` (1 when ``beta = 0``)."""
         return int(np.ceil(1 / self.beta - 1e-9)) if self.beta > 0 else 1
+
+    def max_byzantine(self, n: int) -> int:
+        """``floor(beta n)``: the values trimmed at each end (Yin et al. take beta >= f/n)."""
+        return math.floor(self.beta * n + 1e-9)
 
     def trimmed(self, num_rows: int) -> int:
         """``k = floor(beta * n)``, the number of values dropped at each end; checks ``k``."""

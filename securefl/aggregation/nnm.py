@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from securefl.aggregation.base import Aggregator, as_rows
+from securefl.aggregation.base import Aggregator, Rule, as_rows
 from securefl.aggregation.geometry import pairwise_sq_distances
 from securefl.aggregation.krum import check_num_byzantine
+from securefl.aggregation.registry import INNER_RULES, construct
 
 __all__ = ["NNM"]
 
@@ -27,19 +28,17 @@ def _build_inner(inner: Aggregator | str | Mapping[str, Any], num_byzantine: int
         if not callable(inner):
             raise TypeError(f"inner must be an aggregator, a rule name or a table, got {inner!r}")
         return inner
-    from securefl.aggregation import RULES, build_aggregator
-
     options = dict(inner)
     rule = options.pop("rule", None)
     if not isinstance(rule, str) or rule == "nnm":
         raise ValueError(f"inner needs a rule name other than 'nnm', got {rule!r}")
-    factory = RULES.get(rule)
+    factory = INNER_RULES.get(rule)
     if factory is not None and "num_byzantine" in inspect.signature(factory).parameters:
         options.setdefault("num_byzantine", num_byzantine)
-    return build_aggregator(rule, **options)
+    return construct(INNER_RULES, rule, **options)
 
 
-class NNM:
+class NNM(Rule):
     """Nearest-neighbour mixing (Allouah et al., "Fixing by mixing: a recipe for optimal
     Byzantine ML under heterogeneity", AISTATS 2023), composed with an inner rule.
 
@@ -57,21 +56,29 @@ class NNM:
         self.inner = _build_inner(inner, self.num_byzantine)
 
     @property
-    def linear(self) -> bool:
-        return False
-
-    @property
     def stateful(self) -> bool:
-        return bool(getattr(self.inner, "stateful", False))
+        return self.inner.stateful
 
     @property
     def needs_reference(self) -> bool:
-        return bool(getattr(self.inner, "needs_reference", False))
+        return self.inner.needs_reference
 
     @property
     def min_clients(self) -> int:
         """``n > 2f``, and whatever the inner rule needs."""
-        return max(2 * self.num_byzantine + 1, int(getattr(self.inner, "min_clients", 1)))
+        return max(2 * self.num_byzantine + 1, self.inner.min_clients)
+
+    def max_byzantine(self, n: int) -> int:
+        """The configured ``f`` when ``n > 2f``, capped by the inner rule's tolerance."""
+        if n <= 2 * self.num_byzantine:
+            return 0
+        return min(self.num_byzantine, self.inner.max_byzantine(n))
+
+    def byzantine_note(self, n: int) -> str:
+        if n <= 2 * self.num_byzantine:
+            return (f"nnm with num_byzantine = {self.num_byzantine} needs more than "
+                    f"{2 * self.num_byzantine} clients per round, the config has {n}")
+        return self.inner.byzantine_note(n)
 
     def mix(self, updates: np.ndarray) -> np.ndarray:
         """The mixed rows ``y`` (float32 ``(n, d)``)."""

@@ -1,7 +1,7 @@
 """The attack/defense harness: ``securefl attack run SCENARIO.toml [--out DIR] [--results MD]``.
 
 Each cell of a scenario grid (:mod:`securefl.attacks.scenario`) is an independent simulation
-built with :func:`securefl.experiment.build_simulation`:
+built with :func:`securefl.simulation.build_simulation`:
 
 * byzantine clients are drawn per cell from the seed;
 * a data attack (label flip, pixel trigger) poisons their training shards before the run;
@@ -40,10 +40,11 @@ from securefl.attacks.results import (
     write_results_document,
 )
 from securefl.attacks.scenario import Cell, Scenario, cell_config, load_scenario
-from securefl.engine.protection import Combined, Rows
+from securefl.build import aggregator_for
+from securefl.engine.protection import Rows, WeightedSum
 from securefl.engine.trainer import torch_threads
 from securefl.errors import ConfigError, SecureFLError
-from securefl.rundir import atomic_write
+from securefl.output import atomic_write
 
 __all__ = ["ByzantineRows", "command", "missing_folder", "run_cell",
            "run_poisoning_cell", "run_scenario"]
@@ -65,8 +66,8 @@ class ByzantineRows:
         self.byzantine = frozenset(byzantine)
         self.aggregator = aggregator
 
-    def transform_combined(self, combined: Combined, *, round: int,
-                           rng: np.random.Generator) -> Combined:
+    def transform_combined(self, combined: Rows | WeightedSum, *, round: int,
+                           rng: np.random.Generator) -> Rows | WeightedSum:
         if not isinstance(combined, Rows):
             raise ConfigError("update attacks need the server to see rows: use plain protection")
         mask = np.array([cid in self.byzantine for cid in combined.client_ids], dtype=bool)
@@ -87,8 +88,8 @@ def _data_attack(name: str, options: dict[str, Any]) -> LabelFlip | PixelTrigger
 def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
     """Run one poisoning cell; returns its metrics (final and per-round accuracy, ASR)."""
     from securefl.data import ClientData, federate
-    from securefl.experiment import build_simulation
-    from securefl.params import unflatten
+    from securefl.simulation import build_simulation
+    from securefl.vector import unflatten
 
     config = cell_config(cell)
     spec = cell.spec["attack"]
@@ -115,7 +116,7 @@ def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
         attack = build_attack(spec["update"], context={"num_clients": participants,
                                                        "server_lr": server.lr},
                               **dict(spec.get("options", {})))
-        aggregator = config.aggregation.build() if spec.get("adaptive", False) else None
+        aggregator = aggregator_for(config) if spec.get("adaptive", False) else None
         hooks.append(ByzantineRows(attack, byzantine, aggregator=aggregator))
 
     # FLTrust's root set is drawn from the clean data, never from poisoned shards

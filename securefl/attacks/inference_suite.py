@@ -2,7 +2,7 @@
 securefl server (or anyone holding the final model) actually sees.
 
 Every model here is trained by securefl's own pipeline
-(:func:`securefl.experiment.build_simulation`: :class:`~securefl.engine.trainer.LocalTrainer`,
+(:func:`securefl.simulation.build_simulation`: :class:`~securefl.engine.trainer.LocalTrainer`,
 the configured protection, Opacus DP-SGD through ``[privacy]``); a server hook records the
 last round's combined result, which is exactly the server's view of the clients' updates.
 
@@ -53,7 +53,7 @@ from securefl.config import Config, DataConfig, config_from_dict
 from securefl.data import ClientData, Dataset, FederatedData, load_dataset
 from securefl.engine.protection import Combined, Rows, WeightedSum
 from securefl.models import build_model
-from securefl.params import unflatten
+from securefl.vector import unflatten
 
 __all__ = [
     "INVERSION_ATTACKS",
@@ -99,15 +99,15 @@ class _LastCombined:
     def __init__(self) -> None:
         self.combined: Combined | None = None
 
-    def transform_combined(self, combined: Combined, *, round: int,
-                           rng: np.random.Generator) -> Combined:
+    def transform_combined(self, combined: Rows | WeightedSum, *, round: int,
+                           rng: np.random.Generator) -> Rows | WeightedSum:
         self.combined = combined
         return combined
 
 
 def train_federation(config: Config, data: FederatedData) -> Trained:
-    """Run ``config`` on ``data`` with :func:`securefl.experiment.build_simulation`."""
-    from securefl.experiment import build_simulation
+    """Run ``config`` on ``data`` with :func:`securefl.simulation.build_simulation`."""
+    from securefl.simulation import build_simulation
 
     recorder = _LastCombined()
     simulation = build_simulation(config, data=data, server_hooks=[recorder])

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from securefl.params import Layout
-from securefl.plots import pyplot, save_figure
+from securefl.output import pyplot, save_figure
+from securefl.vector import Layout
 
 __all__ = [
     "DLG",

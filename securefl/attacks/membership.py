@@ -30,7 +30,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from securefl.plots import pyplot, save_figure
+from securefl.output import pyplot, save_figure
 
 __all__ = [
     "MembershipMetrics",

@@ -17,8 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from securefl.plots import pyplot, save_figure
-from securefl.rundir import atomic_write
+from securefl.output import atomic_write, pyplot, save_figure
 
 __all__ = ["append_result", "load_results", "mean_sd", "plot_heatmap", "scenario_markdown",
            "write_results_document"]

@@ -25,11 +25,11 @@ import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from securefl.aggregation.base import Aggregator
+from securefl.aggregation.base import Aggregator, ReferenceRule, StatefulRule
 from securefl.config import clients_per_round
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message
@@ -48,7 +48,17 @@ from securefl.engine.session import RUN_ID_BYTES
 from securefl.engine.transport import Transport
 from securefl.errors import ProtocolAbort
 
-__all__ = ["Sampler", "Server"]
+__all__ = ["Sampler", "Server", "ServerHook"]
+
+
+class ServerHook(Protocol):
+    """Transforms what the protection combined before the aggregator sees it: an attack in
+    simulation (byzantine rows), or DP-FedAvg's noise on the sum.  ``rng`` is the round's
+    seeded generator (:meth:`Server.round_rng`); a deployed DP hook draws from its own
+    CSPRNG instead."""
+
+    def transform_combined(self, combined: Rows | WeightedSum, *, round: int,
+                           rng: np.random.Generator) -> Rows | WeightedSum: ...
 
 _log = logging.getLogger(__name__)
 
@@ -77,11 +87,11 @@ class Server:
                  parameters: np.ndarray, seed: int, sampler: Sampler = Sampler(),
                  min_clients: int = 1, timeout: float | None = None,
                  central_evaluator: CentralEvaluator | None = None,
-                 federated_evaluation: bool = False, hooks: Sequence[Any] = (),
+                 federated_evaluation: bool = False, hooks: Sequence[ServerHook] = (),
                  fit_config: Mapping[str, Any] | None = None,
                  reference_update: Callable[[np.ndarray], np.ndarray] | None = None,
                  run_id: bytes | None = None) -> None:
-        if protection.reveals_rows is False and not getattr(aggregator, "linear", False):
+        if protection.reveals_rows is False and not aggregator.linear:
             raise ValueError(f"{aggregator!r} needs individual updates, which protection "
                              f"{protection.name!r} hides; use FedAvg")
         if isinstance(protection, KeepsModel) and (type(optimizer) is not ServerOptimizer
@@ -215,36 +225,31 @@ class Server:
     # ------------------------------------------------------------------ aggregate + apply
     def _apply(self, rnd: int, combined: Rows | WeightedSum, record: RoundRecord) -> None:
         for hook in self.hooks:
-            transform = getattr(hook, "transform_combined", None)
-            if transform is not None:
-                combined = transform(combined, round=rnd, rng=self.round_rng(rnd, 1))
+            combined = hook.transform_combined(combined, round=rnd, rng=self.round_rng(rnd, 1))
         if isinstance(combined, Rows):
             delta = self._aggregate_rows(combined)
-        elif getattr(self.aggregator, "linear", False):
+        elif self.aggregator.linear:
             delta = combined.mean()
         else:
             raise ValueError(f"{self.aggregator!r} cannot aggregate a bare weighted sum")
-        for hook in self.hooks:
-            transform = getattr(hook, "transform_aggregate", None)
-            if transform is not None:
-                delta = transform(delta, round=rnd, num_clients=len(combined.client_ids),
-                                  rng=self.round_rng(rnd, 2))
         record.update_norm = float(np.linalg.norm(delta))
         self.parameters = self.optimizer.step(self.parameters, delta)
 
     def _aggregate_rows(self, rows: Rows) -> np.ndarray:
         context: dict[str, Any] = {}
-        if getattr(self.aggregator, "needs_reference", False):
+        if self.aggregator.needs_reference:
             if self.reference_update is None:
                 raise ValueError(f"{self.aggregator!r} needs the server's reference update "
                                  "(root data), and none was configured")
             context["reference"] = self.reference_update(self.parameters)
-        if getattr(self.aggregator, "stateful", False):
-            delta, self.aggregator_state = self.aggregator(  # type: ignore[call-arg]
+        if self.aggregator.stateful:
+            delta, self.aggregator_state = cast(StatefulRule, self.aggregator)(
                 rows.updates, rows.weights, state=self.aggregator_state, **context)
             return np.asarray(delta, dtype=np.float32)
-        return np.asarray(self.aggregator(rows.updates, rows.weights, **context),
-                          dtype=np.float32)
+        if context:
+            return np.asarray(cast(ReferenceRule, self.aggregator)(
+                rows.updates, rows.weights, **context), dtype=np.float32)
+        return np.asarray(self.aggregator(rows.updates, rows.weights), dtype=np.float32)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, rnd: int, record: RoundRecord, trained_from: np.ndarray) -> None:

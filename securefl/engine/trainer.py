@@ -12,7 +12,7 @@ from torch import nn
 
 from securefl.data import Dataset
 from securefl.engine.protection import Update
-from securefl.params import Layout, flatten, unflatten
+from securefl.vector import Layout, flatten, unflatten
 
 __all__ = ["LocalTrainer", "RoundRewind", "Trainer", "evaluate_model", "torch_threads"]
 

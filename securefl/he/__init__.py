@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from securefl.he.config import HEConfig
-from securefl.he.params import MAX_COEFF_MODULUS_BITS, CKKSParameters
+from securefl.config.ckks import MAX_COEFF_MODULUS_BITS, CKKSParameters
+from securefl.config.he import HEConfig
 
 if TYPE_CHECKING:
     from securefl.he.ckks import CKKSKeys
@@ -61,7 +61,7 @@ def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: obj
     The server half is built from the *serialized public* context, so it provably never
     sees the secret key; each site gets its own copy of the secret context, an Ed25519
     signing key and every site's verifying key.  The model size comes from ``layout`` (a
-    :class:`securefl.params.Layout`, required when ``config.layers`` selects layers) or
+    :class:`securefl.vector.Layout`, required when ``config.layers`` selects layers) or
     ``dimension``; ``server_lr`` is ``[server] lr``, applied by the sites.
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -93,7 +93,7 @@ def build_simulation(config: HEConfig, client_ids: Sequence[str], *, layout: obj
 
 def layer_selection(config: HEConfig, layout: object = None) -> Selection | None:
     """The coordinates to encrypt: ``None`` (all of them) unless ``config.layers`` selects
-    layers of ``layout`` (a :class:`securefl.params.Layout`); a pattern that matches no
+    layers of ``layout`` (a :class:`securefl.vector.Layout`); a pattern that matches no
     parameter raises :class:`~securefl.errors.ConfigError` (one line, simulation and
     deployment alike)."""
     if not config.layers:

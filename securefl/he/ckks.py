@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import tenseal.sealapi as seal
 
+from securefl.config.ckks import CKKSParameters
 from securefl.engine.messages import Message, decode, encode, message
 from securefl.errors import MessageError, ProtocolAbort
 from securefl.he.packing import pack, unpack
-from securefl.he.params import CKKSParameters
 
 __all__ = ["CKKSKeys", "Ciphertext"]
 

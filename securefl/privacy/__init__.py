@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from securefl.config.privacy import PrivacyConfig
 from securefl.errors import ConfigError
-from securefl.privacy.config import PrivacyConfig
 
 if TYPE_CHECKING:
     from securefl.config import Config
@@ -43,11 +43,10 @@ __all__ = [
     "epsilon",
 ]
 
-LEDGER_FILE = "privacy_ledger.sqlite"
 _log = logging.getLogger(__name__)
-# ``securefl.config`` imports this package for PrivacyConfig: Opacus is loaded only on use
+# Opacus is loaded only on use
 _LAZY = {"PrivacyEvent": "accounting", "epsilon": "accounting", "PrivacyLedger": "ledger",
-         "LedgerError": "ledger"}
+         "LedgerError": "ledger", "LEDGER_FILE": "ledger"}
 
 
 def __getattr__(name: str) -> Any:
@@ -136,13 +135,16 @@ def build_privacy(config: Config, *, run_dir: Path | None, client_ids: Sequence[
 
     Checks at build time: delta below 1 / (protected dataset size) (each client's examples
     for DP-SGD, the number of clients for DP-FedAvg), a reachable ``target_epsilon``,
-    (DP-FedAvg) a linear aggregation rule, and no secret sampling in a deployment.
+    and no secret sampling in a deployment (DP-FedAvg's linear rule is checked with the
+    config, :func:`securefl.build.check_config`).
     """
     privacy = config.privacy
     if privacy.mode == "none":
         return None
     if not client_ids:
         raise ConfigError("[privacy] needs at least one client")
+    from securefl.privacy.ledger import LEDGER_FILE
+
     path = ":memory:" if run_dir is None else Path(run_dir) / LEDGER_FILE
     budget = privacy.epsilon_budget
     secure = privacy.secure_mode if privacy.secure_mode is not None else (
@@ -217,11 +219,6 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
     from securefl.privacy.randomness import SecureRandom
 
     privacy = config.privacy
-    aggregator = config.aggregation.build()
-    if not getattr(aggregator, "linear", False):
-        raise ConfigError(f"[privacy] mode \"dp_fedavg\" adds noise to the sum of updates and "
-                          f"needs a linear rule; [aggregation] rule {config.aggregation.rule!r} "
-                          f"is not (use rule = \"fedavg\")")
     total = len(client_ids)
     _check_delta(privacy.delta, total, "number of clients")
     per_round = config.server.per_round(total)

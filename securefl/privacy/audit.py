@@ -242,7 +242,7 @@ def gate_fails(report: AuditReport) -> bool:
 def write_score_plot(scores: np.ndarray, included: np.ndarray, path: Path, *,
                      title: str) -> Path:
     """Histogram of the canary scores, inserted (IN) against not inserted (OUT)."""
-    from securefl.plots import pyplot, save_figure
+    from securefl.output import pyplot, save_figure
 
     figure, axes = pyplot().subplots(figsize=(6, 3.5))
     bins = np.histogram_bin_edges(scores, bins=40)
@@ -270,7 +270,7 @@ def _input_audit(config: Config, *, num_canaries: int, confidence: float
     from securefl.attacks.membership import logit_confidence, model_outputs
     from securefl.data import federate
     from securefl.models import build_model
-    from securefl.params import unflatten
+    from securefl.vector import unflatten
 
     rng = np.random.default_rng([config.run.seed, 0xA0D1])
     data, canaries, included = insert_canaries(federate(config.data, seed=config.run.seed),

@@ -36,8 +36,8 @@ import torch
 
 from securefl.config import Config
 from securefl.errors import ConfigError
-from securefl.params import Layout
 from securefl.privacy.audit import AuditReport, one_run_lower_bound
+from securefl.vector import Layout
 
 __all__ = ["GradientCanaries", "draw_canaries", "install_canaries", "run_gradient_audit",
            "train_with_canaries"]
@@ -215,9 +215,9 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
 
     ``tamper`` plants a fault in each built trainer (tests and benchmarks only)."""
     from securefl.data import federate
-    from securefl.experiment import build_simulation
     from securefl.models import build_model
-    from securefl.params import unflatten
+    from securefl.simulation import build_simulation
+    from securefl.vector import unflatten
 
     if config.privacy.mode not in ("none", "dp_sgd"):
         raise ConfigError(f"[privacy] gradient canaries audit sample-level DP-SGD or a "
@@ -266,7 +266,7 @@ def run_gradient_audit(config: Config, *, num_canaries: int = 1000, confidence: 
     from securefl.attacks.membership import model_outputs
     from securefl.data import federate
     from securefl.models import build_model
-    from securefl.params import unflatten
+    from securefl.vector import unflatten
 
     run = train_with_canaries(config, num_canaries=num_canaries, norm_factor=norm_factor,
                               tamper=tamper)

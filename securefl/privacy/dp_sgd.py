@@ -37,11 +37,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from securefl.engine.protection import Update
 from securefl.errors import ConfigError
-from securefl.params import Layout, flatten, unflatten
 from securefl.privacy.accounting import PrivacyEvent
 from securefl.privacy.ledger import PrivacyLedger
 from securefl.privacy.randomness import SecurePoissonSampler, SecureRandom, use_secure_noise
 from securefl.privacy.release import Releases
+from securefl.vector import Layout, flatten, unflatten
 
 __all__ = ["GRAD_SAMPLE_MODES", "DPSGDTrainer", "batches_per_epoch", "make_compatible"]
 

@@ -47,7 +47,10 @@ from securefl.engine.protection import Update
 from securefl.errors import BudgetExceeded, ConfigError, SecureFLError
 from securefl.privacy.accounting import AccountantName, PrivacyEvent, epsilon
 
-__all__ = ["SCHEMA", "LedgerError", "PrivacyLedger", "Release"]
+__all__ = ["LEDGER_FILE", "SCHEMA", "LedgerError", "PrivacyLedger", "Release"]
+
+#: the ledger's file in a run directory or a site's state folder
+LEDGER_FILE = "privacy_ledger.sqlite"
 
 SCHEMA = "securefl-privacy-ledger/2"
 _GENESIS = "0" * 64

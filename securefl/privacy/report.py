@@ -18,10 +18,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from securefl.plots import pyplot, save_figure
-from securefl.privacy import LEDGER_FILE
+from securefl.output import pyplot, save_figure
 from securefl.privacy.accounting import PrivacyEvent, epsilon
-from securefl.privacy.ledger import LedgerError, PrivacyLedger
+from securefl.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 
 __all__ = ["command", "plot_epsilon", "summarise", "write_report"]
 
@@ -119,7 +118,7 @@ def plot_epsilon(summary: dict[str, Any], path: Path) -> Path:
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Write ``privacy.json`` and ``epsilon.png`` into ``run_dir``; return ``summary``."""
-    from securefl.rundir import write_json
+    from securefl.output import write_json
 
     write_json(run_dir / "privacy.json", summary)
     plot_epsilon(summary, run_dir / "epsilon.png")
@@ -159,7 +158,7 @@ def command(args: Any) -> int:
     path = run_dir / LEDGER_FILE
     if not path.is_file() and (run_dir / "audit.log").is_file():
         # a networked server keeps no ledger: it reports the sites' signed receipts
-        from securefl.runtime.receipts import command as receipts_command
+        from securefl.runtime.auditlog import receipts_command
 
         return receipts_command(args)
     if not path.is_file():

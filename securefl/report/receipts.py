@@ -17,7 +17,7 @@ __all__ = ["receipt_blocks"]
 
 def receipt_blocks(directory: Path) -> list[Any]:
     """Blocks of the audit-log section of a run directory that has an audit log."""
-    from securefl.runtime.receipts import receipts_of_run
+    from securefl.runtime.auditlog import receipts_of_run
 
     receipts, problems = receipts_of_run(directory)
     blocks: list[Any] = [Paragraph("Privacy receipts signed by the sites:")]

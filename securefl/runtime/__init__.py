@@ -15,9 +15,9 @@
 * :mod:`~securefl.runtime.receipts` — the sites' signed privacy receipts.
 
 Submodules are imported on use, so ``securefl.config`` (which reads
-:class:`~securefl.runtime.config.NetworkConfig`) never pulls in gRPC.
+:class:`~securefl.config.network.NetworkConfig`) never pulls in gRPC.
 """
 
-from securefl.runtime.config import NetworkConfig
+from securefl.config.network import NetworkConfig
 
 __all__ = ["NetworkConfig"]

@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefl.errors import ConfigError
-from securefl.rundir import atomic_write
+from securefl.errors import ConfigError, SecureFLError
+from securefl.output import atomic_write
+from securefl.runtime.receipts import read_receipts
 
-__all__ = ["AuditLog", "Verification", "audit_run", "command", "load_signing_key", "verify"]
+__all__ = ["AuditLog", "Verification", "audit_run", "command", "load_signing_key",
+           "receipts_command", "receipts_of_run", "verify"]
 
 _DOMAIN = b"securefl-audit-v1"
 _GENESIS = "0" * 64
@@ -242,7 +245,6 @@ def audit_run(run_dir: str | Path, *, public_key: bytes | None = None,
     (:mod:`securefl.runtime.evidence`).
     """
     from securefl.runtime.evidence import check_countersignatures, check_site_heads
-    from securefl.runtime.receipts import read_receipts
     from securefl.runtime.store import completed_rounds
 
     directory = Path(run_dir)
@@ -284,3 +286,47 @@ def command(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"audit log FAILED: {problem}")
     return 1
+
+
+def receipts_of_run(run_dir: str | Path, *, identities: Mapping[str, bytes] | None = None
+                    ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """The verified receipts recorded in a server state directory's audit log.
+
+    ``identities`` default to the ``identities.json`` of the run's ``[network] certs`` (from
+    its ``config.toml``); every problem (log does not verify, a signature fails, a chain
+    breaks, no identity keys) is listed.
+    """
+    directory = Path(run_dir)
+    report = verify(directory)
+    if not report.ok:
+        return {}, [f"audit log: {p}" for p in report.problems]
+    if identities is None:
+        try:
+            from securefl.config import load_config
+
+            certs = load_config(directory / "config.toml").network.certs
+            identities = _identities(Path(certs or "."))
+        except SecureFLError as exc:
+            return {}, [f"cannot verify receipts without the sites' identity keys ({exc})"]
+    return read_receipts(report.events, identities)
+
+
+def receipts_command(args: Any) -> int:
+    """``securefl privacy report STATE_DIR`` of a networked server: the sites' receipts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    receipts, problems = receipts_of_run(args.run_dir)
+    table = Table(title="privacy receipts signed by the sites (verified)")
+    for header in ("site", "receipts", "last round", "epsilon spent", "delta", "mechanism"):
+        table.add_column(header, justify="left" if header in ("site", "mechanism") else "right")
+    for site, bodies in sorted(receipts.items()):
+        last = bodies[-1]
+        mechanisms = sorted({e["mechanism"] for b in bodies for e in b["events"]})
+        table.add_row(site, str(len(bodies)), str(last["round"]),
+                      f"{last['epsilon_total']:.3f}", f"{last['delta']:g}", ",".join(mechanisms))
+    console = Console()
+    console.print(table)
+    for problem in problems:
+        console.print(f"receipt check FAILED: {problem}")
+    return 1 if problems else 0

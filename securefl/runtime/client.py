@@ -29,7 +29,9 @@ from typing import Any
 
 import grpc
 
+from securefl.build import local_trainer
 from securefl.config import Config
+from securefl.config.network import NetworkConfig
 from securefl.data import federate
 from securefl.engine.client import Client
 from securefl.engine.messages import FitIns, Message, decode, encode
@@ -37,8 +39,6 @@ from securefl.engine.session import ReleaseLog
 from securefl.engine.trainer import RoundRewind, Trainer
 from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
-from securefl.experiment import local_trainer
-from securefl.runtime.config import NetworkConfig
 from securefl.runtime.deploy import load_deployment, load_identity, site_protection
 from securefl.runtime.evidence import Countersign, SiteWitness
 from securefl.runtime.receipts import ReceiptReply, ReceiptRequest, SiteReceipts

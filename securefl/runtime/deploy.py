@@ -1,6 +1,7 @@
-"""Deployment key material for the protections, and the two halves built from it.
+"""The two halves of a deployed protection, built from the key material that
+:mod:`securefl.runtime.keys` writes.
 
-``securefl certs init`` also writes, next to the TLS material:
+``securefl certs init`` writes, next to the TLS material:
 
 * ``sites/<site>.identity`` — the site's long-term Ed25519 identity key (mode 0600), used by
   secure aggregation to sign key advertisements and by HE to sign uploads;
@@ -26,16 +27,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefl.config import Config, load_config
+from securefl.build import load_config
+from securefl.config import Config
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.errors import ConfigError
-from securefl.he.config import HEConfig
 from securefl.he.packing import Selection
-from securefl.params import Layout
-from securefl.runtime.tls import write_private
+from securefl.vector import Layout
 
-__all__ = ["identity_directory", "init_he_context", "init_identities", "load_deployment",
-           "load_identity", "server_protection", "site_protection"]
+__all__ = ["identity_directory", "load_deployment", "load_identity", "server_protection",
+           "site_protection"]
 
 
 def load_deployment(path: str | Path) -> Config:
@@ -63,35 +63,6 @@ def _certs(config: Config) -> Path:
         raise ConfigError(f"[protection] kind = {config.protection.kind!r} over the network "
                           "needs [network] certs (the folder with identities.json)")
     return Path(config.network.certs)
-
-
-def init_identities(directory: str | Path, sites: Sequence[str]) -> dict[str, str]:
-    """Create each site's Ed25519 identity and the public ``identities.json``."""
-    directory = Path(directory)
-    public = {}
-    for site in sites:
-        key = Ed25519PrivateKey.generate()
-        write_private(directory / "sites" / f"{site}.identity",
-                       key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))
-        public[site] = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                                     serialization.PublicFormat.Raw).hex()
-    (directory / "identities.json").write_text(json.dumps(public, indent=2, sort_keys=True))
-    return public
-
-
-def init_he_context(directory: str | Path, config: HEConfig) -> None:
-    """Generate fresh CKKS keys as the federation's key holder: secret for sites, public for
-    all.  Run it again for every new federation run (the sites refuse a reused key id)."""
-    from securefl.he import CKKSKeys
-
-    keys = CKKSKeys.generate(poly_modulus_degree=config.poly_modulus_degree,
-                             coeff_modulus_bits=config.coeff_modulus_bits,
-                             scale_bits=config.scale_bits)
-    base = Path(directory) / "he"
-    write_private(base / "secret.ctx", keys.to_bytes())
-    (base / "public.ctx").write_bytes(keys.public().to_bytes())
 
 
 def _directory(config: Config) -> dict[str, bytes]:

@@ -42,7 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from securefl.engine.messages import Message, message
-from securefl.rundir import atomic_write
+from securefl.output import atomic_write
 
 __all__ = ["COUNTERSIGN_DOMAIN", "Countersign", "Countersigned", "SiteWitness",
            "check_countersignatures", "check_site_heads", "collect_countersignatures",

@@ -38,11 +38,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from securefl.engine.messages import Message, message
-from securefl.errors import SecureFLError
 from securefl.runtime.evidence import canonical
 
 __all__ = ["RECEIPT_DOMAIN", "ReceiptReply", "ReceiptRequest", "SiteReceipts",
-           "collect_receipts", "command", "read_receipts", "receipts_of_run", "verify_receipt"]
+           "collect_receipts", "read_receipts", "verify_receipt"]
 
 _log = logging.getLogger(__name__)
 RECEIPT_DOMAIN = b"securefl-receipt-v1"
@@ -239,49 +238,3 @@ def _read_one(site: str, raw: Any, identities: Mapping[str, bytes], heads: dict[
     heads[site] = receipt_hash(encoded)
     bodies.setdefault(site, []).append(body)
     return problem
-
-
-def receipts_of_run(run_dir: str | Path, *, identities: Mapping[str, bytes] | None = None
-                    ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    """The verified receipts recorded in a server state directory's audit log.
-
-    ``identities`` default to the ``identities.json`` of the run's ``[network] certs`` (from
-    its ``config.toml``); every problem (log does not verify, a signature fails, a chain
-    breaks, no identity keys) is listed.
-    """
-    from securefl.runtime.auditlog import _identities, verify
-
-    directory = Path(run_dir)
-    report = verify(directory)
-    if not report.ok:
-        return {}, [f"audit log: {p}" for p in report.problems]
-    if identities is None:
-        try:
-            from securefl.config import load_config
-
-            certs = load_config(directory / "config.toml").network.certs
-            identities = _identities(Path(certs or "."))
-        except SecureFLError as exc:
-            return {}, [f"cannot verify receipts without the sites' identity keys ({exc})"]
-    return read_receipts(report.events, identities)
-
-
-def command(args: Any) -> int:
-    """``securefl privacy report STATE_DIR`` of a networked server: the sites' receipts."""
-    from rich.console import Console
-    from rich.table import Table
-
-    receipts, problems = receipts_of_run(args.run_dir)
-    table = Table(title="privacy receipts signed by the sites (verified)")
-    for header in ("site", "receipts", "last round", "epsilon spent", "delta", "mechanism"):
-        table.add_column(header, justify="left" if header in ("site", "mechanism") else "right")
-    for site, bodies in sorted(receipts.items()):
-        last = bodies[-1]
-        mechanisms = sorted({e["mechanism"] for b in bodies for e in b["events"]})
-        table.add_row(site, str(len(bodies)), str(last["round"]),
-                      f"{last['epsilon_total']:.3f}", f"{last['delta']:g}", ",".join(mechanisms))
-    console = Console()
-    console.print(table)
-    for problem in problems:
-        console.print(f"receipt check FAILED: {problem}")
-    return 1 if problems else 0

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from securefl.build import build_server, central_evaluator, save_final_model
 from securefl.config import Config
 from securefl.data import federate
 from securefl.engine.history import History, RoundRecord
@@ -46,9 +47,7 @@ from securefl.engine.protection import KeepsModel
 from securefl.engine.server import Server
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError, RunFailed
-from securefl.experiment import build_server, central_evaluator, save_final_model
-from securefl.output import plot_accuracy
-from securefl.rundir import append_jsonl, atomic_write, write_json
+from securefl.output import append_jsonl, atomic_write, plot_accuracy, write_json
 from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
 from securefl.runtime.deploy import identity_directory, load_deployment, server_protection

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from securefl.runtime.config import NetworkConfig
+from securefl.config.network import NetworkConfig
 from securefl.runtime.throttle import Throttle
 from securefl.runtime.wire import Assembler, Envelope, WireError
 

@@ -28,7 +28,7 @@ from safetensors.numpy import save as save_tensors
 
 from securefl.engine.session import RUN_ID_BYTES, model_digest
 from securefl.errors import ConfigError
-from securefl.rundir import atomic_write
+from securefl.output import atomic_write
 
 __all__ = ["ServerStore", "model_hash"]
 

@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from securefl.config.network import SITE_NAMES, NetworkConfig, valid_site_name
 from securefl.errors import ConfigError
-from securefl.runtime.config import SITE_NAMES, NetworkConfig, valid_site_name
+from securefl.output import atomic_write
 
 __all__ = [
     "certificate_problem",
@@ -46,7 +46,6 @@ __all__ = [
     "server_credentials",
     "site_for",
     "site_paths",
-    "write_private",
 ]
 
 _UTC = dt.UTC
@@ -74,17 +73,6 @@ def common_name(pem: bytes) -> str:
     names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(
         NameOID.COMMON_NAME)
     return str(names[0].value)[:64] if names else "?"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file readable by its owner only (mode 0600, also when it existed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -164,7 +152,7 @@ def issue_site_certificate(directory: str | Path, site: str, *, days: int = 365,
     cert, key = _leaf(ca_cert, ca_key, site, usage=ExtendedKeyUsageOID.CLIENT_AUTH,
                       san=[x509.DNSName(site)], days=days, not_before=start)
     cert_path, key_path = site_paths(directory, site)
-    write_private(key_path, _key_pem(key))
+    atomic_write(key_path, _key_pem(key), mode=0o600)
     pem = cert.public_bytes(serialization.Encoding.PEM)
     cert_path.write_bytes(pem)
     return fingerprint(pem)
@@ -202,16 +190,16 @@ def init_certificates(directory: str | Path, sites: Sequence[str], *,
                                             decipher_only=False), critical=True)
                .sign(ca_key, hashes.SHA256()))
     directory.mkdir(parents=True, exist_ok=True)
-    write_private(directory / "ca.key", _key_pem(ca_key))
+    atomic_write(directory / "ca.key", _key_pem(ca_key), mode=0o600)
     (directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     server_cert, server_key = _leaf(ca_cert, ca_key, server_name,
                                     usage=ExtendedKeyUsageOID.SERVER_AUTH,
                                     san=_server_names(server_name), days=days, not_before=now)
-    write_private(directory / "server.key", _key_pem(server_key))
+    atomic_write(directory / "server.key", _key_pem(server_key), mode=0o600)
     (directory / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     allowlist = {site: issue_site_certificate(directory, site, days=days, not_before=now)
                  for site in sites}
-    from securefl.runtime.deploy import init_identities
+    from securefl.runtime.keys import init_identities
 
     init_identities(directory, sites)
     (directory / "allowlist.toml").write_text(allowlist_toml(allowlist))
@@ -282,7 +270,7 @@ def command(args: argparse.Namespace) -> int:
         if not getattr(args, "he", None):
             raise ConfigError("--he-only needs --he CONFIG")
         from securefl.config import load_config
-        from securefl.runtime.deploy import init_he_context
+        from securefl.runtime.keys import init_he_context
 
         init_he_context(args.dir, load_config(args.he).protection.he)
         print(f"wrote fresh CKKS contexts to {args.dir}/he (secret.ctx: sites only); copy "
@@ -298,7 +286,7 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if getattr(args, "he", None):
         from securefl.config import load_config
-        from securefl.runtime.deploy import init_he_context
+        from securefl.runtime.keys import init_he_context
 
         init_he_context(args.dir, load_config(args.he).protection.he)
         print(f"wrote the CKKS contexts to {args.dir}/he (secret.ctx: sites only)")

@@ -51,10 +51,10 @@ from typing import Any, NoReturn
 
 import grpc
 
+from securefl.config.network import NetworkConfig, is_loopback, split_address
 from securefl.engine.messages import Message, decode, encode
 from securefl.engine.transport import Exchange
 from securefl.errors import ConfigError, MessageError
-from securefl.runtime.config import NetworkConfig, is_loopback, split_address
 from securefl.runtime.slots import HelloGate
 from securefl.runtime.throttle import Throttle
 from securefl.runtime.tls import (

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from securefl.config.network import NetworkConfig
 from securefl.engine.messages import EvaluateRes, FitRes, Message
-from securefl.runtime.config import NetworkConfig
 
 __all__ = ["MAX_METRICS", "MAX_NAME", "UPDATE_FIELDS", "WEIGHT_FIELDS", "Limits", "Refused",
            "sanitize"]

@@ -7,7 +7,7 @@ Primitives: :mod:`~securefl.secagg.prg` (HKDF + AES-CTR), :mod:`~securefl.secagg
 :mod:`~securefl.secagg.protection`.
 """
 
-from securefl.secagg.config import SecAggConfig
+from securefl.config.secagg import SecAggConfig
 from securefl.secagg.protection import (
     SecAggClientProtection,
     SecAggServerProtection,

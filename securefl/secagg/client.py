@@ -33,12 +33,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from securefl.config.secagg import SecAggConfig
 from securefl.engine.messages import Message
 from securefl.engine.protection import Update
 from securefl.engine.session import RoundContext
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
-from securefl.secagg.config import SecAggConfig
 from securefl.secagg.graph import degree, graph_seed, neighbourhood, threshold_for
 from securefl.secagg.keys import (
     advert_body,

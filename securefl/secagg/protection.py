@@ -14,9 +14,9 @@ from types import MappingProxyType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from securefl.config.secagg import SecAggConfig
 from securefl.engine.session import RoundContext
 from securefl.secagg.client import SecAggClientRound
-from securefl.secagg.config import SecAggConfig
 from securefl.secagg.keys import KEY_BYTES, generate_identity, identity_public_bytes
 from securefl.secagg.scope import federation_id
 from securefl.secagg.server import SecAggServerRound

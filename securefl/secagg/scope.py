@@ -25,7 +25,7 @@ import json
 import struct
 from collections.abc import Mapping
 
-from securefl.secagg.config import SecAggConfig
+from securefl.config.secagg import SecAggConfig
 from securefl.secagg.prg import info
 
 __all__ = ["Scope", "federation_id"]

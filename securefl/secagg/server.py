@@ -26,11 +26,11 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from securefl.config.secagg import SecAggConfig
 from securefl.engine.messages import Message
 from securefl.engine.protection import Combined, WeightedSum
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
-from securefl.secagg.config import SecAggConfig
 from securefl.secagg.graph import auto_neighbours, degree, graph_seed, harary_graph, threshold_for
 from securefl.secagg.keys import (
     advert_body,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from securefl.aggregation import Aggregator
 from securefl.errors import ConfigError
 from securefl.threat.controls import CONTROLS, Facts, facts
 from securefl.threat.model import (
@@ -60,7 +61,8 @@ class CheckResult:
 
 
 def check_config(config: Any, threat_model: ThreatModel | str | Path, *,
-                 deployment: str = "simulation") -> list[CheckResult]:
+                 deployment: str = "simulation",
+                 aggregator: Aggregator | None = None) -> list[CheckResult]:
     """Check every requirement of ``threat_model`` (a model, a shipped name or a TOML path)
     against ``config``; ``deployment`` is ``"simulation"`` (``securefl run``) or ``"network"``
     (``securefl server``/``client``).  Returns one :class:`CheckResult` per requirement, in the
@@ -69,7 +71,7 @@ def check_config(config: Any, threat_model: ThreatModel | str | Path, *,
         raise ValueError(f"deployment must be one of {', '.join(DEPLOYMENTS)}, got {deployment!r}")
     model = (threat_model if isinstance(threat_model, ThreatModel)
              else load_threat_model(threat_model))
-    known = facts(config, deployment=deployment)
+    known = facts(config, deployment=deployment, aggregator=aggregator)
     results = []
     for requirement in model.requirements:
         control = CONTROLS[requirement.control]
@@ -78,7 +80,8 @@ def check_config(config: Any, threat_model: ThreatModel | str | Path, *,
     return results
 
 
-def require(config: Any, *, deployment: str = "simulation") -> list[CheckResult]:
+def require(config: Any, *, deployment: str = "simulation",
+            aggregator: Aggregator | None = None) -> list[CheckResult]:
     """Check ``config`` against the threat model it names; raise on any failure.
 
     Returns the results (empty when ``[run] threat_model`` is unset).  Raises
@@ -87,7 +90,7 @@ def require(config: Any, *, deployment: str = "simulation") -> list[CheckResult]
     name = getattr(config.run, "threat_model", None)
     if not name:
         return []
-    results = check_config(config, name, deployment=deployment)
+    results = check_config(config, name, deployment=deployment, aggregator=aggregator)
     failed = [r for r in results if not r.passed]
     if failed:
         lines = "\n".join(f"  {r.line()}" for r in failed)

@@ -9,17 +9,20 @@ never passed on a field that is not there.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from securefl.aggregation import Aggregator, build_aggregator
 from securefl.config import clients_per_round
-from securefl.errors import ConfigError
-from securefl.threat.model import ThreatModel
+from securefl.secagg.graph import degree, threshold_for
 
-__all__ = ["CONTROLS", "Control", "Facts", "byzantine_tolerance", "facts"]
+if TYPE_CHECKING:  # the model module looks controls up by name at load time
+    from securefl.threat.model import ThreatModel
+
+__all__ = ["CONTROLS", "Control", "Facts", "byzantine_tolerance", "facts",
+           "secagg_share_threshold"]
 
 _PROTECTION_NAMES = {"plain": "plaintext updates", "secagg": "secure aggregation",
                      "he": "HE", "dp_sgd": "sample-level DP at each client (mode = \"dp_sgd\")"}
@@ -50,17 +53,20 @@ class Facts:
     secagg_threshold: float
     deployment: str
     secagg_min_neighbours: int = 2
+    #: the run's aggregator, built once (None: a rule the registry does not know)
+    aggregator: Aggregator | None = None
 
 
-def _linear(rule: str, options: Mapping[str, Any], aggregation: Any) -> bool:
+def _rule(rule: str, options: Mapping[str, Any]) -> Aggregator | None:
+    """The configured rule, or None for one the registry does not (yet) know."""
     try:
-        return bool(getattr(aggregation.build(), "linear", False))
-    except (ConfigError, ValueError, TypeError, AttributeError):
-        # a rule the registry does not (yet) know: only FedAvg is known to be linear
-        return rule == "fedavg"
+        return build_aggregator(rule, **options)
+    except (ValueError, TypeError):
+        return None
 
 
-def facts(config: Any, *, deployment: str = "simulation") -> Facts:
+def facts(config: Any, *, deployment: str = "simulation",
+          aggregator: Aggregator | None = None) -> Facts:
     """Read the security-relevant facts of ``config``.
 
     Clients per round follow the server's sampler: ``[server] clients_per_round`` if set,
@@ -76,12 +82,16 @@ def facts(config: Any, *, deployment: str = "simulation") -> Facts:
                                   fraction=float(getattr(server, "fraction", 1.0)))
     he, secagg = getattr(protection, "he", None), getattr(protection, "secagg", None)
     options = MappingProxyType(dict(getattr(config.aggregation, "options", {})))
+    if aggregator is None:
+        aggregator = _rule(config.aggregation.rule, options)
     budget = getattr(privacy, "epsilon_budget", None)
     if budget is None:
         budget = getattr(privacy, "budget", None) or getattr(privacy, "target_epsilon", None)
     return Facts(
         protection=protection.kind, rule=config.aggregation.rule, options=options,
-        linear=_linear(config.aggregation.rule, options, config.aggregation),
+        linear=(aggregator.linear if aggregator is not None
+                else config.aggregation.rule == "fedavg"),
+        aggregator=aggregator,
         num_clients=num_clients, clients_per_round=per_round,
         privacy_mode=getattr(privacy, "mode", "none"),
         dp_secure_mode=getattr(privacy, "secure_mode", False),
@@ -100,62 +110,23 @@ def facts(config: Any, *, deployment: str = "simulation") -> Facts:
         deployment=deployment)
 
 
-def byzantine_tolerance(rule: str, options: Mapping[str, Any], n: int) -> tuple[int, str]:
+def byzantine_tolerance(rule: str, options: Mapping[str, Any], n: int, *,
+                        aggregator: Aggregator | None = None) -> tuple[int, str]:
     """``(f, note)``: how many byzantine rows among ``n`` the rule is proven to withstand.
 
-    Krum/MultiKrum need ``n > 2f + 2`` (Blanchard et al. 2017), Bulyan ``n >= 4f + 3``
-    (El Mhamdi et al. 2018), both for their configured ``num_byzantine``.  Coordinate median
-    and geometric median (Pillutla et al. 2022) withstand ``f < n/2``; the beta-trimmed mean
-    ``floor(beta n)`` (Yin et al. 2018); centered clipping is counted conservatively at
-    ``delta_max = 0.1`` of the round (the robustness constant of Karimireddy et al., ICLR 2022).
-    NNM (Allouah et al. 2023) needs ``n > 2f`` and keeps its inner rule's tolerance.  FedAvg
-    and NormBound average, so they withstand none.  ``note`` is empty, or says why f is 0.
+    Each rule states its own bound (:meth:`~securefl.aggregation.base.Aggregator.max_byzantine`,
+    with the paper in its docstring); ``note`` is empty, or says why f is 0.  ``aggregator``
+    is the run's own instance; without it the rule is built from ``rule`` and ``options``.  A
+    rule the registry does not know counts its declared ``num_byzantine``, if any.
     """
-    declared = options.get("num_byzantine")
-    if rule == "nnm":
-        return _nnm_tolerance(options, n)
-    if rule in ("krum", "multikrum", "bulyan"):
-        if not isinstance(declared, int):
-            return 0, f"{rule} needs num_byzantine"
-        need = 4 * declared + 3 if rule == "bulyan" else 2 * declared + 3
-        if n < need:
-            return 0, (f"{rule} with num_byzantine = {declared} needs at least {need} clients "
-                       f"per round, the config has {n}")
-        return declared, ""
-    if rule in ("median", "geometric_median"):
-        return (n - 1) // 2, ""
-    if rule == "centered_clipping":
-        return math.floor(0.1 * n + 1e-9), ""
-    if rule == "trimmed_mean":
-        beta = float(options.get("beta", 0.1))
-        return math.floor(beta * n + 1e-9), ""
-    if rule == "fltrust":
-        return n - 1, ""
-    if rule in ("fedavg", "norm_bound"):
-        return 0, (f"{rule} averages the updates: one byzantine client moves the result "
-                   "arbitrarily far (Blanchard et al. 2017)" if rule == "fedavg" else
-                   "norm_bound clips then averages: f byzantine clients still move the mean "
-                   "by up to f * max_norm / n every round")
-    if isinstance(declared, int):
-        return declared, ""
-    return 0, f"the checker does not know the byzantine tolerance of rule {rule!r}"
-
-
-def _nnm_tolerance(options: Mapping[str, Any], n: int) -> tuple[int, str]:
-    declared = options.get("num_byzantine")
-    if not isinstance(declared, int):
-        return 0, "nnm needs num_byzantine"
-    if n <= 2 * declared:
-        return 0, (f"nnm with num_byzantine = {declared} needs more than {2 * declared} "
-                   f"clients per round, the config has {n}")
-    inner = options.get("inner")
-    table = {"rule": inner} if isinstance(inner, str) else dict(inner or {})
-    rule = table.pop("rule", None)
-    if not isinstance(rule, str):
-        return 0, "nnm needs an inner rule"
-    table.setdefault("num_byzantine", declared)
-    tolerated, note = byzantine_tolerance(rule, table, n)
-    return min(declared, tolerated), note
+    built = aggregator if aggregator is not None else _rule(rule, options)
+    if built is None:
+        declared = options.get("num_byzantine")
+        if isinstance(declared, int):
+            return declared, ""
+        return 0, f"the checker does not know the byzantine tolerance of rule {rule!r}"
+    tolerated = built.max_byzantine(n)
+    return tolerated, built.byzantine_note(n) if tolerated == 0 else ""
 
 
 def _alternatives(accept: list[str]) -> str:
@@ -205,15 +176,16 @@ def he_key_separation(f: Facts, model: ThreatModel) -> tuple[bool, str]:
                   "decrypts every upload of the run")
 
 
-def _secagg_share_threshold(f: Facts, model: ThreatModel) -> tuple[int, int]:
-    """``(k, t)`` of the worst neighbourhood: a malicious server can show a site a commitment
-    set so small that its graph has only the site's own ``min_neighbours``."""
-    n = f.clients_per_round
-    k = (min(n - 1, 2 * math.ceil(1.5 * math.log2(max(n, 2))))
-         if f.secagg_neighbours == "auto" else int(f.secagg_neighbours))
+def secagg_share_threshold(f: Facts, model: ThreatModel) -> tuple[int, int]:
+    """``(k, t)`` of the worst neighbourhood, from the graph's own rules
+    (:func:`securefl.secagg.graph.degree` and :func:`~securefl.secagg.graph.threshold_for`):
+    a malicious server can show a site a commitment set so small that its graph has only
+    the site's own ``min_neighbours``."""
+    n = max(f.clients_per_round, 2)
+    k = degree(n, neighbours=f.secagg_neighbours)
     if any(a.who == "server" and a.behaviour == "malicious" for a in model.adversaries):
         k = min(k, f.secagg_min_neighbours)
-    return k, min(k, math.floor(f.secagg_threshold * k) + 1)
+    return k, threshold_for(k, fraction=f.secagg_threshold)
 
 
 def collusion(f: Facts, model: ThreatModel) -> tuple[bool, str]:
@@ -231,7 +203,7 @@ def collusion(f: Facts, model: ThreatModel) -> tuple[bool, str]:
                        "colluding with the server decrypts every upload of the run; use "
                        "secure aggregation")
     if f.protection == "secagg":
-        k, shares = _secagg_share_threshold(f, model)
+        k, shares = secagg_share_threshold(f, model)
         if t >= shares:
             return False, (f"{t} colluding clients reach the {shares} of {k} shares that "
                            "rebuild a neighbour's mask; raise [protection.secagg] threshold "
@@ -301,7 +273,7 @@ def robust_aggregation(f: Facts, model: ThreatModel) -> tuple[bool, str]:
     if not f.linear and f.protection != "plain":
         return False, (f"robust aggregation ({f.rule}) needs plaintext updates, but protection "
                        f"{f.protection!r} reveals only their sum")
-    tolerated, note = byzantine_tolerance(f.rule, f.options, n)
+    tolerated, note = byzantine_tolerance(f.rule, f.options, n, aggregator=f.aggregator)
     if tolerated < wanted or (wanted and note):
         why = note or f"{f.rule} withstands {tolerated} of {n} clients per round"
         extra = "" if f.protection == "plain" else (

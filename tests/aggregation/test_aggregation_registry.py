@@ -17,7 +17,7 @@ from securefl.aggregation import (
     TrimmedMean,
     build_aggregator,
 )
-from securefl.config import config_from_dict
+from securefl.build import aggregator_for, config_from_dict
 from securefl.errors import ConfigError
 
 TABLES: dict[str, dict[str, Any]] = {
@@ -42,7 +42,7 @@ def test_every_rule_has_a_config_name() -> None:
 @pytest.mark.parametrize("rule", sorted(TABLES))
 def test_config_builds_each_rule_with_its_options(rule: str) -> None:
     config = config_from_dict({"aggregation": {"rule": rule, **TABLES[rule]}})
-    aggregator = config.aggregation.build()
+    aggregator = aggregator_for(config)
     assert isinstance(aggregator, Aggregator)
     assert aggregator.linear is (rule == "fedavg")
     for key, value in TABLES[rule].items():
@@ -54,9 +54,9 @@ def test_nnm_inner_from_a_name_or_an_inline_table() -> None:
     by_name = build_aggregator("nnm", num_byzantine=3, inner="krum")
     assert isinstance(by_name, NNM) and isinstance(by_name.inner, Krum)
     assert by_name.inner.num_byzantine == 3  # passed on to an inner rule that takes it
-    table = config_from_dict({"aggregation": {
+    table = aggregator_for(config_from_dict({"aggregation": {
         "rule": "nnm", "num_byzantine": 1,
-        "inner": {"rule": "trimmed_mean", "beta": 0.25}}}).aggregation.build()
+        "inner": {"rule": "trimmed_mean", "beta": 0.25}}}))
     assert isinstance(table.inner, TrimmedMean) and table.inner.beta == 0.25
     explicit = build_aggregator("nnm", num_byzantine=1, inner={"rule": "krum",
                                                                "num_byzantine": 2})

@@ -23,7 +23,7 @@ from securefl.attacks.inversion import (
 from securefl.config import ModelConfig
 from securefl.data.datasets import load_digits
 from securefl.models import build_model
-from securefl.params import flatten
+from securefl.vector import flatten
 
 
 @pytest.fixture(scope="module")

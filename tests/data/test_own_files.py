@@ -13,7 +13,7 @@ from securefl.config import load_config
 from securefl.data import federate
 from securefl.data.files import load_csv, load_image_folder, load_npz
 from securefl.errors import ConfigError, DataError
-from securefl.experiment import run_simulation
+from securefl.simulation import run_simulation
 
 HEADER = "age,size,label\n"
 

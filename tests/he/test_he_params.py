@@ -6,9 +6,9 @@ import math
 import pytest
 
 from securefl.config import config_from_dict
+from securefl.config.he import HEConfig
 from securefl.errors import ConfigError
 from securefl.he import MAX_COEFF_MODULUS_BITS, CKKSKeys, CKKSParameters
-from securefl.he.config import HEConfig
 
 
 def test_security_table_is_the_he_standard_128_bit_column():
@@ -103,7 +103,7 @@ def test_a_layer_pattern_that_matches_nothing_is_one_config_line_in_simulation(t
 
 def test_the_example_layer_pattern_matches_real_parameters():
     from securefl.config import load_config
-    from securefl.experiment import build_simulation
+    from securefl.simulation import build_simulation
 
     text = open("examples/he.toml").read()
     assert '# layers = ["1.*"]' in text

@@ -245,7 +245,7 @@ def test_layer_selection_encrypts_only_the_chosen_coordinates():
 def test_build_simulation_selects_layers_from_a_layout():
     from torch import nn
 
-    from securefl.params import Layout
+    from securefl.vector import Layout
 
     layout = Layout.of(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)))
     server, _ = build_he(HEConfig(layers=("1.*",)), IDS, layout=layout)

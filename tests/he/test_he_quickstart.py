@@ -3,7 +3,7 @@
 import pytest
 
 from securefl.config import load_config
-from securefl.experiment import run_simulation
+from securefl.simulation import run_simulation
 
 
 def _accuracies(path, **changes):

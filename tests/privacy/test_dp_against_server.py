@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
+from securefl.build import local_trainer
 from securefl.config import Config, config_from_dict, load_config
 from securefl.data import federate
 from securefl.engine.client import Client
 from securefl.engine.messages import FitIns, FitRes, decode, encode
 from securefl.errors import ProtocolAbort
-from securefl.experiment import local_trainer
 from securefl.privacy import LEDGER_FILE, build_privacy
 from securefl.privacy.accounting import epsilon
 from securefl.privacy.ledger import PrivacyLedger

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from securefl.build import check_config
 from securefl.config import Config, config_from_dict
+from securefl.config.privacy import PrivacyConfig
 from securefl.errors import ConfigError
 from securefl.privacy import LEDGER_FILE, build_privacy
 from securefl.privacy.accounting import PrivacyEvent, epsilon
-from securefl.privacy.config import PrivacyConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -129,7 +130,7 @@ def test_dp_fedavg_needs_a_linear_rule() -> None:
     cfg = config(mode="dp_fedavg", noise_multiplier=1.0).replace(
         aggregation=config_from_dict({"aggregation": {"rule": "median"}}).aggregation)
     with pytest.raises(ConfigError, match="needs a linear rule"):
-        build_privacy(cfg, run_dir=None, client_ids=list("abcd"), num_examples={})
+        check_config(cfg)
 
 
 def test_adaptive_clipping_with_too_few_clients_is_explained() -> None:

@@ -16,10 +16,10 @@ from securefl.engine.protection import Plain
 from securefl.engine.trainer import LocalTrainer
 from securefl.errors import ConfigError, ProtocolAbort
 from securefl.models import CNN, MLP
-from securefl.params import flatten
 from securefl.privacy.accounting import PrivacyEvent, epsilon
 from securefl.privacy.dp_sgd import DPSGDTrainer, batches_per_epoch, make_compatible
 from securefl.privacy.ledger import PrivacyLedger
+from securefl.vector import flatten
 
 RUN = b"\x07" * 32
 

@@ -10,10 +10,10 @@ import pytest
 
 from securefl.cli import main
 from securefl.config import Config, config_from_dict
-from securefl.experiment import RunResult, run_simulation
 from securefl.privacy import LEDGER_FILE
 from securefl.privacy.accounting import PrivacyEvent, epsilon
 from securefl.privacy.ledger import LedgerError, PrivacyLedger
+from securefl.simulation import RunResult, run_simulation
 
 
 def small(rounds: int = 3, **privacy: object) -> Config:

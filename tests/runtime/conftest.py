@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from securefl.config.network import NetworkConfig
 from securefl.runtime.client import SiteClient
-from securefl.runtime.config import NetworkConfig
 from securefl.runtime.tls import init_certificates, issue_site_certificate
 from securefl.runtime.transport import GrpcTransport
 

@@ -17,13 +17,13 @@ import pytest
 
 from securefl.config import config_from_dict
 from securefl.engine.messages import FitIns, FitRes, PlainUpdate
-from securefl.experiment import run_simulation
 from securefl.runtime.auditlog import verify
 from securefl.runtime.client import build_site, build_site_client
 from securefl.runtime.server import serve
 from securefl.runtime.store import ServerStore, model_hash
 from securefl.runtime.tls import init_certificates
 from securefl.runtime.transport import GrpcTransport
+from securefl.simulation import run_simulation
 
 SITES = [f"client-{i}" for i in range(5)]
 
@@ -38,8 +38,8 @@ def free_port() -> int:
 def deployment(tmp_path_factory):
     folder = tmp_path_factory.mktemp("deploy")
     allowlist = init_certificates(folder / "certs", SITES)
-    from securefl.he.config import HEConfig
-    from securefl.runtime.deploy import init_he_context
+    from securefl.config.he import HEConfig
+    from securefl.runtime.keys import init_he_context
 
     init_he_context(folder / "certs", HEConfig(poly_modulus_degree=4096,
                                                coeff_modulus_bits=(40, 30), scale_bits=25))
@@ -202,7 +202,7 @@ class KillAt:
                                              ("secagg", 3), ("secagg", 4), ("he", 0)])
 def test_a_site_killed_mid_round_in_each_phase(deployment, tmp_path, kind, phase, caplog):
     caplog.set_level(logging.WARNING, logger="securefl")
-    config = make_config(deployment, tmp_path, kind=kind, rounds=2, reconnect_timeout=0.5)
+    config = make_config(deployment, tmp_path, kind=kind, rounds=2)
     holder: dict = {}
     victim = "client-1"
 

@@ -21,11 +21,11 @@ import torch
 from safetensors.numpy import load_file
 
 from securefl.config import load_config
-from securefl.experiment import run_simulation
 from securefl.runtime.auditlog import verify
-from securefl.runtime.deploy import init_he_context
+from securefl.runtime.keys import init_he_context
 from securefl.runtime.store import ServerStore
 from securefl.runtime.tls import init_certificates
+from securefl.simulation import run_simulation
 from tests.runtime.test_federation import free_port
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
+from securefl.config.network import NetworkConfig
 from securefl.engine.messages import EvaluateIns, EvaluateRes, encode
 from securefl.errors import ConfigError
-from securefl.runtime.config import NetworkConfig
 from securefl.runtime.tls import client_credentials
 from securefl.runtime.transport import METHOD, GrpcTransport, channel_options
 from securefl.runtime.wire import Assembler, Kind, split

@@ -1,5 +1,5 @@
+from securefl.config.secagg import SecAggConfig
 from securefl.secagg import build_simulation
-from securefl.secagg.config import SecAggConfig
 from tests.contracts.protection import ProtectionContract
 
 

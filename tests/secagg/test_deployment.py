@@ -8,7 +8,8 @@ import numpy as np
 from securefl.config import config_from_dict
 from securefl.engine.session import model_digest
 from securefl.runtime.client import build_site
-from securefl.runtime.deploy import init_identities, server_protection
+from securefl.runtime.deploy import server_protection
+from securefl.runtime.keys import init_identities
 
 from .protocol_driver import conversation
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from securefl.config import load_config
-from securefl.experiment import build_simulation, run_simulation
+from securefl.simulation import build_simulation, run_simulation
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "secagg.toml"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from securefl.config import Config
-from securefl.secagg.config import SecAggConfig
+from securefl.config.secagg import SecAggConfig
 from securefl.threat import load_threat_model
 from securefl.threat.controls import collusion, facts, update_secrecy
 from securefl.threat.model import Adversary

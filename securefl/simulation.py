@@ -1,8 +1,9 @@
-"""Simulation recipe: config -> data, model, clients, protection, server -> run directory.
+"""The in-process simulation: config -> a federation in one process -> run directory.
 
 ``securefl run CONFIG`` calls :func:`run_simulation`, which writes a run directory with the
 resolved ``config.toml``, ``metrics.jsonl`` (one JSON object per round), the final model as
-safetensors, ``summary.json`` and ``accuracy.png``.  Every file is written atomically.
+safetensors, ``provenance.json``, ``summary.json`` and ``accuracy.png``.  Every file is
+written atomically.  The parties themselves are built by :mod:`securefl.build`.
 """
 
 from __future__ import annotations
@@ -18,47 +19,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from securefl.aggregation import Aggregator, min_clients
-from securefl.config import Config, load_config
-from securefl.data import Dataset, FederatedData, federate
+from securefl.aggregation import Aggregator
+from securefl.build import (
+    TestSetEvaluator,
+    aggregator_for,
+    build_protection,
+    build_server,
+    load_config,
+    local_trainer,
+    save_final_model,
+)
+from securefl.config import Config
+from securefl.data import FederatedData, federate
 from securefl.engine.client import Client, UpdateHook
 from securefl.engine.history import History, RoundRecord
-from securefl.engine.optim import build_server_optimizer
-from securefl.engine.protection import KeepsModel, ServerProtection
-from securefl.engine.server import Sampler, Server
+from securefl.engine.protection import KeepsModel
+from securefl.engine.server import Server, ServerHook
 from securefl.engine.simulation import DropSchedule, InProcessTransport
-from securefl.engine.trainer import (
-    LocalTrainer,
-    RoundRewind,
-    Trainer,
-    evaluate_model,
-    torch_threads,
-)
-from securefl.engine.transport import Transport
+from securefl.engine.trainer import RoundRewind, Trainer, torch_threads
 from securefl.errors import ConfigError
-from securefl.models import OwnModel, build_model
-from securefl.output import failure, plot_accuracy, run_directory, summary
-from securefl.params import Layout, flatten, unflatten
-from securefl.protections import build_protection
+from securefl.models import OwnModel
+from securefl.output import (
+    append_jsonl,
+    atomic_write,
+    failure,
+    plot_accuracy,
+    run_directory,
+    summary,
+    write_json,
+)
 from securefl.provenance import provenance
-from securefl.rundir import append_jsonl, atomic_write, save_model, write_json
+from securefl.vector import Layout
 
-__all__ = ["RunResult", "Simulation", "TestSetEvaluator", "build_server", "build_simulation",
-           "central_evaluator", "command", "local_trainer", "root_trainer", "run_simulation",
-           "save_final_model"]
-
-
-class TestSetEvaluator:
-    """Central evaluation of a parameter vector on the held-out test set (simulation only)."""
-
-    def __init__(self, model: torch.nn.Module, test: Dataset) -> None:
-        self.model, self.layout = model, Layout.of(model)
-        self.features = torch.from_numpy(test.features)
-        self.labels = torch.from_numpy(test.labels)
-
-    def __call__(self, parameters: np.ndarray) -> tuple[int, float, float]:
-        unflatten(self.model, parameters, self.layout)
-        return evaluate_model(self.model, self.features, self.labels)
+__all__ = ["RunResult", "Simulation", "build_simulation", "command", "run_simulation"]
 
 
 @dataclass
@@ -89,97 +82,27 @@ class Simulation:
         return self.evaluator.layout
 
 
-def local_trainer(config: Config, data: FederatedData, client_id: str, *,
-                  model: OwnModel | None = None) -> LocalTrainer:
-    """``client_id``'s trainer.  Simulation and deployment derive its seed the same way, from
-    ``(seed, the client's index)``, so a networked run reproduces a simulated one.
-    ``model``: the site's own (:func:`securefl.models.own_model`) instead of ``[model]``."""
-    seed, c = config.run.seed, config.client
-    index = list(data.clients).index(client_id)
-    shard = data.clients[client_id]
-    return LocalTrainer(
-        build_model(config.model, data.shape, data.num_classes, seed=seed, own=model),
-        shard.train,
-        shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
-        momentum=c.momentum, weight_decay=c.weight_decay,
-        seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
-
-
-def central_evaluator(config: Config, data: FederatedData, *,
-                      model: OwnModel | None = None) -> TestSetEvaluator:
-    """The server's model, initialised from ``[run] seed``, with the held-out test set."""
-    return TestSetEvaluator(build_model(config.model, data.shape, data.num_classes,
-                                        seed=config.run.seed, own=model), data.test)
-
-
-def build_server(config: Config, transport: Transport, protection: ServerProtection,
-                 data: FederatedData, *, hooks: Sequence[Any] = (),
-                 timeout: float | None = None,
-                 root_data: FederatedData | None = None,
-                 evaluator: TestSetEvaluator | None = None,
-                 run_id: bytes | None = None,
-                 model: OwnModel | None = None) -> tuple[Server, TestSetEvaluator]:
-    """The round loop and the central evaluator, as both simulation and deployment build it.
-
-    The initial model comes from ``[run] seed`` (``evaluator``: one already made by
-    :func:`central_evaluator`); rules that need the server's root-data update (FLTrust) get
-    one from :func:`root_trainer` on ``root_data`` (default ``data``; pass the clean data when
-    the clients' shards are poisoned).
-    """
-    seed, s = config.run.seed, config.server
-    aggregator = config.aggregation.build()
-    check_feasible(config, aggregator, num_clients=len(data.clients))
-    evaluator = evaluator or central_evaluator(config, data, model=model)
-    reference = None
-    if getattr(aggregator, "needs_reference", False):
-        root = root_trainer(config, root_data or data,
-                            count=getattr(aggregator, "root_examples", 100), model=model)
-        reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
-    optimizer = build_server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum,
-                                       beta1=s.beta1, beta2=s.beta2, tau=s.tau)
-    server = Server(
-        transport, protection, aggregator, optimizer, reference_update=reference,
-        parameters=flatten(evaluator.model), seed=seed,
-        sampler=Sampler(count=s.clients_per_round, fraction=s.fraction),
-        min_clients=s.min_clients, timeout=s.timeout or timeout,
-        central_evaluator=evaluator if s.evaluate in ("central", "both") else None,
-        federated_evaluation=s.evaluate in ("federated", "both"), hooks=hooks, run_id=run_id)
-    return server, evaluator
-
-
-def check_feasible(config: Config, aggregator: Aggregator, *, num_clients: int) -> None:
-    """What the configuration decides about every round, checked before any training: the
-    sampled clients must be enough for the rule's byzantine bound and ``min_clients``."""
-    per_round = config.server.per_round(num_clients)
-    sampled = f"[server] samples {per_round} of the {num_clients} clients per round"
-    need = min_clients(aggregator)
-    if per_round < need:
-        raise ConfigError(f"[aggregation] rule {config.aggregation.rule!r} ({aggregator!r}) "
-                          f"needs at least {need} updates per round, but {sampled}")
-    if config.server.min_clients > per_round:
-        raise ConfigError(f"[server] min_clients = {config.server.min_clients}, but {sampled}: "
-                          "every round would abort")
-
-
 def build_simulation(config: Config, *, run_dir: Path | None = None,
                      data: FederatedData | None = None,
-                     server_hooks: Sequence[Any] = (),
+                     server_hooks: Sequence[ServerHook] = (),
                      client_hooks: Mapping[str, Sequence[UpdateHook]] | None = None,
                      schedule: DropSchedule | None = None,
                      root_data: FederatedData | None = None,
-                     model: OwnModel | None = None) -> Simulation:
+                     model: OwnModel | None = None,
+                     aggregator: Aggregator | None = None) -> Simulation:
     """Assemble an in-process federation from ``config`` (nothing runs yet).
 
     ``data`` replaces the configured dataset (e.g. with poisoned client shards; then pass
     the clean one as ``root_data`` for the server's FLTrust root set);
     ``server_hooks`` and ``client_hooks`` inject attacks or defenses; ``schedule`` drops
     clients deterministically (see :class:`InProcessTransport`); ``model`` is the users'
-    own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``.
+    own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``;
+    ``aggregator`` is the run's rule when the caller has built it already.
     """
     data = data if data is not None else federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
     privacy = None
-    hooks: list[Any] = list(server_hooks)
+    hooks: list[ServerHook] = list(server_hooks)
     if config.privacy.mode != "none":
         from securefl.privacy import build_privacy
 
@@ -208,7 +131,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                    dropout=sim_cfg.dropout, schedule=schedule,
                                    seed=config.run.seed)
     server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks,
-                                     root_data=root_data, model=model)
+                                     root_data=root_data, model=model, aggregator=aggregator)
     if privacy is not None and privacy.sampling_seed is not None:
         server.seed = privacy.sampling_seed  # DP-FedAvg's secret sample: not from the config
     view = None
@@ -225,27 +148,6 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                       view)
 
 
-def root_trainer(config: Config, data: FederatedData, *, count: int,
-                 model: OwnModel | None = None) -> LocalTrainer:
-    """A trainer on the server's small clean root dataset (FLTrust, Cao et al. 2021).
-
-    In simulation the root set is ``count`` examples drawn, with a seeded RNG, from the
-    pooled client training data: the same distribution, as the paper assumes.
-    """
-    rng = np.random.default_rng([config.run.seed, 0x2007])
-    pooled = [c.train for c in data.clients.values()]
-    features = np.concatenate([d.features for d in pooled])
-    labels = np.concatenate([d.labels for d in pooled])
-    pick = np.sort(rng.choice(len(labels), size=min(count, len(labels)), replace=False))
-    root = Dataset(features[pick], labels[pick], data.num_classes, "root")
-    c = config.client
-    net = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed,
-                      own=model)
-    return LocalTrainer(net, root, root.subset(np.arange(0)), epochs=c.epochs,
-                        batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
-                        momentum=c.momentum, weight_decay=c.weight_decay, seed=config.run.seed)
-
-
 @dataclass
 class RunResult:
     history: History
@@ -257,10 +159,12 @@ def run_simulation(config: Config, *, out_dir: str | Path | None = None,
                    on_round: Callable[[RoundRecord], None] | None = None,
                    **build_options: Any) -> RunResult:
     """Run ``config.run.rounds`` rounds; with ``out_dir``, write the run directory."""
+    aggregator = build_options.pop("aggregator", None) or aggregator_for(config)
     if config.run.threat_model:
         from securefl.threat import require
 
-        require(config)
+        require(config, aggregator=aggregator)
+    build_options["aggregator"] = aggregator
     run_dir = Path(out_dir) if out_dir is not None else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -299,14 +203,6 @@ def _simulate(config: Config, run_dir: Path | None,
         plot_accuracy(history, run_dir / "accuracy.png", title=config.run.name)
     return RunResult(history, params, run_dir)
 
-
-def save_final_model(run_dir: Path, config: Config, evaluator: TestSetEvaluator,
-                     parameters: np.ndarray) -> Path:
-    """``model.safetensors``: the final state dict, loadable with no code executed."""
-    unflatten(evaluator.model, parameters, evaluator.layout)
-    return save_model(run_dir / "model.safetensors",
-                      {k: v.detach().numpy() for k, v in evaluator.model.state_dict().items()},
-                      metadata={"format": "pt-state-dict", "model": config.model.name})
 
 # ----------------------------------------------------------------------------- CLI
 def command(args: Any) -> int:

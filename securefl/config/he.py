@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from securefl.confparse import check
-from securefl.he.params import parameter_problem
+from securefl.config.ckks import parameter_problem
+from securefl.config.parse import check
 
 __all__ = ["HEConfig"]
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from securefl.confparse import check
+from securefl.config.parse import check
 
 __all__ = ["NetworkConfig", "split_address"]
 

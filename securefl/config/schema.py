@@ -3,7 +3,7 @@
 Every error names the file, the table, the field and what is allowed, e.g.
 ``examples/x.toml: [data] alpha must be > 0, got -1``.  Unknown keys are errors, so a typo is
 never silently ignored.  Each area owns its section's dataclass (``[privacy]`` lives in
-:mod:`securefl.privacy.config`, and so on); this module assembles them.
+:mod:`securefl.config.privacy`, and so on); this module assembles them.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from securefl.confparse import FieldError, check, dump_toml, parse
+from securefl.config.he import HEConfig
+from securefl.config.network import NetworkConfig
+from securefl.config.parse import FieldError, check, dump_toml, parse
+from securefl.config.privacy import PrivacyConfig
+from securefl.config.secagg import SecAggConfig
 from securefl.errors import ConfigError
-from securefl.he.config import HEConfig
-from securefl.privacy.config import PrivacyConfig
-from securefl.runtime.config import NetworkConfig
-from securefl.secagg.config import SecAggConfig
 
 __all__ = [
     "AggregationConfig",
@@ -35,6 +35,7 @@ __all__ = [
     "RunConfig",
     "ServerConfig",
     "SimulationConfig",
+    "clients_per_round",
     "config_from_dict",
     "load_config",
 ]
@@ -198,17 +199,7 @@ class AggregationConfig:
         rule = table.get("rule", "fedavg")
         if not isinstance(rule, str):
             raise FieldError("rule", f"must be a string, got {rule!r}")
-        config = cls(rule=rule, options=MappingProxyType(options))
-        config.build()  # validates the rule name and its options
-        return config
-
-    def build(self) -> Any:
-        from securefl.aggregation import build_aggregator
-
-        try:
-            return build_aggregator(self.rule, **self.options)
-        except (TypeError, ValueError) as exc:
-            raise FieldError("rule", f"{self.rule!r}: {exc}") from exc
+        return cls(rule=rule, options=MappingProxyType(options))
 
 
 @dataclass(frozen=True)
@@ -257,12 +248,6 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def validate(self) -> None:
-        aggregator = self.aggregation.build()
-        if self.protection.kind != "plain" and not getattr(aggregator, "linear", False):
-            raise FieldError(
-                "rule", f"{self.aggregation.rule!r} needs plaintext updates, but protection "
-                f"{self.protection.kind!r} reveals only their sum; use rule = \"fedavg\"",
-                "aggregation")
         if self.protection.kind == "he":  # the server holds the model only encrypted
             if self.server.optimizer != "fedavg":
                 raise FieldError(

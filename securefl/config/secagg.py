@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from securefl.confparse import check
+from securefl.config.parse import check
 
 __all__ = ["SecAggConfig"]
 
