@@ -141,10 +141,24 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ opening and checking
     def _create(self) -> None:
-        self._db.executescript(_CREATE)
-        self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
-            ("schema", SCHEMA), ("delta", float(self.delta).hex()),
-            ("accountant", self.accountant), ("head", _GENESIS)])
+        """Create the tables in one ``BEGIN IMMEDIATE`` transaction, unless another process
+        that opened the same new file first has just done so (then verify its ledger)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            made = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+            if made is None:
+                for statement in filter(str.strip, _CREATE.split(";")):
+                    self._db.execute(statement)
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                    ("schema", SCHEMA), ("delta", float(self.delta).hex()),
+                    ("accountant", self.accountant), ("head", _GENESIS)])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        if made is not None:
+            self._verify()
 
     def _verify(self) -> None:
         where = f"privacy ledger {self.path}"
