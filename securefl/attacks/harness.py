@@ -40,12 +40,14 @@ from securefl.attacks.results import (
     write_results_document,
 )
 from securefl.attacks.scenario import Cell, Scenario, cell_config, load_scenario
+from securefl.config import Config
+from securefl.data import Dataset, FederatedData
 from securefl.engine.protection import Combined, Rows
 from securefl.engine.trainer import torch_threads
 from securefl.errors import ConfigError, SecureFLError
 from securefl.rundir import atomic_write
 
-__all__ = ["ByzantineRows", "command", "missing_folder", "run_cell",
+__all__ = ["ByzantineRows", "cell_federation", "command", "missing_folder", "run_cell",
            "run_poisoning_cell", "run_scenario"]
 
 _log = logging.getLogger(__name__)
@@ -86,17 +88,15 @@ def _data_attack(name: str, options: dict[str, Any]) -> LabelFlip | PixelTrigger
 
 def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
     """Run one poisoning cell; returns its metrics (final and per-round accuracy, ASR)."""
-    from securefl.data import ClientData, federate
+    from securefl.data import ClientData
     from securefl.experiment import build_simulation
     from securefl.params import unflatten
 
     config = cell_config(cell)
     spec = cell.spec["attack"]
     rng = np.random.default_rng([cell.seed, 0xB42])
-    data = federate(config.data, seed=config.run.seed)
+    data, byzantine = cell_federation(cell, config, rng=rng)
     ids = sorted(data.clients)
-    picked = rng.choice(len(ids), size=cell.spec["num_byzantine"], replace=False)
-    byzantine = sorted(ids[i] for i in picked)
 
     clean = data
     trigger = None
@@ -140,6 +140,40 @@ def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
             logits = sim.model(torch.from_numpy(triggered.features))
         result["attack_success_rate"] = trigger.success_rate(logits.argmax(dim=1).numpy())
     return result
+
+
+def cell_federation(cell: Cell, config: Config, *,
+                    rng: np.random.Generator) -> tuple[FederatedData, list[str]]:
+    """The cell's clients and which of them are byzantine.
+
+    ``byzantine_data = "partition"`` (the default): the data is partitioned over all
+    ``num_clients`` and ``f`` of them, drawn from the seed, are byzantine, so their shards
+    leave the honest data.  ``"iid"`` (the setting of Karimireddy et al. 2022 and Allouah
+    et al. 2023): the data is partitioned over the ``n - f`` honest clients only, and each
+    of the ``f`` byzantine clients holds an IID draw, of the mean honest shard size, from the
+    honest clients' pooled training data; a clean cell has the same honest clients alone.
+    """
+    from securefl.data import ClientData, federate
+
+    count = cell.spec["num_byzantine"]
+    if cell.spec.get("byzantine_data", "partition") == "partition":
+        data = federate(config.data, seed=config.run.seed)
+        ids = sorted(data.clients)
+        picked = rng.choice(len(ids), size=count, replace=False)
+        return data, sorted(ids[i] for i in picked)
+    honest = int(cell.spec["honest_clients"])
+    data = federate(dataclasses.replace(config.data, num_clients=honest), seed=config.run.seed)
+    shards = [c.train for c in data.clients.values()]
+    pooled = Dataset(np.concatenate([d.features for d in shards]),
+                     np.concatenate([d.labels for d in shards]), data.num_classes, "pooled")
+    size = max(1, round(len(pooled) / honest))
+    width = len(str(honest + count - 1))
+    clients = dict(data.clients)
+    byzantine = [f"client-{honest + j:0{width}d}" for j in range(count)]
+    for cid in byzantine:
+        take = np.sort(rng.choice(len(pooled), size=size, replace=False))
+        clients[cid] = ClientData(pooled.subset(take), pooled.subset(take[:0]))
+    return dataclasses.replace(data, clients=clients), byzantine
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
