@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from securefl.aggregation.base import Aggregator
 from securefl.attacks.data_poisoning import LabelFlip, PixelTrigger
@@ -221,8 +222,9 @@ def run_scenario(scenario: Scenario, out_dir: Path, *,
     path = out_dir / "results.jsonl"
     done = load_results(path)
     cells = scenario.cells()
-    # cells run one after another; one thread each keeps small models fast on shared cores
-    with torch_threads(1):
+    # cells run one after another; one thread each (torch and numpy's BLAS, whose idle
+    # threads otherwise spin on shared cores) keeps small models fast
+    with torch_threads(1), threadpool_limits(limits=1):
         _run_cells(cells, done, path, report)
     current = {c.key: done[c.key] for c in cells if c.key in done}
     atomic_write(out_dir / "results.md", scenario_markdown(scenario, current))

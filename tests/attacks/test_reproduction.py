@@ -118,3 +118,24 @@ def test_quick_reproduction_label_flipping_breaks_krum(
     acc = {(r["attack"], r["defense"]): r["accuracy"] for r in records.values()}
     assert acc[("label_flip", "krum")] < 0.1                      # below chance: 9 - y learnt
     assert acc[("none", "krum")] - acc[("label_flip", "krum")] > 0.2
+
+
+def test_cells_run_with_one_blas_and_one_torch_thread(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import threadpoolctl
+    import torch
+
+    seen: list[tuple[int, list[int]]] = []
+
+    def record(cell: object) -> dict[str, object]:
+        pools = [p["num_threads"] for p in threadpoolctl.threadpool_info()]
+        seen.append((torch.get_num_threads(), pools))
+        return {"key": cell.key, "fingerprint": cell.fingerprint,  # type: ignore[attr-defined]
+                **cell.labels, "status": "error", "error": "recorded",  # type: ignore
+                "kind": "poisoning", "seconds": 0.0}
+
+    monkeypatch.setattr(harness, "run_cell", record)
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID)
+    harness.run_scenario(load_scenario(path), tmp_path / "out")
+    assert len(seen) == 2 and all(t == 1 and set(p) <= {1} for t, p in seen)
