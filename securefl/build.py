@@ -132,7 +132,8 @@ def local_trainer(config: Config, data: FederatedData, client_id: str, *,
         build_model(config.model, data.shape, data.num_classes, seed=seed, own=model),
         shard.train,
         shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
-        momentum=c.momentum, weight_decay=c.weight_decay,
+        momentum=c.momentum, weight_decay=c.weight_decay, local_steps=c.local_steps,
+        keep_momentum=c.keep_momentum,
         seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
 
@@ -211,7 +212,8 @@ def root_trainer(config: Config, data: FederatedData, *, count: int,
                       own=model)
     return LocalTrainer(net, root, root.subset(np.arange(0)), epochs=c.epochs,
                         batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
-                        momentum=c.momentum, weight_decay=c.weight_decay, seed=config.run.seed)
+                        momentum=c.momentum, weight_decay=c.weight_decay,
+                        local_steps=c.local_steps, seed=config.run.seed)
 
 
 def save_final_model(run_dir: Path, config: Config, evaluator: TestSetEvaluator,

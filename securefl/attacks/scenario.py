@@ -17,14 +17,17 @@ from typing import Any
 from securefl.config import Config, config_from_dict
 from securefl.errors import ConfigError
 
-__all__ = ["BYZANTINE", "DATA_ATTACKS", "Cell", "Scenario", "cell_config", "load_scenario"]
+__all__ = ["BYZANTINE", "BYZANTINE_DATA", "DATA_ATTACKS", "Cell", "Scenario", "cell_config",
+           "load_scenario"]
 
 #: an option value that stands for the cell's number of byzantine clients
 BYZANTINE = "$f"
 #: data-poisoning attacks by name (see :mod:`securefl.attacks.data_poisoning`)
 DATA_ATTACKS = ("label_flip", "pixel_trigger")
 
-_SCENARIO_KEYS = {"name", "description", "seeds", "byzantine_fractions"}
+_SCENARIO_KEYS = {"name", "description", "seeds", "byzantine_fractions", "byzantine_data"}
+#: where the byzantine clients' data comes from (see ``attacks/README.md``)
+BYZANTINE_DATA = ("partition", "iid")
 _ATTACK_KEYS = {"name", "update", "options", "data", "data_options", "adaptive"}
 _DEFENSE_KEYS = {"name", "rule", "options"}
 _TOP_KEYS = {"scenario", "base", "distributions", "attacks", "defenses", "cells"}
@@ -55,6 +58,7 @@ class Scenario:
     attacks: tuple[Mapping[str, Any], ...]
     defenses: tuple[Mapping[str, Any], ...]
     cells_extra: tuple[Mapping[str, Any], ...]
+    byzantine_data: str = "partition"
 
     def cells(self) -> list[Cell]:
         """Every cell of the grid, in a stable order (poisoning grid first)."""
@@ -90,7 +94,11 @@ class Scenario:
         options = {k: (assumed if v == BYZANTINE else v)
                    for k, v in defense.get("options", {}).items()}
         table["aggregation"] = {"rule": defense["rule"], **options}
-        spec = {"config": table, "attack": dict(attack), "num_byzantine": num_byzantine}
+        spec: dict[str, Any] = {"config": table, "attack": dict(attack),
+                                "num_byzantine": num_byzantine}
+        if self.byzantine_data == "iid":  # partitioned over the honest clients only
+            spec["byzantine_data"] = "iid"
+            spec["honest_clients"] = num_clients - assumed
         labels = {"distribution": dist["name"], "fraction": fraction,
                   "attack": attack["name"], "defense": defense["name"]}
         key = (f"poisoning/{dist['name']}/{fraction:g}/{attack['name']}/"
@@ -173,6 +181,10 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ConfigError(f"{path}: [scenario] {bad} is not a known key "
                           f"(allowed: {', '.join(sorted(_SCENARIO_KEYS))})")
     seeds = head.get("seeds", [0])
+    byzantine_data = head.get("byzantine_data", "partition")
+    if byzantine_data not in BYZANTINE_DATA:
+        raise ConfigError(f"{path}: [scenario] byzantine_data must be one of "
+                          f"{', '.join(map(repr, BYZANTINE_DATA))}, got {byzantine_data!r}")
     fractions = head.get("byzantine_fractions", [0.2])
     if not (isinstance(seeds, list) and seeds
             and all(isinstance(s, int) and s >= 0 for s in seeds)):
@@ -188,7 +200,7 @@ def load_scenario(path: str | Path) -> Scenario:
         distributions=_named_list(table, "distributions", None, path),
         attacks=_named_list(table, "attacks", _ATTACK_KEYS, path),
         defenses=_named_list(table, "defenses", _DEFENSE_KEYS, path),
-        cells_extra=_named_list(table, "cells", None, path))
+        cells_extra=_named_list(table, "cells", None, path), byzantine_data=byzantine_data)
     _validate(scenario)
     config_from_dict(scenario.base, source=f"{path} [base]")
     return scenario

@@ -131,9 +131,15 @@ class ClientConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    #: minibatch steps per round instead of ``epochs`` passes (1: distributed SGD)
+    local_steps: int | None = None
+    #: keep the optimizer state (worker momentum) on the client across rounds
+    keep_momentum: bool = False
 
     def validate(self) -> None:
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.local_steps is None or self.local_steps >= 1, "local_steps",
+              f"must be >= 1, got {self.local_steps}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
@@ -248,6 +254,11 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def validate(self) -> None:
+        if self.privacy.mode == "dp_sgd" and (self.client.local_steps is not None
+                                              or self.client.keep_momentum):
+            name = "local_steps" if self.client.local_steps is not None else "keep_momentum"
+            raise FieldError(name, "is not supported with [privacy] mode = \"dp_sgd\", whose "
+                             "accounting charges whole epochs of fresh-state DP-SGD", "client")
         if self.protection.kind == "he":  # the server holds the model only encrypted
             if self.server.optimizer != "fedavg":
                 raise FieldError(

