@@ -76,6 +76,8 @@ _SCALAR_TYPES = (bool, int, float, str)
 _KEY_TYPES = frozenset((int, str))
 _REGISTRY: dict[str, type] = {}
 T = TypeVar("T")
+# the tree holds fresh containers only, so the circular-reference check is skipped
+_HEADER = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False)
 
 
 class Message:
@@ -143,8 +145,7 @@ def encode(msg: Message) -> bytes:
     if not isinstance(body, dict) or "$msg" not in body:
         raise MessageError("only registered messages can be encoded")
     sizes = [len(b) if isinstance(b, bytes) else b.nbytes for b in blobs]
-    header = json.dumps({"body": body, "arrays": arrays, "blobs": sizes},
-                        separators=(",", ":"), allow_nan=True).encode()
+    header = _HEADER.encode({"body": body, "arrays": arrays, "blobs": sizes}).encode()
     return b"".join([_PREFIX.pack(_MAGIC, WIRE_VERSION, len(header)), header, *blobs])
 
 
