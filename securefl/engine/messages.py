@@ -187,7 +187,7 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
     if start > view.nbytes:
         raise MessageError("truncated message header")
     try:
-        header = json.loads(bytes(view[_PREFIX.size:start]))
+        header = json.loads(str(view[_PREFIX.size:start], "utf-8"))
         sizes = [s for s in header["blobs"] if isinstance(s, int) and not isinstance(s, bool)]
         arrays = header["arrays"]
         body = header["body"]
