@@ -144,7 +144,8 @@ class SecAggClientRound:
                               levels=levels)
         dither = keystream(prg_key(os.urandom(32), self._base.info("dither", self.client_id)),
                            update.delta.shape[0] + 1)
-        self._encoded = quantizer.encode(update.delta, float(update.weight), dither)
+        self._encoded = quantizer.encode(update.delta, float(update.weight), dither,
+                                         in_place=True)
         self._participants = participants_digest(participants)
         self._members = frozenset(participants)
         c_public, s_public = public_bytes(self._c_key), public_bytes(self._s_key)

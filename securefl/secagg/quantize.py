@@ -68,8 +68,12 @@ class Quantizer:
         """Per-client error bound on the decoded total weight: ``W / L``."""
         return self.max_weight / self.levels
 
-    def encode(self, delta: np.ndarray, weight: float, dither: np.ndarray) -> np.ndarray:
-        """``d + 1`` words ``q mod 2**32``; ``dither`` holds ``d + 1`` uniform uint32 words."""
+    def encode(self, delta: np.ndarray, weight: float, dither: np.ndarray, *,
+               in_place: bool = False) -> np.ndarray:
+        """``d + 1`` words ``q mod 2**32``; ``dither`` holds ``d + 1`` uniform uint32 words.
+
+        ``in_place=True`` writes the words over ``dither`` (each chunk of the dither is read
+        before it is overwritten) and returns it: no second ``d``-sized buffer."""
         if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
             raise ValueError(f"weight must be finite and in (0, max_weight = {self.max_weight}]"
                              f", got {weight}; raise [protection.secagg] max_weight")
@@ -79,7 +83,9 @@ class Quantizer:
             raise ValueError("dither must be d + 1 uint32 words")
         bound = self.levels * (weight / self.max_weight)  # <= L, since w / W <= 1
         size = delta.shape[0]
-        words = np.empty(size + 1, np.int32)
+        if in_place and not dither.flags.writeable:
+            raise ValueError("in_place needs a writeable dither")
+        words = dither.view(np.int32) if in_place else np.empty(size + 1, np.int32)
         # one cache-sized chunk at a time: no d-sized float64 temporaries (each would cost a
         # fresh, page-faulting allocation larger than the whole computation)
         scratch = _Scratch(min(size, _CHUNK_WORDS))
@@ -119,6 +125,6 @@ class _Scratch:
         np.floor(scaled, out=floor)
         scaled -= floor
         scaled *= 2.0 ** 32
-        np.less(dither, scaled, out=up)
+        np.less(dither, scaled, out=up)  # before ``out``, which may be ``dither`` itself
         out[:] = floor  # |floor| <= L <= 2**31 - 1: exact in int32
         out += up  # SR(v) <= ceil(v) <= L: no overflow
