@@ -18,8 +18,13 @@ privacy analysis functions), ``protection`` (client and server halves of SecAgg+
 ``codec`` (wire encode/decode), ``server`` (aggregation, optimizer step, evaluation) and
 ``other``.  ``--contention`` also times the quickstart next to two single-threaded CPU-bound
 processes of the benchmark's own (stopped when it ends) and reports the slowdown.
+``--startup`` times ``build_simulation`` of examples/dp_sgd.toml first, in this fresh process
+(cold caches): the noise-multiplier calibration inside it, against Opacus's own
+``get_noise_multiplier`` for the same ``(q, steps)``, and the one-off import that torch's
+first optimizer triggers (``torch._dynamo``, paid by every run, DP or not), timed apart.
 
     python benchmarks/round.py [--rounds 4] [--workloads quickstart,cnn] [--contention]
+    python benchmarks/round.py --startup --workloads ""      # start-up only
 """
 
 from __future__ import annotations
@@ -204,6 +209,54 @@ def measure(table: dict[str, Any], variant: str, rounds: int, *, cnn_synthetic: 
             "aborted": record.aborted, "breakdown_s": breakdown}
 
 
+def startup(example: Path) -> dict[str, Any]:
+    """``build_simulation`` of a DP-SGD example with cold caches, and what its calibration
+    costs against Opacus's own search over the same distinct ``(q, steps)``."""
+    import warnings
+
+    import torch
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from securefl.privacy import calibration
+
+    began = time.perf_counter()
+    import torch._dynamo  # what torch.optim's first optimizer imports
+    torch_import = time.perf_counter() - began
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    config = config_from_dict(tomllib.loads(example.read_text(encoding="utf-8")))
+    search, clock, asked = calibration.calibrate_noise_multiplier, Clock(), []
+
+    def calibrate(**kwargs: Any) -> float:
+        asked.append(kwargs)
+        with clock.charge("calibration"):
+            return search(**kwargs)
+
+    calibration.calibrate_noise_multiplier = calibrate  # type: ignore[assignment]
+    try:
+        began = time.perf_counter()
+        sim = build_simulation(config)
+        build = time.perf_counter() - began
+    finally:
+        calibration.calibrate_noise_multiplier = search
+    sim.transport.close()
+    distinct = {tuple(sorted(k.items())) for k in asked}
+    began = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for kwargs in map(dict, distinct):
+            get_noise_multiplier(target_epsilon=kwargs["target_epsilon"],
+                                 target_delta=kwargs["delta"],
+                                 sample_rate=kwargs["sample_rate"], steps=kwargs["steps"],
+                                 accountant=kwargs["accountant"])
+    opacus = time.perf_counter() - began
+    return {"example": str(example.relative_to(ROOT)), "build_simulation_s": round(build, 3),
+            "calibration_s": round(clock.seconds["calibration"], 3),
+            "distinct_searches": len(distinct), "clients": len(asked),
+            "opacus_get_noise_multiplier_s": round(opacus, 3),
+            "calibration_speedup": round(opacus / max(clock.seconds["calibration"], 1e-9), 2),
+            "torch_first_optimizer_import_s": round(torch_import, 3), "target_s": 2.0}
+
+
 def _busy(seconds: float) -> None:
     end = time.monotonic() + seconds
     x = 0
@@ -244,11 +297,16 @@ def main() -> None:
     parser.add_argument("--workloads", default="quickstart,cnn")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--contention", action="store_true")
+    parser.add_argument("--startup", action="store_true",
+                        help="time build_simulation of examples/dp_sgd.toml first")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (the first round is not timed)")
     out: dict[str, Any] = {"benchmark": "round", "rounds": args.rounds, "workloads": {}}
-    for name in args.workloads.split(","):
+    if args.startup:  # first: a fresh process, nothing cached yet
+        print("startup ...", file=sys.stderr, flush=True)
+        out["startup"] = startup(ROOT / "examples" / "dp_sgd.toml")
+    for name in filter(None, args.workloads.split(",")):
         table, source = workload(name)
         synthetic = source.startswith("synthetic")
         results: dict[str, Any] = {"data": source}

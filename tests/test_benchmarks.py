@@ -86,6 +86,14 @@ def test_round() -> None:
 
 
 @pytest.mark.slow
+def test_round_startup() -> None:
+    startup = run("round.py", "--startup", "--workloads", "")["startup"]
+    assert (startup["distinct_searches"], startup["clients"]) == (8, 10)
+    assert 0 < startup["calibration_s"] <= startup["build_simulation_s"]
+    assert startup["opacus_get_noise_multiplier_s"] > 0
+
+
+@pytest.mark.slow
 def test_audit_quick() -> None:
     report = run("audit.py", "--seeds", "1", "--rounds", "1", "--canaries", "500")
     assert report["seeds"] == 1 and report["accountant_epsilon_max"] <= 1.0 + 1e-9

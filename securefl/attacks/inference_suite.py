@@ -150,7 +150,7 @@ def _noise_multiplier(epsilon: float, delta: float, size: int, batch_size: int,
                       rounds: int, epochs: int) -> float:
     """DP-SGD sigma reaching ``epsilon`` for a client of ``size`` examples over the run, by
     the framework's own (cached) calibration."""
-    from securefl.privacy.accounting import calibrate_noise_multiplier
+    from securefl.privacy.calibration import calibrate_noise_multiplier
     from securefl.privacy.dp_sgd import batches_per_epoch
 
     steps = batches_per_epoch(size, batch_size)

@@ -26,10 +26,12 @@ failure inside the decoder is reported as a malformed message.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import struct
 import types
 import typing
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 import numpy as np
@@ -68,8 +70,14 @@ _DTYPES = frozenset(
               "uint64", "float16", "float32", "float64", "complex64", "complex128")
 )
 
+#: the types ``json.loads`` builds scalars of; ``encode`` passes their subclasses through too
+_JSON_SCALARS = frozenset((type(None), bool, int, float, str))
+_SCALAR_TYPES = (bool, int, float, str)
+_KEY_TYPES = frozenset((int, str))
 _REGISTRY: dict[str, type] = {}
 T = TypeVar("T")
+# the tree holds fresh containers only, so the circular-reference check is skipped
+_HEADER = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False)
 
 
 class Message:
@@ -100,7 +108,10 @@ def encode(msg: Message) -> bytes:
     arrays: list[dict[str, Any]] = []
 
     def tree(value: Any) -> Any:
-        if value is None or isinstance(value, bool | int | float | str):
+        if type(value) is bytes:  # the common leaf of protocol messages
+            blobs.append(value)
+            return {"$b": len(blobs) - 1}
+        if type(value) in _JSON_SCALARS or isinstance(value, _SCALAR_TYPES):
             return value
         if isinstance(value, bytes | bytearray):
             blobs.append(bytes(value))
@@ -121,21 +132,20 @@ def encode(msg: Message) -> bytes:
             return [tree(v) for v in value]
         if isinstance(value, dict):
             for key in value:
-                if not isinstance(key, int | str) or isinstance(key, bool):
+                if type(key) is not str and (not isinstance(key, int | str)
+                                             or isinstance(key, bool)):
                     raise MessageError(f"dict key {key!r} must be int or str")
             return {"$m": [[k, tree(v)] for k, v in value.items()]}
         if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
             return {"$msg": type(value).__name__, "f": {
-                f.name: tree(getattr(value, f.name))
-                for f in dataclasses.fields(value)}}  # type: ignore[arg-type]
+                name: tree(getattr(value, name)) for name in _field_names(type(value))}}
         raise MessageError(f"cannot encode a value of type {type(value).__name__}")
 
     body = tree(msg)
     if not isinstance(body, dict) or "$msg" not in body:
         raise MessageError("only registered messages can be encoded")
     sizes = [len(b) if isinstance(b, bytes) else b.nbytes for b in blobs]
-    header = json.dumps({"body": body, "arrays": arrays, "blobs": sizes},
-                        separators=(",", ":"), allow_nan=True).encode()
+    header = _HEADER.encode({"body": body, "arrays": arrays, "blobs": sizes}).encode()
     return b"".join([_PREFIX.pack(_MAGIC, WIRE_VERSION, len(header)), header, *blobs])
 
 
@@ -177,7 +187,7 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
     if start > view.nbytes:
         raise MessageError("truncated message header")
     try:
-        header = json.loads(bytes(view[_PREFIX.size:start]))
+        header = json.loads(str(view[_PREFIX.size:start], "utf-8"))
         sizes = [s for s in header["blobs"] if isinstance(s, int) and not isinstance(s, bool)]
         arrays = header["arrays"]
         body = header["body"]
@@ -188,13 +198,13 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
         raise MessageError("malformed message header")
     if any(s < 0 for s in sizes) or start + sum(sizes) != view.nbytes:
         raise MessageError("message length does not match its header")
-    offsets = np.cumsum([start, *sizes]).tolist()
-    blobs = [view[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
+    offsets = list(itertools.accumulate(sizes, initial=start))
+    count = len(sizes)
 
     def blob(index: Any) -> memoryview:
-        if not isinstance(index, int) or not 0 <= index < len(blobs):
+        if not isinstance(index, int) or not 0 <= index < count:
             raise MessageError("message refers to a missing blob")
-        return blobs[index]
+        return view[offsets[index]:offsets[index + 1]]
 
     def array(index: Any) -> np.ndarray:
         if not isinstance(index, int) or not 0 <= index < len(arrays):
@@ -219,14 +229,15 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def build(node: Any, depth: int = 0) -> Any:
-        if node is None or isinstance(node, bool | int | float | str):
+        kind = type(node)  # json.loads makes exactly these types, never subclasses
+        if kind in _JSON_SCALARS:
             return node
         if depth >= MAX_DEPTH:
             raise MessageError(f"message nests deeper than {MAX_DEPTH} levels")
         depth += 1
-        if isinstance(node, list):
+        if kind is list:
             return [build(v, depth) for v in node]
-        if isinstance(node, dict) and len(node) in (1, 2):
+        if kind is dict and len(node) in (1, 2):
             if "$b" in node:
                 return bytes(blob(node["$b"]))
             if "$a" in node:
@@ -236,8 +247,8 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
             if "$m" in node and isinstance(node["$m"], list):
                 out = {}
                 for pair in node["$m"]:
-                    if not (isinstance(pair, list) and len(pair) == 2
-                            and isinstance(pair[0], int | str) and not isinstance(pair[0], bool)):
+                    if not (type(pair) is list and len(pair) == 2
+                            and type(pair[0]) in _KEY_TYPES):
                         raise MessageError("malformed dict entry")
                     out[pair[0]] = build(pair[1], depth)
                 return out
@@ -262,55 +273,80 @@ def _construct(name: Any, fields: dict[str, Any]) -> Message:
     if set(fields) != set(hints):
         raise MessageError(f"{name}: fields {sorted(fields)[:16]} do not match "
                            f"{sorted(hints)}")
+    checkers = _checkers(cls)
     for key, value in fields.items():
-        if not _conforms(value, hints[key]):
+        if not checkers[key](value):
             raise MessageError(f"{name}.{key} has the wrong type ({type(value).__name__})")
     return cls(**fields)
 
 
 _HINT_CACHE: dict[type, dict[str, Any]] = {}
+_CHECKER_CACHE: dict[type, dict[str, Callable[[Any], bool]]] = {}
+_FIELD_CACHE: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    if cls not in _FIELD_CACHE:
+        _FIELD_CACHE[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return _FIELD_CACHE[cls]
 
 
 def _hints(cls: type) -> dict[str, Any]:
     if cls not in _HINT_CACHE:
         hints = typing.get_type_hints(cls)
-        _HINT_CACHE[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        _HINT_CACHE[cls] = {name: hints[name] for name in _field_names(cls)}
     return _HINT_CACHE[cls]
 
 
-def _conforms(value: Any, hint: Any) -> bool:
-    """Structural check of a decoded value against a type annotation."""
+def _checkers(cls: type) -> dict[str, Callable[[Any], bool]]:
+    if cls not in _CHECKER_CACHE:
+        _CHECKER_CACHE[cls] = {name: _checker(hint) for name, hint in _hints(cls).items()}
+    return _CHECKER_CACHE[cls]
+
+
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """The structural check of a value against ``hint``, built once per annotation: an
+    ``int`` is never a ``bool``, a ``float`` field accepts ints, containers are checked
+    element by element, and anything unlisted is rejected."""
     if hint is Any:
-        return True
-    origin = get_origin(hint)
+        return lambda value: True
+    origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, types.UnionType):
-        return any(_conforms(value, h) for h in get_args(hint))
+        options = tuple(_checker(h) for h in args)
+        return lambda value: any(check(value) for check in options)
     if hint is None or hint is type(None):
-        return value is None
+        return lambda value: value is None
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return lambda value: isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return lambda value: isinstance(value, int) and not isinstance(value, bool)
     if hint in (bool, str, bytes, np.ndarray):
-        return isinstance(value, hint)
+        return lambda value: isinstance(value, hint)
     if origin is tuple:
-        args = get_args(hint)
-        if not isinstance(value, tuple):
-            return False
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(_conforms(v, args[0]) for v in value)
-        return len(args) == len(value) and all(
-            _conforms(v, a) for v, a in zip(value, args, strict=True))
+            each = _every(args[0])
+            return lambda value: isinstance(value, tuple) and each(value)
+        fixed = tuple(_checker(a) for a in args)
+        return lambda value: isinstance(value, tuple) and len(value) == len(fixed) and all(
+            check(v) for check, v in zip(fixed, value, strict=True))
     if origin is list:
-        (arg,) = get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_conforms(v, arg) for v in value)
+        each = _every(args[0] if args else Any)
+        return lambda value: isinstance(value, list) and each(value)
     if origin is dict:
-        key_hint, value_hint = get_args(hint) or (Any, Any)
-        return isinstance(value, dict) and all(
-            _conforms(k, key_hint) and _conforms(v, value_hint) for k, v in value.items())
+        keys, values = (_every(a) for a in (args or (Any, Any)))
+        return lambda value: isinstance(value, dict) and keys(value) and values(
+            value.values())
     if isinstance(hint, type) and issubclass(hint, Message):
-        return isinstance(value, hint)
-    return False
+        return lambda value: isinstance(value, hint)
+    return lambda value: False
+
+
+def _every(hint: Any) -> Callable[[Iterable[Any]], bool]:
+    """``all(check(v) for v in values)``; a plain ``isinstance`` for the common leaf types."""
+    if hint in (str, bytes, np.ndarray):
+        return lambda values: all(isinstance(v, hint) for v in values)
+    check = _checker(hint)
+    return lambda values: all(check(v) for v in values)
 
 
 # ----------------------------------------------------------------------------- engine messages

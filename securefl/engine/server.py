@@ -194,10 +194,17 @@ class Server:
     def _converse(self, rnd: int, record: RoundRecord, protocol: ServerRound,
                   participants: Sequence[str]) -> Combined:
         payloads = protocol.open(participants)
-        requests: Mapping[str, Message] = {
-            cid: FitIns(run=self.run_id, round=rnd, parameters=self.sent_parameters(),
-                        config=self.fit_config, protection=payloads.get(cid))
-            for cid in participants}
+        parameters = self.sent_parameters()
+        # one FitIns per distinct payload: clients with the same payload get one broadcast
+        # message (in process, the model is encoded once for all of them)
+        made: dict[int, FitIns] = {}  # by id: ``payloads`` keeps every payload alive
+        requests: dict[str, Message] = {}
+        for cid in participants:
+            payload = payloads.get(cid)
+            if id(payload) not in made:
+                made[id(payload)] = FitIns(run=self.run_id, round=rnd, parameters=parameters,
+                                           config=self.fit_config, protection=payload)
+            requests[cid] = made[id(payload)]
         exchange = self.transport.exchange(requests, round=rnd, timeout=self.timeout)
         record.dropped.update(exchange.dropped)
         first: dict[str, Message] = {}

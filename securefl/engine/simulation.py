@@ -48,6 +48,7 @@ class InProcessTransport:
         self._gone: set[str] = set()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._frames: dict[int, bytes] = {}  # this exchange's encoded requests, by id
 
     def client_ids(self) -> list[str]:
         return list(self._clients)
@@ -72,9 +73,16 @@ class InProcessTransport:
         return drop
 
     def _carry(self, msg: Message, *, outbound: bool) -> Message:
+        """``msg`` through the codec.  A request broadcast to many clients in one exchange is
+        encoded once (each client still decodes its own copy): the exchange's requests hold
+        every message alive, so their ids are unique."""
         if not self.wire:
             return msg
-        frame = encode(msg)
+        frame = self._frames.get(id(msg)) if outbound else None
+        if frame is None:
+            frame = encode(msg)
+            if outbound:
+                self._frames[id(msg)] = frame
         if outbound:
             self.bytes_sent += len(frame)
         else:
@@ -110,6 +118,7 @@ class InProcessTransport:
                 result.dropped[client_id] = "dropped (injected)"
             else:
                 live.append(client_id)
+        self._frames = {}
         jobs = [(cid, requests[cid], round, timeout) for cid in live]
         outcomes = (self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool
                     else (self._deliver(*job) for job in jobs))
@@ -118,4 +127,5 @@ class InProcessTransport:
                 result.dropped[client_id] = outcome
             else:
                 result.replies[client_id] = outcome
+        self._frames = {}
         return result

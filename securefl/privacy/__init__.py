@@ -171,7 +171,8 @@ def _check_delta(delta: float, size: int, what: str) -> None:
 def _dp_sgd(config: Config, path: Path | str, client_ids: Sequence[str],
             num_examples: Mapping[str, int], budget: float | None,
             secure: bool) -> PrivacySetup:
-    from securefl.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier
+    from securefl.privacy.accounting import PrivacyEvent
+    from securefl.privacy.calibration import calibrate_noise_multiplier
     from securefl.privacy.dp_sgd import DPSGDTrainer, batches_per_epoch
     from securefl.privacy.ledger import PrivacyLedger
 
@@ -208,7 +209,8 @@ def _dp_sgd(config: Config, path: Path | str, client_ids: Sequence[str],
 
 def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
                budget: float | None, secure: bool) -> PrivacySetup:
-    from securefl.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier
+    from securefl.privacy.accounting import PrivacyEvent
+    from securefl.privacy.calibration import calibrate_noise_multiplier
     from securefl.privacy.dp_fedavg import (
         ClipState,
         UserLevelNoise,

@@ -26,17 +26,14 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
-
-from securefl.errors import ConfigError
 
 __all__ = [
     "ACCOUNTANTS",
     "AccountantName",
     "PrivacyEvent",
-    "calibrate_noise_multiplier",
     "compose",
     "epsilon",
+    "rdp_per_step",
 ]
 
 AccountantName = Literal["rdp", "prv"]
@@ -98,7 +95,9 @@ def epsilon(events: Iterable[PrivacyEvent], *, delta: float,
 
 
 @functools.lru_cache(maxsize=1024)
-def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+def rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Opacus's ``compute_rdp(q, sigma, steps=1)`` over the RDP accountant's default orders,
+    cached per ``(q, sigma)``; ``compute_rdp(steps)`` is this curve times ``steps``."""
     return np.asarray(rdp_analysis.compute_rdp(
         q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
         orders=RDPAccountant.DEFAULT_ALPHAS))
@@ -108,7 +107,7 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     """:meth:`RDPAccountant.get_privacy_spent` step for step, with the per-step RDP curve of
     each ``(sigma, q)`` cached: Opacus computes ``compute_rdp(steps) = curve * steps``, and
     the curve is the expensive part (the ledger recomposes every charge)."""
-    rdp = sum([_rdp_per_step(q, sigma) * steps for sigma, q, steps in history])
+    rdp = sum([rdp_per_step(q, sigma) * steps for sigma, q, steps in history])
     value, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp,
                                               delta=delta)
     return float(value)
@@ -134,25 +133,3 @@ def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float,
             # the PRV domain cannot be built for a privacy loss this large
             return math.inf
     return value if math.isfinite(value) and value >= 0 else math.inf
-
-
-@functools.lru_cache(maxsize=256)
-def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
-                               steps: int, accountant: AccountantName = "rdp") -> float:
-    """The smallest sigma (Opacus's binary search, tolerance 0.01) with
-    ``epsilon((sigma, q, steps), delta) <= target_epsilon``.
-
-    Cached: the search is pure and takes seconds at small epsilon, and clients of equal
-    size ask for the same sigma."""
-    if target_epsilon <= 0:
-        raise ConfigError(f"[privacy] target_epsilon must be > 0, got {target_epsilon}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return float(get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=steps, accountant=accountant))
-    except ValueError as exc:
-        raise ConfigError(f"[privacy] target_epsilon {target_epsilon} cannot be reached at "
-                          f"delta {delta} over {steps} steps at sample rate {sample_rate:.4g} "
-                          f"({exc}); raise the budget or train fewer steps") from None

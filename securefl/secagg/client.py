@@ -24,6 +24,7 @@ Any inconsistency raises the opaque ProtocolAbort, and the round is dead afterwa
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -143,7 +144,8 @@ class SecAggClientRound:
                               levels=levels)
         dither = keystream(prg_key(os.urandom(32), self._base.info("dither", self.client_id)),
                            update.delta.shape[0] + 1)
-        self._encoded = quantizer.encode(update.delta, float(update.weight), dither)
+        self._encoded = quantizer.encode(update.delta, float(update.weight), dither,
+                                         in_place=True)
         self._participants = participants_digest(participants)
         self._members = frozenset(participants)
         c_public, s_public = public_bytes(self._c_key), public_bytes(self._s_key)
@@ -167,7 +169,7 @@ class SecAggClientRound:
             (payload.round != self._base.round, f"setup for round {payload.round}"),
             (list(ids) != sorted(set(ids)), "participants not sorted and unique"),
             (self.client_id not in ids, "this client is not a participant"),
-            (any(v not in self._directory for v in ids), "unknown participant"),
+            (not self._directory.keys() >= set(ids), "unknown participant"),
             (len(ids) < self._config.min_neighbours + 1,
              f"{len(ids)} participants cannot give {self._config.min_neighbours} neighbours"),
         ]
@@ -293,11 +295,12 @@ class SecAggClientRound:
 
     def _sign(self, request: SecAggConsistency) -> SecAggSignature:
         survivors = request.survivors
-        mine = [v for v in self._neighbours if v in set(survivors)]
+        alive = set(survivors)
+        mine = [v for v in self._neighbours if v in alive]
         problems = [
             (list(survivors) != sorted(set(survivors)), "survivors not sorted and unique"),
             (self.client_id not in survivors, "this client is not among the survivors"),
-            (not set(survivors) <= set(self._commitments), "unknown survivor"),
+            (not alive <= self._commitments.keys(), "unknown survivor"),
             (not set(mine) <= set(self._inbox), "a survivor whose shares never arrived"),
             (len(mine) < self._threshold, "fewer than t surviving neighbours"),
         ]
@@ -358,6 +361,8 @@ class SecAggClientRound:
         return bundle
 
 
+_NEXT = dict(itertools.pairwise(ClientPhase))
+
+
 def _next(phase: ClientPhase) -> ClientPhase:
-    order = list(ClientPhase)
-    return order[order.index(phase) + 1]
+    return _NEXT[phase]

@@ -20,6 +20,7 @@ Every failure (bad signature, bad ciphertext, degenerate public key) raises the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -121,9 +122,22 @@ def verify(identity_public: bytes, signature: bytes, body: bytes, *, signer: str
            what: str) -> None:
     """Raise :class:`ProtocolAbort` unless ``signature`` is ``signer``'s over ``body``."""
     try:
-        Ed25519PublicKey.from_public_bytes(identity_public).verify(signature, body)
+        _identity_key(identity_public).verify(signature, body)
     except (InvalidSignature, ValueError):
         raise ProtocolAbort.because(f"bad {what} signature from {signer!r}") from None
+
+
+# Parsed public keys, by their bytes: an identity key is checked thousands of times per
+# round and every advertised round key by each of its neighbours.  Public values only; a
+# malformed key raises (and is not cached).
+@functools.lru_cache(maxsize=1 << 12)
+def _identity_key(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _round_key(raw: bytes) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(raw)
 
 
 def check_round_keys(c_public: bytes, s_public: bytes, *, client_id: str) -> None:
@@ -134,7 +148,7 @@ def check_round_keys(c_public: bytes, s_public: bytes, *, client_id: str) -> Non
 def agree(private: X25519PrivateKey, peer_public: bytes, *, peer: str) -> bytes:
     """X25519 shared secret (RFC 7748); a low-order peer key aborts."""
     try:
-        return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        return private.exchange(_round_key(peer_public))
     except ValueError:
         raise ProtocolAbort.because(f"invalid X25519 public key from {peer!r}") from None
 

@@ -23,6 +23,7 @@ import numpy as np
 __all__ = ["MAX_SUM", "Quantizer", "levels_for"]
 
 MAX_SUM = (1 << 31) - 1
+_CHUNK_WORDS = 1 << 14  # 128 KiB of float64 per chunk: the scratch stays in L2
 
 
 def levels_for(num_clients: int, *, bits: int | str) -> int:
@@ -67,8 +68,12 @@ class Quantizer:
         """Per-client error bound on the decoded total weight: ``W / L``."""
         return self.max_weight / self.levels
 
-    def encode(self, delta: np.ndarray, weight: float, dither: np.ndarray) -> np.ndarray:
-        """``d + 1`` words ``q mod 2**32``; ``dither`` holds ``d + 1`` uniform uint32 words."""
+    def encode(self, delta: np.ndarray, weight: float, dither: np.ndarray, *,
+               in_place: bool = False) -> np.ndarray:
+        """``d + 1`` words ``q mod 2**32``; ``dither`` holds ``d + 1`` uniform uint32 words.
+
+        ``in_place=True`` writes the words over ``dither`` (each chunk of the dither is read
+        before it is overwritten) and returns it: no second ``d``-sized buffer."""
         if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
             raise ValueError(f"weight must be finite and in (0, max_weight = {self.max_weight}]"
                              f", got {weight}; raise [protection.secagg] max_weight")
@@ -76,23 +81,50 @@ class Quantizer:
             raise ValueError("update must be a finite 1-d vector")
         if dither.shape != (delta.shape[0] + 1,) or dither.dtype != np.uint32:
             raise ValueError("dither must be d + 1 uint32 words")
-        scaled = np.empty(delta.shape[0] + 1, np.float64)
         bound = self.levels * (weight / self.max_weight)  # <= L, since w / W <= 1
-        # float64 first (clipping in float32 could exceed the clip), then clip at the bound
-        # itself, after scaling: rounding can never push a coordinate past L, whatever clip
-        # value float32 or float64 cannot represent
-        np.multiply(delta, bound / self.clip, out=scaled[:-1], dtype=np.float64)
-        np.clip(scaled[:-1], -bound, bound, out=scaled[:-1])
-        scaled[-1] = bound
-        floor = np.floor(scaled)
-        scaled -= floor
-        scaled *= 2.0 ** 32
-        rounded = floor.astype(np.int32)  # |floor| <= L <= 2**31 - 1
-        rounded += dither < scaled  # SR(v) <= ceil(v) <= L: no overflow
-        return rounded.view(np.uint32)
+        size = delta.shape[0]
+        if in_place and not dither.flags.writeable:
+            raise ValueError("in_place needs a writeable dither")
+        words = dither.view(np.int32) if in_place else np.empty(size + 1, np.int32)
+        # one cache-sized chunk at a time: no d-sized float64 temporaries (each would cost a
+        # fresh, page-faulting allocation larger than the whole computation)
+        scratch = _Scratch(min(size, _CHUNK_WORDS))
+        for start in range(0, size, _CHUNK_WORDS):
+            stop = min(start + _CHUNK_WORDS, size)
+            scaled = scratch.scaled[:stop - start]
+            # float64 first (clipping in float32 could exceed the clip), then clip at the
+            # bound itself, after scaling: rounding can never push a coordinate past L,
+            # whatever clip value float32 or float64 cannot represent
+            np.multiply(delta[start:stop], bound / self.clip, out=scaled, dtype=np.float64)
+            np.clip(scaled, -bound, bound, out=scaled)
+            scratch.round_into(scaled, dither[start:stop], words[start:stop])
+        scratch = _Scratch(1)
+        scratch.scaled[0] = bound
+        scratch.round_into(scratch.scaled, dither[size:], words[size:])
+        return words.view(np.uint32)
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """``(sum_i w_i x_i, sum_i w_i)`` from the ``d + 1``-word sum of encodings."""
         signed = total.view(np.int32).astype(np.float64)
         weighted = signed[:-1] * (self.max_weight * self.clip / self.levels)
         return weighted, float(signed[-1]) * self.max_weight / self.levels
+
+
+class _Scratch:
+    """Chunk-sized buffers of :meth:`Quantizer.encode`."""
+
+    def __init__(self, size: int) -> None:
+        self.scaled = np.empty(size, np.float64)
+        self.floor = np.empty(size, np.float64)
+        self.up = np.empty(size, np.bool_)
+
+    def round_into(self, scaled: np.ndarray, dither: np.ndarray, out: np.ndarray) -> None:
+        """``out = SR(scaled)`` with ``u = dither / 2**32``; ``scaled`` is overwritten."""
+        count = scaled.shape[0]
+        floor, up = self.floor[:count], self.up[:count]
+        np.floor(scaled, out=floor)
+        scaled -= floor
+        scaled *= 2.0 ** 32
+        np.less(dither, scaled, out=up)  # before ``out``, which may be ``dither`` itself
+        out[:] = floor  # |floor| <= L <= 2**31 - 1: exact in int32
+        out += up  # SR(v) <= ceil(v) <= L: no overflow

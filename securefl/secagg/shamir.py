@@ -24,6 +24,7 @@ __all__ = ["PRIME", "SHARE_BYTES", "combine", "decode_share", "encode_share", "s
 PRIME = (1 << 256) + 297
 SHARE_BYTES = 33
 _REDUCE_EVERY = 16
+_SCALAR_PARTIES = 64
 
 
 def split(secret: int, *, threshold: int, xs: Sequence[int]) -> list[int]:
@@ -47,14 +48,26 @@ def _split_with(secret: int, coefficients: Sequence[int], xs: Sequence[int], *,
         raise ValueError(f"{len(xs)} parties cannot hold a {threshold}-of-n sharing")
     if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
         raise ValueError("share points must be distinct and nonzero")
-    points = np.array([int(x) for x in xs], dtype=object)
     polynomial = [secret, *coefficients]
+    if len(xs) <= _SCALAR_PARTIES:  # a neighbourhood: plain integers beat object arrays
+        return [_horner(polynomial, int(x)) for x in xs]
+    points = np.array([int(x) for x in xs], dtype=object)
     values = np.full(len(points), polynomial[-1], dtype=object)
     for step, coefficient in enumerate(reversed(polynomial[:-1]), start=1):
         values = values * points + coefficient
         if step % _REDUCE_EVERY == 0:
             values %= PRIME
     return [int(v) % PRIME for v in values]
+
+
+def _horner(polynomial: Sequence[int], x: int) -> int:
+    """``f(x) mod p`` for ``f = polynomial[0] + polynomial[1] X + ...``."""
+    value = polynomial[-1]
+    for step, coefficient in enumerate(reversed(polynomial[:-1]), start=1):
+        value = value * x + coefficient
+        if step % _REDUCE_EVERY == 0:
+            value %= PRIME
+    return value % PRIME
 
 
 def combine(shares: Mapping[int, int], *, threshold: int) -> int:

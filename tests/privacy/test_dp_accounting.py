@@ -13,12 +13,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from securefl.errors import ConfigError
-from securefl.privacy.accounting import (
-    PrivacyEvent,
-    calibrate_noise_multiplier,
-    compose,
-    epsilon,
-)
+from securefl.privacy.accounting import PrivacyEvent, compose, epsilon
+from securefl.privacy.calibration import EPSILON_TOLERANCE, calibrate_noise_multiplier
 
 DELTA = 1e-5
 
@@ -108,18 +104,66 @@ def test_event_is_immutable() -> None:
         event.steps = 2  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_calibration_is_opacus_and_meets_target(accountant: str) -> None:
+def test_prv_calibration_is_opacus_search() -> None:
     sigma = calibrate_noise_multiplier(target_epsilon=3.0, delta=DELTA, sample_rate=0.1,
-                                       steps=200, accountant=accountant)
+                                       steps=200, accountant="prv")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         expected = get_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=0.1,
-                                        steps=200, accountant=accountant)
+                                        steps=200, accountant="prv")
     assert sigma == expected
-    spent = epsilon([PrivacyEvent("dp_sgd", sigma, 0.1, 200)], delta=DELTA,
-                    accountant=accountant)
+    spent = epsilon([PrivacyEvent("dp_sgd", sigma, 0.1, 200)], delta=DELTA, accountant="prv")
     assert 3.0 - 0.011 <= spent <= 3.0
+
+
+@pytest.mark.parametrize(("target", "delta", "sample_rate", "steps"), [
+    (8.0, 1e-5, 0.1, 1000),      # examples/dp_sgd.toml's clients
+    (8.0, 1e-5, 1 / 30, 3000),
+    (3.0, 1e-5, 0.1, 200),
+    (1.0, 1e-6, 0.01, 5000),     # small q, many steps
+    (0.5, 1e-5, 0.2, 50),        # large sigma, large optimal order
+    (16.0, 1e-5, 0.05, 500),     # small sigma, small fractional optimal order
+    (2.0, 1e-5, 1.0, 10),        # no subsampling (DP-FedAvg, public sample)
+])
+def test_rdp_calibration_meets_opacus_contract(target: float, delta: float,
+                                                sample_rate: float, steps: int) -> None:
+    """The sigma found spends, by Opacus's own RDP accountant, at most the target and within
+    Opacus's epsilon_tolerance of it: the same epsilon, to that precision, as the sigma of
+    Opacus's get_noise_multiplier."""
+    sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta,
+                                       sample_rate=sample_rate, steps=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reference = get_noise_multiplier(target_epsilon=target, target_delta=delta,
+                                         sample_rate=sample_rate, steps=steps)
+    ours = opacus_epsilon([(sigma, sample_rate, steps)], "rdp", delta)
+    theirs = opacus_epsilon([(reference, sample_rate, steps)], "rdp", delta)
+    assert target - EPSILON_TOLERANCE <= ours <= target
+    assert abs(ours - theirs) <= EPSILON_TOLERANCE
+    assert ours == epsilon([PrivacyEvent("dp_sgd", sigma, sample_rate, steps)], delta=delta)
+
+
+def test_rdp_calibration_falls_back_to_opacus_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should no refinement pass the full accountant's check, Opacus's own search decides."""
+    from securefl.privacy import calibration
+
+    monkeypatch.setattr(calibration, "_WINDOWS", 0)
+    calibrate_noise_multiplier.cache_clear()
+    try:
+        sigma = calibrate_noise_multiplier(target_epsilon=0.5, delta=DELTA, sample_rate=0.2,
+                                           steps=50)
+    finally:
+        calibrate_noise_multiplier.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert sigma == get_noise_multiplier(target_epsilon=0.5, target_delta=DELTA,
+                                             sample_rate=0.2, steps=50)
+
+
+def test_calibration_rejects_unreachable_target() -> None:
+    # without subsampling, epsilon stays above ~0.2 at delta 1e-5 for any sigma
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        calibrate_noise_multiplier(target_epsilon=0.01, delta=DELTA, sample_rate=1.0, steps=10)
 
 
 def test_calibration_rejects_bad_target() -> None:

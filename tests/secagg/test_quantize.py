@@ -85,3 +85,22 @@ def test_attack5_every_word_stays_within_L_and_the_worst_sum_cannot_wrap(clip, m
     np.testing.assert_array_equal(total.view(np.int32).astype(np.int64), n * signed)
     weighted, weight = quantizer.decode(total)
     assert np.all(np.sign(weighted[:2]) == [1, -1]) and weight > 0
+
+
+@pytest.mark.parametrize("d", [0, 1, 8191, 8192, 20_001])
+def test_encoding_in_place_over_the_dither_gives_the_same_words(d: int) -> None:
+    quantizer = Quantizer(clip=0.1, max_weight=50.0, levels=levels_for(7, bits="auto"))
+    x = np.random.default_rng(d).normal(0, 0.1, d).astype(np.float32)
+    noise = dither(d + 1)
+    expected = quantizer.encode(x, 33.0, noise)
+    words = quantizer.encode(x, 33.0, noise, in_place=True)
+    assert words.dtype == np.uint32 and np.shares_memory(words, noise)
+    np.testing.assert_array_equal(words, expected)
+    with pytest.raises(ValueError, match="writeable"):
+        quantizer.encode(x, 1.0, _read_only(d + 1), in_place=True)
+
+
+def _read_only(count: int) -> np.ndarray:
+    words = np.zeros(count, np.uint32)
+    words.flags.writeable = False
+    return words
