@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS releases (run BLOB NOT NULL, model BLOB NOT NULL,
 def model_digest(parameters: np.ndarray) -> bytes:
     """``SHA-256(float32 little-endian bytes of the global parameters)``."""
     flat = np.ascontiguousarray(parameters, dtype="<f4")
-    return hashlib.sha256(memoryview(flat).cast("B")).digest()
+    return hashlib.sha256(flat.data.cast("B")).digest()
 
 
 class ReleaseLog:
