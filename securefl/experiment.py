@@ -69,7 +69,7 @@ class Simulation:
     data: FederatedData
     trainers: dict[str, Trainer]
     clients: dict[str, Client]
-    transport: InProcessTransport
+    transport: Transport  # InProcessTransport, or RayTransport with [simulation] backend = "ray"
     server: Server
     evaluator: TestSetEvaluator
     privacy: Any = None
@@ -176,6 +176,12 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     clients deterministically (see :class:`InProcessTransport`); ``model`` is the users'
     own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``.
     """
+    if config.simulation.backend == "ray":  # the sites in Ray actors
+        from securefl.ray_simulation import build_ray_simulation
+
+        return build_ray_simulation(config, run_dir=run_dir, server_hooks=server_hooks,
+                                    schedule=schedule, root_data=root_data, data=data,
+                                    client_hooks=client_hooks, model=model)
     data = data if data is not None else federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
     privacy = None
