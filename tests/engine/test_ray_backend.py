@@ -18,6 +18,8 @@ from securefl.errors import ConfigError
 from securefl.experiment import build_simulation, run_simulation
 from securefl.ray_simulation import site_groups
 
+# one node on the loopback address only (Ray's name for "no multi-node"; read at import)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).parents[2]
