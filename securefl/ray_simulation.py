@@ -83,7 +83,8 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     ray = import_ray()
     owns = not ray.is_initialized()
     if owns:
-        ray.init(address=sim.address or None, include_dashboard=False, log_to_driver=False,
+        # "local": a new Ray for this run, never a stray cluster that `ray start` left behind
+        ray.init(address=sim.address or "local", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     try:
         groups = site_groups(ids, actors=sim.actors, clients_per_actor=sim.clients_per_actor)

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def cluster(monkeypatch, tmp_path):
     port = free_port(HEAD)
     address = f"{HEAD}:{port}"
     started: list[subprocess.Popen] = []
-    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    # its own temp dir: `ray start` leaves its address there, not where ray.init() looks
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats", f"--temp-dir={temp}"]
     try:
         started.append(subprocess.Popen(
             [*ray_command(), "start", "--head", f"--node-ip-address={HEAD}", f"--port={port}",
@@ -80,6 +83,7 @@ def cluster(monkeypatch, tmp_path):
     finally:
         for process in reversed(started):
             stop(process)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_for_nodes(address: str, count: int, started: list[subprocess.Popen]) -> None:
