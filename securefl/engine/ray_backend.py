@@ -5,9 +5,11 @@ The server's round loop runs in the driver, unchanged: :class:`RayTransport` is 
 sites that it builds itself from plain data (for a simulation, the config's TOML text), so
 every trainer, ledger and protection secret lives in the actor that made it:
 
-* a request is :func:`~securefl.engine.messages.encode`\\ d in the driver, sent as ``bytes``,
-  and :func:`~securefl.engine.messages.decode`\\ d (bounded by ``max_bytes``) in the actor;
-  the reply comes back the same way.  A securefl message never crosses as a pickled object.
+* a request is :func:`~securefl.engine.messages.encode`\\ d in the driver, sent as its
+  bytes (a uint8 array, which Ray moves without copying it into a pickle), and
+  :func:`~securefl.engine.messages.decode`\\ d (bounded by ``max_bytes``) in the actor, by
+  each site for itself; the reply comes back the same way.  A securefl message never crosses
+  as a pickled object.
 * Ray pickles its own task specifications (the actor's class, the lists of frames, the plain
   set-up data) and keeps actor state.  That pickle stays inside one trust domain: one user's
   simulation on machines that user controls.  The rule "no pickle on bytes from another
@@ -22,11 +24,14 @@ DropInjector` as in-process, so both backends drop the same clients.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+
+import numpy as np
 
 from securefl.engine.messages import DEFAULT_MAX_BYTES, Message, decode, encode
 from securefl.engine.simulation import DropInjector
@@ -37,8 +42,20 @@ __all__ = ["RayTransport", "SiteGroup", "SiteHost", "import_ray", "start_hosts"]
 
 _log = logging.getLogger(__name__)
 
-#: a reply frame, or why the site counts as dropped
-Outcome = bytes | str
+#: a reply frame (its bytes as a uint8 array), or why the site counts as dropped
+Outcome = np.ndarray | str
+
+
+def as_buffer(frame: bytes) -> np.ndarray:
+    """A frame's bytes as a uint8 array: Ray moves it out of band, without a copy into the
+    task's pickle, and the receiver reads it in place (read-only)."""
+    return np.frombuffer(frame, np.uint8)
+
+
+def identity(message: Message) -> tuple[int, ...]:
+    """The ids of a message's type and field objects: equal ids, equal frames."""
+    return (id(type(message)), *(id(getattr(message, f.name))
+                                 for f in dataclasses.fields(message)))  # type: ignore[arg-type]
 
 
 def import_ray() -> Any:
@@ -81,19 +98,23 @@ class SiteHost:
     def attach(self, directory: Mapping[str, bytes]) -> None:
         self.group.attach(directory)
 
-    def handle(self, round: int, frames: Sequence[tuple[str, bytes]], timeout: float | None,
+    def handle(self, round: int, frames: Sequence[np.ndarray],
+               items: Sequence[tuple[str, int]], timeout: float | None,
                max_bytes: int) -> list[tuple[str, Outcome]]:
-        """Each site's reply frame to its request frame, in order, or why it dropped."""
-        return [(cid, self._one(cid, frame, round, timeout, max_bytes)) for cid, frame in frames]
+        """Each site's reply frame to its request ``frames[index]``, in order, or why it
+        dropped.  Every site decodes its own copy of the message."""
+        return [(cid, self._one(cid, frames[index], round, timeout, max_bytes))
+                for cid, index in items]
 
-    def _one(self, client_id: str, frame: bytes, round: int, timeout: float | None,
+    def _one(self, client_id: str, frame: np.ndarray, round: int, timeout: float | None,
              max_bytes: int) -> Outcome:
         handler = self.group.clients.get(client_id)
         if handler is None:
             return "unknown client"
         started = time.perf_counter()
         try:
-            reply = encode(handler.handle(decode(frame, max_bytes=max_bytes), round=round))
+            request: Message = decode(frame.data, max_bytes=max_bytes)
+            reply = as_buffer(encode(handler.handle(request, round=round)))
         except Exception as exc:  # a failing client is dropped, never fatal to the round
             _log.warning("client %s failed: %s", client_id, exc)
             return f"client error: {type(exc).__name__}: {exc}"
@@ -137,16 +158,26 @@ class RayTransport:
     def exchange(self, requests: Mapping[str, Message], *, round: int,
                  timeout: float | None = None) -> Exchange:
         result = Exchange()
-        batches: dict[int, list[tuple[str, bytes]]] = {}
+        batches: dict[int, list[tuple[str, int]]] = {}
+        frames: dict[int, list[np.ndarray]] = {}
+        known: dict[tuple[int, tuple[int, ...]], int] = {}
         for client_id in self.drops.split(requests, round=round, dropped=result.dropped):
             host = self.assignment.get(client_id)
             if host is None:
                 result.dropped[client_id] = "unknown client"
                 continue
-            frame = encode(requests[client_id])
-            self.bytes_sent += len(frame)
-            batches.setdefault(host, []).append((client_id, frame))
-        calls = {host: self.hosts[host].handle.remote(round, batch, timeout, self.max_bytes)
+            message = requests[client_id]
+            # messages made of the very same field objects (every FitIns of a plain round)
+            # have the same frame: encode it once, send it once to each actor
+            key = (host, identity(message))
+            if key not in known:
+                frame = encode(message)
+                self.bytes_sent += len(frame)
+                frames.setdefault(host, []).append(as_buffer(frame))
+                known[key] = len(frames[host]) - 1
+            batches.setdefault(host, []).append((client_id, known[key]))
+        calls = {host: self.hosts[host].handle.remote(round, frames[host], batch, timeout,
+                                                      self.max_bytes)
                  for host, batch in batches.items()}
         for host, call in calls.items():
             # the actor answers its sites one after another: its deadline is theirs summed
@@ -166,9 +197,9 @@ class RayTransport:
         if isinstance(outcome, str):
             result.dropped[client_id] = outcome
             return
-        self.bytes_received += len(outcome)
+        self.bytes_received += outcome.nbytes
         try:
-            result.replies[client_id] = decode(outcome, max_bytes=self.max_bytes)
+            result.replies[client_id] = decode(outcome.data, max_bytes=self.max_bytes)
         except MessageError as exc:
             _log.warning("client %s sent a malformed reply: %s", client_id, exc)
             result.dropped[client_id] = f"malformed reply: {exc}"

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from securefl.engine.messages import encode
-from securefl.engine.ray_backend import SiteHost
+import numpy as np
+
+from securefl.engine.ray_backend import SiteHost, as_buffer
 from tests.contracts.transport import EchoHandler
 
 
@@ -32,17 +33,13 @@ def echo_sites(client_ids: Sequence[str], setup: Mapping[str, Any]) -> EchoSites
 class ForgingHost(SiteHost):
     """A host whose sites answer with a frame whose declared header length overruns it."""
 
-    def handle(self, round: int, frames: Sequence[tuple[str, bytes]], timeout: float | None,
-               max_bytes: int) -> list[tuple[str, bytes | str]]:
-        honest = super().handle(round, frames, timeout, max_bytes)
-        out: list[tuple[str, bytes | str]] = []
+    def handle(self, round: int, frames: Sequence[np.ndarray], items: Sequence[tuple[str, int]],
+               timeout: float | None, max_bytes: int) -> list[tuple[str, np.ndarray | str]]:
+        honest = super().handle(round, frames, items, timeout, max_bytes)
+        out: list[tuple[str, np.ndarray | str]] = []
         for cid, reply in honest:
-            assert isinstance(reply, bytes)
-            frame = bytearray(reply)
+            assert isinstance(reply, np.ndarray)
+            frame = bytearray(reply.tobytes())
             frame[6:10] = (len(frame) * 2).to_bytes(4, "little")  # header length: u32
-            out.append((cid, bytes(frame)))
+            out.append((cid, as_buffer(bytes(frame))))
         return out
-
-
-def frame_of(message: Any) -> bytes:
-    return encode(message)
