@@ -383,9 +383,10 @@ def main() -> None:
                         help="also time in-process for n up to this")
     args = parser.parse_args()
     if args.backend == "ray":
-        from secagg_ray import bench_ray_round
+        from secagg_ray import bench_ray_round, server_costs
 
         print(json.dumps({"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+                          "server_costs": server_costs(args.dimension),
                           "ray_round": [bench_ray_round(n, args.dimension, args.actors,
                                                         in_process=n <= args.inprocess_up_to)
                                         for n in args.clients]}, indent=1))

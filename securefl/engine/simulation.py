@@ -3,10 +3,11 @@
 * ``wire=True`` runs every request and reply through :func:`encode`/:func:`decode`, so a
   simulation proves the wire format the gRPC runtime uses.
 * ``workers=N`` handles clients in a thread pool (torch releases the GIL while training).
-* Dropout injection: each client misses each exchange with probability ``dropout`` (seeded
-  by ``(seed, round, exchange, client)``), or exactly when ``schedule(round, exchange,
-  client_id)`` says so.  With ``sticky=True`` a client that dropped stays away for the rest
-  of the round, as a crashed site would; ``sticky=False`` lets it come back late.
+* Dropout injection (:class:`DropInjector`, shared with the Ray backend): each client misses
+  each exchange with probability ``dropout`` (seeded by ``(seed, round, exchange, client)``),
+  or exactly when ``schedule(round, exchange, client_id)`` says so.  With ``sticky=True`` a
+  client that dropped stays away for the rest of the round, as a crashed site would;
+  ``sticky=False`` lets it come back late.
 """
 
 from __future__ import annotations

@@ -93,6 +93,19 @@ def test_secagg_run_matches_in_process_through_dropouts_and_a_redo(rounds):
     assert there.transport.bytes_sent > 0 and there.transport.bytes_received > 0  # frames
 
 
+def test_he_run_matches_in_process_with_a_blind_server():
+    """The server half is built from the public context and the sites' announced verify keys;
+    in round 2 every site decrypts the encrypted global model itself."""
+    config = load_config(EXAMPLES / "he.toml").replace(run__rounds=2, client__epochs=1)
+    here, there = run_simulation(config), run_simulation(on_ray(config))
+    assert [len(r.clients) for r in there.history.rounds] == [10, 10]
+    assert all(r.aborted is None and not r.rejected for r in there.history.rounds)
+    assert np.abs(there.parameters - here.parameters).max() < 1e-5  # CKKS error ~ 1e-7
+    for a, b in zip(there.history.metric("accuracy"), here.history.metric("accuracy"),
+                    strict=True):
+        assert abs(a - b) <= 0.005
+
+
 def test_sites_are_rebuilt_from_the_config_text():
     config = load_config(EXAMPLES / "secagg.toml")
     import tomllib
