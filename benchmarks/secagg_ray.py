@@ -149,16 +149,23 @@ def server_costs(d: int, thresholds: tuple[int, ...] = (16, 21, 26, 31), repeat:
     verify_s = median_seconds(lambda: [verify(public, signature, body, signer="c", what="bench")
                                        for _ in range(repeat)], 5) / repeat
     secret = int.from_bytes(os.urandom(32), "big")
-    combine = {}
+    combine, cold = {}, {}
     for t in thresholds:
         xs = list(range(1, 2 * t))
         shares = dict(zip(xs, shamir.split(secret, threshold=t, xs=xs), strict=True))
         chosen = dict(list(shares.items())[:t])
         combine[str(t)] = median_seconds(lambda c=chosen, t=t: shamir.combine(c, threshold=t),
                                          21)
+
+        def uncached(c: dict = chosen, t: int = t) -> None:
+            shamir._lagrange_at_zero.cache_clear()  # points never seen before
+            shamir.combine(c, threshold=t)
+
+        cold[str(t)] = median_seconds(uncached, 21)
     total = np.zeros(d + 1, np.uint32)
     row = np.ones(d + 1, np.uint32)
     stream_s = median_seconds(lambda: add_masks(total, [(os.urandom(16), 1)]), 21)
     add_s = median_seconds(lambda: np.add(total, row, out=total), 21)
     return {"d": d, "ed25519_verify_s": verify_s, "shamir_combine_s_by_threshold": combine,
+            "shamir_combine_new_points_s_by_threshold": cold,
             "mask_stream_and_add_s": stream_s, "add_masked_input_s": add_s}

@@ -101,9 +101,14 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     assignment = {cid: index for index, group in enumerate(groups) for cid in group}
     transport = RayTransport(hosts, assignment, owns_ray=owns, drops=DropInjector(
         dropout=sim.dropout, schedule=schedule, seed=config.run.seed))
-    protection = keys.server(directory)
-    server, evaluator = build_server(config, transport, protection, data, hooks=server_hooks,
-                                     root_data=root_data, evaluator=evaluator)
+    try:
+        protection = keys.server(directory)
+        server, evaluator = build_server(config, transport, protection, data,
+                                         hooks=server_hooks, root_data=root_data,
+                                         evaluator=evaluator)
+    except BaseException:  # e.g. a check_feasible ConfigError: stop what was started
+        transport.close()
+        raise
     view = keys.view(protection, directory, run=server.run_id, initial=server.parameters)
     if view is not None and server.central_evaluator is not None:
         server.central_evaluator = lambda _server_copy: evaluator(view())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,23 @@ def test_actors_the_cluster_cannot_place_are_a_config_error():
                                           r"cluster has 2"):
         build_simulation(config)
     assert ray.is_initialized()  # the module's Ray, not this build's, is left running
+
+
+def test_an_infeasible_round_stops_the_actors_it_started():
+    config = on_ray(load_config(EXAMPLES / "quickstart.toml"), server__min_clients=11)
+    with pytest.raises(ConfigError, match="min_clients = 11"):
+        build_simulation(config)
+    assert free_cpus() == 2.0  # both actors' CPUs are back
+
+
+def free_cpus(wait: float = 20.0) -> float:
+    """The cluster's free CPUs once they reach its 2 (actors release theirs asynchronously),
+    or what is free after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while (free := ray.available_resources().get("CPU", 0.0)) < 2.0 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return free
 
 
 def test_what_the_ray_backend_does_not_run_is_refused_in_one_line():
