@@ -27,7 +27,7 @@ import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from securefl.engine.simulation import DropInjector, DropSchedule
 from securefl.engine.trainer import RoundRewind
 from securefl.errors import ConfigError
 from securefl.params import Layout
+
+if TYPE_CHECKING:
+    from securefl.experiment import Simulation
 
 __all__ = ["ConfigSites", "build_ray_simulation", "config_sites", "site_groups"]
 
@@ -60,7 +63,7 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
                          server_hooks: Sequence[Any] = (),
                          schedule: DropSchedule | None = None,
                          root_data: FederatedData | None = None,
-                         **in_process_only: Any) -> Any:
+                         **in_process_only: Any) -> Simulation:
     """The :class:`~securefl.experiment.Simulation` of ``config`` with its sites in Ray
     actors (nothing runs yet; ``simulation.transport.close()`` stops the actors, and Ray
     when this call started it).  ``trainers`` and ``clients`` are empty: they live in the
@@ -79,13 +82,14 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     data = federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
     evaluator = central_evaluator(config, data)
-    keys = _KeyHolder(config, ids, Layout.of(evaluator.model))
+    keys = _KeyHolder(config, Layout.of(evaluator.model))
     ray = import_ray()
     owns = not ray.is_initialized()
     if owns:
         # "local": a new Ray for this run, never a stray cluster that `ray start` left behind
         ray.init(address=sim.address or "local", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+    hosts: list[Any] = []
     try:
         groups = site_groups(ids, actors=sim.actors, clients_per_actor=sim.clients_per_actor)
         hosts = start_hosts(FACTORY, groups, {"config": config.to_toml(), **keys.setup},
@@ -93,8 +97,12 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
         directory: dict[str, bytes] = {}
         for announced in ray.get([host.announce.remote() for host in hosts]):
             directory.update(announced)
+        if directory and sorted(directory) != sorted(ids):
+            raise ValueError("the actors announced keys for other sites than the federation's")
         ray.get([host.attach.remote(directory) for host in hosts])
     except BaseException:
+        for host in hosts:
+            ray.kill(host)
         if owns:
             ray.shutdown()
         raise
@@ -118,7 +126,7 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
 class _KeyHolder:
     """The driver's part of the protection's key set-up (see the module doc)."""
 
-    def __init__(self, config: Config, client_ids: Sequence[str], layout: Layout) -> None:
+    def __init__(self, config: Config, layout: Layout) -> None:
         self.config, self.layout = config, layout
         self.setup: dict[str, bytes] = {}
         self._secret: bytes | None = None
