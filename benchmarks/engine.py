@@ -11,15 +11,24 @@ aggregated with ``FedAvg.aggregate_fit`` (Flower's simulation needs Ray, which i
 dependency; this measures Flower's own per-client server work without any transport).
 
     python benchmarks/engine.py [--repeats 5] [--wire]
+    python benchmarks/engine.py --backend ray [--actors 2]   # sites in Ray actors
+
+With ``--backend ray`` the no-op clients live in ``--actors`` Ray actors (a local Ray with
+at most 2 CPUs), every message crosses as wire-codec bytes (so ``wire`` is true), and the
+report adds ``ray_startup_seconds``: from the command (a fresh interpreter) to the start of
+round 1 of the quickstart (10 clients) in 2 actors, next to the same for in-process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -41,12 +50,59 @@ class NoOpClient:
         return self.reply
 
 
-def securefl_round_seconds(n: int, d: int, repeats: int, wire: bool) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    vectors = [rng.standard_normal(d, dtype=np.float32) * 1e-3 for _ in range(n)]
+class NoOpSites:
+    """The no-op clients of one Ray actor (``setup``: the dimension), built in the actor."""
+
+    def __init__(self, client_ids: list[str], setup: dict) -> None:
+        self.clients = {cid: NoOpClient(cid, vector(int(cid[1:]), setup["d"]))
+                        for cid in client_ids}
+
+    def announce(self) -> dict[str, bytes]:
+        return {}
+
+    def attach(self, directory) -> None:
+        pass
+
+
+def vector(index: int, d: int) -> np.ndarray:
+    return np.random.default_rng([0, index]).standard_normal(d, dtype=np.float32) * 1e-3
+
+
+def start_ray() -> None:
+    """A local Ray (2 CPUs) whose actors import this folder and the library."""
+    import ray
+
+    here = Path(__file__).resolve().parent
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(here), str(here.parent), os.environ.get("PYTHONPATH")) if p)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+
+
+def ray_transport(n: int, d: int, actors: int):
+    from securefl.engine.ray_backend import RayTransport, start_hosts
+    from securefl.ray_simulation import site_groups
+
+    ids = [f"c{i}" for i in range(n)]
+    groups = site_groups(ids, actors=actors, clients_per_actor=n)
+    hosts = start_hosts("engine:NoOpSites", groups, {"d": d}, cpus=2 / len(groups), gpus=0.0,
+                        threads=None)
+    import ray
+
+    ray.get([host.announce.remote() for host in hosts])  # wait until every actor is up
+    return RayTransport(hosts, {c: i for i, g in enumerate(groups) for c in g})
+
+
+def securefl_round_seconds(n: int, d: int, repeats: int, wire: bool, backend: str = "inprocess",
+                           actors: int = 2) -> tuple[float, float]:
     started = time.perf_counter()
-    clients = {f"c{i}": NoOpClient(f"c{i}", vectors[i]) for i in range(n)}
-    server = Server(InProcessTransport(clients, wire=wire), Plain(), FedAvg(), ServerOptimizer(),
+    if backend == "ray":
+        transport = ray_transport(n, d, actors)
+    else:
+        clients = {f"c{i}": NoOpClient(f"c{i}", vector(i, d)) for i in range(n)}
+        transport = InProcessTransport(clients, wire=wire)
+    server = Server(transport, Plain(), FedAvg(), ServerOptimizer(),
                     parameters=np.zeros(d, np.float32), seed=0)
     times = []
     for rnd in range(1, repeats + 2):
@@ -55,6 +111,7 @@ def securefl_round_seconds(n: int, d: int, repeats: int, wire: bool) -> tuple[fl
             startup = t0 - started
         server.run_round(rnd)
         times.append(time.perf_counter() - t0)
+    transport.close()
     return statistics.median(times[1:]), startup
 
 
@@ -81,6 +138,30 @@ def flower_round_seconds(n: int, d: int, repeats: int) -> float | None:
     return statistics.median(times[1:])
 
 
+STARTUP = """
+import sys, time
+from securefl.config import load_config
+from securefl.simulation import build_simulation
+config = load_config(sys.argv[1]).replace(simulation__backend=sys.argv[2], simulation__actors=2)
+sim = build_simulation(config)
+print(time.time())  # round 1 starts here
+sim.transport.close()
+"""
+
+
+def command_to_round_one(backend: str) -> float:
+    """Seconds from starting a fresh interpreter to the start of round 1 of the quickstart
+    (10 clients; with Ray, in 2 actors of a local Ray started for the run)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", STARTUP, str(root / "examples/quickstart.toml"),
+                           backend], capture_output=True, text=True, env=env, check=True,
+                          timeout=300)
+    return float(done.stdout.split()[-1]) - t0
+
+
 def quickstart_startup() -> float:
     from securefl.simulation import build_simulation
 
@@ -96,12 +177,23 @@ def main() -> None:
     parser.add_argument("--wire", action="store_true", help="run messages through the codec")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--dims", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess")
+    parser.add_argument("--actors", type=int, default=2, help="Ray actors (--backend ray)")
     args = parser.parse_args()
+    ray = args.backend == "ray"
+    extra = {}
+    if ray:  # before this process starts Ray: a fresh command each
+        extra = {"ray_startup_seconds": round(command_to_round_one("ray"), 3),
+                 "inprocess_startup_seconds": round(command_to_round_one("inprocess"), 3),
+                 "load_average": os.getloadavg()}
+        start_ray()
     rows = []
     for d in args.dims:
         for n in args.clients:
-            seconds, startup = securefl_round_seconds(n, d, args.repeats, args.wire)
-            row = {"clients": n, "dimension": d, "wire": args.wire,
+            seconds, startup = securefl_round_seconds(n, d, args.repeats, args.wire,
+                                                      args.backend, args.actors)
+            row = {"clients": n, "dimension": d, "wire": args.wire or ray,
+                   "backend": args.backend, "actors": args.actors if ray else None,
                    "round_seconds_median": round(seconds, 6),
                    "ms_per_client_round": round(1e3 * seconds / n, 4),
                    "startup_seconds": round(startup, 4)}
@@ -112,7 +204,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout: one doc
     print(json.dumps({"quickstart_startup_seconds": round(quickstart_startup(), 4),
-                      "results": rows}))
+                      **extra, "results": rows}))
 
 
 if __name__ == "__main__":

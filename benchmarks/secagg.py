@@ -2,6 +2,8 @@
 
     python benchmarks/secagg.py            # every measurement
     python benchmarks/secagg.py --quick    # smaller sizes, for a smoke run
+    python benchmarks/secagg.py --backend ray [--clients 1000 5000] [--dimension 100000]
+                                           # one round in 2 Ray actors vs in-process
 
 Times are medians (seconds) on this machine.  With ``flwr`` installed, Flower's SecAgg+
 primitives (``flwr.common.secure_aggregation``: quantize, pseudo_rand_gen, the ndarray
@@ -372,7 +374,23 @@ def bench_large_round(n: int, d: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, smoke run")
+    parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
+                        help="ray: only the SecAgg+ round in Ray actors vs in-process")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--dimension", type=int, default=100_000)
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--inprocess-up-to", type=int, default=1000,
+                        help="also time in-process for n up to this")
     args = parser.parse_args()
+    if args.backend == "ray":
+        from secagg_ray import bench_ray_round, server_costs
+
+        print(json.dumps({"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+                          "server_costs": server_costs(args.dimension),
+                          "ray_round": [bench_ray_round(n, args.dimension, args.actors,
+                                                        in_process=n <= args.inprocess_up_to)
+                                        for n in args.clients]}, indent=1))
+        return
     quick = args.quick
     big_d = 100_000 if quick else 1_000_000
     report = {

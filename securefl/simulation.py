@@ -37,6 +37,7 @@ from securefl.engine.protection import KeepsModel
 from securefl.engine.server import Server, ServerHook
 from securefl.engine.simulation import DropSchedule, InProcessTransport
 from securefl.engine.trainer import RoundRewind, Trainer, torch_threads
+from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import OwnModel
 from securefl.output import (
@@ -62,7 +63,7 @@ class Simulation:
     data: FederatedData
     trainers: dict[str, Trainer]
     clients: dict[str, Client]
-    transport: InProcessTransport
+    transport: Transport  # InProcessTransport, or RayTransport with [simulation] backend = "ray"
     server: Server
     evaluator: TestSetEvaluator
     privacy: Any = None
@@ -99,6 +100,12 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``;
     ``aggregator`` is the run's rule when the caller has built it already.
     """
+    if config.simulation.backend == "ray":  # the sites in Ray actors
+        from securefl.ray_simulation import build_ray_simulation
+
+        return build_ray_simulation(config, run_dir=run_dir, server_hooks=server_hooks,
+                                    schedule=schedule, root_data=root_data, data=data,
+                                    client_hooks=client_hooks, model=model)
     data = data if data is not None else federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
     privacy = None

@@ -221,6 +221,16 @@ class SimulationConfig:
     wire: bool = False
     dropout: float = 0.0
     threads: int | Literal["auto"] = "auto"
+    #: where the sites run: this process, or Ray actors (``pip install securefl[ray]``)
+    backend: Literal["inprocess", "ray"] = "inprocess"
+    #: an existing Ray cluster (``"auto"`` or ``"host:port"``); empty: start a local Ray
+    address: str = ""
+    #: Ray actors hosting the sites (0: ``ceil(clients / clients_per_actor)``)
+    actors: int = 0
+    clients_per_actor: int = 100
+    #: Ray resources of each actor (one group of sites): CPUs, and a GPU fraction
+    cpus: float = 1.0
+    gpus: float = 0.0
 
     def torch_threads(self) -> int:
         """torch intra-op threads for each of the ``workers`` parallel clients.
@@ -238,6 +248,11 @@ class SimulationConfig:
         check(self.threads == "auto" or self.threads >= 1, "threads",
               f"must be \"auto\" or >= 1, got {self.threads!r}")
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.actors >= 0, "actors", f"must be >= 0, got {self.actors}")
+        check(self.clients_per_actor >= 1, "clients_per_actor",
+              f"must be >= 1, got {self.clients_per_actor}")
+        check(self.cpus >= 0, "cpus", f"must be >= 0, got {self.cpus}")
+        check(0 <= self.gpus, "gpus", f"must be >= 0, got {self.gpus}")
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 * ``wire=True`` runs every request and reply through :func:`encode`/:func:`decode`, so a
   simulation proves the wire format the gRPC runtime uses.
 * ``workers=N`` handles clients in a thread pool (torch releases the GIL while training).
-* Dropout injection: each client misses each exchange with probability ``dropout`` (seeded
-  by ``(seed, round, exchange, client)``), or exactly when ``schedule(round, exchange,
-  client_id)`` says so.  With ``sticky=True`` a client that dropped stays away for the rest
-  of the round, as a crashed site would; ``sticky=False`` lets it come back late.
+* Dropout injection (:class:`DropInjector`, shared with the Ray backend): each client misses
+  each exchange with probability ``dropout`` (seeded by ``(seed, round, exchange, client)``),
+  or exactly when ``schedule(round, exchange, client_id)`` says so.  With ``sticky=True`` a
+  client that dropped stays away for the rest of the round, as a crashed site would;
+  ``sticky=False`` lets it come back late.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from securefl.engine.messages import DEFAULT_MAX_BYTES, Message, decode, encode
 from securefl.engine.transport import ClientHandler, Exchange
 
-__all__ = ["DropSchedule", "InProcessTransport"]
+__all__ = ["DropInjector", "DropSchedule", "InProcessTransport"]
 
 _log = logging.getLogger(__name__)
 
@@ -30,32 +31,38 @@ _log = logging.getLogger(__name__)
 DropSchedule = Callable[[int, int, str], bool]
 
 
-class InProcessTransport:
-    def __init__(self, clients: Mapping[str, ClientHandler], *, wire: bool = False,
-                 workers: int = 1, dropout: float = 0.0, schedule: DropSchedule | None = None,
-                 sticky: bool = True, seed: int = 0,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+class DropInjector:
+    """Which clients miss an exchange: the one dropout rule of every simulation backend.
+
+    Each client misses each exchange with probability ``dropout``, drawn from a generator
+    seeded by ``(seed, round, exchange index, crc32(client id))`` so that any backend drops
+    the same clients, or exactly when ``schedule(round, exchange, client_id)`` says so.  With
+    ``sticky`` a client that dropped stays away for the rest of the round.
+    """
+
+    def __init__(self, *, dropout: float = 0.0, schedule: DropSchedule | None = None,
+                 sticky: bool = True, seed: int = 0) -> None:
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self._clients = dict(clients)
-        self.wire, self.dropout, self.schedule, self.sticky = wire, dropout, schedule, sticky
-        self.seed, self.max_bytes = seed, max_bytes
-        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.dropout, self.schedule, self.sticky, self.seed = dropout, schedule, sticky, seed
         self._round = -1
         self._exchange = 0
         self._gone: set[str] = set()
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self._frames: dict[int, bytes] = {}  # this exchange's encoded requests, by id
 
-    def client_ids(self) -> list[str]:
-        return list(self._clients)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+    def split(self, requests: Mapping[str, object], *, round: int,
+              dropped: dict[str, str]) -> list[str]:
+        """The clients of the round's next exchange that are reached; the others are added
+        to ``dropped`` with the reason ``"dropped (injected)"``."""
+        if round != self._round:
+            self._round, self._exchange, self._gone = round, 0, set()
+        index, self._exchange = self._exchange, self._exchange + 1
+        live = []
+        for client_id in requests:
+            if self._drops(round, index, client_id):
+                dropped[client_id] = "dropped (injected)"
+            else:
+                live.append(client_id)
+        return live
 
     def _drops(self, round: int, exchange: int, client_id: str) -> bool:
         if self.sticky and client_id in self._gone:
@@ -71,6 +78,29 @@ class InProcessTransport:
         if drop:
             self._gone.add(client_id)
         return drop
+
+
+class InProcessTransport:
+    def __init__(self, clients: Mapping[str, ClientHandler], *, wire: bool = False,
+                 workers: int = 1, dropout: float = 0.0, schedule: DropSchedule | None = None,
+                 sticky: bool = True, seed: int = 0,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._clients = dict(clients)
+        self.wire, self.max_bytes = wire, max_bytes
+        self.drops = DropInjector(dropout=dropout, schedule=schedule, sticky=sticky, seed=seed)
+        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._frames: dict[int, bytes] = {}  # this exchange's encoded requests, by id
+
+    def client_ids(self) -> list[str]:
+        return list(self._clients)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _carry(self, msg: Message, *, outbound: bool) -> Message:
         """``msg`` through the codec.  A request broadcast to many clients in one exchange is
@@ -108,16 +138,8 @@ class InProcessTransport:
 
     def exchange(self, requests: Mapping[str, Message], *, round: int,
                  timeout: float | None = None) -> Exchange:
-        if round != self._round:
-            self._round, self._exchange, self._gone = round, 0, set()
-        index, self._exchange = self._exchange, self._exchange + 1
         result = Exchange()
-        live = []
-        for client_id in requests:
-            if self._drops(round, index, client_id):
-                result.dropped[client_id] = "dropped (injected)"
-            else:
-                live.append(client_id)
+        live = self.drops.split(requests, round=round, dropped=result.dropped)
         self._frames = {}
         jobs = [(cid, requests[cid], round, timeout) for cid in live]
         outcomes = (self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool

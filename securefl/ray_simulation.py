@@ -1,0 +1,248 @@
+"""A simulation whose sites live in Ray actors (``[simulation] backend = "ray"``).
+
+The driver builds what the server has (the data's held-out test set, the central evaluator,
+the server half of the protection, the round loop) exactly as in-process; the sites are
+built by :class:`ConfigSites` inside each actor from the config's TOML text, so each site's
+trainer, data shard and protection secrets exist only in its actor.  Key set-up follows a
+deployment: each actor generates its sites' identity keys (SecAgg+ Ed25519 identities, HE
+signing keys) and announces only the public halves; the driver collects them into the
+directory and hands it back to every actor.  Under HE the experimenter is the key holder:
+the driver generates the CKKS keys and gives the secret context to the actors (Ray's
+pickle, inside the one trust domain of :mod:`securefl.engine.ray_backend`).
+
+Same seed, same result: every site is rebuilt from ``(config, [run] seed)`` as
+:func:`securefl.simulation.local_trainer` builds it in-process, dropouts are injected in the
+driver by the shared :class:`~securefl.engine.simulation.DropInjector`, and each actor runs
+the in-process torch thread count per client.
+
+Not on this backend (each refuses with one line): ``[privacy]`` (the ledger would live in
+the actors while the driver's report reads its own copy), and the in-process options that
+carry Python objects into the sites (``data``, ``client_hooks``, ``model``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from securefl.config import Config, config_from_dict
+from securefl.data import FederatedData, federate
+from securefl.engine.client import Client
+from securefl.engine.protection import ClientProtection, KeepsModel, Plain, ServerProtection
+from securefl.engine.ray_backend import RayTransport, import_ray, start_hosts
+from securefl.engine.simulation import DropInjector, DropSchedule
+from securefl.engine.trainer import RoundRewind
+from securefl.errors import ConfigError
+from securefl.vector import Layout
+
+if TYPE_CHECKING:
+    from securefl.simulation import Simulation
+
+__all__ = ["ConfigSites", "build_ray_simulation", "config_sites", "site_groups"]
+
+FACTORY = "securefl.ray_simulation:config_sites"
+
+
+def site_groups(client_ids: Sequence[str], *, actors: int, clients_per_actor: int
+                ) -> list[list[str]]:
+    """Contiguous groups of client ids, one per actor: ``actors`` of them, or
+    ``ceil(n / clients_per_actor)`` when ``actors`` is 0 (never more groups than clients)."""
+    n = len(client_ids)
+    count = min(n, actors if actors > 0 else math.ceil(n / clients_per_actor))
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [list(client_ids[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
+                         server_hooks: Sequence[Any] = (),
+                         schedule: DropSchedule | None = None,
+                         root_data: FederatedData | None = None,
+                         **in_process_only: Any) -> Simulation:
+    """The :class:`~securefl.simulation.Simulation` of ``config`` with its sites in Ray
+    actors (nothing runs yet; ``simulation.transport.close()`` stops the actors, and Ray
+    when this call started it).  ``trainers`` and ``clients`` are empty: they live in the
+    actors."""
+    from securefl.build import build_server, central_evaluator
+    from securefl.simulation import Simulation
+
+    unsupported = sorted(k for k, v in in_process_only.items() if v)
+    if unsupported:
+        raise ValueError(f"the Ray backend builds every site from the config in its actor; "
+                         f"{', '.join(unsupported)} need backend = \"inprocess\"")
+    if config.privacy.mode != "none":
+        raise ConfigError(f"[simulation] backend = \"ray\" does not run [privacy] mode = "
+                          f"{config.privacy.mode!r} yet; use backend = \"inprocess\"")
+    del run_dir  # the run directory is the driver's; no site writes to it
+    sim = config.simulation
+    data = federate(config.data, seed=config.run.seed)
+    ids = list(data.clients)
+    evaluator = central_evaluator(config, data)
+    keys = _KeyHolder(config, Layout.of(evaluator.model))
+    ray = import_ray()
+    owns = not ray.is_initialized()
+    if owns:
+        # "local": a new Ray for this run, never a stray cluster that `ray start` left behind
+        ray.init(address=sim.address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    hosts: list[Any] = []
+    try:
+        groups = site_groups(ids, actors=sim.actors, clients_per_actor=sim.clients_per_actor)
+        hosts = start_hosts(FACTORY, groups, {"config": config.to_toml(), **keys.setup},
+                            cpus=sim.cpus, gpus=sim.gpus, threads=sim.torch_threads())
+        directory: dict[str, bytes] = {}
+        for announced in ray.get([host.announce.remote() for host in hosts]):
+            directory.update(announced)
+        if directory and sorted(directory) != sorted(ids):
+            raise ValueError("the actors announced keys for other sites than the federation's")
+        ray.get([host.attach.remote(directory) for host in hosts])
+    except BaseException:
+        for host in hosts:
+            ray.kill(host)
+        if owns:
+            ray.shutdown()
+        raise
+    assignment = {cid: index for index, group in enumerate(groups) for cid in group}
+    transport = RayTransport(hosts, assignment, owns_ray=owns, drops=DropInjector(
+        dropout=sim.dropout, schedule=schedule, seed=config.run.seed))
+    try:
+        protection = keys.server(directory)
+        server, evaluator = build_server(config, transport, protection, data,
+                                         hooks=server_hooks, root_data=root_data,
+                                         evaluator=evaluator)
+    except BaseException:  # e.g. a check_feasible ConfigError: stop what was started
+        transport.close()
+        raise
+    view = keys.view(protection, directory, run=server.run_id, initial=server.parameters)
+    if view is not None and server.central_evaluator is not None:
+        server.central_evaluator = lambda _server_copy: evaluator(view())
+    return Simulation(config, data, {}, {}, transport, server, evaluator, None, view)
+
+
+class _KeyHolder:
+    """The driver's part of the protection's key set-up (see the module doc)."""
+
+    def __init__(self, config: Config, layout: Layout) -> None:
+        self.config, self.layout = config, layout
+        self.setup: dict[str, bytes] = {}
+        self._secret: bytes | None = None
+        if config.protection.kind == "he":
+            from securefl.he.ckks import CKKSKeys
+
+            he = config.protection.he
+            keys = CKKSKeys.generate(poly_modulus_degree=he.poly_modulus_degree,
+                                     coeff_modulus_bits=he.coeff_modulus_bits,
+                                     scale_bits=he.scale_bits)
+            self._secret = keys.to_bytes()
+            self._public = keys.public().to_bytes()
+            self.setup["he_secret"] = self._secret
+
+    def server(self, directory: Mapping[str, bytes]) -> ServerProtection:
+        kind = self.config.protection.kind
+        if kind == "secagg":
+            from securefl.secagg import SecAggServerProtection
+
+            return SecAggServerProtection(directory=directory,
+                                          config=self.config.protection.secagg)
+        if kind == "he":
+            from securefl.he import layer_selection
+            from securefl.he.server import HEServerProtection
+
+            he = self.config.protection.he
+            return HEServerProtection.from_bytes(
+                self._public, verify_keys=_verify_keys(directory),
+                min_contributors=he.min_contributors,
+                selection=layer_selection(he, self.layout), resum=he.resum)
+        return Plain()
+
+    def view(self, protection: ServerProtection, directory: Mapping[str, bytes], *,
+             run: bytes, initial: np.ndarray) -> Callable[[], np.ndarray] | None:
+        """HE: the model a site decrypts, read by the experimenter who holds the key."""
+        if not isinstance(protection, KeepsModel) or self._secret is None:
+            return None
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from securefl.he import site_view
+
+        reader = _he_site(self.config, self._secret, "experimenter", Ed25519PrivateKey.generate(),
+                          directory, self.layout)
+        return site_view(protection, reader, run=run, initial=initial)  # type: ignore[arg-type]
+
+
+def _verify_keys(directory: Mapping[str, bytes]) -> dict[str, Any]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return {cid: Ed25519PublicKey.from_public_bytes(key) for cid, key in directory.items()}
+
+
+def _he_site(config: Config, secret: bytes, client_id: str, signing: Any,
+             directory: Mapping[str, bytes], layout: Layout) -> ClientProtection:
+    from securefl.he import HEClientProtection, layer_selection
+
+    he = config.protection.he
+    return HEClientProtection.from_bytes(
+        secret, client_id=client_id, signing_key=signing, verify_keys=_verify_keys(directory),
+        dimension=layout.size, min_contributors=he.min_contributors,
+        selection=layer_selection(he, layout), server_lr=config.server.lr, resum=he.resum)
+
+
+class ConfigSites:
+    """In an actor: the sites ``client_ids`` of the config in ``setup["config"]`` (TOML text),
+    with trainers exactly as in-process and fresh identity keys of their own."""
+
+    def __init__(self, client_ids: Sequence[str], setup: Mapping[str, Any]) -> None:
+        from securefl.simulation import local_trainer
+
+        config = config_from_dict(tomllib.loads(setup["config"]), source="<ray actor config>")
+        data = federate(config.data, seed=config.run.seed)
+        self.config = config
+        self._he_secret: bytes = setup.get("he_secret", b"")
+        local = {cid: local_trainer(config, data, cid) for cid in client_ids}
+        self._layout = next(iter(local.values())).layout
+        self._trainers = {cid: RoundRewind(trainer) for cid, trainer in local.items()}
+        self._keys: dict[str, Any] = {}
+        self.clients: dict[str, Client] = {}
+        kind = config.protection.kind
+        if kind == "secagg":
+            from securefl.secagg.keys import generate_identity
+
+            self._keys = {cid: generate_identity() for cid in client_ids}
+        elif kind == "he":
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            self._keys = {cid: Ed25519PrivateKey.generate() for cid in client_ids}
+        else:
+            self._build(dict.fromkeys(client_ids, Plain()))
+
+    def announce(self) -> dict[str, bytes]:
+        from securefl.secagg.keys import identity_public_bytes
+
+        return {cid: identity_public_bytes(key) for cid, key in self._keys.items()}
+
+    def attach(self, directory: Mapping[str, bytes]) -> None:
+        kind = self.config.protection.kind
+        if kind == "secagg":
+            from securefl.secagg import SecAggClientProtection
+
+            self._build({cid: SecAggClientProtection(
+                client_id=cid, identity=key, directory=directory,
+                config=self.config.protection.secagg) for cid, key in self._keys.items()})
+        elif kind == "he":
+            self._build({cid: _he_site(self.config, self._he_secret, cid, key, directory,
+                                       self._layout)
+                         for cid, key in self._keys.items()})
+
+    def _build(self, protections: Mapping[str, ClientProtection]) -> None:
+        evaluate = self.config.server.evaluate in ("federated", "both")
+        self.clients = {cid: Client(cid, self._trainers[cid], protection, evaluate=evaluate)
+                        for cid, protection in protections.items()}
+
+
+def config_sites(client_ids: Sequence[str], setup: Mapping[str, Any]) -> ConfigSites:
+    """The factory a :class:`~securefl.engine.ray_backend.SiteHost` calls (:data:`FACTORY`)."""
+    return ConfigSites(client_ids, setup)
