@@ -263,6 +263,11 @@ class Config:
                 "rule", f"{self.aggregation.rule!r} needs plaintext updates, but protection "
                 f"{self.protection.kind!r} reveals only their sum; use rule = \"fedavg\"",
                 "aggregation")
+        if self.privacy.mode == "distributed" and self.protection.kind != "secagg":
+            raise FieldError(
+                "mode", f"\"distributed\" adds each site's noise share before secure "
+                f"aggregation masks it; it needs [protection] kind = \"secagg\", got "
+                f"{self.protection.kind!r}", "privacy")
         if self.protection.kind == "he":  # the server holds the model only encrypted
             if self.server.optimizer != "fedavg":
                 raise FieldError(

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from securefl.config import Config
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.params import Layout
 
-__all__ = ["build_protection"]
+__all__ = ["build_protection", "secagg_encoding"]
+
+
+def secagg_encoding(config: Config, num_sites: int) -> Any:
+    """The SecAgg+ encoding of ``config``: distributed DP's Skellam encoding under
+    ``[privacy] mode = "distributed"``, else ``None`` (SecAgg+'s own fixed point)."""
+    if config.privacy.mode != "distributed":
+        return None
+    from securefl.privacy import distributed_settings
+    from securefl.privacy.distributed import SkellamEncoding
+
+    return SkellamEncoding(distributed_settings(config, num_sites))
 
 
 def build_protection(config: Config, client_ids: Sequence[str], *, layout: Layout | None = None
@@ -21,7 +33,8 @@ def build_protection(config: Config, client_ids: Sequence[str], *, layout: Layou
     if kind == "secagg":
         from securefl.secagg import build_simulation
 
-        return build_simulation(config.protection.secagg, client_ids)
+        return build_simulation(config.protection.secagg, client_ids,
+                                encoding=secagg_encoding(config, len(client_ids)))
     if kind == "he":
         from securefl.he import build_simulation as build_he
 

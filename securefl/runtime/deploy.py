@@ -158,8 +158,10 @@ def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | 
     directory = identity_directory(config, sites)
     if kind == "secagg":
         from securefl.secagg import SecAggServerProtection
+        from securefl.protections import secagg_encoding
 
-        return SecAggServerProtection(directory=directory, config=config.protection.secagg)
+        return SecAggServerProtection(directory=directory, config=config.protection.secagg,
+                                      encoding=secagg_encoding(config, len(directory)))
     from securefl.he import HEServerProtection
 
     if config.server.evaluate != "federated":
@@ -187,9 +189,11 @@ def site_protection(config: Config, site: str, sites: Sequence[str] | None = Non
     identity = _identity(config, site)
     if kind == "secagg":
         from securefl.secagg import SecAggClientProtection
+        from securefl.protections import secagg_encoding
 
         return SecAggClientProtection(client_id=site, identity=identity, directory=directory,
-                                      config=config.protection.secagg)
+                                      config=config.protection.secagg,
+                                      encoding=secagg_encoding(config, len(directory)))
     from securefl.he import HEClientProtection
     from securefl.he.statelog import DecryptionLog
 

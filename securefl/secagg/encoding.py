@@ -46,9 +46,10 @@ class Encoding(Protocol):
         """The words (:func:`word_dtype`, each below ``2^bits``); ``ValueError`` if unusable."""
         ...
 
-    def decode(self, total: np.ndarray, *, seed: bytes,
-               survivors: int) -> tuple[np.ndarray, float]:
-        """``(sum, total weight)`` of ``survivors`` encodings; ``ValueError`` if impossible."""
+    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,
+               dimension: int) -> tuple[np.ndarray, float]:
+        """``(sum, total weight)`` of ``survivors`` encodings of ``dimension``-vectors;
+        ``ValueError`` if impossible."""
         ...
 
     def check_cohort(self, survivors: int) -> str | None:
@@ -95,8 +96,8 @@ class FixedPoint:
         dither = keystream(prg_key(os.urandom(32), b"dither"), update.delta.shape[0] + 1)
         return self.quantizer.encode(update.delta, float(update.weight), dither)
 
-    def decode(self, total: np.ndarray, *, seed: bytes,
-               survivors: int) -> tuple[np.ndarray, float]:
+    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,
+               dimension: int) -> tuple[np.ndarray, float]:
         weighted, total_weight = self.quantizer.decode(total)
         most = survivors * (self.quantizer.max_weight + self.quantizer.weight_step)
         if not 0 < total_weight <= most:

@@ -361,8 +361,9 @@ class SecAggServerRound:
         self.phase = ServerPhase.DONE
         self._total = np.zeros(0, self._dtype)
         try:
-            weighted, total_weight = self._encoding.decode(total, seed=shared_seed(scope),
-                                                           survivors=len(survivors))
+            weighted, total_weight = self._encoding.decode(
+                total, seed=shared_seed(scope), survivors=len(survivors),
+                dimension=self._dimension)
         except ValueError as exc:
             raise ProtocolAbort.because(f"round {self._round}: {exc}") from None
         return WeightedSum(client_ids=tuple(survivors), total=weighted,
