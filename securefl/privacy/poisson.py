@@ -59,20 +59,25 @@ def _ptrs(lam: float, count: int, source: SecureRandom) -> np.ndarray:
     for _ in range(_MAX_PASSES):
         if pending.size == 0:
             return out
-        u = source.uniform(2 * pending.size)
-        big_u, v = u[:pending.size] - 0.5, u[pending.size:]
+        size = pending.size
+        u = source.uniform(2 * size)
+        big_u, v = u[:size], u[size:]
+        big_u -= 0.5
         u_s = 0.5 - np.abs(big_u)
         with np.errstate(divide="ignore", invalid="ignore"):
-            k = np.floor((2 * a / u_s + b) * big_u + lam + 0.43)
-            fast = (u_s >= 0.07) & (v <= v_r)
-            possible = (k >= 0) & ~((u_s < 0.013) & (v > u_s)) & (u_s > 0)
-            slow = ~fast & possible
-            kept = np.clip(k, 0, None)
-            test = (np.log(v) + log_alpha - np.log(a / (u_s * u_s) + b)
-                    <= -lam + kept * log_lam - gammaln(kept + 1))
-        accept = fast | (slow & test)
-        out[pending[accept]] = k[accept].astype(np.int64)
-        pending = pending[~accept]
+            k = np.floor((2 * a / u_s + b) * big_u + (lam + 0.43))
+        fast = (u_s >= 0.07) & (v <= v_r)
+        out[pending[fast]] = k[fast]
+        # the squeeze failed: the exact test, on the few candidates left (about 14%)
+        rest = np.flatnonzero(~fast & (k >= 0) & (u_s > 0) & ~((u_s < 0.013) & (v > u_s)))
+        k_r, u_r = k[rest], u_s[rest]
+        with np.errstate(divide="ignore"):
+            test = (np.log(v[rest]) + log_alpha - np.log(a / (u_r * u_r) + b)
+                    <= -lam + k_r * log_lam - gammaln(k_r + 1))
+        out[pending[rest[test]]] = k_r[test]
+        accepted = fast
+        accepted[rest[test]] = True
+        pending = pending[~accepted]
     raise RuntimeError("Poisson sampler: rejection did not finish")  # probability < 2^-170
 
 
