@@ -149,8 +149,8 @@ class SkellamEncoding:
                 return rounded.astype(np.int64)
         raise RuntimeError("conditional rounding did not meet its norm bound")
 
-    def encode(self, update: Update, *, seed: bytes) -> np.ndarray:
-        delta = update.delta
+    def integers(self, delta: np.ndarray, *, seed: bytes) -> np.ndarray:
+        """Steps 1-3: the clipped, rotated, scaled update rounded to integers (norm <= Delta_2)."""
         if delta.ndim != 1 or not np.isfinite(delta).all():
             raise ValueError("update must be a finite 1-d vector")
         plan = self.settings.plan(delta.shape[0])
@@ -158,8 +158,17 @@ class SkellamEncoding:
         norm = float(np.linalg.norm(vector))
         if norm > self.settings.clip_norm:
             vector *= self.settings.clip_norm / norm
-        rounded = self.round_to_integers(rotate(vector, seed=seed) * plan.scale, plan.l2)
-        noisy = rounded + skellam(plan.share_variance, plan.padded, source=self._source)
+        return self.round_to_integers(rotate(vector, seed=seed) * plan.scale, plan.l2)
+
+    def noise_share(self, dimension: int) -> np.ndarray:
+        """Step 4: this site's ``Sk(mu / (n_min - k))`` for every rotated coordinate."""
+        plan = self.settings.plan(dimension)
+        return skellam(plan.share_variance, plan.padded, source=self._source)
+
+    def encode(self, update: Update, *, seed: bytes) -> np.ndarray:
+        """Steps 1-4, wrapped into ``Z_{2^b}`` (step 5's masking is SecAgg+'s)."""
+        noisy = (self.integers(update.delta, seed=seed)
+                 + self.noise_share(update.delta.shape[0]))
         return (noisy & ((1 << self.bits) - 1)).astype(self._dtype)
 
     def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,
