@@ -296,8 +296,8 @@ def _distributed(config: Config, path: Path | str, client_ids: Sequence[str],
     """Distributed Skellam DP: each site's trainer clips and charges its own ledger; the noise
     share is added by its SecAgg+ encoding (:func:`securefl.protections.build_protection`);
     the server only divides the unmasked noisy sum by the expected cohort."""
-    from securefl.privacy.dp_fedavg import ClipState, UserLevelTrainer
     from securefl.privacy.distributed import DistributedMean
+    from securefl.privacy.dp_fedavg import ClipState, UserLevelTrainer
     from securefl.privacy.ledger import PrivacyLedger
 
     privacy = config.privacy

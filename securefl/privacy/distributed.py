@@ -23,8 +23,9 @@ denominator of DP-FedAvg, :class:`DistributedMean`) before the server optimizer.
 
 The scale ``s`` and ``mu`` (:class:`SkellamPlan`) follow from the config alone, so every
 site and the server compute the same ones: ``mu`` is the smallest variance whose RDP over
-the calibrated rounds meets ``target_epsilon`` (:func:`~securefl.privacy.skellam.calibrate_variance`),
-and ``s`` the largest scale whose wrap-around probability bound stays below
+the calibrated rounds meets ``target_epsilon``
+(:func:`~securefl.privacy.skellam.calibrate_variance`), and ``s`` the largest scale whose
+wrap-around probability bound stays below
 :data:`OVERFLOW` (:func:`~securefl.privacy.skellam.choose_scale`).
 """
 

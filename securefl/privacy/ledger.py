@@ -167,10 +167,11 @@ class PrivacyLedger:
                                   f"{found}); it is corrupted or not a securefl ledger")
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
         if migrate and meta.get("schema") == _PREVIOUS:
-            self._db.executescript(
-                "BEGIN IMMEDIATE; ALTER TABLE charges ADD COLUMN l1_sensitivity REAL; "
-                "ALTER TABLE charges ADD COLUMN l2_sensitivity REAL; "
-                f"UPDATE meta SET value = '{SCHEMA}' WHERE key = 'schema'; COMMIT;")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ALTER TABLE charges ADD COLUMN l1_sensitivity REAL")
+            self._db.execute("ALTER TABLE charges ADD COLUMN l2_sensitivity REAL")
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA,))
+            self._db.execute("COMMIT")
             meta["schema"] = SCHEMA
         elif migrate:
             meta["schema"] = meta.get("schema") or "none"

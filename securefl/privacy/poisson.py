@@ -55,29 +55,38 @@ def _ptrs(lam: float, count: int, source: SecureRandom) -> np.ndarray:
     log_alpha = math.log(1.1239 + 1.1328 / (b - 3.4))
     v_r = 0.9277 - 3.6224 / (b - 2)
     out = np.empty(count, np.int64)
-    pending = np.arange(count)
+    pending: np.ndarray | None = None  # None: every index (the first pass, without gathers)
     for _ in range(_MAX_PASSES):
-        if pending.size == 0:
+        size = count if pending is None else pending.size
+        if size == 0:
             return out
-        size = pending.size
         u = source.uniform(2 * size)
         big_u, v = u[:size], u[size:]
         big_u -= 0.5
-        u_s = 0.5 - np.abs(big_u)
+        u_s = np.abs(big_u)
+        np.subtract(0.5, u_s, out=u_s)
         with np.errstate(divide="ignore", invalid="ignore"):
-            k = np.floor((2 * a / u_s + b) * big_u + (lam + 0.43))
-        fast = (u_s >= 0.07) & (v <= v_r)
-        out[pending[fast]] = k[fast]
+            k = np.divide(2 * a, u_s)
+            k += b
+            k *= big_u
+            k += lam + 0.43
+            np.floor(k, out=k)
+        accepted = u_s >= 0.07
+        accepted &= v <= v_r
         # the squeeze failed: the exact test, on the few candidates left (about 14%)
-        rest = np.flatnonzero(~fast & (k >= 0) & (u_s > 0) & ~((u_s < 0.013) & (v > u_s)))
-        k_r, u_r = k[rest], u_s[rest]
-        with np.errstate(divide="ignore"):
-            test = (np.log(v[rest]) + log_alpha - np.log(a / (u_r * u_r) + b)
-                    <= -lam + k_r * log_lam - gammaln(k_r + 1))
-        out[pending[rest[test]]] = k_r[test]
-        accepted = fast
+        rest = np.flatnonzero(~accepted)
+        k_r, u_r, v_r_ = k[rest], u_s[rest], v[rest]
+        possible = (k_r >= 0) & (u_r > 0) & ~((u_r < 0.013) & (v_r_ > u_r))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            test = possible & (np.log(v_r_) + log_alpha - np.log(a / (u_r * u_r) + b)
+                               <= -lam + k_r * log_lam - gammaln(np.maximum(k_r, 0) + 1))
         accepted[rest[test]] = True
-        pending = pending[~accepted]
+        if pending is None:
+            out[:] = k  # the rejected ones are overwritten by later passes
+            pending = np.flatnonzero(~accepted)
+        else:
+            out[pending[accepted]] = k[accepted]
+            pending = pending[~accepted]
     raise RuntimeError("Poisson sampler: rejection did not finish")  # probability < 2^-170
 
 
