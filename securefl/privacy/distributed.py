@@ -31,6 +31,7 @@ wrap-around probability bound stays below
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -129,6 +130,12 @@ class SkellamEncoding:
         self.bits = settings.bits
         self._dtype = word_dtype(settings.bits)
         self._source = source or SecureRandom()
+
+    @property
+    def agreed(self) -> dict[str, object]:
+        """The settings every party must share; they enter the SecAgg+ federation id, so a
+        site configured for another epsilon or minimum cohort cannot join the round."""
+        return {"mechanism": "skellam/v1", **dataclasses.asdict(self.settings)}
 
     def words(self, dimension: int) -> int:
         return padded_dimension(dimension)

@@ -45,7 +45,8 @@ class SecAggServerProtection:
         self.directory = _checked_directory(directory)
         self.config = config
         self.encoding = encoding
-        self.federation = federation_id(self.directory, config)
+        self.federation = federation_id(self.directory, config,
+                                        encoding=getattr(encoding, "agreed", None))
 
     def server_round(self, *, round: int, dimension: int,
                      run: bytes | None = None) -> SecAggServerRound:
@@ -70,7 +71,8 @@ class SecAggClientProtection:
                              "public key")
         self.client_id = client_id
         self.config = config
-        self.federation = federation_id(self.directory, config)
+        self.federation = federation_id(self.directory, config,
+                                        encoding=getattr(encoding, "agreed", None))
         self._identity = identity
 
     def client_round(self, *, round: int, context: RoundContext) -> SecAggClientRound:

@@ -198,3 +198,19 @@ def test_distributed_dp_needs_secure_aggregation():
         config_from_dict({"protection": {"kind": "secagg"},
                           "privacy": {"mode": "distributed", "target_epsilon": 8.0,
                                       "min_cohort": 2, "colluding_sites": 2}}, source="s")
+
+
+def test_the_federation_id_binds_the_distributed_dp_settings():
+    from securefl.secagg import SecAggServerProtection
+    from securefl.secagg.keys import generate_identity, identity_public_bytes
+
+    directory = {f"s{i}": identity_public_bytes(generate_identity()) for i in range(4)}
+
+    def federation(encoding):
+        return SecAggServerProtection(directory=directory, config=SecAggConfig(),
+                                      encoding=encoding).federation
+
+    same = federation(SkellamEncoding(settings(min_cohort=6)))
+    assert same == federation(SkellamEncoding(settings(min_cohort=6)))
+    assert same != federation(SkellamEncoding(settings(min_cohort=5)))
+    assert same != federation(None)  # and the default federation is unchanged by it
