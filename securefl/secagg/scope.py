@@ -3,8 +3,9 @@
 * **Federation id** ``F = SHA-256("securefl/secagg/federation/v1" || directory || config)``,
   with the identity directory as sorted ``(len || id || Ed25519 public key)`` entries and the
   config fields every site must agree on (``clip``, ``max_weight``, ``bits``, and the
-  parameters of a non-default encoding: distributed DP's) as canonical JSON.  Two federations that share identities but not their protection, or the reverse,
-  have different ids.
+  parameters of a non-default encoding: distributed DP's) as canonical JSON.  Two
+  federations that share identities but not their protection, or the reverse, have
+  different ids.
 * **Run id**: the 32 bytes the server announces in ``FitIns`` and each site pins in its
   :class:`~securefl.engine.session.ReleaseLog`.
 * **Round** number, and, once the commit-then-reveal of :mod:`securefl.secagg.graph` has
