@@ -34,7 +34,7 @@ from securefl.vector import Layout, flatten, unflatten
 
 __all__ = ["TestSetEvaluator", "aggregator_for", "build_protection", "build_server",
            "central_evaluator", "check_config", "check_feasible", "config_from_dict",
-           "load_config", "local_trainer", "root_trainer", "save_final_model"]
+           "load_config", "local_trainer", "root_trainer", "save_final_model", "secagg_encoding"]
 
 
 def load_config(path: str | Path) -> Config:
@@ -87,6 +87,17 @@ def _built(config: Config) -> Aggregator:
         raise FieldError("rule", f"{config.aggregation.rule!r}: {exc}", "aggregation") from exc
 
 
+def secagg_encoding(config: Config, num_sites: int) -> Any:
+    """The SecAgg+ encoding of ``config``: distributed DP's Skellam encoding under
+    ``[privacy] mode = "distributed"``, else ``None`` (SecAgg+'s own fixed point)."""
+    if config.privacy.mode != "distributed":
+        return None
+    from securefl.privacy import distributed_settings
+    from securefl.privacy.distributed import SkellamEncoding
+
+    return SkellamEncoding(distributed_settings(config, num_sites))
+
+
 def build_protection(config: Config, client_ids: Sequence[str], *, layout: Layout | None = None
                      ) -> tuple[ServerProtection, Mapping[str, ClientProtection]]:
     """``(server half, {client id: client half})``; secrets live only in the client halves.
@@ -97,7 +108,8 @@ def build_protection(config: Config, client_ids: Sequence[str], *, layout: Layou
     if kind == "secagg":
         from securefl.secagg import build_simulation
 
-        return build_simulation(config.protection.secagg, client_ids)
+        return build_simulation(config.protection.secagg, client_ids,
+                                encoding=secagg_encoding(config, len(client_ids)))
     if kind == "he":
         from securefl.he import build_simulation as build_he
 

@@ -100,3 +100,11 @@ def test_audit_quick() -> None:
     assert set(report["catch_rate"]) == {"noise_off", "tenth_sigma", "no_clipping",
                                          "four_times_rate"}
     assert report["cost_vs_training_median"] > 0
+
+
+def test_distributed_dp() -> None:
+    report = run("distributed_dp.py", "--seeds", "", "--dimension", "5000", "--repeats", "1")
+    assert report["upload"]["ratio_vs_float32"] <= 0.55
+    assert report["upload"]["quickstart_ratio_vs_float32"] <= 0.55
+    cost = report["client_cost"]
+    assert cost["dimension"] == 5000 and cost["ms"]["total"] > 0

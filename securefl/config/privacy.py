@@ -7,6 +7,13 @@
   a whole client.  Each update is clipped to ``clip_norm`` and the server adds
   ``N(0, (noise_multiplier * clip_norm)^2)`` to the sum; ``adaptive_clipping`` follows Andrew et
   al. (NeurIPS 2021).  The server adds the noise, so only a trusted server may run it.
+* ``mode = "distributed"``: user-level DP without trusting the server, the distributed Skellam
+  mechanism (Agarwal, Kairouz and Liu, NeurIPS 2021) under ``[protection] kind = "secagg"``:
+  each site clips to ``clip_norm``, rotates, rounds to integers of ``bits`` bits and adds its
+  own share of Skellam noise before masking (:mod:`securefl.privacy.distributed`).  The noise
+  is calibrated so that any ``min_cohort`` surviving sites, ``colluding_sites`` of which may
+  reveal their shares to the server, give ``target_epsilon``; a round with fewer survivors
+  aborts before anything is revealed.
 
 Every client's spend is charged to its own :class:`~securefl.privacy.ledger.PrivacyLedger`,
 which refuses a round that would take it past ``budget`` (default: ``target_epsilon``).
@@ -24,7 +31,7 @@ __all__ = ["PrivacyConfig"]
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    mode: Literal["none", "dp_sgd", "dp_fedavg"] = "none"
+    mode: Literal["none", "dp_sgd", "dp_fedavg", "distributed"] = "none"
     #: total epsilon of the whole planned run; calibrates ``noise_multiplier`` when that is unset
     target_epsilon: float | None = None
     #: delta of every (epsilon, delta) statement; must be < 1 / (size of the protected dataset)
@@ -54,6 +61,16 @@ class PrivacyConfig:
     #: DP-FedAvg accounting: "public" (q = 1 per round taken part in: participants are
     #: logged) or "secret" (q = m / N every round; simulation only, CSPRNG sample, unlogged)
     sampling: Literal["public", "secret"] = "public"
+    #: distributed: bits per coordinate of the masked words (the SecAgg+ field is Z_{2^bits})
+    bits: int = 16
+    #: distributed: the expected number of surviving sites per round (the fixed denominator);
+    #: default [server] clients per round
+    expected_cohort: int | None = None
+    #: distributed: the fewest survivors whose noise shares add up to the calibrated noise;
+    #: default expected_cohort (no dropout tolerated)
+    min_cohort: int | None = None
+    #: distributed: sites whose noise shares the adversary may know (colluding with it)
+    colluding_sites: int = 0
 
     def validate(self) -> None:
         check(self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon",
@@ -79,6 +96,32 @@ class PrivacyConfig:
         check(self.sampling == "public" or self.secure_mode is not False, "sampling",
               "\"secret\" needs secure_mode: a sample drawn from the seeded generator can be "
               "recomputed by anyone holding the config")
+        if self.mode == "distributed":
+            self._validate_distributed()
+
+    def _validate_distributed(self) -> None:
+        mode = "for mode \"distributed\""
+        check(self.target_epsilon is not None, "target_epsilon",
+              f"must be set {mode} (the noise is calibrated from it)")
+        check(self.accountant == "rdp", "accountant",
+              f"must be \"rdp\" {mode}: the Skellam bound is an RDP bound")
+        check(self.sampling == "public", "sampling",
+              f"must be \"public\" {mode} (q = 1 per round taken part in)")
+        check(not self.adaptive_clipping, "adaptive_clipping",
+              f"is not supported {mode}: clip_norm is fixed")
+        check(self.secure_mode is not False, "secure_mode",
+              f"cannot be false {mode}: each site's noise share always comes from its CSPRNG")
+        check(isinstance(self.bits, int) and 2 <= self.bits <= 32, "bits",
+              f"must be an integer in [2, 32], got {self.bits!r}")
+        check(self.expected_cohort is None or self.expected_cohort >= 1, "expected_cohort",
+              f"must be >= 1, got {self.expected_cohort}")
+        check(self.colluding_sites >= 0, "colluding_sites",
+              f"must be >= 0, got {self.colluding_sites}")
+        check(self.min_cohort is None or self.min_cohort > self.colluding_sites, "min_cohort",
+              f"must be > colluding_sites ({self.colluding_sites}), got {self.min_cohort}")
+        check(self.min_cohort is None or self.expected_cohort is None
+              or self.min_cohort <= self.expected_cohort, "min_cohort",
+              f"must be <= expected_cohort ({self.expected_cohort}), got {self.min_cohort}")
 
     @property
     def epsilon_budget(self) -> float | None:

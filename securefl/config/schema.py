@@ -274,6 +274,11 @@ class Config:
             name = "local_steps" if self.client.local_steps is not None else "keep_momentum"
             raise FieldError(name, "is not supported with [privacy] mode = \"dp_sgd\", whose "
                              "accounting charges whole epochs of fresh-state DP-SGD", "client")
+        if self.privacy.mode == "distributed" and self.protection.kind != "secagg":
+            raise FieldError(
+                "mode", f"\"distributed\" adds each site's noise share before secure "
+                f"aggregation masks it; it needs [protection] kind = \"secagg\", got "
+                f"{self.protection.kind!r}", "privacy")
         if self.protection.kind == "he":  # the server holds the model only encrypted
             if self.server.optimizer != "fedavg":
                 raise FieldError(

@@ -77,6 +77,8 @@ class PrivacySetup:
     sampling_seed: int | None = None
     #: DP-FedAvg's sampling rate m / N (for the report's epsilon under both sampling rules)
     sampling_rate: float | None = None
+    #: extra settings for ``privacy.json`` (distributed DP: the mechanism's parameters)
+    details: dict[str, Any] = field(default_factory=dict)
     _trainers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def largest_epsilon(self) -> float:
@@ -110,7 +112,7 @@ class PrivacySetup:
         return summarise(self.ledger, mode=self.config.mode,
                          noise_multipliers=self.noise_multipliers, secure_randomness=self.secure,
                          sampling=self.config.sampling if self.config.mode == "dp_fedavg"
-                         else None, sampling_rate=self.sampling_rate)
+                         else None, sampling_rate=self.sampling_rate, **self.details)
 
     def public_record(self, row: dict[str, Any]) -> dict[str, Any]:
         """A ``metrics.jsonl`` row as the run directory may keep it: under secret sampling,
@@ -158,6 +160,8 @@ def build_privacy(config: Config, *, run_dir: Path | None, client_ids: Sequence[
         raise ConfigError("[privacy] sampling = \"secret\" is for simulations only: a "
                           "deployment's audit log records every round's participants, so the "
                           "sample is public; use sampling = \"public\" (q = 1 accounting)")
+    if privacy.mode == "distributed":
+        return _distributed(config, path, client_ids, budget)
     return _dp_fedavg(config, path, client_ids, budget, secure)
 
 
@@ -261,3 +265,66 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
                         dict.fromkeys(client_ids, event), server_hooks=(noise,), wrapper=wrap,
                         secure=secure, sampling_seed=secrets.randbits(256) if secret else None,
                         sampling_rate=rate)
+
+
+def distributed_settings(config: Config, num_clients: int) -> Any:
+    """The :class:`~securefl.privacy.distributed.DistributedSettings` of ``config`` for a
+    federation of ``num_clients`` sites: calibrated, like DP-FedAvg's public sample, for the
+    expected number of rounds a site takes part in, ``ceil(rounds m / N)``."""
+    from securefl.privacy.distributed import DistributedSettings
+
+    privacy = config.privacy
+    per_round = config.server.per_round(num_clients)
+    expected = privacy.expected_cohort or per_round
+    minimum = privacy.min_cohort or expected
+    if minimum > per_round:
+        raise ConfigError(f"[privacy] min_cohort = {minimum}, but [server] samples {per_round} "
+                          f"of the {num_clients} clients per round: every round would abort")
+    if minimum > expected:
+        raise ConfigError(f"[privacy] min_cohort = {minimum} must be <= expected_cohort "
+                          f"({expected})")
+    steps = max(1, math.ceil(per_round / num_clients * config.run.rounds - 1e-9))
+    return DistributedSettings(
+        target_epsilon=float(privacy.target_epsilon),  # type: ignore[arg-type]
+        delta=privacy.delta, steps=steps, clip_norm=privacy.clip_norm, bits=privacy.bits,
+        expected_cohort=expected, min_cohort=minimum, colluding_sites=privacy.colluding_sites)
+
+
+def _distributed(config: Config, path: Path | str, client_ids: Sequence[str],
+                 budget: float | None) -> PrivacySetup:
+    """Distributed Skellam DP: each site's trainer clips and charges its own ledger; the noise
+    share is added by its SecAgg+ encoding (:func:`securefl.build.build_protection`);
+    the server only divides the unmasked noisy sum by the expected cohort."""
+    from securefl.privacy.distributed import DistributedMean
+    from securefl.privacy.dp_fedavg import ClipState, UserLevelTrainer
+    from securefl.privacy.ledger import PrivacyLedger
+
+    privacy = config.privacy
+    num_clients = max(len(client_ids), len(config.network.allowlist))
+    _check_delta(privacy.delta, num_clients, "number of clients")
+    settings = distributed_settings(config, num_clients)
+    ledger = PrivacyLedger(path, delta=privacy.delta, budgets=dict.fromkeys(client_ids, budget),
+                           accountant=privacy.accountant)
+    clip = ClipState(privacy.clip_norm, adaptive=False)
+    setup = PrivacySetup(privacy, ledger, dict.fromkeys(client_ids, math.nan), {},
+                         server_hooks=(DistributedMean(expected_cohort=settings.expected_cohort),),
+                         secure=True)
+
+    def wrap(client_id: str, base: Any) -> UserLevelTrainer:
+        # the mechanism depends on the model's size, known once the site has its model
+        plan = settings.plan(base.layout.size)
+        event = plan.event()
+        setup.details.update(
+            mechanism="distributed Skellam (Agarwal, Kairouz and Liu 2021) under SecAgg+",
+            bits=settings.bits, expected_cohort=settings.expected_cohort,
+            min_cohort=settings.min_cohort, colluding_sites=settings.colluding_sites,
+            calibrated_rounds=settings.steps, skellam_scale=plan.scale,
+            skellam_variance=plan.variance, l1_sensitivity=plan.l1, l2_sensitivity=plan.l2,
+            overflow_bound=plan.overflow)
+        setup.events[client_id] = event
+        setup.noise_multipliers[client_id] = event.noise_multiplier
+        return UserLevelTrainer(base, client_id=client_id, ledger=ledger, event=event,
+                                clip=clip, sampling="public")
+
+    setup.wrapper = wrap
+    return setup

@@ -11,6 +11,15 @@ or :class:`~opacus.accountants.PRVAccountant` (Gopi et al., NeurIPS 2021).  Cons
 events with the same ``(sigma, q)`` are merged into one history entry, exactly as the
 accountants' own ``step()`` does, so composing per round gives bit-for-bit the epsilon of one
 accountant run over the same steps.  No formula is written here.
+
+A ``"skellam"`` event is one round of the distributed Skellam mechanism
+(:mod:`securefl.privacy.skellam`): ``noise_multiplier`` is ``z = sqrt(mu) / Delta_2`` (the
+aggregate noise's standard deviation over the L2 sensitivity, comparable to a Gaussian
+mechanism's ``z``), ``l1_sensitivity`` and ``l2_sensitivity`` are ``Delta_1`` and ``Delta_2``
+in the integer units of the mechanism, ``sample_rate`` is 1.  Its RDP curve is the paper's
+closed form (:func:`securefl.privacy.skellam.skellam_rdp`), added to Opacus's curves of the
+Gaussian events at the same orders; it has no PRV analysis (``accountant = "prv"`` gives
+``nan`` for a history that holds one).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -38,17 +48,20 @@ __all__ = [
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[AccountantName, ...] = ("rdp", "prv")
-MECHANISMS = ("dp_sgd", "dp_fedavg")
+MECHANISMS = ("dp_sgd", "dp_fedavg", "skellam")
 
 
 @dataclass(frozen=True)
 class PrivacyEvent:
-    """``steps`` compositions of the subsampled Gaussian mechanism ``(sigma, q)``."""
+    """``steps`` compositions of the subsampled Gaussian mechanism ``(sigma, q)``, or of the
+    Skellam mechanism of sensitivities ``(Delta_1, Delta_2)`` (``mechanism = "skellam"``)."""
 
     mechanism: str
     noise_multiplier: float
     sample_rate: float
     steps: int
+    l1_sensitivity: float | None = None
+    l2_sensitivity: float | None = None
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -60,12 +73,30 @@ class PrivacyEvent:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        sensitivities = (self.l1_sensitivity, self.l2_sensitivity)
+        if self.mechanism != "skellam":
+            if sensitivities != (None, None):
+                raise ValueError("only a skellam event carries sensitivities")
+        elif (self.sample_rate != 1 or not all(
+                isinstance(v, (float, int)) and not isinstance(v, bool) and math.isfinite(v)
+                and v > 0 for v in sensitivities)):
+            raise ValueError("a skellam event has sample_rate 1 and finite sensitivities > 0, "
+                             f"got {self.sample_rate} and {sensitivities}")
+
+    @property
+    def variance(self) -> float:
+        """Skellam: the aggregate noise variance ``mu = (z Delta_2)^2`` (integer units)."""
+        if self.l2_sensitivity is None:
+            raise ValueError(f"a {self.mechanism} event has no Skellam variance")
+        return (self.noise_multiplier * self.l2_sensitivity) ** 2
 
 
 def compose(events: Iterable[PrivacyEvent]) -> list[tuple[float, float, int]]:
     """The Opacus accountant history ``[(sigma, q, steps), ...]`` of ``events`` in order."""
     history: list[tuple[float, float, int]] = []
     for event in events:
+        if event.mechanism == "skellam":
+            raise ValueError("a skellam event has no Opacus accountant history")
         sigma, q = float(event.noise_multiplier), float(event.sample_rate)
         if history and history[-1][0] == sigma and history[-1][1] == q:
             history[-1] = (sigma, q, history[-1][2] + event.steps)
@@ -91,7 +122,34 @@ def epsilon(events: Iterable[PrivacyEvent], *, delta: float,
     """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    return _epsilon_of(tuple(compose(events)), float(delta), accountant)
+    events = list(events)
+    skellam: Counter[tuple[float, float | None, float | None]] = Counter()
+    for e in events:
+        if e.mechanism == "skellam":
+            skellam[(e.noise_multiplier, e.l1_sensitivity, e.l2_sensitivity)] += e.steps
+    gaussian = tuple(compose(e for e in events if e.mechanism != "skellam"))
+    if not skellam:
+        return _epsilon_of(gaussian, float(delta), accountant)
+    if accountant != "rdp":
+        return math.nan
+    return _mixed_epsilon(gaussian, tuple(sorted(skellam.items())), float(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _mixed_epsilon(gaussian: tuple[tuple[float, float, int], ...],
+                   skellam: tuple[tuple[tuple[float, float, float], int], ...],
+                   delta: float) -> float:
+    """RDP composition: Opacus's per-step curves of the Gaussian events plus the closed-form
+    curve of each Skellam event, at Opacus's orders, then Opacus's conversion."""
+    from securefl.privacy.skellam import ORDERS, epsilon_of_rdp, skellam_rdp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rdp = sum([rdp_per_step(q, sigma) * steps for sigma, q, steps in gaussian],
+                  np.zeros(len(ORDERS)))
+        for (z, l1, l2), steps in skellam:
+            rdp = rdp + steps * skellam_rdp(ORDERS, variance=(z * l2) ** 2, l1=l1, l2=l2)
+    return epsilon_of_rdp(rdp, delta=delta)
 
 
 @functools.lru_cache(maxsize=1024)

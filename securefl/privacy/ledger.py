@@ -52,13 +52,17 @@ __all__ = ["LEDGER_FILE", "SCHEMA", "LedgerError", "PrivacyLedger", "Release"]
 #: the ledger's file in a run directory or a site's state folder
 LEDGER_FILE = "privacy_ledger.sqlite"
 
-SCHEMA = "securefl-privacy-ledger/2"
+SCHEMA = "securefl-privacy-ledger/3"
+#: the schema before Skellam events; opened as /3 by adding the two sensitivity columns
+#: (its rows hash as before: a row's digest covers the sensitivities only when it has them)
+_PREVIOUS = "securefl-privacy-ledger/2"
+_SENSITIVITIES = ["l1_sensitivity", "l2_sensitivity"]
 _GENESIS = "0" * 64
 _TABLES = {
     "meta": ["key", "value"],
     "budgets": ["client_id", "epsilon"],
     "charges": ["seq", "client_id", "round", "mechanism", "noise_multiplier", "sample_rate",
-                "steps", "epsilon", "budget", "release", "digest"],
+                "steps", "epsilon", "budget", "release", "digest", *_SENSITIVITIES],
     "releases": ["client_id", "release", "round", "weight", "metrics", "delta"],
 }
 _CREATE = """
@@ -68,14 +72,15 @@ CREATE TABLE charges (
     seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL, round INTEGER NOT NULL,
     mechanism TEXT NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
     steps INTEGER NOT NULL, epsilon REAL NOT NULL, budget REAL, release TEXT,
-    digest TEXT NOT NULL, UNIQUE (client_id, release));
+    digest TEXT NOT NULL, l1_sensitivity REAL, l2_sensitivity REAL,
+    UNIQUE (client_id, release));
 CREATE TABLE releases (
     client_id TEXT NOT NULL, release TEXT NOT NULL, round INTEGER NOT NULL,
     weight REAL NOT NULL, metrics TEXT NOT NULL, delta BLOB,
     PRIMARY KEY (client_id, release));
 """
 _ROW = ("SELECT seq, client_id, round, mechanism, noise_multiplier, sample_rate, steps, "
-        "epsilon, budget, release, digest FROM charges")
+        "epsilon, budget, release, l1_sensitivity, l2_sensitivity, digest FROM charges")
 
 Budgets = float | Mapping[str, float | None] | None
 
@@ -102,8 +107,15 @@ def _digest(previous: str, row: tuple[object, ...]) -> str:
     return hashlib.sha256((previous + body).encode()).hexdigest()
 
 
+def _body(row: tuple) -> tuple[object, ...]:
+    """What a charge's digest covers: the row without its digest, and without the
+    sensitivity columns when they are empty (a Gaussian event hashes as in schema /2)."""
+    body = row[:-1]
+    return body[:10] if body[10:] == (None, None) else body
+
+
 def _event(row: tuple) -> PrivacyEvent:
-    return PrivacyEvent(row[3], row[4], row[5], row[6])
+    return PrivacyEvent(row[3], row[4], row[5], row[6], row[10], row[11])
 
 
 class PrivacyLedger:
@@ -162,12 +174,24 @@ class PrivacyLedger:
 
     def _verify(self) -> None:
         where = f"privacy ledger {self.path}"
+        migrate = False
         for table, columns in _TABLES.items():
             found = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
-            if found != columns:
+            if table == "charges" and found == columns[:-len(_SENSITIVITIES)]:
+                migrate = True
+            elif found != columns:
                 raise LedgerError(f"{where} has no valid {table!r} table (found columns "
                                   f"{found}); it is corrupted or not a securefl ledger")
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        if migrate and meta.get("schema") == _PREVIOUS:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ALTER TABLE charges ADD COLUMN l1_sensitivity REAL")
+            self._db.execute("ALTER TABLE charges ADD COLUMN l2_sensitivity REAL")
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA,))
+            self._db.execute("COMMIT")
+            meta["schema"] = SCHEMA
+        elif migrate:
+            meta["schema"] = meta.get("schema") or "none"
         if meta.get("schema") != SCHEMA:
             raise LedgerError(f"{where} has schema {meta.get('schema')!r}, expected {SCHEMA!r}"
                               f" (a /1 ledger charged per round number, not per release: "
@@ -184,7 +208,7 @@ class PrivacyLedger:
         head = _GENESIS
         last_epsilon: dict[str, float] = {}
         for row in self._db.execute(f"{_ROW} ORDER BY seq"):
-            if _digest(head, row[:-1]) != row[-1]:
+            if _digest(head, _body(row)) != row[-1]:
                 raise LedgerError(f"{where}: charge #{row[0]} does not match its digest "
                                   f"(edited, reordered or deleted rows)")
             try:
@@ -270,12 +294,16 @@ class PrivacyLedger:
         if head != (last[0] if last else _GENESIS):
             raise LedgerError(f"privacy ledger {self.path}: chain head does not match")
         seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM charges").fetchone()[0])
+        sensitivities = (event.l1_sensitivity, event.l2_sensitivity)
         row = (seq, client_id, int(round), event.mechanism, float(event.noise_multiplier),
                float(event.sample_rate), int(event.steps), float(spent),
-               None if budget is None else float(budget), release)
-        digest = _digest(head, row)
-        self._db.execute("INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (*row, digest))
+               None if budget is None else float(budget), release,
+               *(None if v is None else float(v) for v in sensitivities))
+        digest = _digest(head, _body((*row, None)))
+        self._db.execute(
+            "INSERT INTO charges (seq, client_id, round, mechanism, noise_multiplier, "
+            "sample_rate, steps, epsilon, budget, release, l1_sensitivity, l2_sensitivity, "
+            "digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, digest))
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (digest,))
         return float(spent)
 

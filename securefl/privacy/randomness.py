@@ -75,11 +75,17 @@ class SecureRandom:
         if not isinstance(key, bytes) or len(key) != _KEY_BYTES:
             raise ValueError(f"the entropy source must return {_KEY_BYTES} bytes")
         stream = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-        return np.frombuffer(stream.update(bytes(8 * count)), dtype="<u8")
+        buffer = bytearray(8 * count + 15)  # update_into needs block_size - 1 spare bytes
+        stream.update_into(bytes(8 * count), buffer)
+        return np.frombuffer(buffer, dtype="<u8", count=count)
 
     def uniform(self, count: int) -> np.ndarray:
         """``count`` doubles ``k 2^-53``, ``k`` uniform in ``[0, 2^53)``."""
-        return (self.words(count) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+        words = self.words(count)
+        words >>= np.uint64(11)
+        out = words.astype(np.float64)
+        out *= 2.0 ** -53
+        return out
 
     def gaussian(self, count: int, std: float) -> torch.Tensor:
         """``count`` draws of ``N(0, std^2)`` (float64): ``std / 2 * (g1 + g2 + g3 + g4)``

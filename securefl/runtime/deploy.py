@@ -128,9 +128,11 @@ def server_protection(config: Config, sites: Sequence[str], *, layout: Layout | 
         return Plain()
     directory = identity_directory(config, sites)
     if kind == "secagg":
+        from securefl.build import secagg_encoding
         from securefl.secagg import SecAggServerProtection
 
-        return SecAggServerProtection(directory=directory, config=config.protection.secagg)
+        return SecAggServerProtection(directory=directory, config=config.protection.secagg,
+                                      encoding=secagg_encoding(config, len(directory)))
     from securefl.he import HEServerProtection
 
     if config.server.evaluate != "federated":
@@ -157,10 +159,12 @@ def site_protection(config: Config, site: str, sites: Sequence[str] | None = Non
         directory = {s: k for s, k in directory.items() if s in sites}
     identity = _identity(config, site)
     if kind == "secagg":
+        from securefl.build import secagg_encoding
         from securefl.secagg import SecAggClientProtection
 
         return SecAggClientProtection(client_id=site, identity=identity, directory=directory,
-                                      config=config.protection.secagg)
+                                      config=config.protection.secagg,
+                                      encoding=secagg_encoding(config, len(directory)))
     from securefl.he import HEClientProtection
     from securefl.he.statelog import DecryptionLog
 

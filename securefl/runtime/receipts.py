@@ -5,7 +5,8 @@ After a round the server asks every site for its receipts after the last one the
 receipt first makes the round's receipt::
 
     body_t = {federation: run id, site, round: t, model_sha256 (the global model it trained
-              from), events: [{round, mechanism, noise_multiplier, sample_rate, steps}, ...],
+              from), events: [{round, mechanism, noise_multiplier, sample_rate, steps}, ...] (a
+              Skellam event also holds its l1_sensitivity and l2_sensitivity),
               epsilon_charged, epsilon_total, delta, prev: SHA-256 of the previous receipt}
     sig_t  = Ed25519_sign(site identity key, b"securefl-receipt-v1" || canonical JSON(body_t))
 
@@ -132,7 +133,10 @@ class SiteReceipts:
                     "model_sha256": self.models.get(round, ""),
                     "events": [{"round": r, "mechanism": ev.mechanism,
                                 "noise_multiplier": ev.noise_multiplier,
-                                "sample_rate": ev.sample_rate, "steps": ev.steps}
+                                "sample_rate": ev.sample_rate, "steps": ev.steps,
+                                **({} if ev.l2_sensitivity is None else {
+                                    "l1_sensitivity": ev.l1_sensitivity,
+                                    "l2_sensitivity": ev.l2_sensitivity})}
                                for r, _, ev in rows],
                     "epsilon_charged": total - (last["epsilon_total"] if last else 0.0),
                     "epsilon_total": total, "delta": self.ledger.delta,

@@ -121,7 +121,7 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
                               min(net.round_timeout, 60.0)) if net.certs is not None else None)
         grpc_transport = transport or GrpcTransport(net, sites=sites)
         hooks: list[Any] = []
-        if config.privacy.mode == "dp_fedavg":
+        if config.privacy.mode in ("dp_fedavg", "distributed"):
             # the Gaussian noise on the sum is the server's part; clipping and the
             # authoritative ledger are the sites'
             from securefl.privacy import build_privacy

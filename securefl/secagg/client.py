@@ -12,8 +12,10 @@ client holds itself (its config, the identity directory, its :class:`RoundContex
 2. Keys: every commitment of ``U1`` opened; graph seed ``= H(all reveals)``; recompute the
    own neighbourhood ``N(u)`` and abort unless the relayed advertisements are exactly those
    of ``N(u)``, each correctly signed; Shamir-share ``b_u`` and ``s_u^SK`` ``t``-of-``k``.
-3. Masked input: ``y_u = q(x_u) + PRG(b_u) + sum_{v in N(u) ∩ U2} ±PRG(s_uv) mod 2**32``.
-4. Consistency: sign the survivor set ``U3``, once.
+3. Masked input: ``y_u = q(x_u) + PRG(b_u) + sum_{v in N(u) ∩ U2} ±PRG(s_uv) mod 2**b``
+   (``q`` and ``b``: the :class:`~securefl.secagg.encoding.Encoding`; 32 by default).
+4. Consistency: sign the survivor set ``U3``, once, and only if the encoding accepts
+   ``|U3|`` (distributed DP's minimum cohort).
 5. Unmask: only with ``t`` valid neighbour signatures on that same ``U3``, and after the
    :class:`~securefl.engine.session.ReleaseLog` allows a reveal for ``U3``: shares of ``b_v``
    for ``v in U3``, of ``s_v^SK`` for ``v in U2 \\ U3``, exactly as ``U3`` says.
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import os
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +41,7 @@ from securefl.engine.protection import Update
 from securefl.engine.session import RoundContext
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
+from securefl.secagg.encoding import Encoding, FixedPoint, reduce, shared_seed
 from securefl.secagg.graph import degree, graph_seed, neighbourhood, threshold_for
 from securefl.secagg.keys import (
     advert_body,
@@ -72,8 +74,7 @@ from securefl.secagg.messages import (
     SecAggUnmaskRequest,
     unpack,
 )
-from securefl.secagg.prg import add_masks, keystream, prg_key
-from securefl.secagg.quantize import Quantizer, levels_for
+from securefl.secagg.prg import add_masks
 from securefl.secagg.scope import Scope
 
 __all__ = ["ClientPhase", "SecAggClientRound"]
@@ -102,8 +103,9 @@ class SecAggClientRound:
 
     def __init__(self, *, client_id: str, identity: Ed25519PrivateKey,
                  directory: Mapping[str, bytes], config: SecAggConfig, federation: bytes,
-                 context: RoundContext) -> None:
+                 context: RoundContext, encoding: Encoding | None = None) -> None:
         self.client_id = client_id
+        self._encoding = encoding or FixedPoint(config, num_sites=len(directory))
         self._context = context
         self._identity = identity
         self._directory = directory
@@ -139,13 +141,7 @@ class SecAggClientRound:
             raise self._abort("round opened twice")
         self.phase = ClientPhase.ABORTED
         participants = self._check_setup(payload)
-        levels = levels_for(len(self._directory), bits=self._config.bits)
-        quantizer = Quantizer(clip=self._config.clip, max_weight=self._config.max_weight,
-                              levels=levels)
-        dither = keystream(prg_key(os.urandom(32), self._base.info("dither", self.client_id)),
-                           update.delta.shape[0] + 1)
-        self._encoded = quantizer.encode(update.delta, float(update.weight), dither,
-                                         in_place=True)
+        self._encoded = self._encoding.encode(update, seed=shared_seed(self._base))
         self._participants = participants_digest(participants)
         self._members = frozenset(participants)
         c_public, s_public = public_bytes(self._c_key), public_bytes(self._s_key)
@@ -290,6 +286,7 @@ class SecAggClientRound:
             key = pairwise_mask_key(shared, scope=self._scope, first=self.client_id, second=peer)
             masks.append((key, 1 if self.client_id < peer else -1))
         add_masks(encoded, masks)  # in place: the quantized input becomes y_u
+        reduce(encoded, self._encoding.bits)
         self._encoded = None
         return SecAggMaskedInput(masked=encoded)
 
@@ -297,12 +294,14 @@ class SecAggClientRound:
         survivors = request.survivors
         alive = set(survivors)
         mine = [v for v in self._neighbours if v in alive]
+        cohort = self._encoding.check_cohort(len(alive))
         problems = [
             (list(survivors) != sorted(set(survivors)), "survivors not sorted and unique"),
             (self.client_id not in survivors, "this client is not among the survivors"),
             (not alive <= self._commitments.keys(), "unknown survivor"),
             (not set(mine) <= set(self._inbox), "a survivor whose shares never arrived"),
             (len(mine) < self._threshold, "fewer than t surviving neighbours"),
+            (cohort is not None, f"{cohort}"),
         ]
         for failed, why in problems:
             if failed:

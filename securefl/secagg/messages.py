@@ -138,7 +138,8 @@ class SecAggRelay(Message):
 
 @message
 class SecAggMaskedInput(Message):
-    """``y_u = q(x_u) + PRG(b_u) + sum_v +-PRG(s_uv) mod 2**32`` (``d + 1`` words)."""
+    """``y_u = q(x_u) + PRG(b_u) + sum_v +-PRG(s_uv) mod 2**b``: the encoding's words
+    (``d + 1`` uint32 by default; uint16 when ``b <= 16``)."""
 
     masked: np.ndarray
 

@@ -103,21 +103,23 @@ def keystream(key: bytes, count: int) -> np.ndarray:
 
 
 def add_masks(accumulator: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> None:
-    """``accumulator += sum_i sign_i * keystream(key_i)  (mod 2**32)``, in place.
+    """``accumulator += sum_i sign_i * keystream(key_i)  (mod 2**32)``, in place; on a uint16
+    accumulator the keystream is read as little-endian uint16 words, modulo ``2**16``.
 
     The streams are expanded one cache-sized block at a time, so each block of the
     accumulator is read and written while it sits in cache instead of once per stream.
     """
-    if accumulator.dtype != np.uint32 or accumulator.ndim != 1:
-        raise ValueError("the accumulator must be a 1-d uint32 array")
+    if accumulator.dtype not in (np.uint16, np.uint32) or accumulator.ndim != 1:
+        raise ValueError("the accumulator must be a 1-d uint32 or uint16 array")
+    width = accumulator.dtype.itemsize
     encryptors = [(_encryptor(key), sign) for key, sign in keys]
-    zeros = _ZEROS
-    buffer = bytearray(4 * _BLOCK_WORDS + 15)
-    words = np.frombuffer(buffer, dtype="<u4", count=_BLOCK_WORDS)
+    zeros = _ZEROS[:width * _BLOCK_WORDS]
+    buffer = bytearray(width * _BLOCK_WORDS + 15)
+    words = np.frombuffer(buffer, dtype=f"<u{width}", count=_BLOCK_WORDS)
     for start in range(0, accumulator.shape[0], _BLOCK_WORDS):
         block = accumulator[start:start + _BLOCK_WORDS]
         size = block.shape[0]
-        source = zeros if size == _BLOCK_WORDS else zeros[:4 * size]
+        source = zeros if size == _BLOCK_WORDS else zeros[:width * size]
         for encryptor, sign in encryptors:
             encryptor.update_into(source, buffer)
             if sign > 0:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securefl.config.secagg import SecAggConfig
 from securefl.engine.session import RoundContext
 from securefl.secagg.client import SecAggClientRound
+from securefl.secagg.encoding import Encoding
 from securefl.secagg.keys import KEY_BYTES, generate_identity, identity_public_bytes
 from securefl.secagg.scope import federation_id
 from securefl.secagg.server import SecAggServerRound
@@ -38,16 +39,20 @@ class SecAggServerProtection:
     name = "secagg"
     reveals_rows = False
 
-    def __init__(self, *, directory: Mapping[str, bytes], config: SecAggConfig) -> None:
+    def __init__(self, *, directory: Mapping[str, bytes], config: SecAggConfig,
+                 encoding: Encoding | None = None) -> None:
         config.validate()
         self.directory = _checked_directory(directory)
         self.config = config
-        self.federation = federation_id(self.directory, config)
+        self.encoding = encoding
+        self.federation = federation_id(self.directory, config,
+                                        encoding=getattr(encoding, "agreed", None))
 
     def server_round(self, *, round: int, dimension: int,
                      run: bytes | None = None) -> SecAggServerRound:
         return SecAggServerRound(round=round, dimension=dimension, directory=self.directory,
-                                 config=self.config, federation=self.federation, run=run)
+                                 config=self.config, federation=self.federation, run=run,
+                                 encoding=self.encoding)
 
 
 class SecAggClientProtection:
@@ -56,15 +61,18 @@ class SecAggClientProtection:
     name = "secagg"
 
     def __init__(self, *, client_id: str, identity: Ed25519PrivateKey,
-                 directory: Mapping[str, bytes], config: SecAggConfig) -> None:
+                 directory: Mapping[str, bytes], config: SecAggConfig,
+                 encoding: Encoding | None = None) -> None:
         config.validate()
         self.directory = _checked_directory(directory)
+        self.encoding = encoding
         if self.directory.get(client_id) != identity_public_bytes(identity):
             raise ValueError(f"the directory entry of {client_id!r} is not this identity's "
                              "public key")
         self.client_id = client_id
         self.config = config
-        self.federation = federation_id(self.directory, config)
+        self.federation = federation_id(self.directory, config,
+                                        encoding=getattr(encoding, "agreed", None))
         self._identity = identity
 
     def client_round(self, *, round: int, context: RoundContext) -> SecAggClientRound:
@@ -72,16 +80,19 @@ class SecAggClientProtection:
             raise ValueError(f"round {round} does not match its context's {context.round}")
         return SecAggClientRound(client_id=self.client_id, identity=self._identity,
                                  directory=self.directory, config=self.config,
-                                 federation=self.federation, context=context)
+                                 federation=self.federation, context=context,
+                                 encoding=self.encoding)
 
 
-def build_simulation(config: SecAggConfig, client_ids: Sequence[str],
+def build_simulation(config: SecAggConfig, client_ids: Sequence[str], *,
+                     encoding: Encoding | None = None,
                      ) -> tuple[SecAggServerProtection, dict[str, SecAggClientProtection]]:
-    """In-process deployment: a fresh Ed25519 identity per client and the public directory."""
+    """In-process deployment: a fresh Ed25519 identity per client and the public directory;
+    ``encoding`` replaces the default fixed-point one on every side (distributed DP)."""
     identities = {cid: generate_identity() for cid in client_ids}
     directory = {cid: identity_public_bytes(key) for cid, key in identities.items()}
-    server = SecAggServerProtection(directory=directory, config=config)
+    server = SecAggServerProtection(directory=directory, config=config, encoding=encoding)
     clients = {cid: SecAggClientProtection(client_id=cid, identity=key, directory=directory,
-                                           config=config)
+                                           config=config, encoding=encoding)
                for cid, key in identities.items()}
     return server, clients

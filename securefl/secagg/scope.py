@@ -2,9 +2,10 @@
 
 * **Federation id** ``F = SHA-256("securefl/secagg/federation/v1" || directory || config)``,
   with the identity directory as sorted ``(len || id || Ed25519 public key)`` entries and the
-  config fields every site must agree on (``clip``, ``max_weight``, ``bits``) as canonical
-  JSON.  Two federations that share identities but not their protection, or the reverse,
-  have different ids.
+  config fields every site must agree on (``clip``, ``max_weight``, ``bits``, and the
+  parameters of a non-default encoding: distributed DP's) as canonical JSON.  Two
+  federations that share identities but not their protection, or the reverse, have
+  different ids.
 * **Run id**: the 32 bytes the server announces in ``FitIns`` and each site pins in its
   :class:`~securefl.engine.session.ReleaseLog`.
 * **Round** number, and, once the commit-then-reveal of :mod:`securefl.secagg.graph` has
@@ -33,14 +34,18 @@ __all__ = ["Scope", "federation_id"]
 _ID_BYTES = 32
 
 
-def federation_id(directory: Mapping[str, bytes], config: SecAggConfig) -> bytes:
-    """``F`` of the module docstring, from what each party holds itself."""
+def federation_id(directory: Mapping[str, bytes], config: SecAggConfig, *,
+                  encoding: Mapping[str, object] | None = None) -> bytes:
+    """``F`` of the module docstring, from what each party holds itself; ``encoding``: the
+    parameters of a non-default encoding (distributed DP's), agreed on the same way."""
     digest = hashlib.sha256(b"securefl/secagg/federation/v1\x00")
     for client_id in sorted(directory):
         raw = client_id.encode()
         digest.update(struct.pack(">H", len(raw)) + raw + directory[client_id])
-    agreed = {"clip": float(config.clip), "max_weight": float(config.max_weight),
-              "bits": config.bits}
+    agreed: dict[str, object] = {"clip": float(config.clip),
+                                 "max_weight": float(config.max_weight), "bits": config.bits}
+    if encoding is not None:
+        agreed["encoding"] = dict(encoding)
     digest.update(json.dumps(agreed, sort_keys=True).encode())
     return digest.digest()
 

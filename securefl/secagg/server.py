@@ -13,8 +13,11 @@ Shamir shares held by the neighbourhood.  Before it asks anyone for a secret the
 checks that every client of ``U2`` keeps ``t`` neighbours among the clients that can reveal
 (those holding ``t`` neighbour signatures on ``U3``); otherwise the round aborts with no
 secret requested.  Every reconstruction is verified: ``b_u`` against ``H(b_u)`` from the
-signed advertisement, ``s_v^SK`` against ``s_v^PK``; a mismatch, like a decoded weight outside
-``(0, |U3| W]``, is an unattributable ProtocolAbort.
+signed advertisement, ``s_v^SK`` against ``s_v^PK``; a mismatch, like a sum the
+:class:`~securefl.secagg.encoding.Encoding` cannot decode (a weight outside ``(0, |U3| W]``),
+is an unattributable ProtocolAbort.  The sum is taken modulo the encoding's ``2**b``; a
+survivor set the encoding refuses (below distributed DP's minimum cohort) aborts the round
+before any consistency signature is requested.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from securefl.engine.messages import Message
 from securefl.engine.protection import Combined, WeightedSum
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
+from securefl.secagg.encoding import Encoding, FixedPoint, reduce, shared_seed, word_dtype
 from securefl.secagg.graph import auto_neighbours, degree, graph_seed, harary_graph, threshold_for
 from securefl.secagg.keys import (
     advert_body,
@@ -61,7 +65,6 @@ from securefl.secagg.messages import (
     pack,
 )
 from securefl.secagg.prg import add_masks
-from securefl.secagg.quantize import Quantizer, levels_for
 from securefl.secagg.scope import Scope
 
 __all__ = ["SecAggServerRound", "ServerPhase"]
@@ -94,7 +97,8 @@ class SecAggServerRound:
         return self.phase in (ServerPhase.UNMASK, ServerPhase.DONE)
 
     def __init__(self, *, round: int, dimension: int, directory: Mapping[str, bytes],
-                 config: SecAggConfig, federation: bytes, run: bytes | None = None) -> None:
+                 config: SecAggConfig, federation: bytes, run: bytes | None = None,
+                 encoding: Encoding | None = None) -> None:
         if dimension < 1:
             raise ValueError(f"dimension must be >= 1, got {dimension}")
         self._round, self._dimension = round, dimension
@@ -105,8 +109,9 @@ class SecAggServerRound:
         self._participants = b""
         self._graph: dict[str, tuple[str, ...]] = {}
         self._degree = self._threshold = 0
-        self._quantizer = Quantizer(clip=config.clip, max_weight=config.max_weight,
-                                    levels=levels_for(len(directory), bits=config.bits))
+        self._encoding = encoding or FixedPoint(config, num_sites=len(directory))
+        self._words = self._encoding.words(dimension)
+        self._dtype = word_dtype(self._encoding.bits)
         self._adverts: dict[str, SecAggAdvertise] = {}
         self._u1: tuple[str, ...] = ()
         self._shares: dict[str, Mapping[str, bytes]] = {}
@@ -267,13 +272,13 @@ class SecAggServerRound:
 
     # ------------------------------------------------------------------ 3 -> 4
     def _request_consistency(self, live: Mapping[str, Message]) -> Mapping[str, Message]:
-        total = np.zeros(self._dimension + 1, np.uint32)
+        total = np.zeros(self._words, self._dtype)
         survivors = []
         for cid in self._u2:
             msg = live.get(cid)
             if msg is None:
                 continue
-            if (not isinstance(msg, SecAggMaskedInput) or msg.masked.dtype != np.uint32
+            if (not isinstance(msg, SecAggMaskedInput) or msg.masked.dtype != self._dtype
                     or msg.masked.shape != total.shape):
                 self._reject(cid, "malformed SecAggMaskedInput")
                 continue
@@ -282,7 +287,10 @@ class SecAggServerRound:
         if len(survivors) < self._threshold or not survivors:
             raise ProtocolAbort.because(f"round {self._round}: {len(survivors)} masked inputs, "
                                         f"fewer than t = {self._threshold}")
-        self._u3, self._total = sorted(survivors), total
+        cohort = self._encoding.check_cohort(len(survivors))
+        if cohort is not None:
+            raise ProtocolAbort.because(f"round {self._round}: {cohort}; nothing is revealed")
+        self._u3, self._total = sorted(survivors), reduce(total, self._encoding.bits)
         self._require(self._u2, survivors, "masked input")
         self.phase = ServerPhase.CONSISTENCY
         return dict.fromkeys(self._u3, SecAggConsistency(survivors=tuple(self._u3)))
@@ -349,13 +357,15 @@ class SecAggServerRound:
                     masks.append((mask, -1 if peer < owner else 1))
         total = self._total
         add_masks(total, masks)
-        weighted, total_weight = self._quantizer.decode(total)
+        reduce(total, self._encoding.bits)
         self.phase = ServerPhase.DONE
-        self._total = np.zeros(0, np.uint32)
-        most = len(survivors) * (self._config.max_weight + self._quantizer.weight_step)
-        if not 0 < total_weight <= most:
-            raise ProtocolAbort.because(f"round {self._round}: decoded total weight "
-                                        f"{total_weight} outside (0, {most}]")
+        self._total = np.zeros(0, self._dtype)
+        try:
+            weighted, total_weight = self._encoding.decode(
+                total, seed=shared_seed(scope), survivors=len(survivors),
+                dimension=self._dimension)
+        except ValueError as exc:
+            raise ProtocolAbort.because(f"round {self._round}: {exc}") from None
         return WeightedSum(client_ids=tuple(survivors), total=weighted,
                            total_weight=total_weight, rejected=dict(self.rejected))
 

@@ -55,6 +55,8 @@ class Facts:
     secagg_min_neighbours: int = 2
     #: the run's aggregator, built once (None: a rule the registry does not know)
     aggregator: Aggregator | None = None
+    #: distributed DP: sites whose noise shares the calibration lets the adversary know
+    dp_colluding_sites: int = 0
 
 
 def _rule(rule: str, options: Mapping[str, Any]) -> Aggregator | None:
@@ -107,6 +109,7 @@ def facts(config: Any, *, deployment: str = "simulation",
         secagg_neighbours=getattr(secagg, "neighbours", "auto"),
         secagg_threshold=float(getattr(secagg, "threshold", 0.5)),
         secagg_min_neighbours=int(getattr(secagg, "min_neighbours", 2)),
+        dp_colluding_sites=int(getattr(privacy, "colluding_sites", 0)),
         deployment=deployment)
 
 
@@ -241,12 +244,26 @@ def differential_privacy(f: Facts, model: ThreatModel, modes: list[str]) -> tupl
                        f"adversaries; it needs mode {' or '.join(map(repr, modes))}")
     if (problem := _predictable_randomness(f)) is not None:
         return False, problem
+    if f.privacy_mode == "distributed":
+        return _distributed_dp(f, model)
     if f.privacy_mode == "dp_fedavg":
         return True, ("user-level DP-FedAvg: the released model is DP per site (the server "
                       "adds the noise, so it is not protected from the server itself)")
     randomness = ("CSPRNG sampling and noise" if f.deployment == "network"
                   or f.dp_secure_mode else "seeded sampling and noise (simulation)")
     return True, f"DP-SGD at every client ({randomness}): each update is DP per training example"
+
+
+def _distributed_dp(f: Facts, model: ThreatModel) -> tuple[bool, str]:
+    """Distributed Skellam DP (Agarwal et al. 2021): the server unmasks only the noisy sum, and
+    the noise holds while the colluders cannot subtract more shares than it was sized for."""
+    t = model.max_colluding(f.clients_per_round)
+    if t > f.dp_colluding_sites:
+        return False, (f"up to {t} sites may collude with the server and subtract their noise "
+                       f"shares, but [privacy] colluding_sites = {f.dp_colluding_sites}")
+    return True, ("distributed Skellam DP: each site adds its own CSPRNG share of integer noise "
+                  "before SecAgg+ masks it, so no party sees the sum without its noise; user-"
+                  "level ε per site while min_cohort sites survive (fewer: the round aborts)")
 
 
 def privacy_budget(f: Facts, model: ThreatModel, max_epsilon: float,
@@ -359,7 +376,7 @@ CONTROLS: dict[str, Control] = {
     "he_key_separation": Control(he_key_separation, {}),
     "collusion": Control(collusion, {}),
     "differential_privacy": Control(differential_privacy,
-                                    {"modes": _choices(("dp_sgd", "dp_fedavg"))}),
+                                    {"modes": _choices(("dp_sgd", "dp_fedavg", "distributed"))}),
     "privacy_budget": Control(privacy_budget, {"max_epsilon": _positive,
                                                "max_delta": _positive}),
     "robust_aggregation": Control(robust_aggregation, {}),

@@ -228,3 +228,28 @@ def test_a_ledger_of_the_round_keyed_schema_is_refused(tmp_path: Path) -> None:
     _execute(path, "UPDATE meta SET value = 'securefl-privacy-ledger/1' WHERE key = 'schema'")
     with pytest.raises(LedgerError, match="not per release"):
         PrivacyLedger(path, delta=DELTA)
+
+
+def test_a_schema_2_ledger_opens_as_schema_3_with_its_chain_intact(tmp_path):
+    """Ledgers written before Skellam events (no sensitivity columns) keep their spend: the
+    two columns are added on open and every old row still matches its digest."""
+    import sqlite3
+
+    from securefl.privacy.accounting import PrivacyEvent
+
+    path = tmp_path / "old.sqlite"
+    event = PrivacyEvent("dp_fedavg", 1.1, 1.0, 1)
+    with PrivacyLedger(path, delta=1e-5, budgets=50.0) as ledger:
+        before = [ledger.charge("site", event, round=r) for r in (1, 2)]
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE charges DROP COLUMN l1_sensitivity")
+    db.execute("ALTER TABLE charges DROP COLUMN l2_sensitivity")
+    db.execute("UPDATE meta SET value = 'securefl-privacy-ledger/2' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    with PrivacyLedger(path, delta=1e-5, budgets=50.0) as ledger:
+        assert [eps for _, eps in ledger.history("site")] == before
+        skellam = PrivacyEvent("skellam", 1.5, 1.0, 1, l1_sensitivity=9e4, l2_sensitivity=300.0)
+        assert ledger.charge("site", skellam, round=3) > before[-1]
+    with PrivacyLedger(path, delta=1e-5, budgets=50.0) as ledger:
+        assert ledger.events("site") == [event, event, skellam]

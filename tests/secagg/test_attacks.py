@@ -143,7 +143,7 @@ def test_attack2_the_quantizer_ignores_the_server_n():
     o = opened(ids, config=SecAggConfig(max_weight=100.0, bits="auto"))
     # L comes from the directory (6 sites): the server announcing 3 participants changes
     # nothing, so 6 sites at the clip can never wrap the 32-bit sum
-    assert o.protocol._quantizer.levels == (2**31 - 1) // 6
+    assert o.protocol._encoding.quantizer.levels == (2**31 - 1) // 6
 
 
 # ----------------------------------------------------------------------------- grinding

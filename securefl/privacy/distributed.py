@@ -1,0 +1,204 @@
+"""Distributed DP under secure aggregation: the distributed Skellam mechanism (Agarwal,
+Kairouz and Liu, NeurIPS 2021, Algorithm 1), run by every site before SecAgg+ masking.
+
+Per round, at each site ``i`` (:class:`SkellamEncoding`, the
+:class:`~securefl.secagg.encoding.Encoding` its SecAgg+ client masks with):
+
+1. clip: ``x_i <- x_i min(1, C / ||x_i||)`` (also done by the trainer; done again here, the
+   last step before anything leaves);
+2. rotate and scale: ``y_i = s R x_i`` (:mod:`securefl.privacy.rotation`, signs from the
+   round's public seed :func:`~securefl.secagg.encoding.shared_seed`), so ``||y_i|| <= s C``;
+3. conditional randomized rounding: ``r_i = floor(y_i) + Bernoulli(y_i - floor(y_i))``,
+   redrawn until ``||r_i|| <= Delta_2`` (:func:`~securefl.privacy.skellam.rounded_l2_bound`),
+   uniforms from the CSPRNG;
+4. noise share: ``r_i + Sk(mu / (n_min - k))`` per coordinate, ``n_min`` the minimum cohort
+   and ``k`` the tolerated colluding sites, drawn from the CSPRNG
+   (:func:`securefl.privacy.poisson.skellam`);
+5. wrap into ``Z_{2^b}`` and mask (SecAgg+).
+
+The server unmasks ``sum_i r_i + Sk(mu') mod 2^b`` with ``mu' >= mu`` whenever at least
+``n_min`` sites survive and at most ``k`` of them tell it their share, reads it as signed
+integers, un-rotates, divides by ``s``, and divides by the expected cohort ``m`` (the fixed
+denominator of DP-FedAvg, :class:`DistributedMean`) before the server optimizer.
+
+The scale ``s`` and ``mu`` (:class:`SkellamPlan`) follow from the config alone, so every
+site and the server compute the same ones: ``mu`` is the smallest variance whose RDP over
+the calibrated rounds meets ``target_epsilon``
+(:func:`~securefl.privacy.skellam.calibrate_variance`), and ``s`` the largest scale whose
+wrap-around probability bound stays below
+:data:`OVERFLOW` (:func:`~securefl.privacy.skellam.choose_scale`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from securefl.engine.protection import Combined, Update, WeightedSum
+from securefl.privacy.accounting import PrivacyEvent
+from securefl.privacy.poisson import skellam
+from securefl.privacy.randomness import SecureRandom
+from securefl.privacy.rotation import block_sizes, padded_dimension, rotate, unrotate
+from securefl.privacy.skellam import choose_scale, rounded_l1_bound, rounded_l2_bound
+from securefl.secagg.encoding import word_dtype
+
+__all__ = ["OVERFLOW", "DistributedMean", "DistributedSettings", "SkellamEncoding",
+           "SkellamPlan"]
+
+#: the bound on the probability that a round's noisy sum wraps somewhere (accuracy only:
+#: wrap-around is post-processing of the noisy sum and costs no privacy)
+OVERFLOW = 1e-6
+_MAX_ROUNDINGS = 200  # each draw fails with probability <= beta = 0.61: 200 fail w.p. 2^-140
+
+
+@dataclass(frozen=True)
+class SkellamPlan:
+    """The mechanism of one model size: ``s``, aggregate ``mu`` and the sensitivities in
+    integer units (``Delta_2`` after conditional rounding, ``Delta_1 <= min(Delta_2^2,
+    sqrt(D) Delta_2)``), over ``D`` rotated coordinates."""
+
+    dimension: int
+    padded: int
+    scale: float
+    variance: float
+    l1: float
+    l2: float
+    shares: int  # n_min - k: the noise shares the adversary cannot subtract
+    overflow: float
+
+    @property
+    def share_variance(self) -> float:
+        """Each site's ``Sk(mu / (n_min - k))``."""
+        return self.variance / self.shares
+
+    def event(self) -> PrivacyEvent:
+        """One round, as the ledger charges it: ``z = sqrt(mu) / Delta_2``."""
+        return PrivacyEvent("skellam", math.sqrt(self.variance) / self.l2, 1.0, 1,
+                            l1_sensitivity=self.l1, l2_sensitivity=self.l2)
+
+
+@dataclass(frozen=True)
+class DistributedSettings:
+    """What the config fixes; :meth:`plan` derives the rest for a model of ``d`` coordinates."""
+
+    target_epsilon: float
+    delta: float
+    steps: int  # rounds a site is calibrated to take part in
+    clip_norm: float
+    bits: int
+    expected_cohort: int
+    min_cohort: int
+    colluding_sites: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 32:
+            raise ValueError(f"bits must be in [2, 32], got {self.bits}")
+        if not 0 <= self.colluding_sites < self.min_cohort <= self.expected_cohort:
+            raise ValueError("need 0 <= colluding_sites < min_cohort <= expected_cohort, got "
+                             f"{self.colluding_sites}, {self.min_cohort}, "
+                             f"{self.expected_cohort}")
+
+    def plan(self, dimension: int) -> SkellamPlan:
+        return _plan(self, dimension)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(settings: DistributedSettings, dimension: int) -> SkellamPlan:
+    padded = padded_dimension(dimension)
+    scale, variance = choose_scale(
+        target_epsilon=settings.target_epsilon, delta=settings.delta, steps=settings.steps,
+        clip_norm=settings.clip_norm, cohort=settings.expected_cohort, dimension=padded,
+        smallest_block=block_sizes(dimension)[-1], bits=settings.bits, overflow=OVERFLOW)
+    l2 = rounded_l2_bound(scale * settings.clip_norm, dimension=padded)
+    return SkellamPlan(dimension=dimension, padded=padded, scale=scale, variance=variance,
+                       l1=rounded_l1_bound(l2, dimension=padded), l2=l2,
+                       shares=settings.min_cohort - settings.colluding_sites,
+                       overflow=OVERFLOW)
+
+
+class SkellamEncoding:
+    """Steps 1-5 of the module docstring as a SecAgg+ encoding (the same object on every
+    side: its parameters are public; the noise and rounding come from ``source``)."""
+
+    def __init__(self, settings: DistributedSettings, *,
+                 source: SecureRandom | None = None) -> None:
+        self.settings = settings
+        self.bits = settings.bits
+        self._dtype = word_dtype(settings.bits)
+        self._source = source or SecureRandom()
+
+    @property
+    def agreed(self) -> dict[str, object]:
+        """The settings every party must share; they enter the SecAgg+ federation id, so a
+        site configured for another epsilon or minimum cohort cannot join the round."""
+        return {"mechanism": "skellam/v1", **dataclasses.asdict(self.settings)}
+
+    def words(self, dimension: int) -> int:
+        return padded_dimension(dimension)
+
+    def check_cohort(self, survivors: int) -> str | None:
+        if survivors < self.settings.min_cohort:
+            return (f"{survivors} survivors, below the minimum cohort "
+                    f"{self.settings.min_cohort} that distributed DP's noise is calibrated for")
+        return None
+
+    def round_to_integers(self, rotated: np.ndarray, bound: float) -> np.ndarray:
+        """Conditional randomized rounding: redraw ``floor(y) + [u < y - floor(y)]`` until its
+        norm is at most ``bound`` (Kairouz, Liu and Steinke 2021, section 4.1)."""
+        floor = np.floor(rotated)
+        fraction = rotated - floor
+        for _ in range(_MAX_ROUNDINGS):
+            rounded = floor + (self._source.uniform(rotated.size) < fraction)
+            if float(np.dot(rounded, rounded)) <= bound * bound:
+                return rounded.astype(np.int64)
+        raise RuntimeError("conditional rounding did not meet its norm bound")
+
+    def integers(self, delta: np.ndarray, *, seed: bytes) -> np.ndarray:
+        """Steps 1-3: the clipped, rotated, scaled update rounded to integers (norm <= Delta_2)."""
+        if delta.ndim != 1 or not np.isfinite(delta).all():
+            raise ValueError("update must be a finite 1-d vector")
+        plan = self.settings.plan(delta.shape[0])
+        vector = delta.astype(np.float64)
+        norm = float(np.linalg.norm(vector))
+        if norm > self.settings.clip_norm:
+            vector *= self.settings.clip_norm / norm
+        return self.round_to_integers(rotate(vector, seed=seed) * plan.scale, plan.l2)
+
+    def noise_share(self, dimension: int) -> np.ndarray:
+        """Step 4: this site's ``Sk(mu / (n_min - k))`` for every rotated coordinate."""
+        plan = self.settings.plan(dimension)
+        return skellam(plan.share_variance, plan.padded, source=self._source)
+
+    def encode(self, update: Update, *, seed: bytes) -> np.ndarray:
+        """Steps 1-4, wrapped into ``Z_{2^b}`` (step 5's masking is SecAgg+'s)."""
+        noisy = (self.integers(update.delta, seed=seed)
+                 + self.noise_share(update.delta.shape[0]))
+        return (noisy & ((1 << self.bits) - 1)).astype(self._dtype)
+
+    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,
+               dimension: int) -> tuple[np.ndarray, float]:
+        """The signed reading of ``total mod 2^b`` in ``[-2^(b-1), 2^(b-1))``, un-rotated and
+        unscaled; the weight is the survivor count (each site has weight 1)."""
+        words = total.astype(np.int64)
+        words[words >= 1 << (self.bits - 1)] -= 1 << self.bits
+        plan = self.settings.plan(dimension)
+        return unrotate(words / plan.scale, seed=seed, dimension=dimension), float(survivors)
+
+
+class DistributedMean:
+    """Server hook: the unmasked noisy sum over the fixed denominator ``m`` (the expected
+    cohort), as DP-FedAvg divides (McMahan et al., ICLR 2018); the noise is already in it."""
+
+    def __init__(self, *, expected_cohort: int) -> None:
+        self.expected_cohort = expected_cohort
+
+    def transform_combined(self, combined: Combined, *, round: int,
+                           rng: np.random.Generator) -> WeightedSum:
+        if not isinstance(combined, WeightedSum):
+            raise TypeError("distributed DP needs the sum that secure aggregation reveals")
+        return WeightedSum(combined.client_ids, combined.total, float(self.expected_cohort),
+                           combined.rejected)
