@@ -55,7 +55,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["digits", "breast_cancer", "mnist", "mnist5k", "fashion_mnist", "cifar10",
-                     "synthetic", "csv", "npz", "image_folder", "python"] = "digits"
+                     "synthetic", "csv", "parquet", "npz", "image_folder", "python"] = "digits"
     path: str | None = None
     #: a site's own files (csv, npz, image_folder): see :mod:`securefl.data.files`
     test_path: str | None = None
@@ -85,10 +85,13 @@ class DataConfig:
         check(self.min_examples >= 1, "min_examples", f"must be >= 1, got {self.min_examples}")
         check(self.dataset not in ("mnist", "fashion_mnist", "cifar10") or bool(self.path),
               "path", f"is required for dataset {self.dataset!r} (a local folder)")
-        check(self.dataset not in ("csv", "npz", "image_folder") or bool(self.path), "path",
+        check(self.dataset not in ("csv", "parquet", "npz", "image_folder") or bool(self.path),
+              "path",
               f"is required for dataset {self.dataset!r} (the site's own file or folder)")
-        check(self.partition != "files" or self.dataset in ("csv", "npz", "image_folder"),
-              "partition", "= \"files\" needs dataset = \"csv\", \"npz\" or \"image_folder\"")
+        check(self.partition != "files" or self.dataset in ("csv", "parquet", "npz",
+                                                            "image_folder"),
+              "partition", "= \"files\" needs dataset = \"csv\", \"parquet\", \"npz\" or "
+              "\"image_folder\"")
         check(self.num_classes is None or self.num_classes >= 2, "num_classes",
               f"must be >= 2, got {self.num_classes}")
 
@@ -321,7 +324,7 @@ def _resolve_paths(config: Config, folder: Path) -> Config:
     def absolute(value: str | None) -> str | None:
         return None if value is None else str((folder / value).resolve())
 
-    if config.data.dataset in ("csv", "npz", "image_folder"):
+    if config.data.dataset in ("csv", "parquet", "npz", "image_folder"):
         config = config.replace(data__path=absolute(config.data.path),
                                 data__test_path=absolute(config.data.test_path))
     if config.model.name == "factory":
