@@ -46,6 +46,8 @@ class RunConfig:
     rounds: int = 20
     seed: int = 0
     threat_model: str | None = None
+    #: where local training runs: "cpu", "cuda" or "auto" (securefl.device)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     def validate(self) -> None:
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")

@@ -21,6 +21,7 @@ import torch
 from securefl.aggregation import Aggregator, min_clients
 from securefl.config import Config, load_config
 from securefl.data import Dataset, FederatedData, federate
+from securefl.device import select_device
 from securefl.engine.client import Client, UpdateHook
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.optim import build_server_optimizer
@@ -102,7 +103,8 @@ def local_trainer(config: Config, data: FederatedData, client_id: str, *,
         shard.train,
         shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
         momentum=c.momentum, weight_decay=c.weight_decay,
-        seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+        seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]),
+        device=select_device(config.run.device))
 
 
 def central_evaluator(config: Config, data: FederatedData, *,
@@ -243,7 +245,8 @@ def root_trainer(config: Config, data: FederatedData, *, count: int,
                       own=model)
     return LocalTrainer(net, root, root.subset(np.arange(0)), epochs=c.epochs,
                         batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
-                        momentum=c.momentum, weight_decay=c.weight_decay, seed=config.run.seed)
+                        momentum=c.momentum, weight_decay=c.weight_decay, seed=config.run.seed,
+                        device=select_device(config.run.device))
 
 
 @dataclass
@@ -305,7 +308,8 @@ def save_final_model(run_dir: Path, config: Config, evaluator: TestSetEvaluator,
     """``model.safetensors``: the final state dict, loadable with no code executed."""
     unflatten(evaluator.model, parameters, evaluator.layout)
     return save_model(run_dir / "model.safetensors",
-                      {k: v.detach().numpy() for k, v in evaluator.model.state_dict().items()},
+                      {k: v.detach().cpu().numpy()
+                       for k, v in evaluator.model.state_dict().items()},
                       metadata={"format": "pt-state-dict", "model": config.model.name})
 
 # ----------------------------------------------------------------------------- CLI

@@ -61,21 +61,26 @@ class LocalTrainer:
     """Mini-batch SGD/Adam for ``epochs`` passes over the client's training split.
 
     Batches are drawn by shuffling with the trainer's own ``torch.Generator`` (seeded per
-    client), so runs are reproducible without touching the global RNG.  The weight of the
-    update is the number of training examples (FedAvg weighting).
+    client, on the CPU whatever the ``device``), so runs are reproducible without touching
+    the global RNG.  ``device`` holds the model and the data (:mod:`securefl.device`).  The
+    weight of the update is the number of training examples (FedAvg weighting).
     """
 
     def __init__(self, model: nn.Module, train: Dataset, val: Dataset, *, epochs: int,
                  batch_size: int, lr: float, optimizer: str = "sgd", momentum: float = 0.0,
-                 weight_decay: float = 0.0, seed: int) -> None:
+                 weight_decay: float = 0.0, seed: int,
+                 device: torch.device | str = "cpu") -> None:
         if len(train) == 0:
             raise ValueError("a client needs at least one training example")
-        self.model = model
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.layout = Layout.of(model)
-        self.features = torch.from_numpy(np.ascontiguousarray(train.features))
-        self.labels = torch.from_numpy(np.ascontiguousarray(train.labels))
-        self.val_features = torch.from_numpy(np.ascontiguousarray(val.features))
-        self.val_labels = torch.from_numpy(np.ascontiguousarray(val.labels))
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+        self.features, self.labels = tensor(train.features), tensor(train.labels)
+        self.val_features, self.val_labels = tensor(val.features), tensor(val.labels)
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
         self.generator = torch.Generator().manual_seed(seed)
@@ -98,7 +103,7 @@ class LocalTrainer:
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, self.batch_size):
-                batch = order[start:start + self.batch_size]
+                batch = order[start:start + self.batch_size].to(self.device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(self.model(self.features[batch]),
                                                    self.labels[batch])

@@ -126,7 +126,7 @@ class DPSGDTrainer:
             criterion=nn.CrossEntropyLoss(), data_loader=loader,
             noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             poisson_sampling=False,  # the loader above already samples, with our generator
-            noise_generator=base.generator, grad_sample_mode=grad_sample_mode)
+            noise_generator=_noise_generator(base), grad_sample_mode=grad_sample_mode)
         _WRAPPED.add(base.model)
         if grad_sample_mode == "ghost":
             self.module, self.optimizer, self.criterion, self.loader = made
@@ -186,12 +186,21 @@ class DPSGDTrainer:
         return self.base.evaluate(parameters)
 
 
+def _noise_generator(base: Any) -> torch.Generator:
+    """The seeded noise generator (``secure_mode = false``): the trainer's own on the CPU;
+    on a GPU, where torch draws from a generator of that device, one seeded alike."""
+    device = getattr(base, "device", torch.device("cpu"))
+    if device.type == "cpu":
+        return cast(torch.Generator, base.generator)
+    return torch.Generator(device=device).manual_seed(base.generator.initial_seed())
+
+
 class _Examples(TensorDataset):
     """Fetches a whole Poisson batch with one indexing operation instead of per example."""
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return tuple(tensor[index] for tensor in self.tensors)
+        return tuple(tensor[index.to(tensor.device)] for tensor in self.tensors)
 
 
 def _as_batch(batch: Any) -> tuple[torch.Tensor, ...]:

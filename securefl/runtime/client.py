@@ -38,11 +38,11 @@ from securefl.engine.trainer import RoundRewind, Trainer
 from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
 from securefl.experiment import local_trainer
+from securefl.provenance import site_provenance
+from securefl.rundir import write_json
 from securefl.runtime.config import NetworkConfig
 from securefl.runtime.deploy import load_deployment, load_identity, site_protection
 from securefl.runtime.evidence import Countersign, SiteWitness
-from securefl.provenance import site_provenance
-from securefl.rundir import write_json
 from securefl.runtime.manifest import (
     Manifest,
     ManifestError,

@@ -48,10 +48,10 @@ from securefl.engine.transport import Transport
 from securefl.errors import ConfigError, RunFailed
 from securefl.experiment import build_server, central_evaluator, save_final_model
 from securefl.output import plot_accuracy
+from securefl.provenance import server_provenance
 from securefl.rundir import append_jsonl, atomic_write, write_json
 from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
-from securefl.provenance import server_provenance
 from securefl.runtime.deploy import identity_directory, load_deployment, server_protection
 from securefl.runtime.evidence import collect_countersignatures, statement
 from securefl.runtime.manifest import difference, manifest_of

@@ -93,7 +93,7 @@ def test_received_manifests_are_bounded_before_use():
         read_manifest(good + b"\0" * MAX_MANIFEST_BYTES, sender="beta")
     with pytest.raises(ManifestError, match=r"^beta sent no readable manifest"):
         read_manifest(b"\x80\x04\x95pickle", sender="beta")
-    with pytest.raises(ManifestError, match="no readable manifest.*expected Manifest"):
+    with pytest.raises(ManifestError, match=r"no readable manifest.*expected Manifest"):
         read_manifest(encode(fit()), sender="beta")
     many = Manifest(layout=[("w", (1,), "torch.float32")] * (MAX_PARAMETERS + 1), settings={})
     with pytest.raises(ManifestError, match=f"lists {MAX_PARAMETERS + 1} parameters"):
