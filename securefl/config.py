@@ -102,8 +102,9 @@ class DataConfig:
 class ModelConfig:
     """A built-in model (``name``), or the site's own: ``factory = "package.module:function"``
     (``name`` becomes ``"factory"``; ``path`` is the folder put first on the import path,
-    by default the config file's), or ``name = "python"`` for a module given as a Python
-    object through :mod:`securefl.own`, whose ``factory`` then records its class."""
+    by default the config file's, for ``[client] loss`` and ``step`` too), or
+    ``name = "python"`` for a module given as a Python object through :mod:`securefl.own`,
+    whose ``factory`` then records its class."""
 
     name: Literal["logistic", "mlp", "cnn", "factory", "python"] = "mlp"
     hidden: tuple[int, ...] = (64,)
@@ -121,10 +122,15 @@ class ModelConfig:
         check(self.factory is None or self.name in ("factory", "python"), "factory",
               f"and name = {self.name!r} both given; give one")
         if self.name == "factory":
-            module, _, attr = str(self.factory).partition(":")
-            check(bool(module) and bool(attr) and all(
-                p.isidentifier() for p in (*module.split("."), *attr.split("."))), "factory",
-                f"must be \"package.module:function\", got {self.factory!r}")
+            check(_import_path(str(self.factory)), "factory",
+                  f"must be \"package.module:function\", got {self.factory!r}")
+
+
+def _import_path(spec: str) -> bool:
+    """Whether ``spec`` reads ``"package.module:function"`` (dotted identifiers)."""
+    module, _, attr = spec.partition(":")
+    return bool(module) and bool(attr) and all(
+        p.isidentifier() for p in (*module.split("."), *attr.split(".")))
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,15 @@ class ClientConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    #: a site's own loss and training step, "package.module:function" (securefl.objective)
+    loss: str | None = None
+    step: str | None = None
 
     def validate(self) -> None:
+        for name in ("loss", "step"):
+            spec = getattr(self, name)
+            check(spec is None or spec.startswith("python:") or _import_path(spec), name,
+                  f"must be \"package.module:function\", got {spec!r}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -322,13 +335,13 @@ def load_config(path: str | Path) -> Config:
 
 def _resolve_paths(config: Config, folder: Path) -> Config:
     """A site's own files resolve from the config file's folder, as does the folder put on
-    the import path for ``[model] factory``."""
+    the import path for ``[model] factory`` and ``[client] loss`` / ``step``."""
     def absolute(value: str | None) -> str | None:
         return None if value is None else str((folder / value).resolve())
 
     if config.data.dataset in ("csv", "parquet", "npz", "image_folder"):
         config = config.replace(data__path=absolute(config.data.path),
                                 data__test_path=absolute(config.data.test_path))
-    if config.model.name == "factory":
+    if config.model.name == "factory" or config.client.loss or config.client.step:
         config = config.replace(model__path=absolute(config.model.path or "."))
     return config

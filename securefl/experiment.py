@@ -38,6 +38,8 @@ from securefl.engine.trainer import (
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import OwnModel, build_model
+from securefl.objective import Objective
+from securefl.objective import objective as resolve
 from securefl.output import failure, plot_accuracy, run_directory, summary
 from securefl.params import Layout, flatten, unflatten
 from securefl.protections import build_protection
@@ -91,10 +93,12 @@ class Simulation:
 
 
 def local_trainer(config: Config, data: FederatedData, client_id: str, *,
-                  model: OwnModel | None = None) -> LocalTrainer:
+                  model: OwnModel | None = None,
+                  objective: Objective | None = None) -> LocalTrainer:
     """``client_id``'s trainer.  Simulation and deployment derive its seed the same way, from
     ``(seed, the client's index)``, so a networked run reproduces a simulated one.
-    ``model``: the site's own (:func:`securefl.models.own_model`) instead of ``[model]``."""
+    ``model``: the site's own (:func:`securefl.models.own_model`) instead of ``[model]``;
+    ``objective``: its own loss and step (default: ``[client] loss`` and ``step``)."""
     seed, c = config.run.seed, config.client
     index = list(data.clients).index(client_id)
     shard = data.clients[client_id]
@@ -104,7 +108,7 @@ def local_trainer(config: Config, data: FederatedData, client_id: str, *,
         shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
         momentum=c.momentum, weight_decay=c.weight_decay,
         seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]),
-        device=select_device(config.run.device))
+        device=select_device(config.run.device), objective=objective or resolve(config))
 
 
 def central_evaluator(config: Config, data: FederatedData, *,
@@ -120,7 +124,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
                  root_data: FederatedData | None = None,
                  evaluator: TestSetEvaluator | None = None,
                  run_id: bytes | None = None,
-                 model: OwnModel | None = None) -> tuple[Server, TestSetEvaluator]:
+                 model: OwnModel | None = None,
+                 objective: Objective | None = None) -> tuple[Server, TestSetEvaluator]:
     """The round loop and the central evaluator, as both simulation and deployment build it.
 
     The initial model comes from ``[run] seed`` (``evaluator``: one already made by
@@ -135,7 +140,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
     reference = None
     if getattr(aggregator, "needs_reference", False):
         root = root_trainer(config, root_data or data,
-                            count=getattr(aggregator, "root_examples", 100), model=model)
+                            count=getattr(aggregator, "root_examples", 100), model=model,
+                            objective=objective)
         reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
     optimizer = build_server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum,
                                        beta1=s.beta1, beta2=s.beta2, tau=s.tau)
@@ -169,14 +175,16 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                      client_hooks: Mapping[str, Sequence[UpdateHook]] | None = None,
                      schedule: DropSchedule | None = None,
                      root_data: FederatedData | None = None,
-                     model: OwnModel | None = None) -> Simulation:
+                     model: OwnModel | None = None,
+                     objective: Objective | None = None) -> Simulation:
     """Assemble an in-process federation from ``config`` (nothing runs yet).
 
     ``data`` replaces the configured dataset (e.g. with poisoned client shards; then pass
     the clean one as ``root_data`` for the server's FLTrust root set);
     ``server_hooks`` and ``client_hooks`` inject attacks or defenses; ``schedule`` drops
     clients deterministically (see :class:`InProcessTransport`); ``model`` is the users'
-    own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``.
+    own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``, and
+    ``objective`` its own loss and training step (:mod:`securefl.objective`).
     """
     data = data if data is not None else federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
@@ -190,7 +198,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
         if privacy is not None:
             hooks.extend(privacy.server_hooks)
 
-    local = {cid: local_trainer(config, data, cid, model=model) for cid in ids}
+    local = {cid: local_trainer(config, data, cid, model=model, objective=objective)
+             for cid in ids}
     server_protection, client_protections = build_protection(config, ids,
                                                              layout=local[ids[0]].layout)
     trainers: dict[str, Trainer] = {}
@@ -210,7 +219,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                    dropout=sim_cfg.dropout, schedule=schedule,
                                    seed=config.run.seed)
     server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks,
-                                     root_data=root_data, model=model)
+                                     root_data=root_data, model=model, objective=objective)
     if privacy is not None and privacy.sampling_seed is not None:
         server.seed = privacy.sampling_seed  # DP-FedAvg's secret sample: not from the config
     view = None
@@ -228,7 +237,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
 
 
 def root_trainer(config: Config, data: FederatedData, *, count: int,
-                 model: OwnModel | None = None) -> LocalTrainer:
+                 model: OwnModel | None = None,
+                 objective: Objective | None = None) -> LocalTrainer:
     """A trainer on the server's small clean root dataset (FLTrust, Cao et al. 2021).
 
     In simulation the root set is ``count`` examples drawn, with a seeded RNG, from the
@@ -246,7 +256,8 @@ def root_trainer(config: Config, data: FederatedData, *, count: int,
     return LocalTrainer(net, root, root.subset(np.arange(0)), epochs=c.epochs,
                         batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
                         momentum=c.momentum, weight_decay=c.weight_decay, seed=config.run.seed,
-                        device=select_device(config.run.device))
+                        device=select_device(config.run.device),
+                        objective=objective or resolve(config))
 
 
 @dataclass

@@ -5,6 +5,8 @@
   parameter, in :class:`~securefl.params.Layout` order) with ``layout_sha256``, the SHA-256
   of that layout's canonical JSON.  Two parties with the same hash flatten to the same
   vector.
+* ``training``: the loss and the training step (``[client] loss`` / ``step`` by import
+  path, ``python:<name>`` for Python objects, or the built-ins).
 * ``data``: the source, the files read (name, rows, SHA-256 of their bytes), and for each
   client and the test set the row count and a SHA-256 of the converted arrays
   (:func:`securefl.data.own.fingerprint`), so a later reader can check which rows trained.
@@ -49,6 +51,13 @@ def _model(config: Config, model: nn.Module) -> dict[str, Any]:
             "layout_sha256": digest, "layout": layout}
 
 
+def _training(config: Config) -> dict[str, str]:
+    """The loss and step that trained (``[client] loss`` / ``step``, or the built-ins)."""
+    c = config.client
+    return {"loss": c.loss or "built-in cross-entropy",
+            "step": c.step or "built-in loss(model(features), labels)"}
+
+
 def _files(records: Any) -> list[dict[str, Any]]:
     return [{"name": f.name, "rows": f.rows, "sha256": f.sha256} for f in records]
 
@@ -61,7 +70,7 @@ def _data(config: Config, data: FederatedData) -> dict[str, Any]:
 def provenance(config: Config, data: FederatedData, model: nn.Module) -> dict[str, Any]:
     """A simulation's record: the model, every file read, every client and the test set."""
     return {
-        "model": _model(config, model),
+        "model": _model(config, model), "training": _training(config),
         "data": {
             **_data(config, data), "files": _files(data.files),
             "clients": {cid: {"train_rows": len(d.train), "val_rows": len(d.val),
@@ -91,7 +100,7 @@ def site_provenance(config: Config, data: FederatedData, shard: str, model: nn.M
     """A site's record: the model and the shard ``shard`` it trains on (train and
     validation rows with their fingerprints), and the files it read."""
     mine = data.clients[shard]
-    return {"model": _model(config, model),
+    return {"model": _model(config, model), "training": _training(config),
             "data": {**_data(config, data), "files": _files(data.files), "shard": shard,
                      "train_rows": len(mine.train), "train_sha256": fingerprint(mine.train),
                      "val_rows": len(mine.val), "val_sha256": fingerprint(mine.val)}}

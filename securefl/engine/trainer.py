@@ -12,6 +12,7 @@ from torch import nn
 
 from securefl.data import Dataset
 from securefl.engine.protection import Update
+from securefl.objective import Objective, scalar
 from securefl.params import Layout, flatten, unflatten
 
 __all__ = ["LocalTrainer", "RoundRewind", "Trainer", "evaluate_model", "torch_threads"]
@@ -62,16 +63,18 @@ class LocalTrainer:
 
     Batches are drawn by shuffling with the trainer's own ``torch.Generator`` (seeded per
     client, on the CPU whatever the ``device``), so runs are reproducible without touching
-    the global RNG.  ``device`` holds the model and the data (:mod:`securefl.device`).  The
-    weight of the update is the number of training examples (FedAvg weighting).
+    the global RNG.  ``device`` holds the model and the data (:mod:`securefl.device`);
+    ``objective`` is the loss and step (:mod:`securefl.objective`; cross-entropy by default).
+    The weight of the update is the number of training examples (FedAvg weighting).
     """
 
     def __init__(self, model: nn.Module, train: Dataset, val: Dataset, *, epochs: int,
                  batch_size: int, lr: float, optimizer: str = "sgd", momentum: float = 0.0,
                  weight_decay: float = 0.0, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", objective: Objective | None = None) -> None:
         if len(train) == 0:
             raise ValueError("a client needs at least one training example")
+        self.objective = objective or Objective()
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.layout = Layout.of(model)
@@ -105,8 +108,8 @@ class LocalTrainer:
             for start in range(0, n, self.batch_size):
                 batch = order[start:start + self.batch_size].to(self.device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(self.model(self.features[batch]),
-                                                   self.labels[batch])
+                loss = scalar(self.objective.step(self.model, self.features[batch],
+                                                  self.labels[batch], self.objective.loss))
                 loss.backward()
                 optimizer.step()
                 loss_sum += loss.item()

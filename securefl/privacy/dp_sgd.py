@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from securefl.engine.protection import Update
 from securefl.errors import ConfigError
+from securefl.objective import Objective, check_per_example, reduction, scalar
 from securefl.params import Layout, flatten, unflatten
 from securefl.privacy.accounting import PrivacyEvent
 from securefl.privacy.ledger import PrivacyLedger
@@ -104,6 +105,13 @@ class DPSGDTrainer:
             raise ValueError(f"the model of {client_id!r} is already wrapped for DP-SGD; wrap "
                              f"each client once and reuse the trainer across rounds")
         base.model = make_compatible(base.model, fix=fix_model)
+        chosen = getattr(base, "objective", Objective())
+        if chosen.custom:
+            if grad_sample_mode == "ghost":
+                raise ConfigError("[privacy] grad_sample_mode = \"ghost\" wraps Opacus's own "
+                                  "loss; a custom loss or step needs \"hooks\" (or "
+                                  "\"functorch\")")
+            check_per_example(chosen, base.model, base.features, base.labels)
         self.base, self.client_id, self.ledger = base, client_id, ledger
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.grad_sample_mode = grad_sample_mode
@@ -123,7 +131,9 @@ class DPSGDTrainer:
                 steps=len(seeded), source=source))
         made = self.engine.make_private(
             module=base.model, optimizer=base.make_optimizer(base.model.parameters()),
-            criterion=nn.CrossEntropyLoss(), data_loader=loader,
+            # a fresh CrossEntropyLoss by default: ghost clipping rewrites its reduction
+            criterion=chosen.loss if chosen.custom else nn.CrossEntropyLoss(),
+            loss_reduction=reduction(chosen.loss), data_loader=loader,
             noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             poisson_sampling=False,  # the loader above already samples, with our generator
             noise_generator=_noise_generator(base), grad_sample_mode=grad_sample_mode)
@@ -132,7 +142,8 @@ class DPSGDTrainer:
             self.module, self.optimizer, self.criterion, self.loader = made
         else:
             self.module, self.optimizer, self.loader = made
-            self.criterion = nn.CrossEntropyLoss()
+            self.criterion = chosen.loss
+        self.step, self.custom = chosen.step, chosen.custom
         if secure_mode:
             use_secure_noise(self.optimizer, source)
         self.module.forbid_grad_accumulation()
@@ -170,7 +181,9 @@ class DPSGDTrainer:
             for _ in range(base.epochs):
                 for features, labels in self.loader:
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.criterion(self.module(features), labels).backward()
+                    loss = self.step(self.module, features, labels, self.criterion)
+                    # ghost clipping's loss is Opacus's own wrapper, not a plain tensor
+                    (scalar(loss) if self.custom else loss).backward()
                     # noise is added, and the step accounted, on an empty Poisson batch too
                     self.optimizer.step()
         delta = (flatten(base.model) - parameters).astype(np.float32)
