@@ -24,6 +24,7 @@ from securefl.runtime.manifest import (
 )
 from securefl.runtime.transport import GrpcTransport
 from tests.runtime.conftest import federation, network
+from tests.runtime.test_federation import deployment as deployment  # a fixture
 
 DP = {"privacy": {"mode": "dp_sgd", "target_epsilon": 8.0, "delta": 1e-3},
       "protection": {"kind": "secagg", "secagg": {"clip": 1.0, "max_weight": 1000.0}}}
@@ -190,3 +191,43 @@ def test_a_site_refuses_an_unreadable_announcement(certs, caplog, monkeypatch):
     assert handler.requests == []
     assert any("the server sent no readable manifest (not a securefl message)" in r.getMessage()
                for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_serve_refuses_a_misconfigured_site_and_trains_with_the_others(deployment, tmp_path,
+                                                                       caplog):
+    """``securefl server``/``client`` code: a site whose config names another model is
+    refused at hello, before round 1, and never trains; the others federate."""
+    import threading
+
+    from securefl.runtime.client import build_site_client
+    from securefl.runtime.server import serve
+    from tests.runtime.test_federation import SITES, make_config
+
+    caplog.set_level(logging.INFO, logger="securefl")
+    config = make_config(deployment, tmp_path, rounds=1, min_connected=4)
+    odd = "client-4"
+    codes: dict[str, int] = {}
+    threads = []
+    for site in SITES:
+        own = config.replace(network__client_state_dir=str(tmp_path / "sites" / site))
+        if site == odd:
+            own = own.replace(model__name="mlp")
+        client = build_site_client(own, site)
+        thread = threading.Thread(target=lambda s=site, c=client: codes.__setitem__(s, c.run()),
+                                  daemon=True)
+        thread.start()
+        threads.append(thread)
+    try:
+        result = serve(config)
+    finally:
+        for thread in threads:
+            thread.join(30)
+    assert codes == {**{s: 0 for s in SITES if s != odd}, odd: 1}
+    (record,) = result.history.rounds
+    assert sorted(record.clients) == [s for s in SITES if s != odd]
+    assert record.dropped[odd] == "not connected"
+    refusal = next(r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith(f"refused connection from {odd}"))
+    assert (f"{odd} and the server disagree: model parameter '1.weight' has shape [10, 64] "
+            f"at the server, [64, 64] at {odd}") in refusal
