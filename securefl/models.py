@@ -14,6 +14,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -104,7 +105,8 @@ def initialise(model: nn.Module, generator: torch.Generator) -> None:
 def import_factory(config: ModelConfig) -> Callable[..., nn.Module]:
     """Resolve ``[model] factory = "package.module:function"`` like any import, with
     ``[model] path`` (the config file's folder) searched first."""
-    return import_callable(str(config.factory), config.path, field="[model] factory")
+    factory = import_callable(str(config.factory), config.path, field="[model] factory")
+    return cast(Callable[..., nn.Module], factory)  # own_model checks what it returns
 
 
 def import_callable(spec: str, path: str | None, *, field: str) -> Callable[..., object]:
