@@ -1,7 +1,10 @@
 """A site's side of the runtime: dial out to the server, answer with the engine Client.
 
 The site opens one bidirectional stream and sends a hello naming its site (the server checks
-it against the site's certificate).  It then handles each request frame with
+it against the site's certificate) and carrying its
+:class:`~securefl.runtime.manifest.Manifest` (model layout, shared protection and privacy
+settings).  The stream's first frame from the server must be the server's own manifest,
+equal to the site's; otherwise the site answers nothing and exits (:class:`Disagreement`).  It then handles each request frame with
 ``handler.handle(message, round=...)`` and streams the reply back under the request's round
 and sequence number.  A handler failure is reported at once as an error frame, so the server
 drops the site from that exchange instead of waiting for the deadline.  When the stream
@@ -282,8 +285,8 @@ def _build(config: Config, site: str, *,
     initialisation and the trainer's seed are derived exactly as in the in-process
     simulation, so a networked run reproduces a simulated one.  Returns the client, the
     site's privacy ledger (``None`` without privacy accounting) and its manifest for the
-    hello check; the site's ``provenance.json`` (its model and the shard it trains on) is
-    written to its state directory.
+    hello check; the site's ``provenance-<site>.json`` (its model and the shard it trains
+    on) is written to its state directory.
     """
     seed = config.run.seed
     data = federate(config.data, seed=seed)
