@@ -4,13 +4,13 @@ The site opens one bidirectional stream and sends a hello naming its site (the s
 it against the site's certificate) and carrying its
 :class:`~securefl.runtime.manifest.Manifest` (model layout, shared protection and privacy
 settings).  The stream's first frame from the server must be the server's own manifest,
-equal to the site's; otherwise the site answers nothing and exits (:class:`Disagreement`).  It then handles each request frame with
-``handler.handle(message, round=...)`` and streams the reply back under the request's round
-and sequence number.  A handler failure is reported at once as an error frame, so the server
-drops the site from that exchange instead of waiting for the deadline.  When the stream
-breaks (server restart, network), the site reconnects with exponential backoff for up to
-``reconnect_timeout`` seconds, keeping its state (keys, privacy ledger, trainer) in memory;
-a ``CLOSE`` frame ends the process cleanly.
+equal to the site's; otherwise the site answers nothing and exits (:class:`Disagreement`).
+It then handles each request frame with ``handler.handle(message, round=...)`` and streams
+the reply back under the request's round and sequence number.  A handler failure is reported
+at once as an error frame, so the server drops the site from that exchange instead of
+waiting for the deadline.  When the stream breaks (server restart, network), the site
+reconnects with exponential backoff for up to ``reconnect_timeout`` seconds, keeping its
+state (keys, privacy ledger, trainer) in memory; a ``CLOSE`` frame ends the process cleanly.
 
 With its identity key (``[network] certs``) a site also answers the server's evidence
 requests itself, outside the engine: :class:`~securefl.runtime.receipts.ReceiptRequest`

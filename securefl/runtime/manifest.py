@@ -95,8 +95,9 @@ def shared_settings(config: Config) -> dict[str, str]:
     if config.privacy.mode != "none":
         for name in _PRIVACY:
             out[f"[privacy] {name}"] = _text(getattr(config.privacy, name))
-        # DP-SGD calibrates its noise over the whole planned run
-        out["[run] rounds"] = _text(config.run.rounds)
+        if config.privacy.target_epsilon is not None:
+            # the noise is calibrated from target_epsilon over the whole planned run
+            out["[run] rounds"] = _text(config.run.rounds)
     return out
 
 

@@ -231,3 +231,13 @@ def test_serve_refuses_a_misconfigured_site_and_trains_with_the_others(deploymen
                    if r.getMessage().startswith(f"refused connection from {odd}"))
     assert (f"{odd} and the server disagree: model parameter '1.weight' has shape [10, 64] "
             f"at the server, [64, 64] at {odd}") in refusal
+
+
+def test_rounds_are_shared_only_when_they_calibrate_the_noise():
+    calibrated = manifest(run={"rounds": 5})
+    assert calibrated.settings["[run] rounds"] == "5"
+    assert "rounds" in difference(calibrated, manifest(run={"rounds": 6}), here="a", there="b")
+    fixed = {"privacy": {"mode": "dp_sgd", "noise_multiplier": 1.1, "delta": 1e-3}}
+    assert difference(manifest(run={"rounds": 5}, **fixed), manifest(run={"rounds": 6}, **fixed),
+                      here="a", there="b") is None
+    assert "[run] rounds" not in manifest(privacy={"mode": "none"}).settings
