@@ -36,7 +36,7 @@ from securefl.errors import MessageError, SecureFLError
 from securefl.provenance import layout_record
 
 __all__ = ["MAX_MANIFEST_BYTES", "Manifest", "ManifestError", "announce", "difference",
-           "manifest_of", "read_manifest", "shared_settings"]
+           "hello_refusal", "manifest_of", "read_manifest", "shared_settings"]
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_PARAMETERS = 10_000
@@ -172,6 +172,17 @@ def difference(ours: Manifest, theirs: Manifest, *, here: str, there: str) -> st
     listed = "; ".join(problems[:MAX_LISTED])
     more = len(problems) - MAX_LISTED
     return listed + (f"; and {more} more" if more > 0 else "")
+
+
+def hello_refusal(ours: Manifest, payload: bytes | bytearray, *, site: str) -> str | None:
+    """Why the server refuses ``site``'s hello ``payload`` (no readable manifest, or one that
+    differs from the server's, ``ours``), or ``None`` when they agree."""
+    try:
+        theirs = read_manifest(payload, sender=site)
+    except ManifestError as exc:
+        return str(exc)
+    diff = difference(ours, theirs, here="at the server", there=f"at {site}")
+    return None if diff is None else f"{site} and the server disagree: {diff}"
 
 
 def announce(manifest: Manifest) -> bytes:

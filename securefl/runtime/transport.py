@@ -58,7 +58,7 @@ from securefl.engine.messages import Message, decode, encode
 from securefl.engine.transport import Exchange
 from securefl.errors import ConfigError, MessageError
 from securefl.runtime.config import NetworkConfig, is_loopback, split_address
-from securefl.runtime.manifest import Manifest, ManifestError, announce, difference, read_manifest
+from securefl.runtime.manifest import Manifest, announce, hello_refusal
 from securefl.runtime.slots import HelloGate
 from securefl.runtime.throttle import Throttle
 from securefl.runtime.tls import (
@@ -262,8 +262,10 @@ class GrpcTransport:
         elif claimed != site:
             self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                          f"certificate of {site!r} used to claim site {claimed!r}", site)
-        if self.manifest is not None:
-            self._check_manifest(context, site, hello.payload, self.manifest)
+        refusal = None if self.manifest is None else hello_refusal(self.manifest, hello.payload,
+                                                                   site=site)
+        if refusal is not None:
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, refusal, site)
         session = _Session(site=site)
         with self._cond:
             if site in self._sessions:
@@ -292,19 +294,6 @@ class GrpcTransport:
                 yield from item
         finally:
             session.closed.set()
-
-    def _check_manifest(self, context: grpc.ServicerContext, site: str,
-                        payload: bytes | bytearray, ours: Manifest) -> None:
-        """Refuse ``site`` (``FAILED_PRECONDITION``) unless its hello carries a manifest
-        equal to the server's, ``ours`` (:mod:`securefl.runtime.manifest`)."""
-        try:
-            theirs = read_manifest(payload, sender=site)
-        except ManifestError as exc:
-            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), site)
-        diff = difference(ours, theirs, here="at the server", there=f"at {site}")
-        if diff is not None:
-            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                         f"{site} and the server disagree: {diff}", site)
 
     def _forget(self, session: _Session, reason: str) -> None:
         with self._cond:

@@ -22,7 +22,6 @@ from securefl.runtime.manifest import (
     manifest_of,
     read_manifest,
 )
-from securefl.runtime.transport import GrpcTransport
 from tests.runtime.conftest import federation, network
 from tests.runtime.test_federation import deployment as deployment  # a fixture
 
@@ -158,17 +157,15 @@ def test_a_site_refuses_a_server_that_announces_nothing(certs, caplog):
                for r in caplog.records)
 
 
-class _Lying(GrpcTransport):
-    """A server that admits any site and announces a model of its own choosing."""
-
-    def _check_manifest(self, context, site, payload, ours) -> None:
-        return None
+def lying(monkeypatch) -> None:
+    """Make the server admit any site, whatever it announces itself."""
+    monkeypatch.setattr(transport_module, "hello_refusal", lambda *_a, **_k: None)
 
 
-def test_a_site_refuses_a_server_that_announces_another_model(certs, caplog):
+def test_a_site_refuses_a_server_that_announces_another_model(certs, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="securefl")
+    lying(monkeypatch)
     with federation(network(certs), manifest=manifest(inputs=30)) as fed:
-        fed.transport.__class__ = _Lying
         handler = Recorder("alpha")
         fed.join(handler, wait=False, manifest=manifest())
         assert fed.wait_exit("alpha#0") == 1
@@ -183,8 +180,8 @@ def test_a_site_refuses_a_server_that_announces_another_model(certs, caplog):
 def test_a_site_refuses_an_unreadable_announcement(certs, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="securefl")
     monkeypatch.setattr(transport_module, "announce", lambda _m: b"\x80\x04\x95" * 100)
+    lying(monkeypatch)
     with federation(network(certs), manifest=manifest()) as fed:
-        fed.transport.__class__ = _Lying
         handler = Recorder("alpha")
         fed.join(handler, wait=False, manifest=manifest())
         assert fed.wait_exit("alpha#0") == 1
