@@ -173,6 +173,7 @@ class DPSGDTrainer:
         spent = self.ledger.charge(self.client_id, self.round_event(), round=round,
                                    release=release)
         base = self.base
+        device = getattr(base, "device", torch.device("cpu"))
         unflatten(base.model, parameters, base.layout)
         self.optimizer.original_optimizer.state.clear()  # a round starts a fresh optimizer
         self.module.train()
@@ -180,6 +181,8 @@ class DPSGDTrainer:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(base.epochs):
                 for features, labels in self.loader:
+                    # Opacus makes an empty Poisson batch on the CPU, whatever the device
+                    features, labels = features.to(device), labels.to(device)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = self.step(self.module, features, labels, self.criterion)
                     # ghost clipping's loss is Opacus's own wrapper, not a plain tensor
