@@ -22,6 +22,7 @@ from securefl.aggregation import build_aggregator as _rule
 from securefl.config import Config
 from securefl.config.parse import FieldError
 from securefl.data import Dataset, FederatedData
+from securefl.device import select_device
 from securefl.engine.optim import build_server_optimizer
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.engine.server import Sampler, Server, ServerHook
@@ -29,6 +30,8 @@ from securefl.engine.trainer import LocalTrainer, evaluate_model
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import OwnModel, build_model
+from securefl.objective import Objective
+from securefl.objective import objective as resolve
 from securefl.output import save_model
 from securefl.vector import Layout, flatten, unflatten
 
@@ -133,10 +136,12 @@ class TestSetEvaluator:
 
 
 def local_trainer(config: Config, data: FederatedData, client_id: str, *,
-                  model: OwnModel | None = None) -> LocalTrainer:
+                  model: OwnModel | None = None,
+                  objective: Objective | None = None) -> LocalTrainer:
     """``client_id``'s trainer.  Simulation and deployment derive its seed the same way, from
     ``(seed, the client's index)``, so a networked run reproduces a simulated one.
-    ``model``: the site's own (:func:`securefl.models.own_model`) instead of ``[model]``."""
+    ``model``: the site's own (:func:`securefl.models.own_model`) instead of ``[model]``;
+    ``objective``: its own loss and step (default: ``[client] loss`` and ``step``)."""
     seed, c = config.run.seed, config.client
     index = list(data.clients).index(client_id)
     shard = data.clients[client_id]
@@ -146,7 +151,8 @@ def local_trainer(config: Config, data: FederatedData, client_id: str, *,
         shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
         momentum=c.momentum, weight_decay=c.weight_decay, local_steps=c.local_steps,
         keep_momentum=c.keep_momentum,
-        seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+        seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]),
+        device=select_device(config.run.device), objective=objective or resolve(config))
 
 
 def central_evaluator(config: Config, data: FederatedData, *,
@@ -163,7 +169,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
                  evaluator: TestSetEvaluator | None = None,
                  run_id: bytes | None = None,
                  model: OwnModel | None = None,
-                 aggregator: Aggregator | None = None) -> tuple[Server, TestSetEvaluator]:
+                 aggregator: Aggregator | None = None,
+                 objective: Objective | None = None) -> tuple[Server, TestSetEvaluator]:
     """The round loop and the central evaluator, as both simulation and deployment build it.
 
     The initial model comes from ``[run] seed`` (``evaluator``: one already made by
@@ -178,7 +185,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
     reference = None
     if aggregator.needs_reference:
         root = root_trainer(config, root_data or data,
-                            count=cast(ReferenceRule, aggregator).root_examples, model=model)
+                            count=cast(ReferenceRule, aggregator).root_examples, model=model,
+                            objective=objective)
         reference = lambda params: root.fit(params, round=0)[0].delta  # noqa: E731
     optimizer = build_server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum,
                                        beta1=s.beta1, beta2=s.beta2, tau=s.tau)
@@ -207,7 +215,8 @@ def check_feasible(config: Config, aggregator: Aggregator, *, num_clients: int) 
 
 
 def root_trainer(config: Config, data: FederatedData, *, count: int,
-                 model: OwnModel | None = None) -> LocalTrainer:
+                 model: OwnModel | None = None,
+                 objective: Objective | None = None) -> LocalTrainer:
     """A trainer on the server's small clean root dataset (FLTrust, Cao et al. 2021).
 
     In simulation the root set is ``count`` examples drawn, with a seeded RNG, from the
@@ -225,7 +234,9 @@ def root_trainer(config: Config, data: FederatedData, *, count: int,
     return LocalTrainer(net, root, root.subset(np.arange(0)), epochs=c.epochs,
                         batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
                         momentum=c.momentum, weight_decay=c.weight_decay,
-                        local_steps=c.local_steps, seed=config.run.seed)
+                        local_steps=c.local_steps, seed=config.run.seed,
+                        device=select_device(config.run.device),
+                        objective=objective or resolve(config))
 
 
 def save_final_model(run_dir: Path, config: Config, evaluator: TestSetEvaluator,
@@ -233,5 +244,6 @@ def save_final_model(run_dir: Path, config: Config, evaluator: TestSetEvaluator,
     """``model.safetensors``: the final state dict, loadable with no code executed."""
     unflatten(evaluator.model, parameters, evaluator.layout)
     return save_model(run_dir / "model.safetensors",
-                      {k: v.detach().numpy() for k, v in evaluator.model.state_dict().items()},
+                      {k: v.detach().cpu().numpy()
+                       for k, v in evaluator.model.state_dict().items()},
                       metadata={"format": "pt-state-dict", "model": config.model.name})

@@ -14,6 +14,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from torch import nn
 from securefl.config import ModelConfig
 from securefl.errors import ConfigError
 
-__all__ = ["CNN", "MLP", "OwnModel", "build_model", "import_factory", "logistic", "own_model"]
+__all__ = ["CNN", "MLP", "OwnModel", "build_model", "import_callable", "import_factory",
+           "logistic", "own_model"]
 
 #: what a user brings: a module (copied for every party) or a factory that returns one
 OwnModel = nn.Module | Callable[..., nn.Module]
@@ -103,25 +105,31 @@ def initialise(model: nn.Module, generator: torch.Generator) -> None:
 def import_factory(config: ModelConfig) -> Callable[..., nn.Module]:
     """Resolve ``[model] factory = "package.module:function"`` like any import, with
     ``[model] path`` (the config file's folder) searched first."""
-    spec = str(config.factory)
+    factory = import_callable(str(config.factory), config.path, field="[model] factory")
+    return cast(Callable[..., nn.Module], factory)  # own_model checks what it returns
+
+
+def import_callable(spec: str, path: str | None, *, field: str) -> Callable[..., object]:
+    """Resolve ``"package.module:function"`` (the ``field`` of a config) like any import,
+    with the folder ``path`` searched first."""
     module_name, _, attr = spec.partition(":")
-    added = config.path is not None and config.path not in sys.path
+    added = path is not None and path not in sys.path
     if added:
-        sys.path.insert(0, str(config.path))
+        sys.path.insert(0, str(path))
     try:
         target: object = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"[model] factory {spec!r}: cannot import {module_name!r} ({exc}; "
-                          f"searched {config.path} first)") from None
+        raise ConfigError(f"{field} {spec!r}: cannot import {module_name!r} ({exc}; "
+                          f"searched {path} first)") from None
     finally:
         if added:
-            sys.path.remove(str(config.path))
+            sys.path.remove(str(path))
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise ConfigError(f"[model] factory {spec!r}: {module_name!r} has no {attr!r}")
+            raise ConfigError(f"{field} {spec!r}: {module_name!r} has no {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise ConfigError(f"[model] factory {spec!r} is not callable")
+        raise ConfigError(f"{field} {spec!r} is not callable")
     return target
 
 

@@ -20,15 +20,19 @@ What users bring:
   float32 features and int64 labels), a torch ``Dataset`` of ``(x, y)`` items, or a loader
   / iterable of ``(x, y)`` batches (:mod:`securefl.data.own`);
 * optionally **a test set** in the same forms; otherwise ``[data] test_fraction`` is held
-  out (stratified), as for the built-in sets.
+  out (stratified), as for the built-in sets;
+* optionally **a loss** ``loss(outputs, labels)`` and **a training step**
+  ``step(model, features, labels, loss)`` returning the batch's loss, which the engine then
+  back-propagates and steps (:mod:`securefl.objective` states the contract DP-SGD needs:
+  the mean, or with ``loss.reduction = "sum"`` the sum, of per-example losses).
 
 The rest of the configuration applies unchanged: the data are partitioned over
 ``[data] num_clients`` by ``[data] partition``, and every protection, privacy mode,
 aggregator, attack hook and the run directory work as with a built-in model.  The run
 directory's ``config.toml`` records ``[model] name = "python"`` with the object's class and
 ``[data] dataset = "python"``; ``provenance.json`` records the parameter layout's hash and
-each client's and the test set's row counts and fingerprints.  The loss is the engine's
-cross-entropy over the model's logits.
+each client's and the test set's row counts and fingerprints.  A loss or step given as a
+Python object is recorded as ``[client] loss = "python:<module>.<name>"`` (and ``step``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from securefl.data import Dataset, FederatedData, federate
 from securefl.data.own import as_dataset, from_torch
 from securefl.errors import DataError
 from securefl.models import OwnModel
+from securefl.objective import Loss, Step, objective, reference
 from securefl.simulation import RunResult, Simulation, build_simulation, run_simulation
 
 __all__ = ["federation", "recorded", "run", "simulation"]
@@ -81,31 +86,40 @@ def federation(config: Config, data: Data, labels: Any = None, *,
     return federate(config.data, seed=config.run.seed, source=(train, held))
 
 
-def recorded(config: Config, model: OwnModel) -> Config:
+def recorded(config: Config, model: OwnModel, *, loss: Loss | None = None,
+             step: Step | None = None) -> Config:
     """The configuration as it really ran: ``[model] name = "python"`` with the object's
-    class or the factory's qualified name, ``[data] dataset = "python"``."""
+    class or the factory's qualified name, ``[data] dataset = "python"``, and a Python
+    ``loss`` or ``step`` as ``"python:<module>.<name>"``."""
     kind = model if callable(model) and not hasattr(model, "parameters") else type(model)
     where = f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', '?')}"
-    return config.replace(model=ModelConfig(name="python", factory=where),
+    client = dataclasses.replace(
+        config.client,
+        loss=reference(loss) if loss is not None else config.client.loss,
+        step=reference(step) if step is not None else config.client.step)
+    return config.replace(model=ModelConfig(name="python", factory=where), client=client,
                           data=dataclasses.replace(config.data, dataset="python", path=None,
                                                    test_path=None))
 
 
 def simulation(config: Config, *, model: OwnModel, data: Data, labels: Any = None,
-               test: Data | tuple[Any, Any] | None = None, **options: Any) -> Simulation:
-    """:func:`securefl.simulation.build_simulation` on users' model and data."""
-    return build_simulation(recorded(config, model), data=federation(config, data, labels,
-                                                                     test=test),
-                            model=model, **options)
+               test: Data | tuple[Any, Any] | None = None, loss: Loss | None = None,
+               step: Step | None = None, **options: Any) -> Simulation:
+    """:func:`securefl.simulation.build_simulation` on users' model, data, loss and step."""
+    return build_simulation(recorded(config, model, loss=loss, step=step),
+                            data=federation(config, data, labels, test=test), model=model,
+                            objective=objective(config, loss=loss, step=step), **options)
 
 
 def run(config: Config | None = None, *, model: OwnModel, data: Data, labels: Any = None,
-        test: Data | tuple[Any, Any] | None = None, out_dir: str | Path | None = None,
+        test: Data | tuple[Any, Any] | None = None, loss: Loss | None = None,
+        step: Step | None = None, out_dir: str | Path | None = None,
         **options: Any) -> RunResult:
-    """:func:`securefl.simulation.run_simulation` on users' model and data; with
-    ``out_dir``, the full run directory (``config.toml``, ``provenance.json``, metrics,
-    model, summary, and ``privacy.json`` under DP)."""
+    """:func:`securefl.simulation.run_simulation` on users' model and data (and optionally
+    loss and training step); with ``out_dir``, the full run directory (``config.toml``,
+    ``provenance.json``, metrics, model, summary, and ``privacy.json`` under DP)."""
     config = config or Config()
     fed = federation(config, data, labels, test=test)
-    return run_simulation(recorded(config, model), out_dir=out_dir, data=fed, model=model,
-                          **options)
+    return run_simulation(recorded(config, model, loss=loss, step=step), out_dir=out_dir,
+                          data=fed, model=model,
+                          objective=objective(config, loss=loss, step=step), **options)

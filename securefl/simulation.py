@@ -40,6 +40,7 @@ from securefl.engine.trainer import RoundRewind, Trainer, torch_threads
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import OwnModel
+from securefl.objective import Objective
 from securefl.output import (
     append_jsonl,
     atomic_write,
@@ -90,14 +91,16 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                      schedule: DropSchedule | None = None,
                      root_data: FederatedData | None = None,
                      model: OwnModel | None = None,
-                     aggregator: Aggregator | None = None) -> Simulation:
+                     aggregator: Aggregator | None = None,
+                     objective: Objective | None = None) -> Simulation:
     """Assemble an in-process federation from ``config`` (nothing runs yet).
 
     ``data`` replaces the configured dataset (e.g. with poisoned client shards; then pass
     the clean one as ``root_data`` for the server's FLTrust root set);
     ``server_hooks`` and ``client_hooks`` inject attacks or defenses; ``schedule`` drops
     clients deterministically (see :class:`InProcessTransport`); ``model`` is the users'
-    own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``;
+    own (a module or a factory, see :mod:`securefl.own`) in place of ``[model]``, and
+    ``objective`` its own loss and training step (:mod:`securefl.objective`);
     ``aggregator`` is the run's rule when the caller has built it already.
     """
     if config.simulation.backend == "ray":  # the sites in Ray actors
@@ -118,7 +121,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
         if privacy is not None:
             hooks.extend(privacy.server_hooks)
 
-    local = {cid: local_trainer(config, data, cid, model=model) for cid in ids}
+    local = {cid: local_trainer(config, data, cid, model=model, objective=objective)
+             for cid in ids}
     server_protection, client_protections = build_protection(config, ids,
                                                              layout=local[ids[0]].layout)
     trainers: dict[str, Trainer] = {}
@@ -138,7 +142,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                    dropout=sim_cfg.dropout, schedule=schedule,
                                    seed=config.run.seed)
     server, evaluator = build_server(config, transport, server_protection, data, hooks=hooks,
-                                     root_data=root_data, model=model, aggregator=aggregator)
+                                     root_data=root_data, model=model, aggregator=aggregator,
+                                     objective=objective)
     if privacy is not None and privacy.sampling_seed is not None:
         server.seed = privacy.sampling_seed  # DP-FedAvg's secret sample: not from the config
     view = None

@@ -95,3 +95,15 @@ def test_three_site_processes_train_their_own_model_on_their_own_csv(tmp_path):
                        site_heads=heads)
     assert report.ok, report.problems
     assert not any("refused" in (tmp_path / f"{s}.log").read_text() for s in SITES)
+    # what was really trained, recorded by each party about what it holds
+    served = json.loads((tmp_path / "state" / "provenance.json").read_text())
+    assert served["model"]["source"] == "import model:tabular"
+    assert served["data"]["test"]["files"][0]["name"] == "test.csv"
+    assert sorted(served["sites"]) == SITES and "clients" not in served["data"]
+    for site in SITES:
+        mine = json.loads((tmp_path / f"site-state-{site}" / f"provenance-{site}.json")
+                          .read_text())
+        assert mine["model"]["layout_sha256"] == served["model"]["layout_sha256"]
+        assert mine["data"]["files"][0]["name"] == f"{site}.csv"
+        assert mine["data"]["train_rows"] + mine["data"]["val_rows"] == (
+            mine["data"]["files"][0]["rows"])

@@ -47,6 +47,8 @@ class RunConfig:
     rounds: int = 20
     seed: int = 0
     threat_model: str | None = None
+    #: where local training runs: "cpu", "cuda" or "auto" (securefl.device)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     def validate(self) -> None:
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
@@ -56,7 +58,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["digits", "breast_cancer", "mnist", "mnist5k", "fashion_mnist", "cifar10",
-                     "synthetic", "csv", "npz", "image_folder", "python"] = "digits"
+                     "synthetic", "csv", "parquet", "npz", "image_folder", "python"] = "digits"
     path: str | None = None
     #: a site's own files (csv, npz, image_folder): see :mod:`securefl.data.files`
     test_path: str | None = None
@@ -86,10 +88,13 @@ class DataConfig:
         check(self.min_examples >= 1, "min_examples", f"must be >= 1, got {self.min_examples}")
         check(self.dataset not in ("mnist", "fashion_mnist", "cifar10") or bool(self.path),
               "path", f"is required for dataset {self.dataset!r} (a local folder)")
-        check(self.dataset not in ("csv", "npz", "image_folder") or bool(self.path), "path",
+        check(self.dataset not in ("csv", "parquet", "npz", "image_folder") or bool(self.path),
+              "path",
               f"is required for dataset {self.dataset!r} (the site's own file or folder)")
-        check(self.partition != "files" or self.dataset in ("csv", "npz", "image_folder"),
-              "partition", "= \"files\" needs dataset = \"csv\", \"npz\" or \"image_folder\"")
+        check(self.partition != "files" or self.dataset in ("csv", "parquet", "npz",
+                                                            "image_folder"),
+              "partition", "= \"files\" needs dataset = \"csv\", \"parquet\", \"npz\" or "
+              "\"image_folder\"")
         check(self.num_classes is None or self.num_classes >= 2, "num_classes",
               f"must be >= 2, got {self.num_classes}")
 
@@ -98,8 +103,9 @@ class DataConfig:
 class ModelConfig:
     """A built-in model (``name``), or the site's own: ``factory = "package.module:function"``
     (``name`` becomes ``"factory"``; ``path`` is the folder put first on the import path,
-    by default the config file's), or ``name = "python"`` for a module given as a Python
-    object through :mod:`securefl.own`, whose ``factory`` then records its class."""
+    by default the config file's, for ``[client] loss`` and ``step`` too), or
+    ``name = "python"`` for a module given as a Python object through :mod:`securefl.own`,
+    whose ``factory`` then records its class."""
 
     name: Literal["logistic", "mlp", "cnn", "factory", "python"] = "mlp"
     hidden: tuple[int, ...] = (64,)
@@ -117,10 +123,15 @@ class ModelConfig:
         check(self.factory is None or self.name in ("factory", "python"), "factory",
               f"and name = {self.name!r} both given; give one")
         if self.name == "factory":
-            module, _, attr = str(self.factory).partition(":")
-            check(bool(module) and bool(attr) and all(
-                p.isidentifier() for p in (*module.split("."), *attr.split("."))), "factory",
-                f"must be \"package.module:function\", got {self.factory!r}")
+            check(_import_path(str(self.factory)), "factory",
+                  f"must be \"package.module:function\", got {self.factory!r}")
+
+
+def _import_path(spec: str) -> bool:
+    """Whether ``spec`` reads ``"package.module:function"`` (dotted identifiers)."""
+    module, _, attr = spec.partition(":")
+    return bool(module) and bool(attr) and all(
+        p.isidentifier() for p in (*module.split("."), *attr.split(".")))
 
 
 @dataclass(frozen=True)
@@ -135,8 +146,15 @@ class ClientConfig:
     local_steps: int | None = None
     #: keep the optimizer state (worker momentum) on the client across rounds
     keep_momentum: bool = False
+    #: a site's own loss and training step, "package.module:function" (securefl.objective)
+    loss: str | None = None
+    step: str | None = None
 
     def validate(self) -> None:
+        for name in ("loss", "step"):
+            spec = getattr(self, name)
+            check(spec is None or spec.startswith("python:") or _import_path(spec), name,
+                  f"must be \"package.module:function\", got {spec!r}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.local_steps is None or self.local_steps >= 1, "local_steps",
               f"must be >= 1, got {self.local_steps}")
@@ -333,13 +351,13 @@ def load_config(path: str | Path) -> Config:
 
 def _resolve_paths(config: Config, folder: Path) -> Config:
     """A site's own files resolve from the config file's folder, as does the folder put on
-    the import path for ``[model] factory``."""
+    the import path for ``[model] factory`` and ``[client] loss`` / ``step``."""
     def absolute(value: str | None) -> str | None:
         return None if value is None else str((folder / value).resolve())
 
-    if config.data.dataset in ("csv", "npz", "image_folder"):
+    if config.data.dataset in ("csv", "parquet", "npz", "image_folder"):
         config = config.replace(data__path=absolute(config.data.path),
                                 data__test_path=absolute(config.data.test_path))
-    if config.model.name == "factory":
+    if config.model.name == "factory" or config.client.loss or config.client.step:
         config = config.replace(model__path=absolute(config.model.path or "."))
     return config

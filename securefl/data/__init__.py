@@ -26,7 +26,7 @@ from securefl.errors import DataError
 __all__ = ["ClientData", "Dataset", "FederatedData", "FileRecord", "federate", "load_dataset",
            "partition"]
 
-FILE_SOURCES = ("csv", "npz", "image_folder")
+FILE_SOURCES = ("csv", "parquet", "npz", "image_folder")
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def federate(config: DataConfig, *, seed: int,
                                  min_examples=least)
     else:
         raise DataError("[data] partition = \"files\" needs the site's own files "
-                        "(dataset = \"csv\", \"npz\" or \"image_folder\")")
+                        "(dataset = \"csv\", \"parquet\", \"npz\" or \"image_folder\")")
     width = len(str(config.num_clients - 1))
     clients = {f"client-{i:0{width}d}": _train_val(train.subset(idx), config, rng=rng)
                for i, idx in enumerate(parts)}

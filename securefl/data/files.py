@@ -1,4 +1,4 @@
-"""A site's own files: CSV tables, NumPy ``.npz`` archives and image folders.
+"""A site's own files: CSV and Parquet tables, NumPy ``.npz`` archives and image folders.
 
 Each loader reads one source, checks it with :func:`securefl.data.own.as_dataset` (finite
 numbers, integer labels in range) and returns the :class:`Dataset` with a
@@ -28,7 +28,8 @@ from securefl.data.datasets import Dataset
 from securefl.data.own import as_dataset
 from securefl.errors import DataError
 
-__all__ = ["FileRecord", "load_csv", "load_image_folder", "load_npz", "load_source"]
+__all__ = ["FileRecord", "load_csv", "load_image_folder", "load_npz", "load_parquet",
+           "load_source"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -49,6 +50,20 @@ def _read(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def _columns(path: Path, header: list[str], *, label: str,
+             features: tuple[str, ...]) -> tuple[str, ...]:
+    """The feature columns of a table with columns ``header`` (default: all but ``label``)."""
+    if label not in header:
+        raise DataError(f"{path}: no label column {label!r} (columns: {', '.join(header)})")
+    chosen = tuple(features) or tuple(h for h in header if h != label)
+    missing = [c for c in chosen if c not in header]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header)})")
+    if label in chosen:
+        raise DataError(f"{path}: column {label!r} is the label; it cannot also be a feature")
+    return chosen
+
+
 def load_csv(path: str | Path, *, label: str = "label", features: tuple[str, ...] = (),
              num_classes: int | None = None) -> tuple[Dataset, FileRecord]:
     """A CSV table with a header row; see the module docstring for the rules."""
@@ -63,14 +78,7 @@ def load_csv(path: str | Path, *, label: str = "label", features: tuple[str, ...
     if not rows:
         raise DataError(f"{path}: empty file (no header row)")
     header = [h.strip() for h in rows[0]]
-    if label not in header:
-        raise DataError(f"{path}: no label column {label!r} (columns: {', '.join(header)})")
-    chosen = tuple(features) or tuple(h for h in header if h != label)
-    missing = [c for c in chosen if c not in header]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header)})")
-    if label in chosen:
-        raise DataError(f"{path}: column {label!r} is the label; it cannot also be a feature")
+    chosen = _columns(path, header, label=label, features=features)
     body = rows[1:]
     if not body:
         raise DataError(f"{path}: no data rows below the header")
@@ -89,6 +97,47 @@ def load_csv(path: str | Path, *, label: str = "label", features: tuple[str, ...
                                 "a number (encode categories as numeric codes)") from None
     data = as_dataset(table[:, :-1], table[:, -1], name=str(path), num_classes=num_classes,
                       columns=chosen, label_column=label, first_row=2)
+    return data, FileRecord(path.name, len(data), hashlib.sha256(raw).hexdigest())
+
+
+def load_parquet(path: str | Path, *, label: str = "label", features: tuple[str, ...] = (),
+                 num_classes: int | None = None) -> tuple[Dataset, FileRecord]:
+    """A Parquet table (needs pyarrow: ``pip install 'securefl[parquet]'``), with the CSV
+    rules: ``label`` and ``features`` name columns, and every chosen column must hold numbers
+    (integer, floating point or boolean; a string or dictionary-encoded, i.e. categorical,
+    column is refused, as are nulls and NaN).  Rows are numbered from 0."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow; install it with "
+                        "pip install 'securefl[parquet]'") from None
+    path = Path(path)
+    raw = _read(path)
+    try:
+        table = pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({reason})") from None
+    chosen = _columns(path, list(table.column_names), label=label, features=features)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no data rows (empty table)")
+    columns = []
+    for name in (*chosen, label):
+        column = table.column(name)
+        kind = column.type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                or pa.types.is_boolean(kind)):
+            row = pc.index(pc.is_valid(column), True).as_py()
+            value = column[row].as_py() if row >= 0 else None
+            raise DataError(f"{path}: column {name!r}, row {max(row, 0)}: {str(value)[:40]!r} "
+                            f"is not a number (the column holds {kind}; encode categories as "
+                            "numeric codes)")
+        columns.append(column.cast(pa.float64()).to_numpy(zero_copy_only=False))
+    table_values = np.stack(columns, axis=1)
+    data = as_dataset(table_values[:, :-1], table_values[:, -1], name=str(path),
+                      num_classes=num_classes, columns=chosen, label_column=label)
     return data, FileRecord(path.name, len(data), hashlib.sha256(raw).hexdigest())
 
 
@@ -156,9 +205,12 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] | None = None,
 
 def load_source(kind: str, path: str | Path, *, label: str, features: tuple[str, ...],
                 num_classes: int | None) -> tuple[Dataset, FileRecord]:
-    """Dispatch on ``[data] dataset``: ``"csv"``, ``"npz"`` or ``"image_folder"``."""
+    """Dispatch on ``[data] dataset``: ``"csv"``, ``"parquet"``, ``"npz"`` or
+    ``"image_folder"``."""
     if kind == "csv":
         return load_csv(path, label=label, features=features, num_classes=num_classes)
+    if kind == "parquet":
+        return load_parquet(path, label=label, features=features, num_classes=num_classes)
     if kind == "npz":
         return load_npz(path, num_classes=num_classes)
     return load_image_folder(path)

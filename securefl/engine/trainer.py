@@ -13,6 +13,7 @@ from torch import nn
 
 from securefl.data import Dataset
 from securefl.engine.protection import Update
+from securefl.objective import Objective, scalar
 from securefl.vector import Layout, flatten, unflatten
 
 __all__ = ["LocalTrainer", "RoundRewind", "Trainer", "evaluate_model", "torch_threads"]
@@ -71,22 +72,29 @@ class LocalTrainer:
     ``-lr m_t``.  The server never sees ``m``.
 
     Batches are drawn by shuffling with the trainer's own ``torch.Generator`` (seeded per
-    client), so runs are reproducible without touching the global RNG.  The weight of the
-    update is the number of training examples (FedAvg weighting).
+    client, on the CPU whatever the ``device``), so runs are reproducible without touching
+    the global RNG.  ``device`` holds the model and the data (:mod:`securefl.device`);
+    ``objective`` is the loss and step (:mod:`securefl.objective`; cross-entropy by default).
+    The weight of the update is the number of training examples (FedAvg weighting).
     """
 
     def __init__(self, model: nn.Module, train: Dataset, val: Dataset, *, epochs: int,
                  batch_size: int, lr: float, optimizer: str = "sgd", momentum: float = 0.0,
                  weight_decay: float = 0.0, local_steps: int | None = None,
-                 keep_momentum: bool = False, seed: int) -> None:
+                 keep_momentum: bool = False, seed: int,
+                 device: torch.device | str = "cpu", objective: Objective | None = None) -> None:
         if len(train) == 0:
             raise ValueError("a client needs at least one training example")
-        self.model = model
+        self.objective = objective or Objective()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.layout = Layout.of(model)
-        self.features = torch.from_numpy(np.ascontiguousarray(train.features))
-        self.labels = torch.from_numpy(np.ascontiguousarray(train.labels))
-        self.val_features = torch.from_numpy(np.ascontiguousarray(val.features))
-        self.val_labels = torch.from_numpy(np.ascontiguousarray(val.labels))
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+        self.features, self.labels = tensor(train.features), tensor(train.labels)
+        self.val_features, self.val_labels = tensor(val.features), tensor(val.labels)
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
         self.generator = torch.Generator().manual_seed(seed)
@@ -113,7 +121,7 @@ class LocalTrainer:
         else:
             optimizer = self.make_optimizer(self.model.parameters())
         self.model.train()
-        losses = [self._step(optimizer, batch) for batch in self._batches()]
+        losses = [self._step(optimizer, batch.to(self.device)) for batch in self._batches()]
         delta = flatten(self.model) - parameters
         return (Update(delta.astype(np.float32), float(self.num_examples)),
                 {"train_loss": sum(losses) / len(losses)})
@@ -134,7 +142,8 @@ class LocalTrainer:
 
     def _step(self, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(self.features[batch]), self.labels[batch])
+        loss = scalar(self.objective.step(self.model, self.features[batch], self.labels[batch],
+                                          self.objective.loss))
         loss.backward()
         optimizer.step()
         return float(loss.item())

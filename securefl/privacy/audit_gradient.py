@@ -213,12 +213,14 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
     """Train ``config`` once with Dirac canaries of norm ``norm_factor * C`` (``C`` =
     ``[privacy] max_grad_norm``; 1 when non-private) and score them.
 
-    ``tamper`` plants a fault in each built trainer (tests and benchmarks only)."""
+    ``tamper`` plants a fault in each built trainer (tests and benchmarks only).  The audit
+    trains on the CPU whatever ``[run] device`` says (its canaries are CPU tensors)."""
     from securefl.data import federate
     from securefl.models import build_model
     from securefl.simulation import build_simulation
     from securefl.vector import unflatten
 
+    config = config.replace(run__device="cpu")
     if config.privacy.mode not in ("none", "dp_sgd"):
         raise ConfigError(f"[privacy] gradient canaries audit sample-level DP-SGD or a "
                           f"non-private run, not mode = {config.privacy.mode!r} "

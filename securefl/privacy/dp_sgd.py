@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from securefl.engine.protection import Update
 from securefl.errors import ConfigError
+from securefl.objective import Objective, check_per_example, reduction, scalar
 from securefl.privacy.accounting import PrivacyEvent
 from securefl.privacy.ledger import PrivacyLedger
 from securefl.privacy.randomness import SecurePoissonSampler, SecureRandom, use_secure_noise
@@ -104,6 +105,13 @@ class DPSGDTrainer:
             raise ValueError(f"the model of {client_id!r} is already wrapped for DP-SGD; wrap "
                              f"each client once and reuse the trainer across rounds")
         base.model = make_compatible(base.model, fix=fix_model)
+        chosen = getattr(base, "objective", Objective())
+        if chosen.custom:
+            if grad_sample_mode == "ghost":
+                raise ConfigError("[privacy] grad_sample_mode = \"ghost\" wraps Opacus's own "
+                                  "loss; a custom loss or step needs \"hooks\" (or "
+                                  "\"functorch\")")
+            check_per_example(chosen, base.model, base.features, base.labels)
         self.base, self.client_id, self.ledger = base, client_id, ledger
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.grad_sample_mode = grad_sample_mode
@@ -123,16 +131,19 @@ class DPSGDTrainer:
                 steps=len(seeded), source=source))
         made = self.engine.make_private(
             module=base.model, optimizer=base.make_optimizer(base.model.parameters()),
-            criterion=nn.CrossEntropyLoss(), data_loader=loader,
+            # a fresh CrossEntropyLoss by default: ghost clipping rewrites its reduction
+            criterion=chosen.loss if chosen.custom else nn.CrossEntropyLoss(),
+            loss_reduction=reduction(chosen.loss), data_loader=loader,
             noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             poisson_sampling=False,  # the loader above already samples, with our generator
-            noise_generator=base.generator, grad_sample_mode=grad_sample_mode)
+            noise_generator=_noise_generator(base), grad_sample_mode=grad_sample_mode)
         _WRAPPED.add(base.model)
         if grad_sample_mode == "ghost":
             self.module, self.optimizer, self.criterion, self.loader = made
         else:
             self.module, self.optimizer, self.loader = made
-            self.criterion = nn.CrossEntropyLoss()
+            self.criterion = chosen.loss
+        self.step, self.custom = chosen.step, chosen.custom
         if secure_mode:
             use_secure_noise(self.optimizer, source)
         self.module.forbid_grad_accumulation()
@@ -162,6 +173,7 @@ class DPSGDTrainer:
         spent = self.ledger.charge(self.client_id, self.round_event(), round=round,
                                    release=release)
         base = self.base
+        device = getattr(base, "device", torch.device("cpu"))
         unflatten(base.model, parameters, base.layout)
         self.optimizer.original_optimizer.state.clear()  # a round starts a fresh optimizer
         self.module.train()
@@ -169,8 +181,12 @@ class DPSGDTrainer:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(base.epochs):
                 for features, labels in self.loader:
+                    # Opacus makes an empty Poisson batch on the CPU, whatever the device
+                    features, labels = features.to(device), labels.to(device)
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.criterion(self.module(features), labels).backward()
+                    loss = self.step(self.module, features, labels, self.criterion)
+                    # ghost clipping's loss is Opacus's own wrapper, not a plain tensor
+                    (scalar(loss) if self.custom else loss).backward()
                     # noise is added, and the step accounted, on an empty Poisson batch too
                     self.optimizer.step()
         delta = (flatten(base.model) - parameters).astype(np.float32)
@@ -186,12 +202,21 @@ class DPSGDTrainer:
         return self.base.evaluate(parameters)
 
 
+def _noise_generator(base: Any) -> torch.Generator:
+    """The seeded noise generator (``secure_mode = false``): the trainer's own on the CPU;
+    on a GPU, where torch draws from a generator of that device, one seeded alike."""
+    device = getattr(base, "device", torch.device("cpu"))
+    if device.type == "cpu":
+        return cast(torch.Generator, base.generator)
+    return torch.Generator(device=device).manual_seed(base.generator.initial_seed())
+
+
 class _Examples(TensorDataset):
     """Fetches a whole Poisson batch with one indexing operation instead of per example."""
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return tuple(tensor[index] for tensor in self.tensors)
+        return tuple(tensor[index.to(tensor.device)] for tensor in self.tensors)
 
 
 def _as_batch(batch: Any) -> tuple[torch.Tensor, ...]:

@@ -1,13 +1,16 @@
 """A site's side of the runtime: dial out to the server, answer with the engine Client.
 
 The site opens one bidirectional stream and sends a hello naming its site (the server checks
-it against the site's certificate).  It then handles each request frame with
-``handler.handle(message, round=...)`` and streams the reply back under the request's round
-and sequence number.  A handler failure is reported at once as an error frame, so the server
-drops the site from that exchange instead of waiting for the deadline.  When the stream
-breaks (server restart, network), the site reconnects with exponential backoff for up to
-``reconnect_timeout`` seconds, keeping its state (keys, privacy ledger, trainer) in memory;
-a ``CLOSE`` frame ends the process cleanly.
+it against the site's certificate) and carrying its
+:class:`~securefl.runtime.manifest.Manifest` (model layout, shared protection and privacy
+settings).  The stream's first frame from the server must be the server's own manifest,
+equal to the site's; otherwise the site answers nothing and exits (:class:`Disagreement`).
+It then handles each request frame with ``handler.handle(message, round=...)`` and streams
+the reply back under the request's round and sequence number.  A handler failure is reported
+at once as an error frame, so the server drops the site from that exchange instead of
+waiting for the deadline.  When the stream breaks (server restart, network), the site
+reconnects with exponential backoff for up to ``reconnect_timeout`` seconds, keeping its
+state (keys, privacy ledger, trainer) in memory; a ``CLOSE`` frame ends the process cleanly.
 
 With its identity key (``[network] certs``) a site also answers the server's evidence
 requests itself, outside the engine: :class:`~securefl.runtime.receipts.ReceiptRequest`
@@ -39,8 +42,18 @@ from securefl.engine.session import ReleaseLog
 from securefl.engine.trainer import RoundRewind, Trainer
 from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
+from securefl.output import write_json
+from securefl.provenance import site_provenance
 from securefl.runtime.deploy import load_deployment, load_identity, site_protection
 from securefl.runtime.evidence import Countersign, SiteWitness
+from securefl.runtime.manifest import (
+    Manifest,
+    ManifestError,
+    announce,
+    difference,
+    manifest_of,
+    read_manifest,
+)
 from securefl.runtime.receipts import ReceiptReply, ReceiptRequest, SiteReceipts
 from securefl.runtime.store import model_hash
 from securefl.runtime.tls import certificate_problem, client_credentials, site_paths
@@ -56,7 +69,11 @@ _log = logging.getLogger(__name__)
 #: ALREADY_EXISTS is retried: after a crash the server may not yet have seen the old
 #: connection die, and keepalive will end it.
 _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.INVALID_ARGUMENT})
+                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+
+
+class Disagreement(ConfigError):
+    """The server announced a model or settings other than this site's, or none at all."""
 
 
 @dataclass
@@ -82,11 +99,15 @@ class SiteClient:
     """Connect ``handler`` (an engine :class:`~securefl.engine.client.Client`) to the server."""
 
     def __init__(self, handler: ClientHandler, config: NetworkConfig, *,
-                 site: str | None = None, evidence: SiteEvidence | None = None) -> None:
+                 site: str | None = None, evidence: SiteEvidence | None = None,
+                 manifest: Manifest | None = None) -> None:
         self.site = site or config.site or handler.client_id
         if not self.site:
             raise ConfigError("[network] site is required for a client")
         self.handler, self.config, self.evidence = handler, config, evidence
+        #: this site's :class:`~securefl.runtime.manifest.Manifest`, sent in its hello; the
+        #: server must announce an equal one before the site answers anything
+        self.manifest = manifest
         self._stop = threading.Event()
         self._call: grpc.Future | None = None
         self.requests_handled = 0
@@ -125,6 +146,10 @@ class SiteClient:
                     return 0
                 gave_up_at = time.monotonic() + self.config.reconnect_timeout
                 backoff = 0.2
+            except Disagreement as exc:
+                _log.error("site %s: not joining the server at %s: %s", self.site,
+                           self.config.address, exc)
+                return 1
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
@@ -151,9 +176,11 @@ class SiteClient:
     def _session(self) -> bool:
         """One connection; True when the server closed the federation."""
         outbox: queue.Queue[bytes | None] = queue.Queue()
-        for frame in split(Kind.HELLO, b"", round=0, seq=0, client_id=self.site,
+        hello = b"" if self.manifest is None else announce(self.manifest)
+        for frame in split(Kind.HELLO, hello, round=0, seq=0, client_id=self.site,
                            chunk_bytes=self.config.chunk_bytes):
             outbox.put(frame)
+        checked = self.manifest is None
 
         def frames() -> Iterator[bytes]:
             while True:
@@ -171,6 +198,10 @@ class SiteClient:
                     envelope = assembler.feed(frame)
                     if envelope is None:
                         continue
+                    if not checked:
+                        self._check_server(envelope)
+                        checked = True
+                        continue
                     if envelope.kind == Kind.CLOSE:
                         _log.info("site %s: the server closed the federation", self.site)
                         return True
@@ -184,6 +215,9 @@ class SiteClient:
                 _log.error("site %s: malformed frame from the server: %s", self.site, exc)
                 call.cancel()
                 return False
+            except Disagreement:
+                call.cancel()
+                raise
             except grpc.RpcError:
                 if self._stop.is_set():
                     return True
@@ -192,6 +226,24 @@ class SiteClient:
                 self._call = None
                 outbox.put(None)
         return False
+
+    def _check_server(self, envelope: Envelope) -> None:
+        """The stream's first frame must be the server's manifest, equal to this site's;
+        otherwise :class:`Disagreement` (the site answers nothing and does not retry)."""
+        if self.manifest is None:
+            return
+        if envelope.kind != Kind.HELLO:
+            raise Disagreement(f"the server sent a {envelope.kind.name} frame before "
+                               "announcing its model and settings")
+        try:
+            theirs = read_manifest(envelope.payload, sender="the server")
+        except ManifestError as exc:
+            raise Disagreement(str(exc)) from None
+        diff = difference(self.manifest, theirs, here=f"at {self.site}",
+                          there="at the server")
+        if diff is not None:
+            raise Disagreement(f"the server announces another federation: {diff}")
+        _log.info("site %s: the server runs the same model and settings", self.site)
 
     def _answer(self, envelope: Envelope) -> Iterator[bytes]:
         try:
@@ -221,7 +273,8 @@ def error_payload(exc: BaseException) -> bytes:
     return text.encode()
 
 
-def _build(config: Config, site: str, *, new_run: bool = False) -> tuple[Client, Any]:
+def _build(config: Config, site: str, *,
+           new_run: bool = False) -> tuple[Client, Any, Manifest]:
     """The engine :class:`~securefl.engine.client.Client` of ``site``, from its own data.
 
     The site's :class:`~securefl.engine.session.ReleaseLog` (the one replay rule) lives in
@@ -230,8 +283,10 @@ def _build(config: Config, site: str, *, new_run: bool = False) -> tuple[Client,
     ``[network] data_shard`` (default: the site name) of the configured data; with real
     local data (``[data] path``) that is ``"client-0"`` of a one-client partition.  Model
     initialisation and the trainer's seed are derived exactly as in the in-process
-    simulation, so a networked run reproduces a simulated one.  Returns the client and the
-    site's privacy ledger (``None`` without privacy accounting).
+    simulation, so a networked run reproduces a simulated one.  Returns the client, the
+    site's privacy ledger (``None`` without privacy accounting) and its manifest for the
+    hello check; the site's ``provenance-<site>.json`` (its model and the shard it trains
+    on) is written to its state directory.
     """
     seed = config.run.seed
     data = federate(config.data, seed=seed)
@@ -244,6 +299,9 @@ def _build(config: Config, site: str, *, new_run: bool = False) -> tuple[Client,
     trainer: Trainer = RoundRewind(base)
     state = site_state_dir(config, site)
     state.mkdir(parents=True, exist_ok=True)
+    manifest = manifest_of(config, base.model)
+    write_json(state / f"provenance-{site}.json",
+               site_provenance(config, data, shard, base.model))
     releases = ReleaseLog(state / f"releases-{site}.sqlite", new_run=new_run)
     ledger = None
     if config.privacy.mode != "none":
@@ -265,7 +323,7 @@ def _build(config: Config, site: str, *, new_run: bool = False) -> tuple[Client,
                                  layout=base.layout, state_dir=state)
     client = Client(site, trainer, protection, update_hooks=hooks, releases=releases,
                     evaluate=config.server.evaluate in ("federated", "both"))
-    return client, ledger
+    return client, ledger, manifest
 
 
 def build_site(config: Config, site: str, *, new_run: bool = False) -> Client:
@@ -281,7 +339,7 @@ def build_site_client(config: Config, site: str, *, new_run: bool = False,
                       wrap: Callable[[Client], ClientHandler] | None = None) -> SiteClient:
     """``site``'s :class:`SiteClient` with its evidence (when ``[network] certs`` holds its
     identity key); ``wrap`` may wrap the engine client (tests inject faults with it)."""
-    client, ledger = _build(config, site, new_run=new_run)
+    client, ledger, manifest = _build(config, site, new_run=new_run)
     evidence = None
     if config.network.certs is not None:
         identity, state = load_identity(config, site), site_state_dir(config, site)
@@ -293,7 +351,7 @@ def build_site_client(config: Config, site: str, *, new_run: bool = False,
                               else lambda _run, _round: None)
         evidence = SiteEvidence(witness, receipts)
     return SiteClient(client if wrap is None else wrap(client), config.network, site=site,
-                      evidence=evidence)
+                      evidence=evidence, manifest=manifest)
 
 
 

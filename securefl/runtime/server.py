@@ -48,10 +48,12 @@ from securefl.engine.server import Server
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError, RunFailed
 from securefl.output import append_jsonl, atomic_write, plot_accuracy, write_json
+from securefl.provenance import server_provenance
 from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
 from securefl.runtime.deploy import identity_directory, load_deployment, server_protection
 from securefl.runtime.evidence import collect_countersignatures, statement
+from securefl.runtime.manifest import difference, manifest_of
 from securefl.runtime.receipts import collect_receipts
 from securefl.runtime.store import ServerStore, model_hash
 from securefl.runtime.transport import GrpcTransport
@@ -119,7 +121,14 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         protection = server_protection(config, sites, layout=evaluator.layout)
         evidence = (_Evidence(store.run_id().hex(), identity_directory(config, sites),
                               min(net.round_timeout, 60.0)) if net.certs is not None else None)
-        grpc_transport = transport or GrpcTransport(net, sites=sites)
+        manifest = manifest_of(config, evaluator.model)
+        grpc_transport = transport or GrpcTransport(net, sites=sites, manifest=manifest)
+        if isinstance(grpc_transport, GrpcTransport) and (
+                grpc_transport.manifest is None or difference(
+                    manifest, grpc_transport.manifest, here="", there="") is not None):
+            raise ConfigError("the transport given to serve() must check the sites against "
+                              "this configuration's manifest (GrpcTransport(manifest=...))")
+        write_json(state / "provenance.json", server_provenance(config, data, evaluator.model))
         hooks: list[Any] = []
         if config.privacy.mode in ("dp_fedavg", "distributed"):
             # the Gaussian noise on the sum is the server's part; clipping and the

@@ -9,7 +9,10 @@ streams its replies back.  Per connection the server:
    the allowlist (and the certificate currently valid); a certificate it does not know is
    refused with ``UNAUTHENTICATED``.  Without TLS (``insecure = true``, loopback only) the
    site's name in its hello frame must be on the allowlist;
-2. refuses a second live connection for the same site (``ALREADY_EXISTS``);
+2. refuses a second live connection for the same site (``ALREADY_EXISTS``); with a
+   server :class:`~securefl.runtime.manifest.Manifest`, refuses a site whose hello carries
+   none or a different one (``FAILED_PRECONDITION``, naming the difference), and announces
+   its own as the stream's first frame so that the site can check the server in turn;
 3. accepts a reply only if it names the connection's own site, the current round, and the
    sequence number of the one request outstanding for that site (a replayed, stale or
    wrong-round frame is logged and ignored: the site may still answer properly);
@@ -55,6 +58,7 @@ from securefl.config.network import NetworkConfig, is_loopback, split_address
 from securefl.engine.messages import Message, decode, encode
 from securefl.engine.transport import Exchange
 from securefl.errors import ConfigError, MessageError
+from securefl.runtime.manifest import Manifest, announce, hello_refusal
 from securefl.runtime.slots import HelloGate
 from securefl.runtime.throttle import Throttle
 from securefl.runtime.tls import (
@@ -100,7 +104,8 @@ class GrpcTransport:
     """Server side of the runtime.  ``sites`` are the federation's client ids (default: the
     allowlist); a site not connected when it is sampled is reported dropped."""
 
-    def __init__(self, config: NetworkConfig, *, sites: Iterable[str] | None = None) -> None:
+    def __init__(self, config: NetworkConfig, *, sites: Iterable[str] | None = None,
+                 manifest: Manifest | None = None) -> None:
         host, _ = split_address(config.address)
         if config.insecure and not is_loopback(host):
             raise ConfigError(f"[network] insecure = true binds to loopback only, got "
@@ -109,6 +114,9 @@ class GrpcTransport:
             raise ConfigError("[network] certs is required: the server refuses to start "
                               "without TLS unless insecure = true (loopback only)")
         self.config = config
+        #: the server's :class:`~securefl.runtime.manifest.Manifest`: with one, every site
+        #: must send an equal one in its hello, and is sent this one in return
+        self.manifest = manifest
         self._sites = sorted(sites if sites is not None else config.allowlist)
         if not self._sites:
             raise ConfigError("[network] allowlist names no site")
@@ -254,6 +262,10 @@ class GrpcTransport:
         elif claimed != site:
             self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                          f"certificate of {site!r} used to claim site {claimed!r}", site)
+        refusal = None if self.manifest is None else hello_refusal(self.manifest, hello.payload,
+                                                                   site=site)
+        if refusal is not None:
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, refusal, site)
         session = _Session(site=site)
         with self._cond:
             if site in self._sessions:
@@ -272,6 +284,9 @@ class GrpcTransport:
         with self._cond:
             self._cond.notify_all()
         try:
+            if self.manifest is not None:  # the site checks what the server runs, too
+                yield from split(Kind.HELLO, announce(self.manifest), round=0, seq=0,
+                                 client_id=site, chunk_bytes=self.config.chunk_bytes)
             while True:
                 item = session.outbox.get()
                 if item is None:

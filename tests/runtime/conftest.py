@@ -62,9 +62,10 @@ class Federation:
         self.exit_codes: dict[str, int] = {}
 
     def join(self, handler, *, site: str | None = None, wait: bool = True,
-             config: NetworkConfig | None = None) -> SiteClient:
+             config: NetworkConfig | None = None, manifest=None) -> SiteClient:
         site = site or handler.client_id
-        client = SiteClient(handler, config or self.client_config, site=site)
+        client = SiteClient(handler, config or self.client_config, site=site,
+                            manifest=manifest)
         key = f"{site}#{len(self.threads)}"
 
         def run() -> None:

@@ -338,7 +338,7 @@ def test_a_round_end_cut_by_a_crash_is_recovered_and_countersigned(deployment, t
     try:
         monkeypatch.setattr(server_module, "_audit_round_end", crash_at_two)
         with pytest.raises(RuntimeError, match="power cut"):
-            serve(config, transport=_Crash(config.network, sites=SITES))
+            serve(config, transport=_Crash(config, sites=SITES))
         monkeypatch.setattr(server_module, "_audit_round_end", original)
         resumed = serve(config, resume=True)
     finally:

@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from securefl.build import central_evaluator
 from securefl.config import config_from_dict
+from securefl.data import federate
 from securefl.engine.messages import FitIns, FitRes, PlainUpdate
 from securefl.runtime.auditlog import verify
 from securefl.runtime.client import build_site, build_site_client
+from securefl.runtime.manifest import manifest_of
 from securefl.runtime.server import serve
 from securefl.runtime.store import ServerStore, model_hash
 from securefl.runtime.tls import init_certificates
@@ -98,6 +101,12 @@ def run_networked(config, *, wrap=None, resume=False, transport=None):
         return serve(config, resume=resume, transport=transport), sites
     finally:
         sites.join()
+
+
+def server_manifest(config):
+    """The manifest ``serve(config)`` checks the sites against."""
+    data = federate(config.data, seed=config.run.seed)
+    return manifest_of(config, central_evaluator(config, data).model)
 
 
 def test_plain_over_the_network_equals_the_simulation(deployment, tmp_path):
@@ -233,6 +242,9 @@ def test_a_site_killed_mid_round_in_each_phase(deployment, tmp_path, kind, phase
 class _Crash(GrpcTransport):
     """A server that dies between rounds: its port closes without telling the sites."""
 
+    def __init__(self, config, *, sites) -> None:
+        super().__init__(config.network, sites=sites, manifest=server_manifest(config))
+
     def close(self, *, notify: bool = True) -> None:
         super().close(notify=False)
 
@@ -246,7 +258,7 @@ def test_server_killed_between_rounds_resumes_to_the_same_model(deployment, tmp_
     first_leg = config.replace(run__rounds=2)
     sites = Sites(config)
     try:
-        partial = serve(first_leg, transport=_Crash(config.network, sites=SITES))
+        partial = serve(first_leg, transport=_Crash(first_leg, sites=SITES))
         assert len(partial.history.rounds) == 2
         with pytest.raises(Exception, match="--resume"):
             serve(config)
