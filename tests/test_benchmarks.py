@@ -102,6 +102,7 @@ def test_audit_quick() -> None:
     assert report["cost_vs_training_median"] > 0
 
 
+@pytest.mark.slow
 def test_distributed_dp() -> None:
     report = run("distributed_dp.py", "--seeds", "", "--dimension", "5000", "--repeats", "1")
     assert report["upload"]["ratio_vs_float32"] <= 0.55
