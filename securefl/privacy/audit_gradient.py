@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from securefl.config import Config
+from securefl.engine.history import RoundRecord
 from securefl.errors import ConfigError
 from securefl.params import Layout
 from securefl.privacy.audit import AuditReport, one_run_lower_bound
@@ -209,11 +210,13 @@ class CanaryRun:
 
 
 def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float = 10.0,
-                        tamper: Tamper | None = None) -> CanaryRun:
+                        tamper: Tamper | None = None,
+                        on_round: Callable[[RoundRecord], None] | None = None) -> CanaryRun:
     """Train ``config`` once with Dirac canaries of norm ``norm_factor * C`` (``C`` =
     ``[privacy] max_grad_norm``; 1 when non-private) and score them.
 
-    ``tamper`` plants a fault in each built trainer (tests and benchmarks only)."""
+    ``tamper`` plants a fault in each built trainer (tests and benchmarks only);
+    ``on_round`` is called after each round (progress)."""
     from securefl.data import federate
     from securefl.experiment import build_simulation
     from securefl.models import build_model
@@ -250,7 +253,7 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
                          coordinates=canaries.coordinates[mine], norm=canaries.norm,
                          rng=np.random.default_rng([config.run.seed, 0xA0D3, index]))
     try:
-        simulation.server.run(config.run.rounds)
+        simulation.server.run(config.run.rounds, on_round=on_round)
     finally:
         simulation.transport.close()
     privacy = simulation.privacy
@@ -259,7 +262,8 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
 
 
 def run_gradient_audit(config: Config, *, num_canaries: int = 1000, confidence: float = 0.95,
-                       norm_factor: float = 10.0, tamper: Tamper | None = None
+                       norm_factor: float = 10.0, tamper: Tamper | None = None,
+                       on_round: Callable[[RoundRecord], None] | None = None
                        ) -> tuple[AuditReport, np.ndarray, np.ndarray]:
     """:func:`train_with_canaries`, bounded by
     :func:`~securefl.privacy.audit.one_run_lower_bound`; the report, scores and inclusion."""
@@ -269,7 +273,7 @@ def run_gradient_audit(config: Config, *, num_canaries: int = 1000, confidence: 
     from securefl.params import unflatten
 
     run = train_with_canaries(config, num_canaries=num_canaries, norm_factor=norm_factor,
-                              tamper=tamper)
+                              tamper=tamper, on_round=on_round)
     included = run.canaries.included
     delta = config.privacy.delta
     bound = one_run_lower_bound(run.scores, included, delta=delta, confidence=confidence)

@@ -49,6 +49,7 @@ from securefl.engine.transport import Transport
 from securefl.errors import ConfigError, RunFailed
 from securefl.experiment import build_server, central_evaluator, save_final_model
 from securefl.output import plot_accuracy
+from securefl.progress import Progress, progress
 from securefl.rundir import append_jsonl, atomic_write, write_json
 from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
@@ -166,12 +167,14 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             _audit_resume(audit, store, server, evidence, state, last)
         rows = [r["metrics"] for r in store.rounds() if r["status"] == "completed"]
         try:
-            for rnd in range((last or 0) + 1, config.run.rounds + 1):
-                if isinstance(grpc_transport, GrpcTransport):
-                    _await_round(grpc_transport, server, config, rnd)
-                _run_round(server, store, audit, config, rnd, evidence)
-                rows.append(server.history.rounds[-1].to_json())
-                append_jsonl(state / "metrics.jsonl", rows)
+            with progress("round", config.run.rounds, log=_log, completed=last or 0) as bar:
+                for rnd in range((last or 0) + 1, config.run.rounds + 1):
+                    if isinstance(grpc_transport, GrpcTransport):
+                        _await_round(grpc_transport, server, config, rnd)
+                    record = _run_round(server, store, audit, config, rnd, evidence)
+                    rows.append(record.to_json())
+                    append_jsonl(state / "metrics.jsonl", rows)
+                    _report_round(bar, record)
         except BaseException:
             # stopped early (Ctrl-C, an error): the sites keep waiting for a --resume
             if isinstance(grpc_transport, GrpcTransport):
@@ -322,11 +325,15 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
                          dropped=record.dropped, declined=record.declined,
                          rejected=record.rejected, aborted=record.aborted,
                          epsilon_spent=store.spent())
-    _log.warning("round %d/%d: %d clients, accuracy %s%s", rnd, config.run.rounds,
-                 len(record.clients), "n/a" if record.accuracy is None
-                 else f"{record.accuracy:.4f}",
-                 f" (aborted: {record.aborted})" if record.aborted else "")
     return record
+
+
+def _report_round(bar: Progress, record: RoundRecord) -> None:
+    """Normal progress at INFO (or on the bar); an aborted round is a WARNING."""
+    accuracy = "n/a" if record.accuracy is None else f"{record.accuracy:.4f}"
+    bar.advance(status=f"{len(record.clients)} sites, accuracy {accuracy}")
+    if record.aborted:
+        _log.warning("round %d aborted: %s", record.round, record.aborted)
 
 
 def command(args: argparse.Namespace) -> int:
