@@ -239,3 +239,18 @@ def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     subprocess.run([*browser, "--window-size=1000,3000", f"--screenshot={shot}",
                     html_path.resolve().as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_identical_clients_share_one_epsilon_line(tmp_path: Path) -> None:
+    from securefl.privacy.report import distinct_curves, plot_epsilon
+
+    same = {"history": [[1, 1.5], [2, 2.5]], "budget": 8.0}
+    clients = {f"client-{i}": dict(same) for i in range(10)}
+    clients["client-3"] = {"history": [[1, 2.0], [2, 3.0]], "budget": 8.0}
+    curves = distinct_curves(clients)
+    assert [ids for _, ids in curves] == [[f"client-{i}" for i in range(10) if i != 3],
+                                          ["client-3"]]
+    assert curves[0][0] == ((1, 1.5), (2, 2.5))
+    path = plot_epsilon({"clients": clients, "delta": 1e-5, "accountant": "rdp"},
+                        tmp_path / "epsilon.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -198,18 +198,35 @@ def _protection_section(run: _Run) -> Section:
     rows += [[label(k), _fmt(v)] for k, v in config.aggregation.options.items()]
     privacy = config.privacy
     adaptive = ("target_quantile", "clip_learning_rate", "clipped_count_stddev")
-    rows += [[label(k), _fmt(getattr(privacy, k))]
+    rows += [[label(k), _privacy_value(privacy, k)]
              for k in PRIVACY_SETTINGS.get(privacy.mode, ("mode",))
              if not (k in adaptive and not privacy.adaptive_clipping)]
+    facts = run.facts if run.facts is not None else _facts(run)
     network = config.network
-    rows += [[label(f"network.{k}"), _fmt(v)] for k, v in (
-        ("insecure", getattr(network, "insecure", None)),
-        ("certs", getattr(network, "certs", None)),
-        ("allowlist", sorted(getattr(network, "allowlist", {}) or {})),
-        ("audit", getattr(network, "audit", None)))]
+    if facts.deployment == "network":
+        rows += [[label(f"network.{k}"), _fmt(v)] for k, v in (
+            ("insecure", getattr(network, "insecure", None)),
+            ("certs", getattr(network, "certs", None)),
+            ("allowlist", sorted(getattr(network, "allowlist", {}) or {})),
+            ("audit", getattr(network, "audit", None)))]
+    else:
+        rows.append(["Deployment", "in-process simulation (no network, no audit log)"])
     rows += [["Clients", str(config.data.num_clients)], ["Rounds planned", str(config.run.rounds)],
              ["Seed", str(config.run.seed)]]
     return Section("protection", title, [Table(["setting", "value"], rows)])
+
+
+def _privacy_value(privacy: Any, key: str) -> str:
+    """A [privacy] setting as the run used it (defaults said in words)."""
+    value = getattr(privacy, key)
+    if key == "budget":
+        value = getattr(privacy, "epsilon_budget", value)
+        return "none (no limit)" if value is None else _fmt(value)
+    if key == "noise_multiplier" and value is None:
+        return "calibrated from the target ε"
+    if key == "secure_mode" and value is None:
+        return "default: seeded in a simulation, CSPRNG at a deployed site"
+    return _fmt(value)
 
 
 def _participants_section(run: _Run) -> Section:
