@@ -230,4 +230,4 @@ def check_rounds(config: Config) -> None:
             f"{where}: [network] min_connected = {wanted} lets a round start with {absent} of "
             f"its {per_round} sites absent, but {shape.describe() if shape else ''} and needs "
             f"at least {smallest_round(secagg)} sites present; set min_connected = {need} "
-            "(a round that aborts has already charged the sites present)")
+            "(the sites present would train, and be charged, for a round that aborts)")
