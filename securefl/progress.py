@@ -15,6 +15,9 @@ from typing import Any
 
 __all__ = ["Progress", "bars_enabled", "progress"]
 
+#: the bar on screen, if any: rich shows one live display at a time
+_shown: list[Any] = []
+
 
 def bars_enabled() -> bool:
     """Whether a bar may be drawn: stderr is a terminal and INFO is not silenced (``-q``)."""
@@ -59,8 +62,9 @@ class Progress:
 @contextmanager
 def progress(description: str, total: float | None, *, log: logging.Logger,
              completed: float = 0, transient: bool = False) -> Iterator[Progress]:
-    """A :class:`Progress` for the block; with a bar when :func:`bars_enabled`."""
-    if not bars_enabled():
+    """A :class:`Progress` for the block; with a bar when :func:`bars_enabled` and no other
+    bar is shown (a nested one, like the server's wait inside its rounds, logs instead)."""
+    if not bars_enabled() or _shown:
         yield Progress(description, total, log=log, completed=completed)
         return
     from rich.console import Console
@@ -72,10 +76,12 @@ def progress(description: str, total: float | None, *, log: logging.Logger,
               console=Console(stderr=True))
     with bar:
         handlers = _redirect_logging(sys.stderr)
+        _shown.append(bar)
         try:
-            task = bar.add_task(description, total=total, completed=completed, status="")
+            task = bar.add_task(description, total=total, completed=int(completed), status="")
             yield Progress(description, total, log=log, bar=bar, task=task, completed=completed)
         finally:
+            _shown.remove(bar)
             _redirect_logging(None, handlers)
 
 
@@ -86,9 +92,10 @@ def _redirect_logging(stream: Any, restore: dict[logging.StreamHandler[Any], Any
         for handler, old in restore.items():
             handler.setStream(old)
         return {}
-    moved = {}
-    for handler in logging.getLogger().handlers:
-        if (isinstance(handler, logging.StreamHandler)
-                and handler.stream in (sys.__stderr__, getattr(stream, "rich_proxied_file", None))):
-            moved[handler] = handler.setStream(stream)
+    moved: dict[logging.StreamHandler[Any], Any] = {}
+    for candidate in logging.getLogger().handlers:
+        if (isinstance(candidate, logging.StreamHandler)
+                and candidate.stream in (sys.__stderr__,
+                                         getattr(stream, "rich_proxied_file", None))):
+            moved[candidate] = candidate.setStream(stream)
     return moved

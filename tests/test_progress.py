@@ -48,6 +48,8 @@ def test_on_a_terminal_a_bar_is_drawn_and_logs_go_above_it(monkeypatch) -> None:
         assert bars_enabled()
         with progress("round", 2, log=_log) as bar:
             assert bar.drawn
+            with progress("waiting for sites", 3, log=_log) as inner:  # one bar at a time
+                assert not inner.drawn
             bar.advance(status="accuracy 0.7")
             _log.warning("a site needs attention")
             assert handler.stream is not terminal  # through rich, above the bar
