@@ -198,10 +198,10 @@ def _protection_section(run: _Run) -> Section:
     rows += [[label(k), _fmt(v)] for k, v in config.aggregation.options.items()]
     privacy = config.privacy
     adaptive = ("target_quantile", "clip_learning_rate", "clipped_count_stddev")
-    rows += [[label(k), _privacy_value(privacy, k)]
+    facts = run.facts if run.facts is not None else _facts(run)
+    rows += [[label(k), _privacy_value(privacy, k, deployment=facts.deployment)]
              for k in PRIVACY_SETTINGS.get(privacy.mode, ("mode",))
              if not (k in adaptive and not privacy.adaptive_clipping)]
-    facts = run.facts if run.facts is not None else _facts(run)
     network = config.network
     if facts.deployment == "network":
         rows += [[label(f"network.{k}"), _fmt(v)] for k, v in (
@@ -216,7 +216,7 @@ def _protection_section(run: _Run) -> Section:
     return Section("protection", title, [Table(["setting", "value"], rows)])
 
 
-def _privacy_value(privacy: Any, key: str) -> str:
+def _privacy_value(privacy: Any, key: str, *, deployment: str) -> str:
     """A [privacy] setting as the run used it (defaults said in words)."""
     value = getattr(privacy, key)
     if key == "budget":
@@ -225,7 +225,11 @@ def _privacy_value(privacy: Any, key: str) -> str:
     if key == "noise_multiplier" and value is None:
         return "calibrated from the target ε"
     if key == "secure_mode" and value is None:
-        return "default: seeded in a simulation, CSPRNG at a deployed site"
+        if deployment == "network":
+            return "yes (the default at a deployed site)"
+        if privacy.mode == "dp_fedavg" and privacy.sampling == "secret":
+            return "yes (the default for a secret sample)"
+        return "no: seeded, reproducible (the default in a simulation)"
     return _fmt(value)
 
 
@@ -279,9 +283,13 @@ def _privacy_section(run: _Run) -> Section:
             else f"[privacy] mode = {mode!r}, but this folder holds no privacy ledger, "
             "privacy.json or signed receipts, so no ε can be reported."))
     elif used.source == "receipts":
-        blocks.append(Table(["site", "ε spent", "δ", "receipts", "mechanism"],
-                            [[c.client, _fmt(c.epsilon), f"{c.delta:g}", str(c.rounds),
-                              c.mechanism or "—"] for c in used.clients]))
+        budget = run.config.privacy.epsilon_budget if run.config is not None else None
+        blocks.append(Table(
+            ["site", "ε spent", "δ", "ε budget (each site enforces it)", "ε left", "receipts",
+             "mechanism"],
+            [[c.client, _fmt(c.epsilon), f"{c.delta:g}", _fmt(budget),
+              _fmt(None if budget is None or c.epsilon is None else budget - c.epsilon),
+              str(c.rounds), c.mechanism or "—"] for c in used.clients]))
     else:
         blocks.extend(_ledger_blocks(used.summary or {}))
     plot = run.directory / "epsilon.png"

@@ -75,9 +75,12 @@ def _privacy(facts: RunFacts) -> VerdictRow:
                           "no differential privacy ([privacy] mode = \"none\")" if mode == "none"
                           else f"[privacy] mode = {mode!r} but no ε was recorded")
     largest = spent.largest
-    budgets = {c.budget for c in spent.clients if c.budget is not None}
-    over = [c.client for c in spent.clients
-            if c.budget is not None and (c.epsilon is None or c.epsilon > c.budget + 1e-9)]
+    # a receipt carries no budget: each site enforces the config's own
+    configured = facts.config.privacy.epsilon_budget if facts.config is not None else None
+    limits = {c.client: c.budget if c.budget is not None else configured for c in spent.clients}
+    budgets = {b for b in limits.values() if b is not None}
+    over = [c.client for c in spent.clients if (limit := limits[c.client]) is not None
+            and (c.epsilon is None or c.epsilon > limit + 1e-9)]
     text = (f"largest ε {'unbounded' if largest is None else f'{largest:.4g}'} at "
             f"δ = {spent.clients[0].delta:g} over {len(spent.clients)} "
             f"{'sites' if spent.source == 'receipts' else 'clients'}"
