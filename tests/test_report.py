@@ -206,10 +206,17 @@ def test_missing_data_is_stated_section_by_section(tmp_path: Path,
                      "no attack-suite results", "no audit log"):
         assert sentence in html
     assert "protection" in html and "plain" in html
-    (run / "config.toml").unlink()
+    (run / "config.toml").write_text("[run\n")  # damaged
     html = write_report(run)[0].read_text()
     assert "No readable config.toml" in html
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"\xff\xd8")
+    capsys.readouterr()
+    assert main(["report", str(other)]) == 2
+    assert "not a run directory (it holds none of config.toml" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["holiday.jpg"]
 
 
 def _chromium() -> str | None:

@@ -51,6 +51,8 @@ __all__ = ["build_sections", "command", "write_report"]
 
 _KNOWN_IMAGES = {"epsilon.png", "accuracy.png"}
 _SHOWN_PRIVACY_KEYS = {"remaining", "epsilon_rdp", "epsilon_prv"}
+#: a folder holding none of these is no run's directory: no report is written into it
+_RUN_FILES = ("config.toml", "summary.json", "metrics.jsonl", "audit.log", "privacy.json")
 #: summary.json keys the Run table leaves to their own section (ε: the Privacy section)
 _NOT_IN_SUMMARY = {"epsilon_spent"}
 
@@ -389,6 +391,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     directory = Path(run_dir)
     if not directory.is_dir():
         raise SecureFLError(f"{directory}: not a run directory")
+    if not any((directory / name).exists() for name in _RUN_FILES):
+        raise SecureFLError(f"{directory}: not a run directory (it holds none of "
+                            f"{', '.join(_RUN_FILES)}); no report written")
     sections = build_sections(directory)
     title = f"securefl compliance report: {directory.resolve().name}"
     html_path, md_path = directory / "report.html", directory / "report.md"
