@@ -113,3 +113,17 @@ def test_sampler_and_threat_checker_agree_on_clients_per_round():
     import tomllib
 
     assert facts(config_from_dict(tomllib.loads(text))).clients_per_round == 7
+
+
+def test_folders_that_are_not_runs_get_the_reason(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["privacy", "report", str(missing)]) == 2
+    assert one_line_error(capsys) == f"securefl: error: {missing}: no such folder"
+    assert main(["audit", "verify", str(missing)]) == 1
+    assert capsys.readouterr().out.strip() == f"audit log FAILED: {missing}: no such folder"
+    simulation = tmp_path / "sim"
+    simulation.mkdir()
+    (simulation / "summary.json").write_text("{}")
+    assert main(["audit", "verify", str(simulation)]) == 1
+    assert "only a networked server (securefl server) writes one; an in-process simulation " \
+           "(securefl run) does not" in capsys.readouterr().out

@@ -174,6 +174,8 @@ def command(args: Any) -> int:
     from rich.console import Console
 
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise LedgerError(f"{run_dir}: no such folder")
     path = run_dir / LEDGER_FILE
     if not path.is_file() and (run_dir / "audit.log").is_file():
         # a networked server keeps no ledger: it reports the sites' signed receipts
