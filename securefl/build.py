@@ -202,7 +202,8 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
 
 def check_feasible(config: Config, aggregator: Aggregator, *, num_clients: int) -> None:
     """What the configuration decides about every round, checked before any training: the
-    sampled clients must be enough for the rule's byzantine bound and ``min_clients``."""
+    sampled clients must be enough for the rule's byzantine bound, ``min_clients`` and a
+    secure-aggregation round (:func:`securefl.secagg.tolerance.round_problem`)."""
     per_round = config.server.per_round(num_clients)
     sampled = f"[server] samples {per_round} of the {num_clients} clients per round"
     need = aggregator.min_clients
@@ -212,6 +213,12 @@ def check_feasible(config: Config, aggregator: Aggregator, *, num_clients: int) 
     if config.server.min_clients > per_round:
         raise ConfigError(f"[server] min_clients = {config.server.min_clients}, but {sampled}: "
                           "every round would abort")
+    if config.protection.kind == "secagg":
+        from securefl.secagg.tolerance import round_problem
+
+        if (problem := round_problem(per_round, config.protection.secagg)) is not None:
+            raise ConfigError(f"[protection] kind = \"secagg\": {problem}, but {sampled}: "
+                              "every round would abort after the clients trained")
 
 
 def root_trainer(config: Config, data: FederatedData, *, count: int,

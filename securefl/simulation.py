@@ -9,6 +9,7 @@ written atomically.  The parties themselves are built by :mod:`securefl.build`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -225,9 +226,8 @@ def command(args: Any) -> int:
         config = config.replace(run=dataclasses.replace(config.run, seed=args.seed))
     out = run_directory(args.out, name=config.run.name,
                         overwrite=getattr(args, "overwrite", False))
-    quiet = getattr(args, "quiet", False)
     try:
-        result = _run_command(config, out, quiet=quiet)
+        result = _run_command(config, out)
     except ConfigError as exc:  # checks that run after loading: name the file too
         text = str(exc)
         raise ConfigError(text if text.startswith(str(args.config)) else
@@ -242,29 +242,16 @@ def command(args: Any) -> int:
     return 0
 
 
-def _run_command(config: Config, out: Path, *, quiet: bool) -> RunResult:
-    rounds = config.run.rounds
+def _run_command(config: Config, out: Path) -> RunResult:
+    """The run with a bar on a terminal, one INFO line per round elsewhere (none under -q)."""
+    from securefl.progress import progress
 
-    def line(rec: RoundRecord) -> str:
-        acc = "n/a" if rec.accuracy is None else f"{rec.accuracy:.4f}"
-        loss = "n/a" if rec.loss is None else f"{rec.loss:.4f}"
-        note = f" aborted: {rec.aborted}" if rec.aborted else ""
-        return (f"round {rec.round}/{rounds} accuracy={acc} loss={loss} "
-                f"clients={len(rec.clients)} {rec.seconds:.2f}s{note}")
+    with progress(f"{config.run.name}: round", config.run.rounds,
+                  log=logging.getLogger(__name__)) as bar:
+        def advance(rec: RoundRecord) -> None:
+            acc = "n/a" if rec.accuracy is None else f"{rec.accuracy:.4f}"
+            loss = "n/a" if rec.loss is None else f"{rec.loss:.4f}"
+            bar.advance(status=f"accuracy={acc} loss={loss} clients={len(rec.clients)} "
+                        f"{rec.seconds:.2f}s" + (f" aborted: {rec.aborted}" if rec.aborted else ""))
 
-    if quiet:
-        return run_simulation(config, out_dir=out)
-    if sys.stderr.isatty():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[status]}"), transient=False) as bar:
-            task = bar.add_task(config.run.name, total=rounds, status="")
-
-            def advance(rec: RoundRecord) -> None:
-                acc = "" if rec.accuracy is None else f"accuracy {rec.accuracy:.4f}"
-                bar.update(task, advance=1, status=acc if not rec.aborted else "aborted")
-
-            return run_simulation(config, out_dir=out, on_round=advance)
-    return run_simulation(config, out_dir=out,
-                          on_round=lambda rec: print(line(rec), file=sys.stderr, flush=True))
+        return run_simulation(config, out_dir=out, on_round=advance)

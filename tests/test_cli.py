@@ -131,3 +131,17 @@ def test_threat_checker_takes_secagg_degree_and_threshold_from_the_graph():
     model = load_threat_model("honest-but-curious-server")
     assert secagg_share_threshold(known, model) == (4, 3)
     assert (degree(5, neighbours=3), threshold_for(4, fraction=0.5)) == (4, 3)
+
+
+def test_folders_that_are_not_runs_get_the_reason(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["privacy", "report", str(missing)]) == 2
+    assert one_line_error(capsys) == f"securefl: error: {missing}: no such folder"
+    assert main(["audit", "verify", str(missing)]) == 1
+    assert capsys.readouterr().out.strip() == f"audit log FAILED: {missing}: no such folder"
+    simulation = tmp_path / "sim"
+    simulation.mkdir()
+    (simulation / "summary.json").write_text("{}")
+    assert main(["audit", "verify", str(simulation)]) == 1
+    assert "only a networked server (securefl server) writes one; an in-process simulation " \
+           "(securefl run) does not" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from securefl.cli import main
 ROOT = Path(__file__).parents[1]
 FIXTURE = Path(__file__).parent / "threat_configs" / "quickstart.toml"
 HOSPITAL_MISSING = ("mutual-tls", "authenticated-sites", "differential-privacy",
-                    "per-site-budget", "hide-site-updates")
+                    "per-site-budget", "hide-site-updates", "signed-audit-log")
 
 
 @pytest.mark.parametrize("config", [FIXTURE, ROOT / "examples" / "quickstart.toml"],
@@ -40,7 +40,8 @@ def test_quickstart_fails_hospital_consortium_once_per_missing_control(
               if line.startswith("FAIL")]
     assert failed == list(HOSPITAL_MISSING)
     assert "no DP: membership inference is in scope" in out
-    assert "2 of 7 requirements pass" in out
+    assert "a simulation (securefl run) writes no audit log" in out
+    assert "1 of 7 requirements pass" in out
 
 
 def test_the_model_named_in_the_config_is_used_and_a_path_works(

@@ -21,7 +21,6 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
-import sys
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -250,32 +249,15 @@ def _run_cells(cells: list[Cell], done: dict[str, dict[str, Any]], path: Path,
 
 
 def _run_with_progress(scenario: Scenario, out_dir: Path) -> dict[str, dict[str, Any]]:
-    if not sys.stderr.isatty():
-        def line(cell: Cell, record: dict[str, Any] | None, index: int, total: int) -> None:
+    """The grid with a bar on a terminal, one INFO line per cell elsewhere, quiet under -q."""
+    from securefl.progress import progress
+
+    with progress(scenario.name, len(scenario.cells()), log=_log) as bar:
+        def advance(cell: Cell, record: dict[str, Any] | None, index: int, total: int) -> None:
             status = "done earlier" if record is None else (
                 f"{_describe(record)} ({record['seconds']:.1f}s)")
-            print(f"[{index}/{total}] {scenario.name} {cell.key}: {status}", file=sys.stderr,
-                  flush=True)
-
-        return run_scenario(scenario, out_dir, report=line)
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(*columns) as bar:
-        task = bar.add_task(scenario.name, total=len(scenario.cells()), status="")
-
-        def advance(cell: Cell, record: dict[str, Any] | None, index: int, total: int) -> None:
-            status = "" if record is None else f"{cell.key}: {_describe(record)}"
-            bar.update(task, advance=1, status=status[:80])
+            bar.update(completed=index - 1)
+            bar.advance(status=f"{cell.key}: {status}"[:100])
 
         return run_scenario(scenario, out_dir, report=advance)
 

@@ -39,7 +39,7 @@ A scenario ``[[cells]]`` table with ``kind = "inference"`` is one cell; the harn
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from scipy import stats
 from securefl.attacks import inversion, membership
 from securefl.config import Config, DataConfig, config_from_dict
 from securefl.data import ClientData, Dataset, FederatedData, load_dataset
+from securefl.engine.history import RoundRecord
 from securefl.engine.protection import Combined, Rows, WeightedSum
 from securefl.models import build_model
 from securefl.vector import unflatten
@@ -105,17 +106,19 @@ class _LastCombined:
         return combined
 
 
-def train_federation(config: Config, data: FederatedData) -> Trained:
-    """Run ``config`` on ``data`` with :func:`securefl.simulation.build_simulation`."""
+def train_federation(config: Config, data: FederatedData, *,
+                     on_round: Callable[[RoundRecord], None] | None = None) -> Trained:
+    """Run ``config`` on ``data`` with :func:`securefl.simulation.build_simulation`
+    (``on_round``: called after each round, for progress)."""
     from securefl.simulation import build_simulation
 
     recorder = _LastCombined()
     simulation = build_simulation(config, data=data, server_hooks=[recorder])
     rounds = config.run.rounds
     try:
-        simulation.server.run(rounds - 1)
+        simulation.server.run(rounds - 1, on_round=on_round)
         previous = simulation.server.parameters.copy()
-        simulation.server.run(1, start=rounds)
+        simulation.server.run(1, start=rounds, on_round=on_round)
     finally:
         simulation.transport.close()
     if recorder.combined is None:

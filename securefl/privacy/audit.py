@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -54,6 +56,8 @@ __all__ = [
     "one_run_p_value",
     "run_audit",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,8 @@ def run_audit(config: Config, *, num_canaries: int = 200, confidence: float = 0.
     return _input_audit(config, num_canaries=num_canaries, confidence=confidence)[0]
 
 
-def _input_audit(config: Config, *, num_canaries: int, confidence: float
+def _input_audit(config: Config, *, num_canaries: int, confidence: float,
+                 on_round: Callable[[Any], None] | None = None
                  ) -> tuple[AuditReport, np.ndarray, np.ndarray]:
     """Insert canaries, train ``config`` with securefl's pipeline, score each canary by the
     final model's logit-scaled confidence in its (wrong) label, and bound ε from one run."""
@@ -275,7 +280,7 @@ def _input_audit(config: Config, *, num_canaries: int, confidence: float
     rng = np.random.default_rng([config.run.seed, 0xA0D1])
     data, canaries, included = insert_canaries(federate(config.data, seed=config.run.seed),
                                                num_canaries=num_canaries, rng=rng)
-    trained = train_federation(config, data)
+    trained = train_federation(config, data, on_round=on_round)
     model = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed)
     unflatten(model, trained.parameters)
     scores = logit_confidence(model_outputs(model, canaries.features), canaries.labels)
@@ -295,16 +300,25 @@ def command(args: argparse.Namespace) -> int:
     exit 1 when :func:`gate_fails`."""
     from securefl.config import load_config
     from securefl.privacy.audit_gradient import run_gradient_audit
+    from securefl.progress import progress
 
     config = load_config(args.config)
     if args.seed is not None:
         config = config.replace(run__seed=args.seed)
-    if args.canary == "gradient":
-        report, scores, included = run_gradient_audit(
-            config, num_canaries=args.canaries or 1000, confidence=args.confidence)
-    else:
-        report, scores, included = _input_audit(config, num_canaries=args.canaries or 200,
-                                                confidence=args.confidence)
+    with progress(f"privacy audit ({args.canary} canaries): round", config.run.rounds,
+                  log=_log) as bar:
+        def advance(record: Any) -> None:
+            bar.advance(status="" if record.accuracy is None
+                        else f"accuracy {record.accuracy:.4f}")
+
+        if args.canary == "gradient":
+            report, scores, included = run_gradient_audit(
+                config, num_canaries=args.canaries or 1000, confidence=args.confidence,
+                on_round=advance)
+        else:
+            report, scores, included = _input_audit(
+                config, num_canaries=args.canaries or 200, confidence=args.confidence,
+                on_round=advance)
     failed = gate_fails(report)
     text = json.dumps({**report.to_json(), "gate": "fail" if failed else "pass"}, indent=2)
     out = Path(args.out or ".")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from securefl.config import Config
+from securefl.engine.history import RoundRecord
 from securefl.errors import ConfigError
 from securefl.privacy.audit import AuditReport, one_run_lower_bound
 from securefl.vector import Layout
@@ -209,12 +210,14 @@ class CanaryRun:
 
 
 def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float = 10.0,
-                        tamper: Tamper | None = None) -> CanaryRun:
+                        tamper: Tamper | None = None,
+                        on_round: Callable[[RoundRecord], None] | None = None) -> CanaryRun:
     """Train ``config`` once with Dirac canaries of norm ``norm_factor * C`` (``C`` =
     ``[privacy] max_grad_norm``; 1 when non-private) and score them.
 
-    ``tamper`` plants a fault in each built trainer (tests and benchmarks only).  The audit
-    trains on the CPU whatever ``[run] device`` says (its canaries are CPU tensors)."""
+    ``tamper`` plants a fault in each built trainer (tests and benchmarks only);
+    ``on_round`` is called after each round (progress).  The audit trains on the CPU whatever
+    ``[run] device`` says (its canaries are CPU tensors)."""
     from securefl.data import federate
     from securefl.models import build_model
     from securefl.simulation import build_simulation
@@ -252,7 +255,7 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
                          coordinates=canaries.coordinates[mine], norm=canaries.norm,
                          rng=np.random.default_rng([config.run.seed, 0xA0D3, index]))
     try:
-        simulation.server.run(config.run.rounds)
+        simulation.server.run(config.run.rounds, on_round=on_round)
     finally:
         simulation.transport.close()
     privacy = simulation.privacy
@@ -261,7 +264,8 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
 
 
 def run_gradient_audit(config: Config, *, num_canaries: int = 1000, confidence: float = 0.95,
-                       norm_factor: float = 10.0, tamper: Tamper | None = None
+                       norm_factor: float = 10.0, tamper: Tamper | None = None,
+                       on_round: Callable[[RoundRecord], None] | None = None
                        ) -> tuple[AuditReport, np.ndarray, np.ndarray]:
     """:func:`train_with_canaries`, bounded by
     :func:`~securefl.privacy.audit.one_run_lower_bound`; the report, scores and inclusion."""
@@ -271,7 +275,7 @@ def run_gradient_audit(config: Config, *, num_canaries: int = 1000, confidence: 
     from securefl.vector import unflatten
 
     run = train_with_canaries(config, num_canaries=num_canaries, norm_factor=norm_factor,
-                              tamper=tamper)
+                              tamper=tamper, on_round=on_round)
     included = run.canaries.included
     delta = config.privacy.delta
     bound = one_run_lower_bound(run.scores, included, delta=delta, confidence=confidence)

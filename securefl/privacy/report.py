@@ -22,7 +22,7 @@ from securefl.output import pyplot, save_figure
 from securefl.privacy.accounting import PrivacyEvent, epsilon
 from securefl.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 
-__all__ = ["command", "plot_epsilon", "summarise", "write_report"]
+__all__ = ["command", "distinct_curves", "plot_epsilon", "summarise", "write_report"]
 
 
 def _finite(value: float | None) -> float | None:
@@ -95,12 +95,18 @@ def plot_epsilon(summary: dict[str, Any], path: Path) -> Path:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     clients = summary["clients"]
-    for client_id, entry in clients.items():
-        points = [(r, e) for r, e in entry["history"] if e is not None]
-        if points:
-            rounds, values = zip(*points, strict=True)
-            axes.step(rounds, values, where="post", marker=".", linewidth=1.2,
-                      label=client_id if len(clients) <= 12 else None)
+    curves = distinct_curves(clients)
+    for points, ids in curves:
+        rounds, values = zip(*points, strict=True)
+        name = (ids[0] if len(ids) == 1 else f"{', '.join(ids)} (identical)" if len(ids) <= 3
+                else f"{ids[0]} … {ids[-1]} ({len(ids)} identical)")
+        axes.step(rounds, values, where="post", marker=".", linewidth=1.2,
+                  label=name if len(curves) <= 12 else None)
+    shared = len(curves) < sum(1 for e in clients.values() if e["history"])
+    if shared:
+        figure.text(0.01, 0.01, f"{len(clients)} clients, {len(curves)} distinct curve"
+                    f"{'' if len(curves) == 1 else 's'}: clients that spent identically share "
+                    "one line", fontsize=8, va="bottom")
     for budget in sorted({e["budget"] for e in clients.values() if e["budget"] is not None}):
         axes.axhline(budget, color="black", linestyle="--", linewidth=1,
                      label=f"budget {budget:g}")
@@ -112,8 +118,20 @@ def plot_epsilon(summary: dict[str, Any], path: Path) -> Path:
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8, ncol=2)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04 if shared else 0, 1, 1))
     return save_figure(figure, path)
+
+
+def distinct_curves(clients: dict[str, Any]) -> list[tuple[tuple[tuple[int, float], ...],
+                                                             list[str]]]:
+    """The distinct ε-per-round curves among ``clients``, each with the clients that follow
+    it (in order of first appearance)."""
+    groups: dict[tuple[tuple[int, float], ...], list[str]] = {}
+    for client_id, entry in clients.items():
+        points = tuple((int(r), float(e)) for r, e in entry["history"] if e is not None)
+        if points:
+            groups.setdefault(points, []).append(client_id)
+    return list(groups.items())
 
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +173,8 @@ def command(args: Any) -> int:
     from rich.console import Console
 
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise LedgerError(f"{run_dir}: no such folder")
     path = run_dir / LEDGER_FILE
     if not path.is_file() and (run_dir / "audit.log").is_file():
         # a networked server keeps no ledger: it reports the sites' signed receipts

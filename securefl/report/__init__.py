@@ -5,15 +5,21 @@
 ``report.md`` next to it.  Sections, in order, each saying so explicitly when its data is
 missing:
 
+0. the verdict (:mod:`securefl.report.verdict`): which controls held, what was spent;
 1. the run (``summary.json``);
 2. the threat model and each of its checks (:func:`securefl.threat.check_config` on the
    resolved ``config.toml``; a run with an audit log is checked as a network deployment);
 3. the protection, the aggregator and the privacy settings (``config.toml``);
 4. the participants of every round (``metrics.jsonl``) and the accuracy plot;
-5. ε spent and left per client (``privacy.json``) with ``epsilon.png``;
+5. ε spent per client from the run's one source of ε (:mod:`securefl.report.spent`: the
+   sites' signed receipts in a deployment, the clients' ledgers in a simulation), with
+   ``epsilon.png``;
 6. the attack-suite results (``results.jsonl``, ``RESULTS.md``, their PNG figures);
 7. the verification of the signed audit log (:func:`securefl.runtime.auditlog.verify`) and
    of the sites' signed privacy receipts recorded in it (:mod:`securefl.report.receipts`).
+
+Tables show human labels (:mod:`securefl.report.labels`), and only the privacy settings of
+the mode the run used.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from securefl.errors import SecureFLError
+from securefl.report.labels import PRIVACY_SETTINGS, label
 from securefl.report.receipts import receipt_blocks
 from securefl.report.render import (
     Image,
@@ -37,11 +44,17 @@ from securefl.report.render import (
     render_html,
     render_markdown,
 )
+from securefl.report.spent import spent
+from securefl.report.verdict import RunFacts, verdict_section
 
 __all__ = ["build_sections", "command", "write_report"]
 
 _KNOWN_IMAGES = {"epsilon.png", "accuracy.png"}
-_SHOWN_PRIVACY_KEYS = {"remaining"}
+_SHOWN_PRIVACY_KEYS = {"remaining", "epsilon_rdp", "epsilon_prv"}
+#: a folder holding none of these is no run's directory: no report is written into it
+_RUN_FILES = ("config.toml", "summary.json", "metrics.jsonl", "audit.log", "privacy.json")
+#: summary.json keys the Run table leaves to their own section (ε: the Privacy section)
+_NOT_IN_SUMMARY = {"epsilon_spent"}
 
 
 @dataclass
@@ -49,6 +62,7 @@ class _Run:
     directory: Path
     config: Any = None
     config_error: str | None = None
+    facts: RunFacts | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -98,15 +112,40 @@ def _image(path: Path, caption: str) -> Image:
 
 def _run_section(run: _Run) -> Section:
     summary = _read_json(run.directory / "summary.json")
-    rows = [["run directory", str(run.directory)],
-            ["report generated", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")]]
+    rows = [["Run directory", str(run.directory)],
+            ["Report generated", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")]]
     blocks: list[Any] = []
     if isinstance(summary, dict):
-        rows += [[str(k), _fmt(v)] for k, v in sorted(summary.items())]
+        rows += [[label(str(k)), _fmt(v)] for k, v in summary.items()
+                 if k not in _NOT_IN_SUMMARY]
     else:
         blocks.append(Paragraph("No summary.json in this run directory: the run may not have "
                                 "finished."))
     return Section("summary", "Run", [Table(["item", "value"], rows), *blocks])
+
+
+def _facts(run: _Run) -> RunFacts:
+    """Read once what the verdict and the sections share."""
+    from securefl.threat import check_config, load_threat_model
+
+    directory = run.directory
+    deployment = "network" if (directory / "audit.log").exists() else "simulation"
+    facts = RunFacts(directory, run.config, deployment, spent(directory, run.config))
+    name = run.config.run.threat_model if run.config is not None else None
+    if name:
+        try:
+            facts.checks = check_config(run.config, load_threat_model(name),
+                                        deployment=deployment)
+            facts.threat_model = name
+        except SecureFLError:
+            facts.checks = None
+    read = _read_jsonl(directory / "metrics.jsonl")
+    facts.metrics = read[0] if read is not None else []
+    if deployment == "network":
+        from securefl.runtime.auditlog import verify
+
+        facts.audit = verify(directory)
+    return facts
 
 
 def _threat_section(run: _Run) -> Section:
@@ -152,22 +191,48 @@ def _protection_section(run: _Run) -> Section:
             f"No readable config.toml ({run.config_error}): protection and aggregator unknown.")])
     config = run.config
     kind = config.protection.kind
-    rows = [["protection", kind]]
+    rows = [["Protection", {"plain": "none (plaintext updates)", "secagg": "secure aggregation "
+                            "(SecAgg+)", "he": "homomorphic encryption (CKKS)"}.get(kind, kind)]]
     if kind in ("secagg", "he"):
         section = getattr(config.protection, kind)
-        rows += [[f"protection.{kind}.{k}", _fmt(v)] for k, v in vars(section).items()]
-    rows.append(["aggregation rule", config.aggregation.rule])
-    rows += [[f"aggregation.{k}", _fmt(v)] for k, v in config.aggregation.options.items()]
-    rows += [[f"privacy.{k}", _fmt(v)] for k, v in vars(config.privacy).items()
-             if k == "mode" or config.privacy.mode != "none"]
+        rows += [[label(f"{kind}.{k}"), _fmt(v)] for k, v in vars(section).items()]
+    rows.append(["Aggregation rule", config.aggregation.rule])
+    rows += [[label(k), _fmt(v)] for k, v in config.aggregation.options.items()]
+    privacy = config.privacy
+    adaptive = ("target_quantile", "clip_learning_rate", "clipped_count_stddev")
+    facts = run.facts if run.facts is not None else _facts(run)
+    rows += [[label(k), _privacy_value(privacy, k, deployment=facts.deployment)]
+             for k in PRIVACY_SETTINGS.get(privacy.mode, ("mode",))
+             if not (k in adaptive and not privacy.adaptive_clipping)]
     network = config.network
-    rows += [["network.insecure", _fmt(getattr(network, "insecure", None))],
-             ["network.certs", _fmt(getattr(network, "certs", None))],
-             ["network.allowlist", _fmt(sorted(getattr(network, "allowlist", {}) or {}))],
-             ["network.audit", _fmt(getattr(network, "audit", None))]]
-    rows += [["clients", str(config.data.num_clients)], ["rounds", str(config.run.rounds)],
-             ["seed", str(config.run.seed)]]
+    if facts.deployment == "network":
+        rows += [[label(f"network.{k}"), _fmt(v)] for k, v in (
+            ("insecure", getattr(network, "insecure", None)),
+            ("certs", getattr(network, "certs", None)),
+            ("allowlist", sorted(getattr(network, "allowlist", {}) or {})),
+            ("audit", getattr(network, "audit", None)))]
+    else:
+        rows.append(["Deployment", "in-process simulation (no network, no audit log)"])
+    rows += [["Clients", str(config.data.num_clients)], ["Rounds planned", str(config.run.rounds)],
+             ["Seed", str(config.run.seed)]]
     return Section("protection", title, [Table(["setting", "value"], rows)])
+
+
+def _privacy_value(privacy: Any, key: str, *, deployment: str) -> str:
+    """A [privacy] setting as the run used it (defaults said in words)."""
+    value = getattr(privacy, key)
+    if key == "budget":
+        value = getattr(privacy, "epsilon_budget", value)
+        return "none (no limit)" if value is None else _fmt(value)
+    if key == "noise_multiplier" and value is None:
+        return "calibrated from the target ε"
+    if key == "secure_mode" and value is None:
+        if deployment == "network":
+            return "yes (the default at a deployed site)"
+        if privacy.mode == "dp_fedavg" and privacy.sampling == "secret":
+            return "yes (the default for a secret sample)"
+        return "no: seeded, reproducible (the default in a simulation)"
+    return _fmt(value)
 
 
 def _participants_section(run: _Run) -> Section:
@@ -208,38 +273,54 @@ def _client_rows(privacy: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 
 
 def _privacy_section(run: _Run) -> Section:
-    title = "Privacy: ε spent and left per client"
-    data = _read_json(run.directory / "privacy.json")
-    blocks: list[Any] = []
-    if not isinstance(data, dict):
-        mode = run.config.privacy.mode if run.config is not None else "unknown"
-        blocks.append(Paragraph(f"No privacy.json in this run directory (privacy mode: {mode}):"
-                                " no ε was accounted, so none is reported."))
+    title = "Privacy: ε spent per client"
+    facts = run.facts if run.facts is not None else _facts(run)
+    used = facts.spent
+    mode = run.config.privacy.mode if run.config is not None else "unknown"
+    blocks: list[Any] = [Paragraph(f"Source of every ε in this report: {used.describe()}.")]
+    blocks += [Paragraph(f"FAILED: {p}", status=False) for p in used.problems]
+    if used.source == "none":
+        blocks.append(Paragraph(
+            "No ε was accounted: the run used no differential privacy." if mode == "none"
+            else f"[privacy] mode = {mode!r}, but this folder holds no privacy ledger, "
+            "privacy.json or signed receipts, so no ε can be reported."))
+    elif used.source == "receipts":
+        budget = run.config.privacy.epsilon_budget if run.config is not None else None
+        blocks.append(Table(
+            ["site", "ε spent", "δ", "ε budget (each site enforces it)", "ε left", "receipts",
+             "mechanism"],
+            [[c.client, _fmt(c.epsilon), f"{c.delta:g}", _fmt(budget),
+              _fmt(None if budget is None or c.epsilon is None else budget - c.epsilon),
+              str(c.rounds), c.mechanism or "—"] for c in used.clients]))
     else:
-        header = [[k, _fmt(v)] for k, v in sorted(data.items())
-                  if not isinstance(v, Mapping | list)]
-        if header:
-            blocks.append(Table(["setting", "value"], header))
-        clients = _client_rows(data)
-        columns = sorted({k for c in clients.values() for k, v in c.items()
-                          if not isinstance(v, Mapping | list)} - _SHOWN_PRIVACY_KEYS)
-        if clients:
-            rows = []
-            accountant = str(data.get("accountant", "rdp"))
-            for cid, entry in sorted(clients.items()):
-                rows.append([cid, _fmt(entry.get(f"epsilon_{accountant}")),
-                             _fmt(entry.get("remaining"))]
-                            + [_fmt(entry.get(c)) for c in columns])
-            blocks.append(Table(["client", f"ε spent ({accountant})", "ε left", *columns],
-                                rows))
-        else:
-            blocks.append(Paragraph("privacy.json lists no clients."))
+        blocks.extend(_ledger_blocks(used.summary or {}))
     plot = run.directory / "epsilon.png"
     if plot.is_file():
         blocks.append(_image(plot, "ε per round for each client, with the budget"))
-    else:
+    elif used.source == "ledger":
         blocks.append(Paragraph("No epsilon.png in this run directory."))
     return Section("privacy", title, blocks)
+
+
+def _ledger_blocks(data: Mapping[str, Any]) -> list[Any]:
+    blocks: list[Any] = []
+    header = [[label(k), _fmt(v)] for k, v in sorted(data.items())
+              if not isinstance(v, Mapping | list)]
+    if header:
+        blocks.append(Table(["setting", "value"], header))
+    clients = _client_rows(data)
+    if not clients:
+        return [*blocks, Paragraph("The ledger lists no clients.")]
+    columns = sorted({k for c in clients.values() for k, v in c.items()
+                      if not isinstance(v, Mapping | list)} - _SHOWN_PRIVACY_KEYS)
+    accountant = str(data.get("accountant", "rdp"))
+    other = "prv" if accountant == "rdp" else "rdp"
+    rows = [[cid, _fmt(entry.get(f"epsilon_{accountant}")), _fmt(entry.get("remaining")),
+             _fmt(entry.get(f"epsilon_{other}"))] + [_fmt(entry.get(c)) for c in columns]
+            for cid, entry in sorted(clients.items())]
+    blocks.append(Table(["client", f"ε spent ({accountant.upper()}, enforced)", "ε left",
+                         f"ε by {other.upper()} (cross-check)", *map(label, columns)], rows))
+    return blocks
 
 
 def _attacks_section(run: _Run) -> Section:
@@ -299,9 +380,10 @@ def build_sections(run_dir: str | Path) -> list[Section]:
         run.config = load_config(run.directory / "config.toml")
     except SecureFLError as exc:
         run.config_error = str(exc)
-    return [_run_section(run), _threat_section(run), _protection_section(run),
-            _participants_section(run), _privacy_section(run), _attacks_section(run),
-            _audit_section(run)]
+    run.facts = _facts(run)
+    return [verdict_section(run.facts), _run_section(run), _threat_section(run),
+            _protection_section(run), _participants_section(run), _privacy_section(run),
+            _attacks_section(run), _audit_section(run)]
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
@@ -309,6 +391,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     directory = Path(run_dir)
     if not directory.is_dir():
         raise SecureFLError(f"{directory}: not a run directory")
+    if not any((directory / name).exists() for name in _RUN_FILES):
+        raise SecureFLError(f"{directory}: not a run directory (it holds none of "
+                            f"{', '.join(_RUN_FILES)}); no report written")
     sections = build_sections(directory)
     title = f"securefl compliance report: {directory.resolve().name}"
     html_path, md_path = directory / "report.html", directory / "report.md"

@@ -250,7 +250,12 @@ def audit_run(run_dir: str | Path, *, public_key: bytes | None = None,
     directory = Path(run_dir)
     if not (directory / LOG).exists():
         report = Verification()
-        report.problems.append(f"{directory / LOG} is missing")
+        report.problems.append(
+            f"{directory}: no such folder" if not directory.is_dir() else
+            f"{directory / LOG} is missing, though {directory / 'state.sqlite'} records rounds"
+            if (directory / "state.sqlite").exists() else
+            f"{directory} holds no audit log: only a networked server (securefl server) "
+            "writes one; an in-process simulation (securefl run) does not")
         return report
     report = verify(directory, public_key=public_key)
     if not report.ok:

@@ -43,6 +43,7 @@ from securefl.engine.trainer import RoundRewind, Trainer
 from securefl.engine.transport import ClientHandler
 from securefl.errors import ConfigError
 from securefl.output import write_json
+from securefl.progress import progress
 from securefl.provenance import site_provenance
 from securefl.runtime.deploy import load_deployment, load_identity, site_protection
 from securefl.runtime.evidence import Countersign, SiteWitness
@@ -111,6 +112,8 @@ class SiteClient:
         self._stop = threading.Event()
         self._call: grpc.Future | None = None
         self.requests_handled = 0
+        #: called with the round of every training request this site answered
+        self.on_round: Callable[[int], None] | None = None
 
     def stop(self) -> None:
         """Leave now: the open stream is cancelled, as if the site had crashed."""
@@ -253,6 +256,8 @@ class SiteClient:
             if reply is None:
                 reply = self.handler.handle(request, round=envelope.round)
             kind, payload = Kind.REPLY, encode(reply)
+            if isinstance(request, FitIns) and self.on_round is not None:
+                self.on_round(request.round)
         except Exception as exc:  # any handler failure is reported, never fatal to the site
             _log.warning("site %s: cannot answer request %d of round %d: %s", self.site,
                          envelope.seq, envelope.round, exc)
@@ -369,4 +374,14 @@ def command(args: argparse.Namespace) -> int:
     if config.network.client_state_dir is None:
         config = config.replace(network__client_state_dir=str(
             Path(args.config).resolve().parent / f"site-state-{site}"))
-    return build_site_client(config, site, new_run=getattr(args, "new_run", False)).run()
+    client = build_site_client(config, site, new_run=getattr(args, "new_run", False))
+    with progress(f"site {site}", config.run.rounds, log=_log) as bar:
+        trained: set[int] = set()
+
+        def advance(rnd: int) -> None:  # a redone round answers again: count it once
+            if rnd not in trained:
+                trained.add(rnd)
+                bar.advance(status=f"trained round {rnd}")
+
+        client.on_round = advance
+        return client.run()

@@ -34,8 +34,8 @@ from securefl.errors import ConfigError
 from securefl.he.packing import Selection
 from securefl.vector import Layout
 
-__all__ = ["identity_directory", "load_deployment", "load_identity", "server_protection",
-           "site_protection"]
+__all__ = ["check_rounds", "identity_directory", "load_deployment", "load_identity",
+           "server_protection", "site_protection"]
 
 
 def load_deployment(path: str | Path) -> Config:
@@ -177,3 +177,32 @@ def site_protection(config: Config, site: str, sites: Sequence[str] | None = Non
         min_contributors=config.protection.he.min_contributors,
         selection=_he_selection(config, layout), server_lr=config.server.lr,
         resum=config.protection.he.resum, log=log)
+
+
+def check_rounds(config: Config) -> None:
+    """What a deployment's config decides about its rounds, checked before the server waits
+    for any site: under secure aggregation, a round that starts with the sites that
+    ``[network] min_connected`` allows to be absent must still be able to finish
+    (:mod:`securefl.secagg.tolerance`); otherwise it would abort after the sites present had
+    trained and been charged for it."""
+    if config.protection.kind != "secagg":
+        return
+    from securefl.secagg.tolerance import round_problem, round_shape, smallest_round
+
+    secagg = config.protection.secagg
+    sites = len(config.network.allowlist)
+    per_round = config.server.per_round(sites)
+    where = f"[protection] kind = \"secagg\" with {sites} sites in [network.allowlist]"
+    if (problem := round_problem(per_round, secagg)) is not None:
+        raise ConfigError(f"{where}: {problem}, but a round samples {per_round}; every round "
+                          "would abort after the sites trained")
+    wanted = config.network.min_connected or sites
+    absent = min(per_round, max(0, sites - wanted))
+    if round_problem(per_round - absent, secagg) is not None:
+        shape = round_shape(per_round, secagg)
+        need = sites - per_round + smallest_round(secagg)
+        raise ConfigError(
+            f"{where}: [network] min_connected = {wanted} lets a round start with {absent} of "
+            f"its {per_round} sites absent, but {shape.describe() if shape else ''} and needs "
+            f"at least {smallest_round(secagg)} sites present; set min_connected = {need} "
+            "(the sites present would train, and be charged, for a round that aborts)")

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,16 @@ from securefl.engine.server import Server
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError, RunFailed
 from securefl.output import append_jsonl, atomic_write, plot_accuracy, write_json
+from securefl.progress import Progress, progress
 from securefl.provenance import server_provenance
 from securefl.runtime.auditlog import LOG, AuditLog, load_signing_key
 from securefl.runtime.auditlog import verify as verify_log
-from securefl.runtime.deploy import identity_directory, load_deployment, server_protection
+from securefl.runtime.deploy import (
+    check_rounds,
+    identity_directory,
+    load_deployment,
+    server_protection,
+)
 from securefl.runtime.evidence import collect_countersignatures, statement
 from securefl.runtime.manifest import difference, manifest_of
 from securefl.runtime.receipts import collect_receipts
@@ -97,6 +104,7 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
           transport: Transport | None = None) -> ServeResult:
     """Run (or resume) the federation described by ``config`` until ``[run] rounds``."""
     net = config.network
+    check_rounds(config)
     state = Path(state_dir or net.state_dir)
     store = ServerStore(state)
     try:
@@ -167,10 +175,14 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             _audit_resume(audit, store, server, evidence, state, last)
         rows = [r["metrics"] for r in store.rounds() if r["status"] == "completed"]
         try:
-            for rnd in range((last or 0) + 1, config.run.rounds + 1):
-                _run_round(server, store, audit, config, rnd, evidence)
-                rows.append(server.history.rounds[-1].to_json())
-                append_jsonl(state / "metrics.jsonl", rows)
+            with progress("round", config.run.rounds, log=_log, completed=last or 0) as bar:
+                for rnd in range((last or 0) + 1, config.run.rounds + 1):
+                    if isinstance(grpc_transport, GrpcTransport):
+                        _await_round(grpc_transport, server, config, rnd)
+                    record = _run_round(server, store, audit, config, rnd, evidence)
+                    rows.append(record.to_json())
+                    append_jsonl(state / "metrics.jsonl", rows)
+                    _report_round(bar, record)
         except BaseException:
             # stopped early (Ctrl-C, an error): the sites keep waiting for a --resume
             if isinstance(grpc_transport, GrpcTransport):
@@ -246,6 +258,36 @@ def _audit_round_end(audit: AuditLog, server: Server, evidence: _Evidence | None
                  receipts=dict(receipts), **data)
 
 
+def _await_round(transport: GrpcTransport, server: Server, config: Config, rnd: int) -> None:
+    """Start round ``rnd`` only when the sampled sites that are connected can finish it.
+
+    Under secure aggregation a site that is not connected shrinks the round
+    (:mod:`securefl.secagg.tolerance`); a round too small would abort after the others had
+    trained and been charged.  The server waits up to ``[network] connect_timeout`` for the
+    missing sites, then stops without starting the round (the state stays for ``--resume``).
+    """
+    if config.protection.kind != "secagg":
+        return
+    from securefl.secagg.tolerance import round_problem
+
+    sampled = server.sampler(transport.client_ids(), server.round_rng(rnd))
+    deadline = time.monotonic() + config.network.connect_timeout
+    while True:
+        present = sorted(set(transport.connected()) & set(sampled))
+        problem = round_problem(len(present), config.protection.secagg)
+        left = deadline - time.monotonic()
+        if problem is None:
+            return
+        if left <= 0:
+            raise RunFailed(f"round {rnd} not started: {len(present)} of its {len(sampled)} "
+                            f"sites connected ({', '.join(present) or 'none'}) within "
+                            f"{config.network.connect_timeout:g} s and {problem}; no site was "
+                            "charged; restart with --resume when the sites are back")
+        _log.warning("round %d waits: %d of its %d sites connected and %s", rnd, len(present),
+                     len(sampled), problem)
+        transport.wait_for_clients(len(transport.connected()) + 1, timeout=min(left, 10.0))
+
+
 def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, config: Config,
                rnd: int, evidence: _Evidence | None) -> RoundRecord:
     participants = server.sampler(server.transport.client_ids(), server.round_rng(rnd))
@@ -291,11 +333,15 @@ def _run_round(server: Server, store: ServerStore, audit: AuditLog | None, confi
                          dropped=record.dropped, declined=record.declined,
                          rejected=record.rejected, aborted=record.aborted,
                          epsilon_spent=store.spent())
-    _log.warning("round %d/%d: %d clients, accuracy %s%s", rnd, config.run.rounds,
-                 len(record.clients), "n/a" if record.accuracy is None
-                 else f"{record.accuracy:.4f}",
-                 f" (aborted: {record.aborted})" if record.aborted else "")
     return record
+
+
+def _report_round(bar: Progress, record: RoundRecord) -> None:
+    """Normal progress at INFO (or on the bar); an aborted round is a WARNING."""
+    accuracy = "n/a" if record.accuracy is None else f"{record.accuracy:.4f}"
+    bar.advance(status=f"{len(record.clients)} sites, accuracy {accuracy}")
+    if record.aborted:
+        _log.warning("round %d aborted: %s", record.round, record.aborted)
 
 
 def command(args: argparse.Namespace) -> int:

@@ -165,16 +165,21 @@ class GrpcTransport:
     def wait_for_clients(self, count: int, *, timeout: float) -> list[str]:
         """Block until ``count`` sites are connected (or ``timeout``); returns who is.  The
         wait is visible: every 10 s the log says who is in and how long is left."""
+        from securefl.progress import progress
+
         deadline = time.monotonic() + timeout
         next_note = time.monotonic()
-        with self._cond:
+        with progress("waiting for sites", count, log=_log, transient=True) as bar, self._cond:
             while len(self._sessions) < count and (now := time.monotonic()) < deadline:
-                if now >= next_note:
+                who = ", ".join(sorted(self._sessions)) or "none"
+                bar.update(completed=len(self._sessions),
+                           status=f"{who}; {deadline - now:.0f} s left")
+                if now >= next_note and not bar.drawn:
                     _log.info("waiting for sites: %d of %d connected (%s); %.0f s left",
-                              len(self._sessions), count,
-                              ", ".join(sorted(self._sessions)) or "none", deadline - now)
+                              len(self._sessions), count, who, deadline - now)
                     next_note = now + 10.0
-                self._cond.wait(min(deadline - now, max(0.0, next_note - now)))
+                self._cond.wait(min(deadline - now, 1.0 if bar.drawn
+                                    else max(0.0, next_note - now)))
             return sorted(self._sessions)
 
     def exchange(self, requests: Mapping[str, Message], *, round: int,

@@ -335,7 +335,11 @@ def site_allowlist(f: Facts, model: ThreatModel) -> tuple[bool, str]:
 
 
 def signed_audit_log(f: Facts, model: ThreatModel) -> tuple[bool, str]:
-    """A hash-chained log of every round, each entry signed with the server's Ed25519 key."""
+    """A hash-chained log of every round, each entry signed with the server's Ed25519 key;
+    only the networked server keeps one."""
+    if f.deployment == "simulation":
+        return False, ("a simulation (securefl run) writes no audit log; only the networked "
+                       "server (securefl server) signs its rounds")
     if not f.audit:
         return False, "[network] audit = false: no signed audit log of the rounds"
     return True, "every round is recorded in the hash-chained, Ed25519-signed audit log"

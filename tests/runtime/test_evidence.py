@@ -450,3 +450,48 @@ def test_sites_sharing_a_state_folder_keep_their_own_heads(tmp_path):
     assert [w.head("ab12")["round"] for w in witnesses] == [2, 1]  # two files, no mixing
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "audit-head-alpha-ab12.json", "audit-head-beta-ab12.json"]
+
+
+def test_the_compliance_report_of_a_dp_deployment_agrees_with_its_checks(run, tmp_path,
+                                                                       capsys, monkeypatch):
+    from tests.report_agreement import (
+        audit_verify,
+        check_results,
+        compliance_report,
+        privacy_report,
+        report_epsilon,
+        requirement_results,
+        verdict,
+    )
+
+    monkeypatch.setenv("COLUMNS", "200")
+    state = _copy(run, tmp_path)
+    config = state / "config.toml"
+    config.write_text(config.read_text().replace('name = "net"',
+                                                 'name = "net"\nthreat_model = "hospital-'
+                                                 'consortium"', 1))
+    report = compliance_report(state, capsys)
+    # ε: the report's table is the sites' receipts, as `privacy report` prints them
+    spent = privacy_report(state, capsys)
+    assert sorted(spent) == SITES and all(v > 0 for v in spent.values())
+    assert report_epsilon(report) == pytest.approx(spent, abs=5e-4)
+    assert report.paragraphs["privacy"][0] == ("Source of every ε in this report: the privacy "
+                                               "receipts signed by the sites (verified).")
+    rows = verdict(report)
+    assert rows["Privacy spent"][0] == "PASS"
+    assert f"largest ε {max(spent.values()):.4g}" in rows["Privacy spent"][1]
+    assert f"at most ε = {max(spent.values()):.4g} per site" in report.paragraphs["verdict"][0]
+    # the audit log: verified in the report as by `audit verify` with the pinned keys
+    code, out = audit_verify(state, capsys, "--identities", str(run["config"].network.certs))
+    entries = int(out.split("audit log OK: ")[1].split()[0])
+    assert code == 0 and rows["Signed audit log"] == (
+        "PASS", f"verified: {entries} entries, every hash link and signature checks out")
+    # controls: the same requirements pass and fail as `securefl check --deployment network`
+    checked = check_results(config, "hospital-consortium", "network", capsys)
+    assert requirement_results(report) == checked
+    failing = sorted(k for k, v in checked.items() if v == "FAIL")
+    assert rows["Threat-model controls"][0] == ("FAIL" if failing else "PASS")
+    assert all(f in rows["Threat-model controls"][1] for f in failing)
+    assert report.paragraphs["verdict"][0].startswith(
+        "Verdict: needs attention (Threat-model controls)" if failing
+        else "Verdict: every recorded control held")

@@ -211,6 +211,8 @@ class KillAt:
                                              ("secagg", 3), ("secagg", 4), ("he", 0)])
 def test_a_site_killed_mid_round_in_each_phase(deployment, tmp_path, kind, phase, caplog):
     caplog.set_level(logging.WARNING, logger="securefl")
+    # the victim is stopped for good; the others keep the default reconnect window, which
+    # also covers a server slow to start listening on a loaded machine
     config = make_config(deployment, tmp_path, kind=kind, rounds=2)
     holder: dict = {}
     victim = "client-1"
