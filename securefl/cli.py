@@ -24,7 +24,7 @@ __all__ = ["main"]
 # the exit status.
 _HANDLERS = {
     ("run",): "securefl.simulation:command",
-    ("check",): "securefl.threat:command",
+    ("check",): "securefl.report.check:command",
     ("report",): "securefl.report:command",
     ("privacy", "report"): "securefl.privacy.report:command",
     ("privacy", "audit"): "securefl.privacy.audit:command",

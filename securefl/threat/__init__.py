@@ -10,7 +10,6 @@ failure, and nothing starts.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,9 @@ __all__ = [
     "ThreatModel",
     "available_threat_models",
     "check_config",
-    "command",
     "load_threat_model",
     "parse_threat_model",
     "require",
-    "round_problem",
 ]
 
 DEPLOYMENTS = ("simulation", "network")
@@ -98,45 +95,3 @@ def require(config: Any, *, deployment: str = "simulation",
         raise ConfigError(f"the config does not meet threat model {name!r} "
                           f"({len(failed)} of {len(results)} requirements fail):\n{lines}")
     return results
-
-
-def command(args: argparse.Namespace) -> int:
-    """``securefl check CONFIG [--threat-model NAME]``: one line per requirement; exit 1 on any
-    failure."""
-    from securefl.config import load_config
-
-    config = load_config(args.config)
-    name = args.threat_model or config.run.threat_model
-    if not name:
-        raise ConfigError(f"{args.config}: no threat model: pass --threat-model NAME or set "
-                          f"[run] threat_model (shipped: {', '.join(available_threat_models())})")
-    model = load_threat_model(name)
-    results = check_config(config, model, deployment=getattr(args, "deployment", "simulation"))
-    problem = round_problem(config, deployment=getattr(args, "deployment", "simulation"))
-    print(f"threat model {model.name}: {model.title}")
-    for result in results:
-        print(result.line())
-    if problem is not None:
-        print(f"FAIL  rounds-can-finish: {problem}")
-    failed = sum(not r.passed for r in results)
-    print(f"{len(results) - failed} of {len(results)} requirements pass"
-          + (f"; {args.config} does not meet {model.name}" if failed else "")
-          + ("; its rounds cannot finish, so securefl refuses to start it" if problem else ""))
-    return 1 if failed or problem is not None else 0
-
-
-def round_problem(config: Any, *, deployment: str = "simulation") -> str | None:
-    """Why the rounds ``config`` starts cannot finish, or ``None``: the checks ``securefl
-    run`` and ``securefl server`` make before any training (the rule's byzantine bound,
-    ``min_clients``, a secure-aggregation round and, deployed, ``[network] min_connected``)."""
-    from securefl.build import check_feasible
-
-    try:
-        check_feasible(config, config.aggregation.build(), num_clients=config.data.num_clients)
-        if deployment == "network":
-            from securefl.runtime.deploy import check_rounds
-
-            check_rounds(config)
-    except ConfigError as exc:
-        return str(exc)
-    return None
