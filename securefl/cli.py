@@ -26,7 +26,7 @@ _HANDLERS = {
     ("run",): "securefl.simulation:command",
     ("check",): "securefl.report.check:command",
     ("report",): "securefl.report:command",
-    ("privacy", "report"): "securefl.privacy.report:command",
+    ("privacy", "report"): "securefl.report.privacy:command",
     ("privacy", "audit"): "securefl.privacy.audit:command",
     ("attack", "run"): "securefl.attacks.harness:command",
     ("certs", "init"): "securefl.runtime.tls:command",

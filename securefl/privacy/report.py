@@ -169,18 +169,15 @@ def _table(summary: dict[str, Any]) -> Any:
 
 
 def command(args: Any) -> int:
-    """CLI handler of ``securefl privacy report RUN_DIR``."""
+    """``securefl privacy report RUN_DIR`` of a run with a ledger (a simulation, or a site's
+    state folder); :func:`securefl.report.privacy.command` sends a server's state folder to
+    its sites' receipts instead."""
     from rich.console import Console
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise LedgerError(f"{run_dir}: no such folder")
     path = run_dir / LEDGER_FILE
-    if not path.is_file() and (run_dir / "audit.log").is_file():
-        # a networked server keeps no ledger: it reports the sites' signed receipts
-        from securefl.runtime.auditlog import receipts_command
-
-        return receipts_command(args)
     if not path.is_file():
         raise LedgerError(f"{run_dir}: no {LEDGER_FILE} (was the run made with [privacy] "
                           f"mode = \"dp_sgd\" or \"dp_fedavg\"?)")

@@ -297,8 +297,8 @@ def test_a_malformed_statement_is_refused(tmp_path, raw):
 
 def test_privacy_report_and_compliance_report_read_and_verify_the_receipts(run, tmp_path,
                                                                            capsys):
-    from securefl.privacy.report import command as privacy_report
     from securefl.report import build_sections
+    from securefl.report.privacy import command as privacy_report
 
     state = _copy(run, tmp_path)
     assert privacy_report(argparse.Namespace(run_dir=str(state))) == 0
