@@ -68,7 +68,7 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     actors (nothing runs yet; ``simulation.transport.close()`` stops the actors, and Ray
     when this call started it).  ``trainers`` and ``clients`` are empty: they live in the
     actors."""
-    from securefl.experiment import Simulation, build_server, central_evaluator
+    from securefl.experiment import Simulation, build_server, central_evaluator, check_feasible
 
     unsupported = sorted(k for k, v in in_process_only.items() if v)
     if unsupported:
@@ -81,6 +81,7 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     sim = config.simulation
     data = federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
+    check_feasible(config, config.aggregation.build(), num_clients=len(ids))  # before any actor
     evaluator = central_evaluator(config, data)
     keys = _KeyHolder(config, Layout.of(evaluator.model))
     ray = import_ray()
