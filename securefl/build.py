@@ -9,24 +9,26 @@ any work.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from securefl import config as _config
+import securefl.config as _config
 from securefl.aggregation import Aggregator, ReferenceRule
 from securefl.aggregation import build_aggregator as _rule
 from securefl.config import Config
 from securefl.config.parse import FieldError
 from securefl.data import Dataset, FederatedData
 from securefl.device import select_device
+from securefl.engine.client import Client
 from securefl.engine.optim import build_server_optimizer
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.engine.server import Sampler, Server, ServerHook
-from securefl.engine.trainer import LocalTrainer, evaluate_model
+from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import OwnModel, build_model
@@ -35,7 +37,7 @@ from securefl.objective import objective as resolve
 from securefl.output import save_model
 from securefl.vector import Layout, flatten, unflatten
 
-__all__ = ["TestSetEvaluator", "aggregator_for", "build_protection", "build_server",
+__all__ = ["Simulation", "TestSetEvaluator", "aggregator_for", "build_protection", "build_server",
            "central_evaluator", "check_config", "check_feasible", "config_from_dict",
            "load_config", "local_trainer", "root_trainer", "save_final_model", "secagg_encoding"]
 
@@ -254,3 +256,32 @@ def save_final_model(run_dir: Path, config: Config, evaluator: TestSetEvaluator,
                       {k: v.detach().cpu().numpy()
                        for k, v in evaluator.model.state_dict().items()},
                       metadata={"format": "pt-state-dict", "model": config.model.name})
+
+
+@dataclass
+class Simulation:
+    """Everything a simulated federation is made of (:mod:`securefl.simulation` builds it,
+    in-process or on Ray), exposed for harnesses and tests."""
+
+    config: Config
+    data: FederatedData
+    trainers: dict[str, Trainer]
+    clients: dict[str, Client]
+    transport: Transport  # InProcessTransport, or RayTransport with [simulation] backend = "ray"
+    server: Server
+    evaluator: TestSetEvaluator
+    privacy: Any = None
+    #: the global model as the sites see it, when the server keeps it encrypted (HE)
+    site_view: Callable[[], np.ndarray] | None = None
+
+    def parameters(self) -> np.ndarray:
+        """The current global model: the server's, or the one the sites decrypt."""
+        return self.site_view() if self.site_view is not None else self.server.parameters
+
+    @property
+    def model(self) -> torch.nn.Module:  # the server's copy, used for central evaluation
+        return self.evaluator.model
+
+    @property
+    def layout(self) -> Layout:
+        return self.evaluator.layout

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from securefl.aggregation import Aggregator
 from securefl.config import Config, config_from_dict
 from securefl.data import FederatedData, federate
 from securefl.engine.client import Client
@@ -42,7 +43,7 @@ from securefl.errors import ConfigError
 from securefl.vector import Layout
 
 if TYPE_CHECKING:
-    from securefl.simulation import Simulation
+    from securefl.build import Simulation
 
 __all__ = ["ConfigSites", "build_ray_simulation", "config_sites", "site_groups"]
 
@@ -63,13 +64,19 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
                          server_hooks: Sequence[Any] = (),
                          schedule: DropSchedule | None = None,
                          root_data: FederatedData | None = None,
+                         aggregator: Aggregator | None = None,
                          **in_process_only: Any) -> Simulation:
     """The :class:`~securefl.simulation.Simulation` of ``config`` with its sites in Ray
     actors (nothing runs yet; ``simulation.transport.close()`` stops the actors, and Ray
     when this call started it).  ``trainers`` and ``clients`` are empty: they live in the
     actors."""
-    from securefl.build import build_server, central_evaluator
-    from securefl.simulation import Simulation
+    from securefl.build import (
+        Simulation,
+        aggregator_for,
+        build_server,
+        central_evaluator,
+        check_feasible,
+    )
 
     unsupported = sorted(k for k, v in in_process_only.items() if v)
     if unsupported:
@@ -82,6 +89,8 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     sim = config.simulation
     data = federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
+    aggregator = aggregator if aggregator is not None else aggregator_for(config)
+    check_feasible(config, aggregator, num_clients=len(ids))  # before any actor
     evaluator = central_evaluator(config, data)
     keys = _KeyHolder(config, Layout.of(evaluator.model))
     ray = import_ray()
@@ -114,7 +123,7 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
         protection = keys.server(directory)
         server, evaluator = build_server(config, transport, protection, data,
                                          hooks=server_hooks, root_data=root_data,
-                                         evaluator=evaluator)
+                                         evaluator=evaluator, aggregator=aggregator)
     except BaseException:  # e.g. a check_feasible ConfigError: stop what was started
         transport.close()
         raise

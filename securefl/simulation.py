@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from securefl.aggregation import Aggregator
 from securefl.build import (
-    TestSetEvaluator,
+    Simulation,
     aggregator_for,
     build_protection,
     build_server,
@@ -35,10 +34,9 @@ from securefl.data import FederatedData, federate
 from securefl.engine.client import Client, UpdateHook
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.protection import KeepsModel
-from securefl.engine.server import Server, ServerHook
+from securefl.engine.server import ServerHook
 from securefl.engine.simulation import DropSchedule, InProcessTransport
 from securefl.engine.trainer import RoundRewind, Trainer, torch_threads
-from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import OwnModel
 from securefl.objective import Objective
@@ -52,37 +50,8 @@ from securefl.output import (
     write_json,
 )
 from securefl.provenance import provenance
-from securefl.vector import Layout
 
 __all__ = ["RunResult", "Simulation", "build_simulation", "command", "run_simulation"]
-
-
-@dataclass
-class Simulation:
-    """Everything a simulated federation is made of, exposed for harnesses and tests."""
-
-    config: Config
-    data: FederatedData
-    trainers: dict[str, Trainer]
-    clients: dict[str, Client]
-    transport: Transport  # InProcessTransport, or RayTransport with [simulation] backend = "ray"
-    server: Server
-    evaluator: TestSetEvaluator
-    privacy: Any = None
-    #: the global model as the sites see it, when the server keeps it encrypted (HE)
-    site_view: Callable[[], np.ndarray] | None = None
-
-    def parameters(self) -> np.ndarray:
-        """The current global model: the server's, or the one the sites decrypt."""
-        return self.site_view() if self.site_view is not None else self.server.parameters
-
-    @property
-    def model(self) -> torch.nn.Module:  # the server's copy, used for central evaluation
-        return self.evaluator.model
-
-    @property
-    def layout(self) -> Layout:
-        return self.evaluator.layout
 
 
 def build_simulation(config: Config, *, run_dir: Path | None = None,
@@ -109,7 +78,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
 
         return build_ray_simulation(config, run_dir=run_dir, server_hooks=server_hooks,
                                     schedule=schedule, root_data=root_data, data=data,
-                                    client_hooks=client_hooks, model=model)
+                                    client_hooks=client_hooks, model=model,
+                                    aggregator=aggregator, objective=objective)
     data = data if data is not None else federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
     privacy = None
