@@ -145,7 +145,9 @@ def _solve(spent: Spent, *, target: float, low: float, start: float) -> tuple[fl
         eps, order = spent(sigma)
         if low <= eps <= target:
             return sigma, order
-        point = (math.log(sigma), math.log(eps) if 0 < eps < math.inf else math.inf)
+        log_eps = math.log(eps) if 0 < eps < math.inf else (
+            math.inf if eps > target else -math.inf)
+        point = (math.log(sigma), log_eps)
         if eps > target:
             below = point
             if side == -1 and above is not None:  # Illinois: halve the stale end's weight
