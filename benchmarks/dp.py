@@ -130,7 +130,8 @@ def securefl_trainer(name: str, mode: str, batch: int, n: int, *,
     features, labels = data(n, seed=1)
     train = Dataset(features.numpy(), labels.numpy(), CLASSES, "bench")
     base = LocalTrainer(model(name), train, train, epochs=1, batch_size=batch, lr=LR, seed=2)
-    return DPSGDTrainer(base, client_id="bench", ledger=PrivacyLedger(":memory:", delta=1e-5),
+    return DPSGDTrainer(base.task(), client_id="bench",
+                        ledger=PrivacyLedger(":memory:", delta=1e-5),
                         noise_multiplier=SIGMA, max_grad_norm=CLIP, grad_sample_mode=mode,
                         secure_mode=secure_mode)
 

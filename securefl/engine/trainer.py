@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -16,7 +17,7 @@ from securefl.engine.protection import Update
 from securefl.objective import Objective, scalar
 from securefl.vector import Layout, flatten, unflatten
 
-__all__ = ["LocalTrainer", "RoundRewind", "Trainer", "evaluate_model", "torch_threads"]
+__all__ = ["LocalTask", "LocalTrainer", "RoundRewind", "Trainer", "evaluate_model", "torch_threads"]
 
 
 @contextmanager
@@ -57,6 +58,28 @@ def evaluate_model(model: nn.Module, features: torch.Tensor, labels: torch.Tenso
             loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == target).sum())
     return n, loss_sum / n, correct / n
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """Everything a local round trains on, handed explicitly to a trainer that wraps it (the
+    DP-SGD trainer), as Opacus's ``make_private`` receives a module, an optimizer and a data
+    loader: the model and its layout, the training and validation tensors on ``device``,
+    ``epochs`` passes of minibatches of ``batch_size``, the optimizer factory, the shuffling
+    generator and the objective (loss and step)."""
+
+    model: nn.Module
+    layout: Layout
+    features: torch.Tensor
+    labels: torch.Tensor
+    val_features: torch.Tensor
+    val_labels: torch.Tensor
+    epochs: int
+    batch_size: int
+    make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
+    generator: torch.Generator
+    objective: Objective
+    device: torch.device
 
 
 class LocalTrainer:
@@ -168,6 +191,12 @@ class LocalTrainer:
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
         unflatten(self.model, parameters, self.layout)
         return evaluate_model(self.model, self.val_features, self.val_labels)
+
+    def task(self) -> LocalTask:
+        """This trainer's model, data and settings, for a trainer that wraps it."""
+        return LocalTask(self.model, self.layout, self.features, self.labels,
+                         self.val_features, self.val_labels, self.epochs, self.batch_size,
+                         self.make_optimizer, self.generator, self.objective, self.device)
 
 
 class RoundRewind:

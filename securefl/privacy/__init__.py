@@ -29,6 +29,7 @@ from securefl.errors import ConfigError
 if TYPE_CHECKING:
     from securefl.config import Config
     from securefl.engine.protection import Update
+    from securefl.engine.trainer import LocalTrainer, Trainer
     from securefl.privacy.accounting import PrivacyEvent
     from securefl.privacy.ledger import PrivacyLedger
 
@@ -88,7 +89,7 @@ class PrivacySetup:
         return max((ledger.epsilon(cid, delta=self.config.delta) for cid in ledger.clients()),
                    default=0.0)
 
-    def wrap_trainer(self, client_id: str, base: Any) -> Any:
+    def wrap_trainer(self, client_id: str, base: LocalTrainer) -> Trainer:
         """The private trainer of ``client_id``, built once and reused (same ``base``)."""
         if client_id not in self.noise_multipliers:
             raise ValueError(f"unknown client {client_id!r}: privacy was built for "
@@ -200,8 +201,8 @@ def _dp_sgd(config: Config, path: Path | str, client_ids: Sequence[str],
     ledger = PrivacyLedger(path, delta=privacy.delta, budgets=dict.fromkeys(client_ids, budget),
                            accountant=privacy.accountant)
 
-    def wrap(client_id: str, base: Any) -> DPSGDTrainer:
-        return DPSGDTrainer(base, client_id=client_id, ledger=ledger,
+    def wrap(client_id: str, base: LocalTrainer) -> DPSGDTrainer:
+        return DPSGDTrainer(base.task(), client_id=client_id, ledger=ledger,
                             noise_multiplier=sigmas[client_id],
                             max_grad_norm=privacy.max_grad_norm,
                             grad_sample_mode=privacy.grad_sample_mode,

@@ -36,8 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from securefl.engine.protection import Update
+from securefl.engine.trainer import LocalTask, evaluate_model
 from securefl.errors import ConfigError
-from securefl.objective import Objective, check_per_example, reduction, scalar
+from securefl.objective import check_per_example, reduction, scalar
 from securefl.privacy.accounting import PrivacyEvent
 from securefl.privacy.ledger import PrivacyLedger
 from securefl.privacy.randomness import SecurePoissonSampler, SecureRandom, use_secure_noise
@@ -94,25 +95,25 @@ class DPSGDTrainer:
     (the module docstring).
     """
 
-    def __init__(self, base: Any, *, client_id: str, ledger: PrivacyLedger,
+    def __init__(self, task: LocalTask, *, client_id: str, ledger: PrivacyLedger,
                  noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str = "hooks",
                  secure_mode: bool = False, accountant: str = "rdp",
                  fix_model: bool = False) -> None:
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
                              f"got {grad_sample_mode!r}")
-        if base.model in _WRAPPED or isinstance(base, DPSGDTrainer):
+        if task.model in _WRAPPED:
             raise ValueError(f"the model of {client_id!r} is already wrapped for DP-SGD; wrap "
                              f"each client once and reuse the trainer across rounds")
-        base.model = make_compatible(base.model, fix=fix_model)
-        chosen = getattr(base, "objective", Objective())
+        model = make_compatible(task.model, fix=fix_model)
+        chosen = task.objective
         if chosen.custom:
             if grad_sample_mode == "ghost":
                 raise ConfigError("[privacy] grad_sample_mode = \"ghost\" wraps Opacus's own "
                                   "loss; a custom loss or step needs \"hooks\" (or "
                                   "\"functorch\")")
-            check_per_example(chosen, base.model, base.features, base.labels)
-        self.base, self.client_id, self.ledger = base, client_id, ledger
+            check_per_example(chosen, model, task.features, task.labels)
+        self.task, self.model, self.client_id, self.ledger = task, model, client_id, ledger
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.grad_sample_mode = grad_sample_mode
         self.secure_mode = secure_mode
@@ -120,24 +121,25 @@ class DPSGDTrainer:
             # Opacus's own secure mode needs torchcsprng; ours does not use it
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             self.engine = PrivacyEngine(accountant=accountant, secure_mode=False)
-        examples = _Examples(base.features, base.labels)
+        examples = _Examples(task.features, task.labels)
         seeded = DPDataLoader.from_data_loader(
-            DataLoader(examples, batch_size=base.batch_size, collate_fn=_as_batch),
-            generator=base.generator)
+            DataLoader(examples, batch_size=task.batch_size, collate_fn=_as_batch),
+            generator=task.generator)
         source = SecureRandom()
         loader = seeded if not secure_mode else DataLoader(
             examples, collate_fn=_as_batch, batch_sampler=SecurePoissonSampler(
                 num_samples=len(examples), sample_rate=seeded.sample_rate,
                 steps=len(seeded), source=source))
         made = self.engine.make_private(
-            module=base.model, optimizer=base.make_optimizer(base.model.parameters()),
+            module=model, optimizer=task.make_optimizer(model.parameters()),
             # a fresh CrossEntropyLoss by default: ghost clipping rewrites its reduction
             criterion=chosen.loss if chosen.custom else nn.CrossEntropyLoss(),
             loss_reduction=reduction(chosen.loss), data_loader=loader,
             noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             poisson_sampling=False,  # the loader above already samples, with our generator
-            noise_generator=_noise_generator(base), grad_sample_mode=grad_sample_mode)
-        _WRAPPED.add(base.model)
+            noise_generator=_noise_generator(task), grad_sample_mode=grad_sample_mode)
+        _WRAPPED.add(task.model)
+        _WRAPPED.add(model)
         if grad_sample_mode == "ghost":
             self.module, self.optimizer, self.criterion, self.loader = made
         else:
@@ -153,12 +155,12 @@ class DPSGDTrainer:
 
     @property
     def num_examples(self) -> int:
-        return len(self.base.labels)
+        return len(self.task.labels)
 
     def round_event(self) -> PrivacyEvent:
         """The event one round charges: ``(sigma, q, epochs * steps per epoch)``."""
         return PrivacyEvent("dp_sgd", self.noise_multiplier, self.sample_rate,
-                            self.base.epochs * self.steps_per_epoch)
+                            self.task.epochs * self.steps_per_epoch)
 
     def opacus_epsilon(self, delta: float) -> float:
         """Epsilon by the Opacus engine's own accountant (a cross-check of the ledger)."""
@@ -172,24 +174,23 @@ class DPSGDTrainer:
             return answer
         spent = self.ledger.charge(self.client_id, self.round_event(), round=round,
                                    release=release)
-        base = self.base
-        device = getattr(base, "device", torch.device("cpu"))
-        unflatten(base.model, parameters, base.layout)
+        task = self.task
+        unflatten(self.model, parameters, task.layout)
         self.optimizer.original_optimizer.state.clear()  # a round starts a fresh optimizer
         self.module.train()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for _ in range(base.epochs):
+            for _ in range(task.epochs):
                 for features, labels in self.loader:
                     # Opacus makes an empty Poisson batch on the CPU, whatever the device
-                    features, labels = features.to(device), labels.to(device)
+                    features, labels = features.to(task.device), labels.to(task.device)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = self.step(self.module, features, labels, self.criterion)
                     # ghost clipping's loss is Opacus's own wrapper, not a plain tensor
                     (scalar(loss) if self.custom else loss).backward()
                     # noise is added, and the step accounted, on an empty Poisson batch too
                     self.optimizer.step()
-        delta = (flatten(base.model) - parameters).astype(np.float32)
+        delta = (flatten(self.model) - parameters).astype(np.float32)
         # only public quantities leave the client: a training loss is computed from its data
         # without noise, so it is not reported
         metrics = {"epsilon": spent, "delta": self.ledger.delta,
@@ -199,16 +200,16 @@ class DPSGDTrainer:
                                   metrics=metrics)
 
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
-        return self.base.evaluate(parameters)
+        unflatten(self.model, parameters, self.task.layout)
+        return evaluate_model(self.model, self.task.val_features, self.task.val_labels)
 
 
-def _noise_generator(base: Any) -> torch.Generator:
-    """The seeded noise generator (``secure_mode = false``): the trainer's own on the CPU;
-    on a GPU, where torch draws from a generator of that device, one seeded alike."""
-    device = getattr(base, "device", torch.device("cpu"))
-    if device.type == "cpu":
-        return cast(torch.Generator, base.generator)
-    return torch.Generator(device=device).manual_seed(base.generator.initial_seed())
+def _noise_generator(task: LocalTask) -> torch.Generator:
+    """The seeded noise generator (``secure_mode = false``): the task's own on the CPU; on a
+    GPU, where torch draws from a generator of that device, one seeded alike."""
+    if task.device.type == "cpu":
+        return task.generator
+    return torch.Generator(device=task.device).manual_seed(task.generator.initial_seed())
 
 
 class _Examples(TensorDataset):

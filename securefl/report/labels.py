@@ -46,6 +46,8 @@ PRIVACY_SETTINGS = {
     "dp_fedavg": ("mode", "target_epsilon", "noise_multiplier", "clip_norm", "delta", "budget",
                   "accountant", "secure_mode", "sampling", "adaptive_clipping",
                   "target_quantile", "clip_learning_rate", "clipped_count_stddev"),
+    "distributed": ("mode", "target_epsilon", "clip_norm", "delta", "budget", "accountant",
+                    "secure_mode", "bits", "expected_cohort", "min_cohort", "colluding_sites"),
 }
 
 

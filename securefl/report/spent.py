@@ -80,11 +80,18 @@ def _from_ledger(directory: Path, config: Any) -> Spent:
     from securefl.privacy import LEDGER_FILE
 
     summary = _ledger_summary(directory / LEDGER_FILE, config)
+    try:
+        recorded = json.loads((directory / "privacy.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
     if summary is None:
-        try:
-            summary = json.loads((directory / "privacy.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        if recorded is None:
             return Spent("none")
+        summary = recorded
+    elif isinstance(recorded, dict):
+        # the ledger is the source of every ε; the run's privacy.json adds the settings of
+        # its mechanism (e.g. distributed DP's cohort and noise), which the ledger lacks
+        summary = {**{k: v for k, v in recorded.items() if k != "clients"}, **summary}
     if not isinstance(summary, dict) or not isinstance(summary.get("clients"), dict):
         return Spent("none", problems=["privacy.json is not a privacy summary"])
     accountant = str(summary.get("accountant", "rdp"))

@@ -54,7 +54,7 @@ def _update(device: str, *, privacy: bool = False) -> np.ndarray:
         from securefl.privacy.dp_sgd import DPSGDTrainer
         from securefl.privacy.ledger import PrivacyLedger
 
-        trainer = DPSGDTrainer(trainer, client_id="client-0",
+        trainer = DPSGDTrainer(trainer.task(), client_id="client-0",
                                ledger=PrivacyLedger(":memory:", delta=1e-5),
                                # noise far below float32 resolution: the CUDA generator's
                                # stream differs from the CPU's, the sampled batches do not

@@ -44,7 +44,7 @@ def trainer(model: nn.Module | None = None, *, n: int = 90, image: bool = False,
 
 def wrap(base: LocalTrainer, ledger: PrivacyLedger, **options: object) -> DPSGDTrainer:
     settings = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, **options}
-    return DPSGDTrainer(base, client_id="c", ledger=ledger, **settings)  # type: ignore[arg-type]
+    return DPSGDTrainer(base.task(), client_id="c", ledger=ledger, **settings)  # type: ignore[arg-type]
 
 
 def test_batches_per_epoch_follows_opacus() -> None:
