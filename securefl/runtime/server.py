@@ -168,6 +168,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         rows = [r["metrics"] for r in store.rounds() if r["status"] == "completed"]
         try:
             for rnd in range((last or 0) + 1, config.run.rounds + 1):
+                if server.stop_before(rnd):
+                    break
                 _run_round(server, store, audit, config, rnd, evidence)
                 rows.append(server.history.rounds[-1].to_json())
                 append_jsonl(state / "metrics.jsonl", rows)
@@ -192,7 +194,7 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             # HE: the server holds only the encrypted model (model.he), never a plaintext one
             "model_sha256": (None if isinstance(protection, KeepsModel)
                              else model_hash(server.parameters)),
-            "epsilon_spent": store.spent(),
+            "epsilon_spent": store.spent(), "stopped": server.history.stopped,
             "protection": config.protection.kind, "aggregation": config.aggregation.rule})
         return ServeResult(server.history, server.parameters, state, last)
     finally:
