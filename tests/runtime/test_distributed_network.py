@@ -5,6 +5,7 @@ the noise, the receipts verify, and a survivor set below ``min_cohort`` unmasks 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -150,3 +151,41 @@ def test_survivors_below_the_minimum_cohort_get_no_reveal(deployment, tmp_path, 
         assert "bad survivor set: 4 survivors, below the minimum cohort 5" in caplog.text
     else:
         assert "4 survivors, below the minimum cohort 5" in caplog.text
+
+
+def test_a_deployment_stops_cleanly_when_every_site_is_out_of_budget(deployment, tmp_path,  # noqa: F811
+                                                                     caplog):
+    caplog.set_level(logging.WARNING, logger="securefl")
+    config = distributed_config(deployment, tmp_path, rounds=4)
+    plan = distributed_settings(config, len(SITES)).plan(server_manifest_size(config))
+    one, two = (independent_epsilon(r, variance=plan.variance, l1=plan.l1, l2=plan.l2,
+                                    delta=DELTA) for r in (1, 2))
+    config = config.replace(privacy__budget=(one + two) / 2)  # one round each
+    sites = Sites(config, site_dirs=tmp_path / "sites")
+    try:
+        result = serve(config)
+    finally:
+        sites.join()
+    assert set(sites.codes.values()) == {0}
+    first, second = result.history.rounds  # every site declines round 2: no round 3
+    assert sorted(first.clients) == SITES and sorted(second.declined) == SITES
+    assert result.history.stopped is not None
+    assert result.history.stopped.startswith("stopped before round 3: 0 of 5 clients have "
+                                             "privacy budget left")
+    assert caplog.text.count("stopped before round 3") == 1
+    summary = json.loads((result.state_dir / "summary.json").read_text())
+    assert summary["stopped"] == result.history.stopped
+    report = verify(result.state_dir)
+    assert report.ok and [e["event"] for e in report.events] == ["round_start",
+                                                                 "round_end"] * 2
+    store = ServerStore(result.state_dir)
+    assert [r["round"] for r in store.rounds()] == [1, 2]
+    assert store.spent() == {site: pytest.approx(one, rel=1e-9) for site in SITES}
+    store.close()
+
+
+def server_manifest_size(config) -> int:
+    from securefl.build import central_evaluator
+    from securefl.data import federate
+
+    return central_evaluator(config, federate(config.data, seed=config.run.seed)).layout.size
