@@ -30,8 +30,6 @@ from tests.runtime.test_federation import (  # noqa: F401
     make_config,
 )
 
-pytestmark = pytest.mark.slow
-
 DELTA = 1e-5
 
 
