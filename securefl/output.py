@@ -103,6 +103,7 @@ def summary(config: Config, history: History, setup: float, total: float) -> dic
         "protection": config.protection.kind, "aggregation": config.aggregation.rule,
         "privacy": config.privacy.mode, "seed": config.run.seed,
         "aborted_rounds": [r.round for r in history.rounds if r.aborted],
+        "stopped": history.stopped,
         "setup_seconds": round(setup, 4), "total_seconds": round(total, 4),
     }
 

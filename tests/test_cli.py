@@ -13,7 +13,7 @@ from securefl.config import clients_per_round, config_from_dict
 from securefl.engine.history import History, RoundRecord
 from securefl.engine.server import Sampler
 from securefl.output import failure
-from securefl.threat.controls import facts
+from securefl.threat.facts import facts
 
 ROOT = Path(__file__).parents[1]
 QUICKSTART = (ROOT / "examples" / "quickstart.toml").read_text()

@@ -11,7 +11,8 @@ import pytest
 from securefl.config import Config, ServerConfig
 from securefl.config.secagg import SecAggConfig
 from securefl.errors import ConfigError
-from securefl.threat.controls import byzantine_tolerance, collusion, facts
+from securefl.threat.controls import byzantine_tolerance, collusion
+from securefl.threat.facts import facts
 from securefl.threat.model import load_threat_model, parse_threat_model
 
 SHIPPED = Path(__file__).parents[1] / "threat_models" / "byzantine-clients.toml"

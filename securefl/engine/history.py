@@ -41,6 +41,8 @@ class RoundRecord:
 @dataclass
 class History:
     rounds: list[RoundRecord] = field(default_factory=list)
+    #: why the run stopped before its last round (no further round could release anything)
+    stopped: str | None = None
 
     def append(self, record: RoundRecord) -> None:
         self.rounds.append(record)

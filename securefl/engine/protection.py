@@ -126,6 +126,17 @@ class Redoable(Protocol):
     def revealed(self) -> bool: ...
 
 
+@runtime_checkable
+class CohortRule(Protocol):
+    """A server protection that releases nothing from fewer than some number of answering
+    clients (distributed DP's minimum cohort): the server does not start a round that it
+    knows cannot reach it."""
+
+    def check_cohort(self, survivors: int) -> str | None:
+        """Why ``survivors`` clients are too few, or ``None``."""
+        ...
+
+
 class ClientRound(Protocol):
     """Client half of one round's protection conversation."""
 

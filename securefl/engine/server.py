@@ -35,6 +35,7 @@ from securefl.engine.history import History, RoundRecord
 from securefl.engine.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message
 from securefl.engine.optim import ServerOptimizer
 from securefl.engine.protection import (
+    CohortRule,
     Combined,
     KeepsModel,
     Redoable,
@@ -115,6 +116,10 @@ class Server:
         #: the server's own update on its root data, for rules such as FLTrust
         self.reference_update = reference_update
         self.history = History()
+        #: clients that declined a FitIns, with their reason: a client declines only when its
+        #: privacy budget cannot pay for the round (:class:`~securefl.engine.client.Client`),
+        #: and a budget only shrinks, so it declines every later round of the run too
+        self.exhausted: dict[str, str] = {}
         self.aggregator_state: Any = None
         #: announced in every FitIns; a resumed deployment passes the persisted one
         self.run_id = run_id if run_id is not None else os.urandom(RUN_ID_BYTES)
@@ -127,21 +132,57 @@ class Server:
     def run(self, rounds: int, *, start: int = 1,
             on_round: Callable[[RoundRecord], None] | None = None) -> History:
         for rnd in range(start, start + rounds):
+            if self.stop_before(rnd):
+                break
             record = self.run_round(rnd)
             if on_round is not None:
                 on_round(record)
         return self.history
+
+    def cohort_shortfall(self, candidates: Collection[str]) -> str | None:
+        """Why the protection's cohort rule (:class:`CohortRule`) cannot be met by the
+        ``candidates`` that have not declined for their budget (:attr:`exhausted`), or
+        ``None``."""
+        if not isinstance(self.protection, CohortRule):
+            return None
+        live = [c for c in candidates if c not in self.exhausted]
+        reason = self.protection.check_cohort(len(live))
+        if reason is None:
+            return None
+        return (f"{len(live)} of {len(candidates)} clients have privacy budget left (the "
+                f"others declined an earlier round): {reason}")
+
+    def stop_before(self, rnd: int) -> bool:
+        """True (and :attr:`History.stopped` set, one line logged) when no client set of the
+        federation can reach the cohort any more, so that no round from ``rnd`` on can
+        release anything; only budget exhaustion, which is permanent, stops a run."""
+        if not self.exhausted:
+            return False
+        reason = self.cohort_shortfall(self.transport.client_ids())
+        if reason is None:
+            return False
+        self.history.stopped = f"stopped before round {rnd}: {reason}"
+        _log.warning("%s", self.history.stopped)
+        return True
 
     def run_round(self, rnd: int) -> RoundRecord:
         started = time.perf_counter()
         record = RoundRecord(round=rnd)
         record.sampled = self.sampler(self.transport.client_ids(), self.round_rng(rnd))
         trained_from = self.sent_parameters()
-        try:
-            combined = self._collect(rnd, record)
-        except ProtocolAbort as exc:
-            record.aborted = str(exc)
+        shortfall = self.cohort_shortfall(record.sampled) if self.exhausted else None
+        if shortfall is not None:  # no FitIns is sent: nothing trained, charged or revealed
+            record.aborted = f"not started: {shortfall}"
+            record.declined = {c: self.exhausted[c] for c in record.sampled
+                               if c in self.exhausted}
+            _log.warning("round %d %s", rnd, record.aborted)
             combined = None
+        else:
+            try:
+                combined = self._collect(rnd, record)
+            except ProtocolAbort as exc:
+                record.aborted = str(exc)
+                combined = None
         if combined is not None:
             record.rejected.update(combined.rejected)
             if len(combined.client_ids) < self.min_clients:
@@ -216,7 +257,7 @@ class Server:
                 if "train_loss" in reply.metrics:
                     train_losses.append(reply.metrics["train_loss"])
             elif isinstance(reply, Decline):
-                record.declined[cid] = reply.reason
+                record.declined[cid] = self.exhausted[cid] = reply.reason
             else:
                 record.dropped[cid] = f"unexpected reply {type(reply).__name__}"
         if train_losses:

@@ -16,11 +16,10 @@ release returned (:meth:`PrivacyLedger.remember`), so a request repeated for byt
 parameters gets the same answer, across restarts, without training or charging again
 (:mod:`securefl.privacy.release`).
 
-Integrity: every charge carries ``digest_i = SHA-256(digest_{i-1} || canonical row)`` and the
-``meta`` table stores the chain head, so an edited, deleted or reordered row, a garbage file,
-an emptied file or a foreign schema is a :class:`LedgerError` on open, never a silent reset.
-The chain detects corruption and careless edits; it is not a signature (whoever can rewrite
-the whole file can recompute it), which is what the signed run audit log is for.
+Integrity: every charge row extends a SHA-256 hash chain whose head the file stores, checked
+on every open (:mod:`securefl.privacy.ledger_file`, the file format).  The chain detects
+corruption and careless edits; it is not a signature (whoever can rewrite the whole file can
+recompute it), which is what the signed run audit log is for.
 
 In simulation the ledger lives in the run directory; in a deployment each site keeps its own
 file on its own disk, so the data holder itself refuses a round over budget, and its spend
@@ -29,7 +28,6 @@ carries over from run to run.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -44,49 +42,19 @@ from types import TracebackType
 import numpy as np
 
 from securefl.engine.protection import Update
-from securefl.errors import BudgetExceeded, ConfigError, SecureFLError
+from securefl.errors import BudgetExceeded
+from securefl.privacy import ledger_file
 from securefl.privacy.accounting import AccountantName, PrivacyEvent, epsilon
+from securefl.privacy.ledger_file import GENESIS, ROW, SCHEMA, LedgerError, body
+from securefl.privacy.ledger_file import digest as chain_digest
+from securefl.privacy.ledger_file import event as row_event
 
 __all__ = ["LEDGER_FILE", "SCHEMA", "LedgerError", "PrivacyLedger", "Release"]
 
 #: the ledger's file in a run directory or a site's state folder
 LEDGER_FILE = "privacy_ledger.sqlite"
 
-SCHEMA = "securefl-privacy-ledger/3"
-#: the schema before Skellam events; opened as /3 by adding the two sensitivity columns
-#: (its rows hash as before: a row's digest covers the sensitivities only when it has them)
-_PREVIOUS = "securefl-privacy-ledger/2"
-_SENSITIVITIES = ["l1_sensitivity", "l2_sensitivity"]
-_GENESIS = "0" * 64
-_TABLES = {
-    "meta": ["key", "value"],
-    "budgets": ["client_id", "epsilon"],
-    "charges": ["seq", "client_id", "round", "mechanism", "noise_multiplier", "sample_rate",
-                "steps", "epsilon", "budget", "release", "digest", *_SENSITIVITIES],
-    "releases": ["client_id", "release", "round", "weight", "metrics", "delta"],
-}
-_CREATE = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE budgets (client_id TEXT PRIMARY KEY, epsilon REAL);
-CREATE TABLE charges (
-    seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL, round INTEGER NOT NULL,
-    mechanism TEXT NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
-    steps INTEGER NOT NULL, epsilon REAL NOT NULL, budget REAL, release TEXT,
-    digest TEXT NOT NULL, l1_sensitivity REAL, l2_sensitivity REAL,
-    UNIQUE (client_id, release));
-CREATE TABLE releases (
-    client_id TEXT NOT NULL, release TEXT NOT NULL, round INTEGER NOT NULL,
-    weight REAL NOT NULL, metrics TEXT NOT NULL, delta BLOB,
-    PRIMARY KEY (client_id, release));
-"""
-_ROW = ("SELECT seq, client_id, round, mechanism, noise_multiplier, sample_rate, steps, "
-        "epsilon, budget, release, l1_sensitivity, l2_sensitivity, digest FROM charges")
-
 Budgets = float | Mapping[str, float | None] | None
-
-
-class LedgerError(SecureFLError):
-    """The ledger file is corrupted, tampered with, or inconsistent with this charge."""
 
 
 @dataclass(frozen=True)
@@ -97,25 +65,6 @@ class Release:
     round: int
     update: Update | None
     metrics: dict[str, float]
-
-
-def _digest(previous: str, row: tuple[object, ...]) -> str:
-    def canonical(value: object) -> object:
-        return value.hex() if isinstance(value, float) else value
-
-    body = json.dumps([canonical(v) for v in row], separators=(",", ":"))
-    return hashlib.sha256((previous + body).encode()).hexdigest()
-
-
-def _body(row: tuple) -> tuple[object, ...]:
-    """What a charge's digest covers: the row without its digest, and without the
-    sensitivity columns when they are empty (a Gaussian event hashes as in schema /2)."""
-    body = row[:-1]
-    return body[:10] if body[10:] == (None, None) else body
-
-
-def _event(row: tuple) -> PrivacyEvent:
-    return PrivacyEvent(row[3], row[4], row[5], row[6], row[10], row[11])
 
 
 class PrivacyLedger:
@@ -153,75 +102,13 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ opening and checking
     def _create(self) -> None:
-        """Create the tables in one ``BEGIN IMMEDIATE`` transaction, unless another process
-        that opened the same new file first has just done so (then verify its ledger)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            made = self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-            if made is None:
-                for statement in filter(str.strip, _CREATE.split(";")):
-                    self._db.execute(statement)
-                self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
-                    ("schema", SCHEMA), ("delta", float(self.delta).hex()),
-                    ("accountant", self.accountant), ("head", _GENESIS)])
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        if made is not None:
+        """Create the file's tables, or verify those another process just created."""
+        if not ledger_file.create(self._db, delta=self.delta, accountant=self.accountant):
             self._verify()
 
     def _verify(self) -> None:
-        where = f"privacy ledger {self.path}"
-        migrate = False
-        for table, columns in _TABLES.items():
-            found = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
-            if table == "charges" and found == columns[:-len(_SENSITIVITIES)]:
-                migrate = True
-            elif found != columns:
-                raise LedgerError(f"{where} has no valid {table!r} table (found columns "
-                                  f"{found}); it is corrupted or not a securefl ledger")
-        meta = dict(self._db.execute("SELECT key, value FROM meta"))
-        if migrate and meta.get("schema") == _PREVIOUS:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("ALTER TABLE charges ADD COLUMN l1_sensitivity REAL")
-            self._db.execute("ALTER TABLE charges ADD COLUMN l2_sensitivity REAL")
-            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA,))
-            self._db.execute("COMMIT")
-            meta["schema"] = SCHEMA
-        elif migrate:
-            meta["schema"] = meta.get("schema") or "none"
-        if meta.get("schema") != SCHEMA:
-            raise LedgerError(f"{where} has schema {meta.get('schema')!r}, expected {SCHEMA!r}"
-                              f" (a /1 ledger charged per round number, not per release: "
-                              f"keep it for the record and start a new file)")
-        try:
-            stored_delta = float.fromhex(meta["delta"])
-        except (KeyError, ValueError):
-            raise LedgerError(f"{where} has no valid delta") from None
-        if stored_delta != self.delta or meta.get("accountant") != self.accountant:
-            raise ConfigError(
-                f"{where} accounts at delta={stored_delta:g} with {meta.get('accountant')!r}, "
-                f"but the config asks for delta={self.delta:g} with {self.accountant!r}; "
-                f"a budget is an (epsilon, delta) pair, so keep the original settings")
-        head = _GENESIS
-        last_epsilon: dict[str, float] = {}
-        for row in self._db.execute(f"{_ROW} ORDER BY seq"):
-            if _digest(head, _body(row)) != row[-1]:
-                raise LedgerError(f"{where}: charge #{row[0]} does not match its digest "
-                                  f"(edited, reordered or deleted rows)")
-            try:
-                _event(row)
-            except (ValueError, TypeError) as exc:
-                raise LedgerError(f"{where}: charge #{row[0]} is invalid ({exc})") from None
-            if row[7] < last_epsilon.get(row[1], 0.0):
-                raise LedgerError(f"{where}: epsilon of {row[1]} decreases at charge #{row[0]}")
-            last_epsilon[row[1]] = row[7]
-            head = row[-1]
-        if meta.get("head") != head:
-            raise LedgerError(f"{where}: chain head does not match the last charge "
-                              f"(rows were deleted or appended outside the ledger)")
+        ledger_file.verify(self._db, where=f"privacy ledger {self.path}", delta=self.delta,
+                           accountant=self.accountant)
 
     def _store_budgets(self) -> None:
         if isinstance(self._budgets, Mapping):
@@ -274,16 +161,16 @@ class PrivacyLedger:
 
     def _charge_locked(self, client_id: str, event: PrivacyEvent, round: int,
                        budget: float | None, release: str | None) -> float:
-        rows = self._db.execute(f"{_ROW} WHERE client_id = ? ORDER BY seq",
+        rows = self._db.execute(f"{ROW} WHERE client_id = ? ORDER BY seq",
                                 (client_id,)).fetchall()
         for row in reversed(rows):
             if (row[9] == release) if release is not None else (row[2] == round):
-                if _event(row) != event:
+                if row_event(row) != event:
                     what = f"release {release[:16]}" if release else f"round {round}"
-                    raise LedgerError(f"{client_id} was already charged {_event(row)} for "
+                    raise LedgerError(f"{client_id} was already charged {row_event(row)} for "
                                       f"{what}; refusing a different charge {event}")
                 return float(row[7])
-        spent = epsilon([*map(_event, rows), event], delta=self.delta,
+        spent = epsilon([*map(row_event, rows), event], delta=self.delta,
                         accountant=self.accountant)
         if budget is not None and not spent <= budget:
             raise BudgetExceeded(
@@ -291,7 +178,7 @@ class PrivacyLedger:
                 f"delta={self.delta:g}, over its budget {budget:g}")
         head = self._db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()[0]
         last = self._db.execute("SELECT digest FROM charges ORDER BY seq DESC LIMIT 1").fetchone()
-        if head != (last[0] if last else _GENESIS):
+        if head != (last[0] if last else GENESIS):
             raise LedgerError(f"privacy ledger {self.path}: chain head does not match")
         seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM charges").fetchone()[0])
         sensitivities = (event.l1_sensitivity, event.l2_sensitivity)
@@ -299,7 +186,7 @@ class PrivacyLedger:
                float(event.sample_rate), int(event.steps), float(spent),
                None if budget is None else float(budget), release,
                *(None if v is None else float(v) for v in sensitivities))
-        digest = _digest(head, _body((*row, None)))
+        digest = chain_digest(head, body((*row, None)))
         self._db.execute(
             "INSERT INTO charges (seq, client_id, round, mechanism, noise_multiplier, "
             "sample_rate, steps, epsilon, budget, release, l1_sensitivity, l2_sensitivity, "
@@ -348,7 +235,7 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ reading
     def _rows(self, client_id: str) -> list[tuple]:
         with self._lock:
-            return self._db.execute(f"{_ROW} WHERE client_id = ? ORDER BY seq",
+            return self._db.execute(f"{ROW} WHERE client_id = ? ORDER BY seq",
                                     (client_id,)).fetchall()
 
     def clients(self) -> list[str]:
@@ -359,7 +246,7 @@ class PrivacyLedger:
         return sorted(r[0] for r in rows)
 
     def events(self, client_id: str) -> list[PrivacyEvent]:
-        return [_event(row) for row in self._rows(client_id)]
+        return [row_event(row) for row in self._rows(client_id)]
 
     def rounds(self, client_id: str) -> list[int]:
         return [int(row[2]) for row in self._rows(client_id)]

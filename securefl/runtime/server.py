@@ -177,6 +177,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         try:
             with progress("round", config.run.rounds, log=_log, completed=last or 0) as bar:
                 for rnd in range((last or 0) + 1, config.run.rounds + 1):
+                    if server.stop_before(rnd):
+                        break
                     if isinstance(grpc_transport, GrpcTransport):
                         _await_round(grpc_transport, server, config, rnd)
                     record = _run_round(server, store, audit, config, rnd, evidence)
@@ -204,7 +206,7 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
             # HE: the server holds only the encrypted model (model.he), never a plaintext one
             "model_sha256": (None if isinstance(protection, KeepsModel)
                              else model_hash(server.parameters)),
-            "epsilon_spent": store.spent(),
+            "epsilon_spent": store.spent(), "stopped": server.history.stopped,
             "protection": config.protection.kind, "aggregation": config.aggregation.rule})
         return ServeResult(server.history, server.parameters, state, last)
     finally:

@@ -48,6 +48,10 @@ class SecAggServerProtection:
         self.federation = federation_id(self.directory, config,
                                         encoding=getattr(encoding, "agreed", None))
 
+    def check_cohort(self, survivors: int) -> str | None:
+        """The encoding's rule on the survivor count (distributed DP's minimum cohort)."""
+        return None if self.encoding is None else self.encoding.check_cohort(survivors)
+
     def server_round(self, *, round: int, dimension: int,
                      run: bytes | None = None) -> SecAggServerRound:
         return SecAggServerRound(round=round, dimension=dimension, directory=self.directory,

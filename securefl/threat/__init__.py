@@ -16,7 +16,8 @@ from typing import Any
 
 from securefl.aggregation import Aggregator
 from securefl.errors import ConfigError
-from securefl.threat.controls import CONTROLS, Facts, facts
+from securefl.threat.controls import CONTROLS
+from securefl.threat.facts import Facts, facts
 from securefl.threat.model import (
     Adversary,
     Requirement,

@@ -1,116 +1,27 @@
 """The controls a threat model can require, each checked against a run configuration.
 
-A check reads :class:`Facts`, the security-relevant facts of a :class:`~securefl.config.Config`,
-and returns ``(passed, reason)``; the reason says what the config does and, on failure, what
-the model needs instead.  Facts are read with ``getattr`` and a default, so a config section
-that lacks a field (an older or partial config) reads as the weaker setting: a control is
-never passed on a field that is not there.
+A check reads :class:`~securefl.threat.facts.Facts`, the security-relevant facts of a
+:class:`~securefl.config.Config`, and returns ``(passed, reason)``; the reason says what the
+config does and, on failure, what the model needs instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from securefl.aggregation import Aggregator, build_aggregator
-from securefl.config import clients_per_round
+from securefl.aggregation import Aggregator
 from securefl.secagg.graph import degree, threshold_for
+from securefl.threat.facts import Facts, known_rule
 
 if TYPE_CHECKING:  # the model module looks controls up by name at load time
     from securefl.threat.model import ThreatModel
 
-__all__ = ["CONTROLS", "Control", "Facts", "byzantine_tolerance", "facts",
-           "secagg_share_threshold"]
+__all__ = ["CONTROLS", "Control", "byzantine_tolerance", "secagg_share_threshold"]
 
 _PROTECTION_NAMES = {"plain": "plaintext updates", "secagg": "secure aggregation",
                      "he": "HE", "dp_sgd": "sample-level DP at each client (mode = \"dp_sgd\")"}
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What a config does, in the terms the controls need."""
-
-    protection: str
-    rule: str
-    options: Mapping[str, Any]
-    linear: bool
-    num_clients: int
-    clients_per_round: int
-    privacy_mode: str
-    #: ``[privacy] secure_mode``: None = CSPRNG when deployed, seeded in simulation
-    dp_secure_mode: bool | None
-    epsilon_budget: float | None
-    delta: float | None
-    insecure: bool
-    certs: str | None
-    allowlist: Mapping[str, str]
-    audit: bool
-    he_key_on_server: bool
-    he_layers: tuple[str, ...]
-    secagg_neighbours: int | str
-    secagg_threshold: float
-    deployment: str
-    secagg_min_neighbours: int = 2
-    #: the run's aggregator, built once (None: a rule the registry does not know)
-    aggregator: Aggregator | None = None
-    #: distributed DP: sites whose noise shares the calibration lets the adversary know
-    dp_colluding_sites: int = 0
-
-
-def _rule(rule: str, options: Mapping[str, Any]) -> Aggregator | None:
-    """The configured rule, or None for one the registry does not (yet) know."""
-    try:
-        return build_aggregator(rule, **options)
-    except (ValueError, TypeError):
-        return None
-
-
-def facts(config: Any, *, deployment: str = "simulation",
-          aggregator: Aggregator | None = None) -> Facts:
-    """Read the security-relevant facts of ``config``.
-
-    Clients per round follow the server's sampler: ``[server] clients_per_round`` if set,
-    else ``ceil(fraction * num_clients)``, at most ``num_clients``.  The HE
-    secret key counts as held by the server when ``[protection.he] server_holds_secret_key``
-    is true or ``key_holder = "server"``; securefl's own HE never does this (the server gets a
-    public context only), so both read as false when absent.
-    """
-    server, data, privacy = config.server, config.data, config.privacy
-    network, protection = config.network, config.protection
-    num_clients = int(getattr(data, "num_clients", 1))
-    per_round = clients_per_round(num_clients, count=getattr(server, "clients_per_round", None),
-                                  fraction=float(getattr(server, "fraction", 1.0)))
-    he, secagg = getattr(protection, "he", None), getattr(protection, "secagg", None)
-    options = MappingProxyType(dict(getattr(config.aggregation, "options", {})))
-    if aggregator is None:
-        aggregator = _rule(config.aggregation.rule, options)
-    budget = getattr(privacy, "epsilon_budget", None)
-    if budget is None:
-        budget = getattr(privacy, "budget", None) or getattr(privacy, "target_epsilon", None)
-    return Facts(
-        protection=protection.kind, rule=config.aggregation.rule, options=options,
-        linear=(aggregator.linear if aggregator is not None
-                else config.aggregation.rule == "fedavg"),
-        aggregator=aggregator,
-        num_clients=num_clients, clients_per_round=per_round,
-        privacy_mode=getattr(privacy, "mode", "none"),
-        dp_secure_mode=getattr(privacy, "secure_mode", False),
-        epsilon_budget=None if budget is None else float(budget),
-        delta=getattr(privacy, "delta", None),
-        insecure=bool(getattr(network, "insecure", True)),
-        certs=getattr(network, "certs", None) or None,
-        allowlist=MappingProxyType(dict(getattr(network, "allowlist", {}) or {})),
-        audit=bool(getattr(network, "audit", False)),
-        he_key_on_server=bool(getattr(he, "server_holds_secret_key", False)
-                              or getattr(he, "key_holder", None) == "server"),
-        he_layers=tuple(getattr(he, "layers", ()) or ()),
-        secagg_neighbours=getattr(secagg, "neighbours", "auto"),
-        secagg_threshold=float(getattr(secagg, "threshold", 0.5)),
-        secagg_min_neighbours=int(getattr(secagg, "min_neighbours", 2)),
-        dp_colluding_sites=int(getattr(privacy, "colluding_sites", 0)),
-        deployment=deployment)
 
 
 def byzantine_tolerance(rule: str, options: Mapping[str, Any], n: int, *,
@@ -122,7 +33,7 @@ def byzantine_tolerance(rule: str, options: Mapping[str, Any], n: int, *,
     is the run's own instance; without it the rule is built from ``rule`` and ``options``.  A
     rule the registry does not know counts its declared ``num_byzantine``, if any.
     """
-    built = aggregator if aggregator is not None else _rule(rule, options)
+    built = aggregator if aggregator is not None else known_rule(rule, options)
     if built is None:
         declared = options.get("num_byzantine")
         if isinstance(declared, int):

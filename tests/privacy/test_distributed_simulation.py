@@ -63,3 +63,71 @@ def test_the_server_adversary_models_accept_distributed_dp(model):
     dp_fedavg = config.replace(privacy__mode="dp_fedavg")
     assert not {r.requirement.control: r for r in check_config(
         dp_fedavg, load_threat_model(model))}["differential_privacy"].passed
+
+
+def budget_for_one_round(config) -> float:
+    """A budget between one round's closed-form epsilon and two rounds'."""
+    from securefl.privacy import distributed_settings
+    from securefl.simulation import build_simulation
+
+    size = build_simulation(config).server.parameters.size
+    plan = distributed_settings(config, config.data.num_clients).plan(size)
+    one, two = (independent_epsilon(r, variance=plan.variance, l1=plan.l1, l2=plan.l2,
+                                    delta=config.privacy.delta) for r in (1, 2))
+    assert one < two
+    return (one + two) / 2
+
+
+def small(**changes):
+    table = {"data__num_clients": 10, "server__clients_per_round": 5,
+             "model__name": "logistic", "privacy__expected_cohort": 5,
+             "privacy__min_cohort": 4, "privacy__colluding_sites": 1, **changes}
+    return load_config(EXAMPLE).replace(**table)
+
+
+def test_a_round_that_sites_out_of_budget_leave_below_min_cohort_is_not_started(tmp_path,
+                                                                                caplog):
+    config = small(run__rounds=6)
+    config = config.replace(privacy__budget=budget_for_one_round(config))
+    result = run_simulation(config, out_dir=tmp_path)
+    rounds = result.history.rounds
+    exhausted: set[str] = set()
+    not_started = 0
+    for record in rounds:
+        if record.aborted and record.aborted.startswith("not started"):
+            not_started += 1
+            # known before the round: nothing sent, trained or unmasked
+            assert record.clients == [] and record.update_norm is None
+            assert set(record.declined) <= exhausted
+            live = [c for c in record.sampled if c not in exhausted]
+            assert len(live) < 4 and f"{len(live)} of 5 clients have privacy budget left" \
+                in record.aborted
+        elif record.aborted:  # a decline the server could not know yet
+            assert set(record.declined) - exhausted
+        exhausted |= set(record.declined)
+    assert not_started >= 1
+    assert caplog.text.count("not started:") == not_started  # one line each
+    # the budget pays for one round: no site is charged twice, none beyond its budget
+    ledger = PrivacyLedger.open_existing(tmp_path / "privacy_ledger.sqlite")
+    for client in ledger.clients():
+        assert len(ledger.events(client)) <= 1
+        assert ledger.epsilon(client) <= config.privacy.budget
+    assert exhausted and all(len(ledger.events(c)) == 1 for c in exhausted)
+
+
+def test_a_run_stops_cleanly_when_no_round_can_reach_min_cohort(tmp_path, caplog):
+    config = small(run__rounds=5, data__num_clients=5)
+    config = config.replace(privacy__budget=budget_for_one_round(config))
+    result = run_simulation(config, out_dir=tmp_path)
+    first, second = result.history.rounds  # all five decline round 2; no round 3 is started
+    assert first.aborted is None and len(first.clients) == 5
+    assert second.clients == [] and sorted(second.declined) == sorted(first.clients)
+    assert result.history.stopped == ("stopped before round 3: 0 of 5 clients have privacy "
+                                      "budget left (the others declined an earlier round): 0 "
+                                      "survivors, below the minimum cohort 4 that distributed "
+                                      "DP's noise is calibrated for")
+    assert caplog.text.count("stopped before round 3") == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped"] == result.history.stopped and summary["rounds"] == 2
+    ledger = PrivacyLedger.open_existing(tmp_path / "privacy_ledger.sqlite")
+    assert {len(ledger.events(c)) for c in ledger.clients()} == {1}

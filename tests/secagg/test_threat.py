@@ -7,7 +7,8 @@ import dataclasses
 from securefl.config import Config
 from securefl.config.secagg import SecAggConfig
 from securefl.threat import load_threat_model
-from securefl.threat.controls import collusion, facts, update_secrecy
+from securefl.threat.controls import collusion, update_secrecy
+from securefl.threat.facts import facts
 from securefl.threat.model import Adversary
 
 
