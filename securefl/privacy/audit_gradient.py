@@ -215,6 +215,7 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
 
     ``tamper`` plants a fault in each built trainer (tests and benchmarks only)."""
     from securefl.data import federate
+    from securefl.engine.trainer import torch_threads
     from securefl.experiment import build_simulation
     from securefl.models import build_model
     from securefl.params import unflatten
@@ -250,7 +251,8 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
                          coordinates=canaries.coordinates[mine], norm=canaries.norm,
                          rng=np.random.default_rng([config.run.seed, 0xA0D3, index]))
     try:
-        simulation.server.run(config.run.rounds)
+        with torch_threads(config.simulation.torch_threads()):
+            simulation.server.run(config.run.rounds)
     finally:
         simulation.transport.close()
     privacy = simulation.privacy

@@ -1,0 +1,167 @@
+"""User-level audit of DP-FedAvg with canary clients (Andrew et al., ICLR 2024) and its gate:
+planted DP bugs (here, never in the library) must make the gate fail; the correct pipeline must
+pass; the bound must agree with the one-run theorem evaluated independently; the Gaussian-fit
+estimate must match the Gaussian mechanism's exact ε."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from securefl.cli import main
+from securefl.config import clients_per_round, config_from_dict
+from securefl.engine.server import Sampler
+from securefl.privacy.audit import gate_fails, one_run_lower_bound
+from securefl.privacy.audit_user import USER_GUESS_FRACTIONS, gaussian_epsilon, run_user_audit
+from securefl.privacy.dp_fedavg import UserLevelNoise
+
+CLAIMED = 1.0
+CANARIES = 5000
+CLIENTS, PER_ROUND = 20, 4  # q = 0.2; four times that is still below 1
+
+
+def _config(sampling: str = "secret", **privacy: Any) -> Any:
+    return config_from_dict({
+        "run": {"rounds": 10, "seed": 0},
+        "data": {"dataset": "digits", "num_clients": CLIENTS, "partition": "iid"},
+        "model": {"name": "mlp", "hidden": [32]},
+        "client": {"epochs": 1, "batch_size": 8, "lr": 0.1},
+        "server": {"clients_per_round": PER_ROUND},
+        "privacy": {"mode": "dp_fedavg", "target_epsilon": CLAIMED, "sampling": sampling,
+                    "adaptive_clipping": True, "clipped_count_stddev": 5.0, **privacy}})
+
+
+# planted bugs: each changes what the pipeline really does, not what its accountant is told
+def _noise(simulation: Any) -> UserLevelNoise:
+    return next(h for h in simulation.server.hooks if isinstance(h, UserLevelNoise))
+
+
+def _noise_off(simulation: Any, _canaries: Sequence[Any]) -> None:
+    noise = _noise(simulation)
+    noise.update_noise_multiplier = 0.0
+    noise.clip.count_stddev = 0.0
+
+
+def _tenth_sigma(simulation: Any, _canaries: Sequence[Any]) -> None:
+    noise = _noise(simulation)
+    noise.update_noise_multiplier /= 10
+    noise.clip.count_stddev /= 10
+
+
+class _Unbounded:
+    """A client's clipping state with the bound gone (the server still noises for C)."""
+
+    clip_norm = math.inf
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def record(self, round: int, client_id: str, unclipped: bool) -> None:
+        self.base.record(round, client_id, unclipped)
+
+
+def _no_clipping(simulation: Any, canaries: Sequence[Any]) -> None:
+    for trainer in [*simulation.trainers.values(), *canaries]:
+        trainer.clip = _Unbounded(trainer.clip)
+
+
+def _four_times_rate(simulation: Any, _canaries: Sequence[Any]) -> None:
+    server = simulation.server
+    available = len(server.transport.client_ids())
+    told = clients_per_round(available, count=server.sampler.count,
+                             fraction=server.sampler.fraction)
+    server.sampler = Sampler(count=min(available, 4 * told))
+
+
+BUGS: dict[str, Callable[[Any, Sequence[Any]], None]] = {
+    "noise_off": _noise_off, "tenth_sigma": _tenth_sigma, "no_clipping": _no_clipping,
+    "four_times_rate": _four_times_rate}
+
+
+def test_correct_pipeline_passes_the_gate() -> None:
+    report, scores, included = run_user_audit(_config(), num_canaries=CANARIES)
+    assert report.canary == "client" and report.num_canaries == CANARIES
+    assert report.accountant_epsilon <= CLAIMED + 1e-9
+    assert not gate_fails(report) and report.epsilon_lower_bound <= report.accountant_epsilon
+    assert 2400 < included.sum() < 2600 and np.all(np.abs(scores) <= 1)
+    assert report.epsilon_estimate is not None and report.epsilon_estimate < 2 * CLAIMED
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_planted_bug_fails_the_gate(bug: str, theorem_p_value) -> None:
+    rates: list[int] = []
+
+    def tamper(simulation: Any, canaries: Sequence[Any]) -> None:
+        BUGS[bug](simulation, canaries)
+        rates.append(simulation.server.sampler.count or 0)
+
+    report, scores, included = run_user_audit(_config(), num_canaries=CANARIES, tamper=tamper)
+    assert report.accountant_epsilon <= CLAIMED + 1e-9  # the accountant does not see the bug
+    assert gate_fails(report), report
+    assert report.epsilon_estimate is not None and report.epsilon_estimate > CLAIMED
+    if bug != "four_times_rate":
+        return
+    assert rates == [4 * PER_ROUND] and 4 * PER_ROUND < CLIENTS  # 4q, still below 1
+    # the bound agrees with the one-run theorem evaluated independently on the same scores:
+    # eps-hat is rejected at every guess count, eps-hat + 2e-4 is not
+    significance = 0.05 / len(USER_GUESS_FRACTIONS)
+    bound = one_run_lower_bound(scores, included, delta=1e-5, confidence=0.95,
+                                guess_fractions=USER_GUESS_FRACTIONS)
+    assert bound.epsilon == pytest.approx(report.epsilon_lower_bound) and bound.epsilon > 1
+    assert theorem_p_value(scores, included, eps=bound.epsilon, delta=1e-5,
+                           fractions=USER_GUESS_FRACTIONS) < significance
+    assert theorem_p_value(scores, included, eps=bound.epsilon + 2e-4, delta=1e-5,
+                           fractions=USER_GUESS_FRACTIONS) >= significance
+
+
+def test_public_sampling_caps_canaries_at_the_budget() -> None:
+    report, _, _ = run_user_audit(_config("public"), num_canaries=2000)
+    # q = 1 per round taken part in, calibrated for ceil(0.2 * 3) = 1 round: a canary (like a
+    # client) takes part at most once, so the compared epsilon stays the claimed one
+    assert report.accountant_epsilon == pytest.approx(CLAIMED, abs=0.01)
+    assert not gate_fails(report)
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 3.0])
+def test_gaussian_fit_epsilon_is_the_gaussian_mechanisms(mu: float) -> None:
+    # equal variances: mu-GDP, delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
+    # (Dong, Roth & Su 2022, Cor. 2.13)
+    eps = gaussian_epsilon(0.0, 2.0, 2.0 * mu, 2.0, delta=1e-5)
+    exact = stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+    assert exact == pytest.approx(1e-5, rel=1e-3)
+    assert gaussian_epsilon(0.0, 1.0, 0.0, 1.0, delta=1e-5) == 0.0
+    assert math.isinf(gaussian_epsilon(0.0, 0.0, 1.0, 1.0, delta=1e-5))
+
+
+def _write(tmp_path, privacy: str) -> str:
+    path = tmp_path / "audit.toml"
+    path.write_text(
+        f'[run]\nrounds = 2\nseed = 0\n[data]\ndataset = "digits"\nnum_clients = {CLIENTS}\n'
+        f'partition = "iid"\n[model]\nname = "mlp"\nhidden = [16]\n[client]\nepochs = 1\n'
+        f'[server]\nclients_per_round = {PER_ROUND}\n' + privacy, encoding="utf-8")
+    return str(path)
+
+
+def test_cli_picks_canary_clients_for_dp_fedavg(tmp_path, capsys) -> None:
+    config = _write(tmp_path, '[privacy]\nmode = "dp_fedavg"\ntarget_epsilon = 1.0\n')
+    status = main(["privacy", "audit", config, "--gate", "--out", str(tmp_path / "out"),
+                   "--canaries", "1000"])
+    assert status == 0
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert report["canary"] == "client" and report["gate"] == "pass"
+    assert report["num_canaries"] == 1000 and report["epsilon_estimate"] >= 0
+    assert report["epsilon_lower_bound"] <= report["accountant_epsilon"] <= 1.0
+    assert (tmp_path / "out" / "audit-scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert "estimate" in capsys.readouterr().out
+
+
+def test_cli_refuses_canary_clients_for_dp_sgd(tmp_path) -> None:
+    config = _write(tmp_path, '[privacy]\nmode = "dp_sgd"\ntarget_epsilon = 1.0\n')
+    assert main(["privacy", "audit", config, "--canary", "client", "--out",
+                 str(tmp_path)]) == 2
