@@ -2,21 +2,27 @@
 
 Andrew, Kairouz, Oh, Oprea, McMahan & Suriyakumar, "One-shot Empirical Privacy Estimation
 for Federated Learning" (ICLR 2024): ``m`` *canary clients* each hold a fixed update
-``G u_j``, ``u_j`` a random unit direction of the model space (``u_j = g / ||g||``,
-``g ~ N(0, I_d)``; in high dimension the directions are nearly orthogonal to one another and
-to the real task's updates).  Each canary is included independently with probability 1/2
+``G u_j``, ``u_j`` a random unit direction of the model space.  securefl draws ``u_j`` as
+random signs, ``u_j = s_j / sqrt(d)`` with ``s_j`` uniform in ``{-1, +1}^d`` (stored as bits,
+``d / 8`` bytes a canary), in place of the paper's uniform point of the sphere: in high
+dimension both are nearly orthogonal to one another and to any fixed vector (cosine about
+``N(0, 1/d)``), which is all the method uses.  Each canary is included independently with
+probability 1/2
 (Steinke, Nasr & Jagielski, NeurIPS 2023, so that their one-run bound applies).  In every
 round an included canary takes part with the sampling rate the server really uses
-(``clients per round / clients``, read from the server's sampler), runs the library's
-client step (:class:`~securefl.privacy.dp_fedavg.UserLevelTrainer`: clip to the current
-``C``, weight 1) and its clipped update joins the round's sum *before* the server adds its
-noise, so it is summed and noised exactly like a real user's.  ``G = 10 C`` by default, so a
-pipeline that does not clip shows it.
+(``clients per round / clients``, read from the server's sampler), takes the clients'
+DP-FedAvg step (clipped to the bound ``C`` of the clients' clipping state by
+:func:`~securefl.privacy.dp_fedavg.clip_factor`, weight 1) and its clipped update joins the
+round's sum *before* the server adds its noise, so it is summed and noised exactly like a real
+user's.  ``G = 10 C`` by default, so a pipeline that does not clip shows it.
 
-The score of canary ``j`` is the cosine between the final model delta
-``theta_T - theta_0`` and ``u_j`` (Andrew et al., Sec. 3; with the server's FedAvg step this
-is the sum of every round's released aggregate, so it uses every round).  Two numbers come
-out of the scores:
+The score of canary ``j`` is the cosine between ``u_j`` and ``sum_t D_t / ||D_t||``, the
+sum of the rounds' released aggregates ``D_t`` (the noised mean update the server applies),
+each scaled to unit norm.  Andrew et al. (Sec. 3) score either the final model delta or each
+round's aggregate; summing the unit-norm rounds uses every round and weighs each alike,
+whatever the adaptive clipping bound (and so the noise) was in it, where the final delta
+would let the rounds with the largest bound drown the others.  Two numbers come out of the
+scores:
 
 * the *estimate* ``eps_hat`` of Andrew et al.: the cosines of included and of excluded
   canaries are each fitted with a Gaussian, and ``eps_hat`` is the ε at δ of the pair
@@ -32,23 +38,24 @@ part only while its own composition fits the budget, like a real client, and the
 is the larger of the ledger's and the canaries' own.  Canaries report no clipped-count bit
 (releasing less than a real user), so adaptive clipping follows the real users only.
 
-The instrumentation is audit-only: a server hook placed before the noise
-(:class:`CanaryClients`); the canaries' trainers charge an unmetered ledger (the audit
-accounts for them analytically above).  Distributed DP, once it exists, is audited the same
-way: the canaries join the sum the distributed noise is added to.
+The instrumentation is audit-only: a server hook placed just before the noise
+(:class:`CanaryClients`, which works on the canaries' packed sign bits, so that thousands
+of them cost a fraction of the training run); the library's DP path is not changed.  Distributed DP,
+once it exists, is audited the same way: the canaries join the sum the distributed noise is
+added to.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
 from securefl.config import Config, clients_per_round
-from securefl.engine.protection import Combined, Rows, Update, WeightedSum
+from securefl.engine.protection import Combined, Rows, WeightedSum
 from securefl.errors import ConfigError
 from securefl.privacy.audit import AuditReport, one_run_lower_bound
 
@@ -60,56 +67,46 @@ __all__ = ["USER_GUESS_FRACTIONS", "CanaryClients", "UserTamper", "gaussian_epsi
 USER_GUESS_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)
 
 #: a planted fault for tests and benchmarks: called with the simulation and the canary
-#: clients' trainers before training
-UserTamper = Callable[[Any, Sequence[Any]], None]
+#: clients before training
+UserTamper = Callable[[Any, "CanaryClients"], None]
 
 
-class _Unmetered:
-    """The canaries' ledger: charges nothing, remembers nothing (the audit accounts for the
-    canaries itself, see the module docstring)."""
-
-    def __init__(self, delta: float) -> None:
-        self.delta = delta
-
-    def charge(self, *_args: Any, **_kwargs: Any) -> float:
-        return 0.0
-
-    def recall(self, *_args: Any) -> None:
-        return None
-
-    def remember(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
-
-class _FixedUpdate:
-    """A canary's local training: always the update ``G u`` with ``G = factor * C`` (the
-    server's current clipping bound)."""
-
-    def __init__(self, direction: np.ndarray, factor: float, bound: Any) -> None:
-        self.direction, self.factor, self.bound = direction, factor, bound
-
-    def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
-        norm = np.float32(self.factor * self.bound.clip_norm)
-        return Update(self.direction * norm, 1.0), {}
+#: bit ``k`` of byte value ``b`` at ``[b, k]``, in :func:`numpy.unpackbits` order
+_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, np.newaxis], axis=1)
 
 
 class CanaryClients:
-    """Server hook before DP-FedAvg's noise: adds the clipped updates of the included canaries
-    that take part in the round (each with the server's real sampling rate) to the sum."""
+    """Server hook before DP-FedAvg's noise: the included canaries that take part in the round
+    (each with the server's real sampling rate) take the clients' DP-FedAvg step and their
+    clipped updates join the round's sum with weight 1 each.
 
-    def __init__(self, *, included: np.ndarray, rng: np.random.Generator) -> None:
-        self.included, self.rng = included, rng
-        self.trainers: list[Any] = []
+    Canary ``j``'s update is ``G u_j``, ``G = factor * C`` (``C`` the server's current bound)
+    and ``u_j = (2 b_j - 1) / sqrt(d)`` for its sign bits ``b_j``; every one has norm ``G``,
+    so the clients' clipping step scales each by ``clip_factor(G, C')``
+    (:func:`~securefl.privacy.dp_fedavg.clip_factor`, ``C'`` the bound of the clients'
+    clipping state ``clip``), and the round's canaries add
+    ``clip_factor(G, C') G / sqrt(d) (2 n - k)``, ``n`` the count of set bits per coordinate
+    among the ``k`` taking part.  Both that count and the cosines are computed on the packed
+    bits a byte (8 coordinates) at a time."""
+
+    def __init__(self, signs: np.ndarray, *, dimension: int, included: np.ndarray,
+                 factor: float, rng: np.random.Generator) -> None:
+        if signs.shape != (len(included), (dimension + 7) // 8) or signs.dtype != np.uint8:
+            raise ValueError("need one packed row of sign bits per canary")
+        self.signs, self.dimension, self.included = signs, dimension, included
+        self.factor, self.rng = factor, rng
+        self.unit = 1 / math.sqrt(dimension)
         self.taken = np.zeros(len(included), dtype=np.int64)
         self.server: Any = None
+        self.clip: Any = None  # the clients' clipping state (what they clip to)
+        self.bound: Any = None  # the server's (what it noises for)
         self.cap: int | None = None
+        self.released = np.zeros(dimension)  # sum of the rounds' unit-norm aggregates
 
-    def attach(self, server: Any, trainers: Sequence[Any], *, cap: int | None) -> None:
-        """The server whose sampler and model the canaries follow, their trainers (one per
-        canary) and, under public sampling, the most rounds each may take part in."""
-        if len(trainers) != len(self.included):
-            raise ValueError(f"need {len(self.included)} canary trainers, got {len(trainers)}")
-        self.server, self.trainers, self.cap = server, list(trainers), cap
+    def attach(self, server: Any, *, clip: Any, cap: int | None) -> None:
+        """The server whose sampler the canaries follow, the shared clipping state and, under
+        public sampling, the most rounds a canary may take part in."""
+        self.server, self.clip, self.bound, self.cap = server, clip, clip, cap
 
     def rate(self) -> float:
         """``clients per round / clients`` of the server's sampler as it really is."""
@@ -118,9 +115,33 @@ class CanaryClients:
         k = clients_per_round(available, count=sampler.count, fraction=sampler.fraction)
         return k / available
 
+    def directions(self, index: np.ndarray) -> np.ndarray:
+        """The unit directions ``u_j`` (rows, float64) of the canaries ``index``."""
+        bits = np.unpackbits(self.signs[index], axis=1, count=self.dimension)
+        return (2.0 * bits - 1.0) * self.unit
+
+    def set_bits(self, index: np.ndarray) -> np.ndarray:
+        """Per coordinate, how many of the canaries ``index`` have sign bit 1."""
+        columns = self.signs.shape[1]
+        keys = (np.arange(columns) * 256 + self.signs[index]).ravel()
+        histogram = np.bincount(keys, minlength=columns * 256).reshape(columns, 256)
+        return (histogram @ _BITS).reshape(-1)[:self.dimension]
+
+    def cosines(self, vector: np.ndarray) -> np.ndarray:
+        """``cos(vector, u_j)`` of every canary: ``(2 b_j . v - sum v) / (sqrt(d) ||v||)``."""
+        columns = self.signs.shape[1]
+        padded = np.zeros(columns * 8)
+        padded[:self.dimension] = vector
+        table = _BITS @ padded.reshape(columns, 8).T  # [byte, column]: its bits' sum of v
+        dots = table[self.signs, np.arange(columns)].sum(axis=1)
+        norm = max(float(np.linalg.norm(padded)), 1e-300)
+        return (2 * dots - padded.sum()) * self.unit / norm
+
     def transform_combined(self, combined: Combined, *, round: int,
                            rng: np.random.Generator) -> Combined:
-        draw = self.rng.random(len(self.trainers)) < self.rate()
+        from securefl.privacy.dp_fedavg import clip_factor
+
+        draw = self.rng.random(len(self.included)) < self.rate()
         if self.cap is not None:  # "public": a canary over its budget declines, as a user does
             draw &= self.taken < self.cap
         chosen = np.flatnonzero(draw & self.included)
@@ -132,10 +153,18 @@ class CanaryClients:
             total, weight = np.array(combined.total, dtype=np.float64), combined.total_weight
         else:
             raise TypeError("canary clients join a sum in the clear or a secure sum")
-        for index in chosen:
-            update, _ = self.trainers[index].fit(self.server.parameters, round=round)
-            total += update.delta
+        norm = self.factor * self.bound.clip_norm
+        scale = clip_factor(norm, self.clip.clip_norm) * norm * self.unit
+        total += scale * (2.0 * self.set_bits(chosen) - len(chosen))
         return WeightedSum(combined.client_ids, total, weight, combined.rejected)
+
+    def transform_aggregate(self, delta: np.ndarray, *, round: int, num_clients: int,
+                            rng: np.random.Generator) -> np.ndarray:
+        """Adds the round's released aggregate, scaled to unit norm, to :attr:`released`."""
+        norm = float(np.linalg.norm(delta.astype(np.float64)))
+        if norm > 0:
+            self.released += delta.astype(np.float64) / norm
+        return delta
 
 
 def gaussian_epsilon(mean_out: float, std_out: float, mean_in: float, std_in: float, *,
@@ -143,13 +172,13 @@ def gaussian_epsilon(mean_out: float, std_out: float, mean_in: float, std_in: fl
     """ε at ``delta`` of distinguishing ``P = N(mean_in, std_in^2)`` from
     ``Q = N(mean_out, std_out^2)`` (Andrew et al. 2024, Sec. 3.1): the smallest ε with
     ``∫ max(0, p - e^ε q) <= delta`` and ``∫ max(0, q - e^ε p) <= delta`` (the hockey-stick
-    divergence, on a grid of 200,001 points over 14 standard deviations either side);
+    divergence, on a grid of 40,001 points over 14 standard deviations either side);
     ``inf`` when none below 100 qualifies."""
     if not (std_out > 0 and std_in > 0 and 0 < delta < 1):
         return math.inf
     spread = max(std_out, std_in)
     grid = np.linspace(min(mean_out, mean_in) - 14 * spread,
-                       max(mean_out, mean_in) + 14 * spread, 200_001)
+                       max(mean_out, mean_in) + 14 * spread, 40_001)
     step = grid[1] - grid[0]
     log_p = stats.norm.logpdf(grid, mean_in, std_in)
     log_q = stats.norm.logpdf(grid, mean_out, std_out)
@@ -164,7 +193,7 @@ def gaussian_epsilon(mean_out: float, std_out: float, mean_in: float, std_in: fl
     low, high = 0.0, 100.0
     if hockey(high) > delta:
         return math.inf
-    for _ in range(60):
+    for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if hockey(middle) > delta else (low, middle)
     return high
@@ -207,7 +236,6 @@ def run_user_audit(config: Config, *, num_canaries: int = 5000, confidence: floa
     ``tamper`` plants a fault (tests and benchmarks only)."""
     from securefl.engine.trainer import torch_threads
     from securefl.experiment import build_simulation
-    from securefl.privacy.dp_fedavg import UserLevelTrainer
 
     if config.privacy.mode != "dp_fedavg":
         raise ConfigError(f"[privacy] canary clients audit user-level DP-FedAvg, not mode = "
@@ -215,33 +243,28 @@ def run_user_audit(config: Config, *, num_canaries: int = 5000, confidence: floa
     if num_canaries < 2:
         raise ValueError(f"num_canaries must be at least 2, got {num_canaries}")
     rng = np.random.default_rng([config.run.seed, 0xA0D4])
-    canaries = CanaryClients(included=rng.random(num_canaries) < 0.5,
-                             rng=np.random.default_rng([config.run.seed, 0xA0D5]))
-    simulation = build_simulation(config, server_hooks=[canaries])
+    included = rng.random(num_canaries) < 0.5
+    simulation = build_simulation(config, server_hooks=())
     server, privacy = simulation.server, simulation.privacy
     noise = _noise_hook(server)
-    start = server.parameters.astype(np.float64)
-    directions = rng.standard_normal((num_canaries, start.size), dtype=np.float32)
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    size = server.parameters.size
+    signs = np.frombuffer(rng.bytes(num_canaries * ((size + 7) // 8)), dtype=np.uint8)
+    canaries = CanaryClients(signs.reshape(num_canaries, -1), dimension=size,
+                             included=included, factor=norm_factor,
+                             rng=np.random.default_rng([config.run.seed, 0xA0D5]))
+    server.hooks.insert(server.hooks.index(noise), canaries)
     event = next(iter(privacy.events.values()))
-    ledger = _Unmetered(config.privacy.delta)
-    trainers = [
-        UserLevelTrainer(_FixedUpdate(direction, norm_factor, noise.clip),
-                         client_id=f"canary-{j}", ledger=ledger,  # type: ignore[arg-type]
-                         event=event, clip=noise.clip, sampling="public")
-        for j, direction in enumerate(directions)]
     cap, spent = (_public_cap(config, event) if config.privacy.sampling == "public"
                   else (None, None))
-    canaries.attach(server, trainers, cap=cap)
+    canaries.attach(server, clip=noise.clip, cap=cap)
     if tamper is not None:
-        tamper(simulation, canaries.trainers)
+        tamper(simulation, canaries)
     try:
         with torch_threads(config.simulation.torch_threads()):
             server.run(config.run.rounds)
     finally:
         simulation.transport.close()
-    moved = server.parameters.astype(np.float64) - start
-    scores = directions @ moved / max(float(np.linalg.norm(moved)), 1e-300)
+    scores = canaries.cosines(canaries.released)
     included = canaries.included
     accountant = privacy.largest_epsilon()
     if spent is not None:

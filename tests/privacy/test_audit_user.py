@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,12 @@ from securefl.cli import main
 from securefl.config import clients_per_round, config_from_dict
 from securefl.engine.server import Sampler
 from securefl.privacy.audit import gate_fails, one_run_lower_bound
-from securefl.privacy.audit_user import USER_GUESS_FRACTIONS, gaussian_epsilon, run_user_audit
+from securefl.privacy.audit_user import (
+    USER_GUESS_FRACTIONS,
+    CanaryClients,
+    gaussian_epsilon,
+    run_user_audit,
+)
 from securefl.privacy.dp_fedavg import UserLevelNoise
 
 CLAIMED = 1.0
@@ -42,13 +47,13 @@ def _noise(simulation: Any) -> UserLevelNoise:
     return next(h for h in simulation.server.hooks if isinstance(h, UserLevelNoise))
 
 
-def _noise_off(simulation: Any, _canaries: Sequence[Any]) -> None:
+def _noise_off(simulation: Any, _canaries: CanaryClients) -> None:
     noise = _noise(simulation)
     noise.update_noise_multiplier = 0.0
     noise.clip.count_stddev = 0.0
 
 
-def _tenth_sigma(simulation: Any, _canaries: Sequence[Any]) -> None:
+def _tenth_sigma(simulation: Any, _canaries: CanaryClients) -> None:
     noise = _noise(simulation)
     noise.update_noise_multiplier /= 10
     noise.clip.count_stddev /= 10
@@ -66,12 +71,12 @@ class _Unbounded:
         self.base.record(round, client_id, unclipped)
 
 
-def _no_clipping(simulation: Any, canaries: Sequence[Any]) -> None:
-    for trainer in [*simulation.trainers.values(), *canaries]:
-        trainer.clip = _Unbounded(trainer.clip)
+def _no_clipping(simulation: Any, canaries: CanaryClients) -> None:
+    for client in [*simulation.trainers.values(), canaries]:  # real clients and canaries
+        client.clip = _Unbounded(client.clip)
 
 
-def _four_times_rate(simulation: Any, _canaries: Sequence[Any]) -> None:
+def _four_times_rate(simulation: Any, _canaries: CanaryClients) -> None:
     server = simulation.server
     available = len(server.transport.client_ids())
     told = clients_per_round(available, count=server.sampler.count,
@@ -79,7 +84,7 @@ def _four_times_rate(simulation: Any, _canaries: Sequence[Any]) -> None:
     server.sampler = Sampler(count=min(available, 4 * told))
 
 
-BUGS: dict[str, Callable[[Any, Sequence[Any]], None]] = {
+BUGS: dict[str, Callable[[Any, CanaryClients], None]] = {
     "noise_off": _noise_off, "tenth_sigma": _tenth_sigma, "no_clipping": _no_clipping,
     "four_times_rate": _four_times_rate}
 
@@ -97,7 +102,7 @@ def test_correct_pipeline_passes_the_gate() -> None:
 def test_planted_bug_fails_the_gate(bug: str, theorem_p_value) -> None:
     rates: list[int] = []
 
-    def tamper(simulation: Any, canaries: Sequence[Any]) -> None:
+    def tamper(simulation: Any, canaries: CanaryClients) -> None:
         BUGS[bug](simulation, canaries)
         rates.append(simulation.server.sampler.count or 0)
 
