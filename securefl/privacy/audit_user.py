@@ -101,12 +101,16 @@ class CanaryClients:
         self.clip: Any = None  # the clients' clipping state (what they clip to)
         self.bound: Any = None  # the server's (what it noises for)
         self.cap: int | None = None
-        self.released = np.zeros(dimension)  # sum of the rounds' unit-norm aggregates
+        self.released = np.zeros(dimension)  # sum of the rounds' unit-norm canary releases
+        self.denominator = 1.0  # the server's fixed denominator m
+        self.users = np.zeros(dimension)  # the real users' clipped sum of the round
 
-    def attach(self, server: Any, *, clip: Any, cap: int | None) -> None:
-        """The server whose sampler the canaries follow, the shared clipping state and, under
-        public sampling, the most rounds a canary may take part in."""
-        self.server, self.clip, self.bound, self.cap = server, clip, clip, cap
+    def attach(self, server: Any, noise: Any, *, cap: int | None) -> None:
+        """The server whose sampler the canaries follow, its DP-FedAvg noise (shared clipping
+        state, fixed denominator) and, under public sampling, the most rounds a canary may
+        take part in."""
+        self.server, self.clip, self.bound, self.cap = server, noise.clip, noise.clip, cap
+        self.denominator = float(noise.expected_clients)
 
     def rate(self) -> float:
         """``clients per round / clients`` of the server's sampler as it really is."""
@@ -153,6 +157,7 @@ class CanaryClients:
             total, weight = np.array(combined.total, dtype=np.float64), combined.total_weight
         else:
             raise TypeError("canary clients join a sum in the clear or a secure sum")
+        self.users = total.copy()
         norm = self.factor * self.bound.clip_norm
         scale = clip_factor(norm, self.clip.clip_norm) * norm * self.unit
         total += scale * (2.0 * self.set_bits(chosen) - len(chosen))
@@ -160,10 +165,12 @@ class CanaryClients:
 
     def transform_aggregate(self, delta: np.ndarray, *, round: int, num_clients: int,
                             rng: np.random.Generator) -> np.ndarray:
-        """Adds the round's released aggregate, scaled to unit norm, to :attr:`released`."""
-        norm = float(np.linalg.norm(delta.astype(np.float64)))
+        """Adds the round's released aggregate less the real users' part, ``D_t - R_t / m``,
+        scaled by ``1 / ||D_t||``, to :attr:`released`."""
+        released = delta.astype(np.float64)
+        norm = float(np.linalg.norm(released))
         if norm > 0:
-            self.released += delta.astype(np.float64) / norm
+            self.released += (released - self.users / self.denominator) / norm
         return delta
 
 
@@ -256,7 +263,7 @@ def run_user_audit(config: Config, *, num_canaries: int = 5000, confidence: floa
     event = next(iter(privacy.events.values()))
     cap, spent = (_public_cap(config, event) if config.privacy.sampling == "public"
                   else (None, None))
-    canaries.attach(server, clip=noise.clip, cap=cap)
+    canaries.attach(server, noise, cap=cap)
     if tamper is not None:
         tamper(simulation, canaries)
     try:
