@@ -13,7 +13,9 @@ missing:
 5. ε spent and left per client (``privacy.json``) with ``epsilon.png``;
 6. the attack-suite results (``results.jsonl``, ``RESULTS.md``, their PNG figures);
 7. the verification of the signed audit log (:func:`securefl.runtime.auditlog.verify`) and
-   of the sites' signed privacy receipts recorded in it (:mod:`securefl.report.receipts`).
+   of the sites' signed privacy receipts recorded in it (:mod:`securefl.report.receipts`);
+8. the empirical privacy audit's ε beside the accountant's (``audit.json``,
+   :mod:`securefl.report.empirical`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from securefl.errors import SecureFLError
+from securefl.report.empirical import AUDIT_PLOT, empirical_audit_section
 from securefl.report.receipts import receipt_blocks
 from securefl.report.render import (
     Image,
@@ -40,7 +43,7 @@ from securefl.report.render import (
 
 __all__ = ["build_sections", "command", "write_report"]
 
-_KNOWN_IMAGES = {"epsilon.png", "accuracy.png"}
+_KNOWN_IMAGES = {"epsilon.png", "accuracy.png", AUDIT_PLOT}
 _SHOWN_PRIVACY_KEYS = {"remaining"}
 
 
@@ -301,7 +304,7 @@ def build_sections(run_dir: str | Path) -> list[Section]:
         run.config_error = str(exc)
     return [_run_section(run), _threat_section(run), _protection_section(run),
             _participants_section(run), _privacy_section(run), _attacks_section(run),
-            _audit_section(run)]
+            _audit_section(run), empirical_audit_section(run.directory)]
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
