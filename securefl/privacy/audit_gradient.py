@@ -231,9 +231,11 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
                                   client_hooks={cid: [hook] for cid, hook in hooks.items()})
     model = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed)
     unflatten(model, simulation.server.parameters)
-    activity = gradient_activity(
-        model, torch.from_numpy(np.concatenate([c.train.features for c in data.clients.values()])),
-        torch.from_numpy(np.concatenate([c.train.labels for c in data.clients.values()])))
+    with torch_threads(config.simulation.torch_threads()):
+        activity = gradient_activity(
+            model,
+            torch.from_numpy(np.concatenate([c.train.features for c in data.clients.values()])),
+            torch.from_numpy(np.concatenate([c.train.labels for c in data.clients.values()])))
     clip = config.privacy.max_grad_norm if config.privacy.mode == "dp_sgd" else 1.0
     canaries = draw_canaries(activity=activity, num_clients=len(ids), num_canaries=num_canaries,
                              norm=norm_factor * clip,
