@@ -16,9 +16,13 @@ DP-FedAvg step (clipped to the bound ``C`` of the clients' clipping state by
 round's sum *before* the server adds its noise, so it is summed and noised exactly like a real
 user's.  ``G = 10 C`` by default, so a pipeline that does not clip shows it.
 
-The score of canary ``j`` is the cosine between ``u_j`` and ``sum_t D_t / ||D_t||``, the
-sum of the rounds' released aggregates ``D_t`` (the noised mean update the server applies),
-each scaled to unit norm.  Andrew et al. (Sec. 3) score either the final model delta or each
+The score of canary ``j`` is the cosine between ``u_j`` and
+``sum_t (D_t - R_t / m) / ||D_t||``: the rounds' released aggregates ``D_t`` (the noised
+mean update the server applies) less the real users' clipped sum ``R_t`` over the fixed
+denominator ``m``, each round scaled by its norm.  ``R_t`` is a function of the released
+model ``theta_{t-1}`` and of the real users' data and sample, which the one-run theorem holds
+fixed (they do not depend on which canaries are included), so the score is a
+post-processing of the releases.  Andrew et al. (Sec. 3) score either the final model delta or each
 round's aggregate; summing the unit-norm rounds uses every round and weighs each alike,
 whatever the adaptive clipping bound (and so the noise) was in it, where the final delta
 would let the rounds with the largest bound drown the others.  Two numbers come out of the
@@ -40,9 +44,9 @@ is the larger of the ledger's and the canaries' own.  Canaries report no clipped
 
 The instrumentation is audit-only: a server hook placed just before the noise
 (:class:`CanaryClients`, which works on the canaries' packed sign bits, so that thousands
-of them cost a fraction of the training run); the library's DP path is not changed.  Distributed DP,
-once it exists, is audited the same way: the canaries join the sum the distributed noise is
-added to.
+of them cost a fraction of the training run); the library's DP path is not changed.
+Distributed DP, once it exists, is audited the same way: the canaries join the sum the
+distributed noise is added to.
 """
 
 from __future__ import annotations

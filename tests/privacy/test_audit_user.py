@@ -143,6 +143,25 @@ def test_public_sampling_caps_canaries_at_the_budget() -> None:
     assert not gate_fails(report)
 
 
+def test_packed_canaries_are_unit_sign_directions() -> None:
+    rng = np.random.default_rng(1)
+    dimension, count = 37, 11  # 37 coordinates: the last byte is padded
+    signs = np.frombuffer(rng.bytes(count * 5), dtype=np.uint8).reshape(count, 5).copy()
+    canaries = CanaryClients(signs, dimension=dimension, included=np.ones(count, dtype=bool),
+                             factor=10.0, rng=rng)
+    units = canaries.directions(np.arange(count))
+    assert np.allclose(np.abs(units), 1 / math.sqrt(dimension))
+    assert np.allclose(np.linalg.norm(units, axis=1), 1.0)
+    some = np.array([1, 4, 5])  # the set-bit count gives the sum of their directions
+    summed = (2.0 * canaries.set_bits(some) - len(some)) / math.sqrt(dimension)
+    assert np.allclose(summed, units[some].sum(axis=0))
+    vector = rng.normal(size=dimension)
+    assert np.allclose(canaries.cosines(vector), units @ vector / np.linalg.norm(vector))
+    with pytest.raises(ValueError, match="packed row"):
+        CanaryClients(signs[:, :4], dimension=dimension, included=np.ones(count, dtype=bool),
+                      factor=10.0, rng=rng)
+
+
 @pytest.mark.parametrize("mu", [0.5, 1.0, 3.0])
 def test_gaussian_fit_epsilon_is_the_gaussian_mechanisms(mu: float) -> None:
     # equal variances: mu-GDP, delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
