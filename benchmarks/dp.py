@@ -201,7 +201,7 @@ def bench_case(name: str, mode: str, batch: int, repeats: int) -> dict[str, Any]
             criterion(module(features), labels).backward()
             optimizer.step()
 
-    parameters = flatten(trainer.base.model)
+    parameters = flatten(trainer.model)
     counter = iter(range(1, 1 << 30))
 
     def securefl_round() -> None:  # a new global model each time: a repeat is not retrained
@@ -214,8 +214,8 @@ def bench_case(name: str, mode: str, batch: int, repeats: int) -> dict[str, Any]
     def fixed() -> None:
         """What securefl's fit adds around the Opacus loop: charge, load, flatten."""
         trainer.ledger.charge("bench", trainer.round_event(), round=next(counter))
-        unflatten(trainer.base.model, parameters, trainer.base.layout)
-        flatten(trainer.base.model) - parameters
+        unflatten(trainer.model, parameters, trainer.layout)
+        flatten(trainer.model) - parameters
     extra = time_interleaved({"fixed": fixed}, repeats)["fixed"]
     return {
         "model": name, "grad_sample_mode": mode, "batch": batch,

@@ -101,12 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", help="output directory for audit.json and audit-scores.png "
                        "(default: the working directory)")
     audit.add_argument("--seed", type=int, help="override [run] seed")
-    audit.add_argument("--canary", choices=("gradient", "input"), default="gradient",
-                       help="white-box Dirac gradient canaries (default; DP-SGD or no DP) or "
-                       "mislabelled input canaries")
+    audit.add_argument("--canary", choices=("gradient", "client", "input"), default=None,
+                       help="white-box Dirac gradient canaries (default for DP-SGD or no DP), "
+                       "canary clients (default for DP-FedAvg) or mislabelled input canaries")
     audit.add_argument("--canaries", type=_at_least(2), default=None,
                        help="canaries, each inserted with probability 1/2 (default 1000 "
-                       "gradient, 200 input)")
+                       "gradient, 5000 client, 200 input)")
     audit.add_argument("--gate", action="store_true",
                        help="exit 1 when the lower bound exceeds the accountant's epsilon")
     audit.add_argument("--confidence", type=_open_unit, default=0.95,

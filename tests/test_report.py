@@ -21,7 +21,7 @@ from securefl.report import write_report
 
 FIXTURES = Path(__file__).parent / "threat_configs"
 SECTIONS = ["verdict", "summary", "threat-model", "protection", "participants", "privacy",
-            "attacks", "audit-log"]
+            "attacks", "audit-log", "empirical-audit"]
 
 
 def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
@@ -203,7 +203,7 @@ def test_missing_data_is_stated_section_by_section(tmp_path: Path,
     check_structure(html)
     for sentence in ("No summary.json", "names no threat model", "No metrics.jsonl",
                      "No ε was accounted: the run used no differential privacy.",
-                     "no attack-suite results", "no audit log"):
+                     "no attack-suite results", "no audit log", "No audit.json"):
         assert sentence in html
     assert "protection" in html and "plain" in html
     (run / "config.toml").write_text("[run\n")  # damaged
@@ -217,6 +217,29 @@ def test_missing_data_is_stated_section_by_section(tmp_path: Path,
     assert main(["report", str(other)]) == 2
     assert "not a run directory (it holds none of config.toml" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["holiday.jpg"]
+
+
+@pytest.mark.parametrize(("bound", "verdict"), [(0.41, "PASS"), (1.26, "FAIL")])
+def test_the_empirical_audit_is_shown_beside_the_accountant(tmp_path: Path, bound: float,
+                                                            verdict: str) -> None:
+    run = full_run(tmp_path / "run")
+    (run / "audit.json").write_text(json.dumps({
+        "epsilon_lower_bound": bound, "accountant_epsilon": 0.9943, "delta": 1e-5,
+        "confidence": 0.95, "method": "one_run", "num_canaries": 5000, "num_included": 2497,
+        "num_guesses": 250, "num_correct": 180, "test_accuracy": 0.4, "canary": "client",
+        "epsilon_estimate": 0.871, "gate": "pass"}))
+    (run / "audit-scores.png").write_bytes(HEATMAP_PNG)
+    html_path, md_path = write_report(run)
+    html = html_path.read_text()
+    cells = check_structure(html).cells
+    at = cells.index("empirical ε lower bound (95% confidence)")
+    assert cells[at + 1] == f"{bound:.3f}"
+    assert cells[cells.index("accountant's ε (the audited run)") + 1] == "0.994"
+    assert cells[cells.index("Gaussian-fit ε estimate (not a bound)") + 1] == "0.871"
+    assert cells[cells.index("audit") + 1] == "user level, canary clients"
+    section = html[html.index('id="empirical-audit"'):]
+    assert f"{verdict}: the lower bound" in section and "canary scores" in section
+    assert "canary scores, inserted against not inserted" in md_path.read_text()
 
 
 def _chromium() -> str | None:

@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ from securefl.engine.session import RUN_ID_BYTES
 from securefl.engine.transport import Transport
 from securefl.errors import ProtocolAbort
 
-__all__ = ["Sampler", "Server", "ServerHook"]
+__all__ = ["AggregateHook", "Sampler", "Server", "ServerHook"]
 
 
 class ServerHook(Protocol):
@@ -60,6 +60,15 @@ class ServerHook(Protocol):
 
     def transform_combined(self, combined: Rows | WeightedSum, *, round: int,
                            rng: np.random.Generator) -> Rows | WeightedSum: ...
+
+
+@runtime_checkable
+class AggregateHook(Protocol):
+    """A server hook that also sees the aggregated delta before the optimizer applies it
+    (the user-level audit records each round's released aggregate)."""
+
+    def transform_aggregate(self, delta: np.ndarray, *, round: int, num_clients: int,
+                            rng: np.random.Generator) -> np.ndarray: ...
 
 _log = logging.getLogger(__name__)
 
@@ -280,6 +289,11 @@ class Server:
             delta = combined.mean()
         else:
             raise ValueError(f"{self.aggregator!r} cannot aggregate a bare weighted sum")
+        for hook in self.hooks:
+            if isinstance(hook, AggregateHook):
+                delta = hook.transform_aggregate(delta, round=rnd,
+                                                 num_clients=len(combined.client_ids),
+                                                 rng=self.round_rng(rnd, 2))
         record.update_norm = float(np.linalg.norm(delta))
         self.parameters = self.optimizer.step(self.parameters, delta)
 

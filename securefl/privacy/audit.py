@@ -22,10 +22,12 @@ probability ``confidence`` if the training run is (ε, δ)-DP:
 federation with securefl's own pipeline, scores every canary by its logit-scaled confidence
 in the canary label, and reports both the bound and the accountant's ε; ``securefl privacy
 audit CONFIG --canary input`` runs it from a config file.  It is weak: on the shipped
-configurations it bounds nothing (0.0).  The default, ``--canary gradient``, is the white-box
-audit of :mod:`securefl.privacy.audit_gradient`.  ``--gate`` turns either into a check: exit 1
-when the lower bound exceeds the accountant's ε (:func:`gate_fails`), evidence that the pipeline
-does not deliver what it accounts.
+configurations it bounds nothing (0.0).  By default the audit follows the config's DP mode:
+``--canary gradient`` (DP-SGD or no DP), the white-box audit of
+:mod:`securefl.privacy.audit_gradient`; ``--canary client`` (DP-FedAvg), the user-level audit
+with canary clients of :mod:`securefl.privacy.audit_user`.  ``--gate`` turns any of them into
+a check: exit 1 when the lower bound exceeds the accountant's ε (:func:`gate_fails`), evidence
+that the pipeline does not deliver what it accounts.
 """
 
 from __future__ import annotations
@@ -201,6 +203,8 @@ class AuditReport:
     num_correct: int
     test_accuracy: float
     canary: str = "input"
+    #: Andrew et al.'s Gaussian-fit estimate (user-level audit only); not a bound
+    epsilon_estimate: float | None = None
 
     def to_json(self) -> dict[str, float | int | str | None]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -300,20 +304,26 @@ def command(args: argparse.Namespace) -> int:
     exit 1 when :func:`gate_fails`."""
     from securefl.config import load_config
     from securefl.privacy.audit_gradient import run_gradient_audit
+    from securefl.privacy.audit_user import run_user_audit
     from securefl.progress import progress
 
     config = load_config(args.config)
     if args.seed is not None:
         config = config.replace(run__seed=args.seed)
-    with progress(f"privacy audit ({args.canary} canaries): round", config.run.rounds,
+    canary = args.canary or ("client" if config.privacy.mode == "dp_fedavg" else "gradient")
+    with progress(f"privacy audit ({canary} canaries): round", config.run.rounds,
                   log=_log) as bar:
         def advance(record: Any) -> None:
             bar.advance(status="" if record.accuracy is None
                         else f"accuracy {record.accuracy:.4f}")
 
-        if args.canary == "gradient":
+        if canary == "gradient":
             report, scores, included = run_gradient_audit(
                 config, num_canaries=args.canaries or 1000, confidence=args.confidence,
+                on_round=advance)
+        elif canary == "client":
+            report, scores, included = run_user_audit(
+                config, num_canaries=args.canaries or 5000, confidence=args.confidence,
                 on_round=advance)
         else:
             report, scores, included = _input_audit(
@@ -328,6 +338,8 @@ def command(args: argparse.Namespace) -> int:
                   else f"{report.accountant_epsilon:.3f}")
     summary = (f"empirical epsilon lower bound {report.epsilon_lower_bound:.3f} "
                f"(confidence {report.confidence:.0%}) vs accountant epsilon {accountant}")
+    if report.epsilon_estimate is not None:
+        summary += f"; Gaussian-fit estimate {report.epsilon_estimate:.3f}"
     write_score_plot(scores, included, out / "audit-scores.png", title=summary)
     print(text)
     print(summary)

@@ -219,6 +219,7 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
     ``on_round`` is called after each round (progress).  The audit trains on the CPU whatever
     ``[run] device`` says (its canaries are CPU tensors)."""
     from securefl.data import federate
+    from securefl.engine.trainer import torch_threads
     from securefl.models import build_model
     from securefl.simulation import build_simulation
     from securefl.vector import unflatten
@@ -235,9 +236,11 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
                                   client_hooks={cid: [hook] for cid, hook in hooks.items()})
     model = build_model(config.model, data.shape, data.num_classes, seed=config.run.seed)
     unflatten(model, simulation.server.parameters)
-    activity = gradient_activity(
-        model, torch.from_numpy(np.concatenate([c.train.features for c in data.clients.values()])),
-        torch.from_numpy(np.concatenate([c.train.labels for c in data.clients.values()])))
+    with torch_threads(config.simulation.torch_threads()):
+        activity = gradient_activity(
+            model,
+            torch.from_numpy(np.concatenate([c.train.features for c in data.clients.values()])),
+            torch.from_numpy(np.concatenate([c.train.labels for c in data.clients.values()])))
     clip = config.privacy.max_grad_norm if config.privacy.mode == "dp_sgd" else 1.0
     canaries = draw_canaries(activity=activity, num_clients=len(ids), num_canaries=num_canaries,
                              norm=norm_factor * clip,
@@ -255,7 +258,8 @@ def train_with_canaries(config: Config, *, num_canaries: int, norm_factor: float
                          coordinates=canaries.coordinates[mine], norm=canaries.norm,
                          rng=np.random.default_rng([config.run.seed, 0xA0D3, index]))
     try:
-        simulation.server.run(config.run.rounds, on_round=on_round)
+        with torch_threads(config.simulation.torch_threads()):
+            simulation.server.run(config.run.rounds, on_round=on_round)
     finally:
         simulation.transport.close()
     privacy = simulation.privacy

@@ -57,19 +57,23 @@ from securefl.privacy.ledger import PrivacyLedger
 from securefl.privacy.randomness import SecureRandom
 from securefl.privacy.release import Releases
 
-__all__ = ["SAMPLING_RULES", "ClipState", "UserLevelNoise", "UserLevelTrainer", "clip_update",
-           "clipped_fraction", "update_noise_multiplier"]
+__all__ = ["SAMPLING_RULES", "ClipState", "UserLevelNoise", "UserLevelTrainer", "clip_factor",
+           "clip_update", "clipped_fraction", "update_noise_multiplier"]
 
 SAMPLING_RULES = ("public", "secret")
 
 _log = logging.getLogger(__name__)
 
 
+def clip_factor(norm: float, clip_norm: float) -> float:
+    """``min(1, C / ||delta||)``, the factor that clips an update of norm ``norm`` to ``C``."""
+    return min(1.0, clip_norm / norm) if norm > 0 else 1.0
+
+
 def clip_update(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
-    """``(delta * min(1, C / ||delta||), ||delta||)`` in float32."""
+    """``(delta * min(1, C / ||delta||), ||delta||)`` in float32 (:func:`clip_factor`)."""
     norm = float(np.linalg.norm(delta.astype(np.float64)))
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return (delta * np.float32(scale)).astype(np.float32), norm
+    return (delta * np.float32(clip_factor(norm, clip_norm))).astype(np.float32), norm
 
 
 def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float | None) -> float:

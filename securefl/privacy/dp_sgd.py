@@ -154,6 +154,10 @@ class DPSGDTrainer:
         self.releases = Releases(ledger, client_id)
 
     @property
+    def layout(self) -> Layout:
+        return self.task.layout
+
+    @property
     def num_examples(self) -> int:
         return len(self.task.labels)
 

@@ -16,7 +16,9 @@ missing:
    ``epsilon.png``;
 6. the attack-suite results (``results.jsonl``, ``RESULTS.md``, their PNG figures);
 7. the verification of the signed audit log (:func:`securefl.runtime.auditlog.verify`) and
-   of the sites' signed privacy receipts recorded in it (:mod:`securefl.report.receipts`).
+   of the sites' signed privacy receipts recorded in it (:mod:`securefl.report.receipts`);
+8. the empirical privacy audit's ε beside the accountant's (``audit.json``,
+   :mod:`securefl.report.empirical`).
 
 Tables show human labels (:mod:`securefl.report.labels`), and only the privacy settings of
 the mode the run used.
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from securefl.errors import SecureFLError
+from securefl.report.empirical import AUDIT_PLOT, empirical_audit_section
 from securefl.report.labels import PRIVACY_SETTINGS, label
 from securefl.report.receipts import receipt_blocks
 from securefl.report.render import (
@@ -49,7 +52,7 @@ from securefl.report.verdict import RunFacts, verdict_section
 
 __all__ = ["build_sections", "command", "write_report"]
 
-_KNOWN_IMAGES = {"epsilon.png", "accuracy.png"}
+_KNOWN_IMAGES = {"epsilon.png", "accuracy.png", AUDIT_PLOT}
 _SHOWN_PRIVACY_KEYS = {"remaining", "epsilon_rdp", "epsilon_prv"}
 #: a folder holding none of these is no run's directory: no report is written into it
 _RUN_FILES = ("config.toml", "summary.json", "metrics.jsonl", "audit.log", "privacy.json")
@@ -383,7 +386,7 @@ def build_sections(run_dir: str | Path) -> list[Section]:
     run.facts = _facts(run)
     return [verdict_section(run.facts), _run_section(run), _threat_section(run),
             _protection_section(run), _participants_section(run), _privacy_section(run),
-            _attacks_section(run), _audit_section(run)]
+            _attacks_section(run), _audit_section(run), empirical_audit_section(run.directory)]
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:

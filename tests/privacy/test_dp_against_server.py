@@ -71,7 +71,7 @@ def test_the_servers_replica_no_longer_reproduces_the_sites_noise(
     config = deployment(tmp_path / "site", **options)
     site = build_site(config, SITE)
     copy = replica(config)
-    start = np.asarray(copy.base.layout.size * [0.01], np.float32)
+    start = np.asarray(copy.layout.size * [0.01], np.float32)
     released = ask(site, 1, start)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -92,7 +92,7 @@ def test_alternating_rounds_are_declined_or_charged_and_repeats_cost_nothing(
     config = deployment(tmp_path / "site")
     site = build_site(config, SITE)
     event = site.trainer.round_event()
-    size = site.trainer.base.layout.size
+    size = site.trainer.layout.size
     models = [np.full(size, 0.001 * k, np.float32) for k in range(8)]
 
     ask(site, 1, models[1])

@@ -61,7 +61,7 @@ def test_ledger_equals_opacus_engine_accountant_over_rounds(accountant: str) -> 
     ledger = PrivacyLedger(":memory:", delta=DELTA, budgets=None, accountant=accountant)
     dp = wrap(trainer(epochs=2), ledger, accountant=accountant)
     assert dp.round_event() == PrivacyEvent("dp_sgd", 1.0, 1 / 6, 12)
-    parameters = flatten(dp.base.model)
+    parameters = flatten(dp.model)
     spent = []
     for rnd in (1, 2, 3):
         update, metrics = dp.fit(parameters, round=rnd)
@@ -108,7 +108,7 @@ def test_noise_scale_matches_sigma_c_over_batch() -> None:
 def test_retried_round_is_answered_without_training_again() -> None:
     ledger = PrivacyLedger(":memory:", delta=DELTA)
     dp = wrap(trainer(), ledger)
-    parameters = flatten(dp.base.model)
+    parameters = flatten(dp.model)
     first, _ = dp.fit(parameters, round=1)
     again, _ = dp.fit(parameters, round=1)
     np.testing.assert_array_equal(again.delta, first.delta)
@@ -147,8 +147,10 @@ def test_unsupported_model_is_a_clear_error_and_fix_is_offered() -> None:
         wrap(trainer(WithBatchNorm()), PrivacyLedger(":memory:", delta=DELTA))
     base = trainer(WithBatchNorm())
     dp = wrap(base, PrivacyLedger(":memory:", delta=DELTA), fix_model=True)
-    assert isinstance(base.model.norm, nn.GroupNorm)
-    update, _ = dp.fit(flatten(base.model), round=1)
+    # the DP trainer trains the fixed copy; like make_private it leaves its input alone
+    assert isinstance(dp.model.norm, nn.GroupNorm) and isinstance(base.model.norm,
+                                                                 nn.BatchNorm1d)
+    update, _ = dp.fit(flatten(dp.model), round=1)
     assert np.isfinite(update.delta).all()
 
 
@@ -179,7 +181,7 @@ def test_exhausted_budget_declines_and_never_exceeds() -> None:
     ledger = PrivacyLedger(":memory:", delta=DELTA, budgets=budget)
     dp = wrap(trainer(), ledger)
     client = Client("c", dp, Plain())
-    parameters = flatten(dp.base.model)
+    parameters = flatten(dp.model)
     replies = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
