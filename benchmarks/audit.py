@@ -7,10 +7,10 @@ disabled, 4x the accounted sampling rate; the bugs are the tests' own, never the
 The audit follows the config's DP mode:
 
 * DP-SGD (default ``examples/dp_sgd.toml``): sample level, white-box Dirac gradient canaries
-  (:func:`securefl.privacy.audit_gradient.run_gradient_audit`; bugs from
+  (:func:`securefl.attacks.audit_gradient.run_gradient_audit`; bugs from
   ``tests/privacy/test_audit_gradient.py``);
 * DP-FedAvg (e.g. ``examples/dp_fedavg.toml``): user level, canary clients
-  (:func:`securefl.privacy.audit_user.run_user_audit`; bugs from
+  (:func:`securefl.attacks.audit_user.run_user_audit`; bugs from
   ``tests/privacy/test_audit_user.py``).  At ε = 1 the example's default clipped-count noise
   (clients per round / 20) is too small for adaptive clipping, so ``--count-stddev`` sets it.
 
@@ -35,11 +35,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from securefl.attacks.audit_gradient import run_gradient_audit
+from securefl.attacks.audit_user import run_user_audit
 from securefl.config import Config, load_config
 from securefl.engine.trainer import torch_threads
 from securefl.privacy.audit import gate_fails
-from securefl.privacy.audit_gradient import run_gradient_audit
-from securefl.privacy.audit_user import run_user_audit
 from securefl.simulation import build_simulation
 
 ROOT = Path(__file__).parents[1]

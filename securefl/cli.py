@@ -27,7 +27,7 @@ _HANDLERS = {
     ("check",): "securefl.report.check:command",
     ("report",): "securefl.report:command",
     ("privacy", "report"): "securefl.report.privacy:command",
-    ("privacy", "audit"): "securefl.privacy.audit:command",
+    ("privacy", "audit"): "securefl.attacks.audit:command",
     ("attack", "run"): "securefl.attacks.harness:command",
     ("certs", "init"): "securefl.runtime.tls:command",
     ("certs", "renew"): "securefl.runtime.tls:renew_command",

@@ -11,7 +11,7 @@ the driver generates the CKKS keys and gives the secret context to the actors (R
 pickle, inside the one trust domain of :mod:`securefl.engine.ray_backend`).
 
 Same seed, same result: every site is rebuilt from ``(config, [run] seed)`` as
-:func:`securefl.simulation.local_trainer` builds it in-process, dropouts are injected in the
+:func:`securefl.build.local_trainer` builds it in-process, dropouts are injected in the
 driver by the shared :class:`~securefl.engine.simulation.DropInjector`, and each actor runs
 the in-process torch thread count per client.
 
@@ -66,7 +66,7 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
                          root_data: FederatedData | None = None,
                          aggregator: Aggregator | None = None,
                          **in_process_only: Any) -> Simulation:
-    """The :class:`~securefl.simulation.Simulation` of ``config`` with its sites in Ray
+    """The :class:`~securefl.build.Simulation` of ``config`` with its sites in Ray
     actors (nothing runs yet; ``simulation.transport.close()`` stops the actors, and Ray
     when this call started it).  ``trainers`` and ``clients`` are empty: they live in the
     actors."""
@@ -205,7 +205,7 @@ class ConfigSites:
     with trainers exactly as in-process and fresh identity keys of their own."""
 
     def __init__(self, client_ids: Sequence[str], setup: Mapping[str, Any]) -> None:
-        from securefl.simulation import local_trainer
+        from securefl.build import local_trainer
 
         config = config_from_dict(tomllib.loads(setup["config"]), source="<ray actor config>")
         data = federate(config.data, seed=config.run.seed)

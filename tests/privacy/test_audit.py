@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from securefl.attacks.audit import run_audit
 from securefl.cli import main
 from securefl.config import config_from_dict
 from securefl.data import federate
@@ -18,7 +19,6 @@ from securefl.privacy.audit import (
     insert_canaries,
     one_run_lower_bound,
     one_run_p_value,
-    run_audit,
 )
 
 # small federations that memorise mislabelled canaries when nothing stops them

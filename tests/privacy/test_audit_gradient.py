@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from securefl.attacks.audit_gradient import draw_canaries, run_gradient_audit
 from securefl.cli import main
 from securefl.config import config_from_dict
 from securefl.privacy.audit import gate_fails, one_run_lower_bound
-from securefl.privacy.audit_gradient import draw_canaries, run_gradient_audit
 
 CLAIMED = 1.0
 CANARIES = 2000  # of the 4810 coordinates of the 64-unit MLP

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from securefl.cli import main
-from securefl.config import clients_per_round, config_from_dict
-from securefl.engine.server import Sampler
-from securefl.privacy.audit import gate_fails, one_run_lower_bound
-from securefl.privacy.audit_user import (
+from securefl.attacks.audit_user import (
     USER_GUESS_FRACTIONS,
     CanaryClients,
     gaussian_epsilon,
     run_user_audit,
 )
+from securefl.cli import main
+from securefl.config import clients_per_round, config_from_dict
+from securefl.engine.server import Sampler
+from securefl.privacy.audit import gate_fails, one_run_lower_bound
 from securefl.privacy.dp_fedavg import UserLevelNoise
 
 CLAIMED = 1.0
