@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,14 @@ from securefl.report.empirical import AUDIT_PLOT, empirical_audit_section
 from securefl.report.labels import PRIVACY_SETTINGS, label
 from securefl.report.receipts import receipt_blocks
 from securefl.report.render import (
-    Image,
     Paragraph,
     Pre,
     Section,
     Table,
+    fmt,
+    image,
+    read_json,
+    read_jsonl,
     render_html,
     render_markdown,
 )
@@ -68,58 +70,13 @@ class _Run:
     facts: RunFacts | None = None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[Paragraph]] | None:
-    """The JSON objects of ``path``, and a warning naming every line that is not one."""
-    if not path.is_file():
-        return None
-    rows, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        elif line.strip():
-            bad.append(number)
-    which = f"line {bad[0]} is" if len(bad) == 1 else f"lines {', '.join(map(str, bad))} are"
-    warnings = [Paragraph(f"{path.name}: {which} not a JSON object, left out.",
-                          status=False)] if bad else []
-    return rows, warnings
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list | tuple):
-        return ", ".join(_fmt(v) for v in value) or "—"
-    if isinstance(value, Mapping):
-        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "—"
-    return str(value)
-
-
-def _image(path: Path, caption: str) -> Image:
-    return Image(caption=caption, name=path.name, png=path.read_bytes())
-
-
 def _run_section(run: _Run) -> Section:
-    summary = _read_json(run.directory / "summary.json")
+    summary = read_json(run.directory / "summary.json")
     rows = [["Run directory", str(run.directory)],
             ["Report generated", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")]]
     blocks: list[Any] = []
     if isinstance(summary, dict):
-        rows += [[label(str(k)), _fmt(v)] for k, v in summary.items()
+        rows += [[label(str(k)), fmt(v)] for k, v in summary.items()
                  if k not in _NOT_IN_SUMMARY]
     else:
         blocks.append(Paragraph("No summary.json in this run directory: the run may not have "
@@ -142,7 +99,7 @@ def _facts(run: _Run) -> RunFacts:
             facts.threat_model = name
         except SecureFLError:
             facts.checks = None
-    read = _read_jsonl(directory / "metrics.jsonl")
+    read = read_jsonl(directory / "metrics.jsonl")
     facts.metrics = read[0] if read is not None else []
     if deployment == "network":
         from securefl.runtime.auditlog import verify
@@ -198,9 +155,9 @@ def _protection_section(run: _Run) -> Section:
                             "(SecAgg+)", "he": "homomorphic encryption (CKKS)"}.get(kind, kind)]]
     if kind in ("secagg", "he"):
         section = getattr(config.protection, kind)
-        rows += [[label(f"{kind}.{k}"), _fmt(v)] for k, v in vars(section).items()]
+        rows += [[label(f"{kind}.{k}"), fmt(v)] for k, v in vars(section).items()]
     rows.append(["Aggregation rule", config.aggregation.rule])
-    rows += [[label(k), _fmt(v)] for k, v in config.aggregation.options.items()]
+    rows += [[label(k), fmt(v)] for k, v in config.aggregation.options.items()]
     privacy = config.privacy
     adaptive = ("target_quantile", "clip_learning_rate", "clipped_count_stddev")
     facts = run.facts if run.facts is not None else _facts(run)
@@ -209,7 +166,7 @@ def _protection_section(run: _Run) -> Section:
              if not (k in adaptive and not privacy.adaptive_clipping)]
     network = config.network
     if facts.deployment == "network":
-        rows += [[label(f"network.{k}"), _fmt(v)] for k, v in (
+        rows += [[label(f"network.{k}"), fmt(v)] for k, v in (
             ("insecure", getattr(network, "insecure", None)),
             ("certs", getattr(network, "certs", None)),
             ("allowlist", sorted(getattr(network, "allowlist", {}) or {})),
@@ -226,7 +183,7 @@ def _privacy_value(privacy: Any, key: str, *, deployment: str) -> str:
     value = getattr(privacy, key)
     if key == "budget":
         value = getattr(privacy, "epsilon_budget", value)
-        return "none (no limit)" if value is None else _fmt(value)
+        return "none (no limit)" if value is None else fmt(value)
     if key == "noise_multiplier" and value is None:
         return "calibrated from the target ε"
     if key == "secure_mode" and value is None:
@@ -235,12 +192,12 @@ def _privacy_value(privacy: Any, key: str, *, deployment: str) -> str:
         if privacy.mode == "dp_fedavg" and privacy.sampling == "secret":
             return "yes (the default for a secret sample)"
         return "no: seeded, reproducible (the default in a simulation)"
-    return _fmt(value)
+    return fmt(value)
 
 
 def _participants_section(run: _Run) -> Section:
     title = "Participants per round"
-    read = _read_jsonl(run.directory / "metrics.jsonl")
+    read = read_jsonl(run.directory / "metrics.jsonl")
     if read is None:
         return Section("participants", title, [Paragraph(
             "No metrics.jsonl in this run directory: the participants of each round are "
@@ -248,12 +205,12 @@ def _participants_section(run: _Run) -> Section:
     rows, warnings = read
     table = []
     for row in rows:
-        table.append([_fmt(row.get("round")), str(len(row.get("sampled") or [])),
-                      str(len(row.get("clients") or [])), _fmt(row.get("clients")),
-                      _fmt(row.get("dropped") or None),
-                      _fmt(row.get("declined") or None), _fmt(row.get("rejected") or None),
-                      _fmt(row.get("aborted")), _fmt(row.get("accuracy")),
-                      _fmt(row.get("loss")), _fmt(row.get("seconds"))])
+        table.append([fmt(row.get("round")), str(len(row.get("sampled") or [])),
+                      str(len(row.get("clients") or [])), fmt(row.get("clients")),
+                      fmt(row.get("dropped") or None),
+                      fmt(row.get("declined") or None), fmt(row.get("rejected") or None),
+                      fmt(row.get("aborted")), fmt(row.get("accuracy")),
+                      fmt(row.get("loss")), fmt(row.get("seconds"))])
     blocks: list[Any] = [Table(["round", "sampled", "aggregated", "aggregated clients",
                                 "dropped", "declined", "rejected", "aborted", "accuracy", "loss",
                                 "seconds"], table)]
@@ -262,7 +219,7 @@ def _participants_section(run: _Run) -> Section:
     blocks.extend(warnings)
     plot = run.directory / "accuracy.png"
     if plot.is_file():
-        blocks.append(_image(plot, "Test accuracy per round"))
+        blocks.append(image(plot, "Test accuracy per round"))
     return Section("participants", title, blocks)
 
 
@@ -292,14 +249,14 @@ def _privacy_section(run: _Run) -> Section:
         blocks.append(Table(
             ["site", "ε spent", "δ", "ε budget (each site enforces it)", "ε left", "receipts",
              "mechanism"],
-            [[c.client, _fmt(c.epsilon), f"{c.delta:g}", _fmt(budget),
-              _fmt(None if budget is None or c.epsilon is None else budget - c.epsilon),
+            [[c.client, fmt(c.epsilon), f"{c.delta:g}", fmt(budget),
+              fmt(None if budget is None or c.epsilon is None else budget - c.epsilon),
               str(c.rounds), c.mechanism or "—"] for c in used.clients]))
     else:
         blocks.extend(_ledger_blocks(used.summary or {}))
     plot = run.directory / "epsilon.png"
     if plot.is_file():
-        blocks.append(_image(plot, "ε per round for each client, with the budget"))
+        blocks.append(image(plot, "ε per round for each client, with the budget"))
     elif used.source == "ledger":
         blocks.append(Paragraph("No epsilon.png in this run directory."))
     return Section("privacy", title, blocks)
@@ -307,7 +264,7 @@ def _privacy_section(run: _Run) -> Section:
 
 def _ledger_blocks(data: Mapping[str, Any]) -> list[Any]:
     blocks: list[Any] = []
-    header = [[label(k), _fmt(v)] for k, v in sorted(data.items())
+    header = [[label(k), fmt(v)] for k, v in sorted(data.items())
               if not isinstance(v, Mapping | list)]
     if header:
         blocks.append(Table(["setting", "value"], header))
@@ -318,8 +275,8 @@ def _ledger_blocks(data: Mapping[str, Any]) -> list[Any]:
                       if not isinstance(v, Mapping | list)} - _SHOWN_PRIVACY_KEYS)
     accountant = str(data.get("accountant", "rdp"))
     other = "prv" if accountant == "rdp" else "rdp"
-    rows = [[cid, _fmt(entry.get(f"epsilon_{accountant}")), _fmt(entry.get("remaining")),
-             _fmt(entry.get(f"epsilon_{other}"))] + [_fmt(entry.get(c)) for c in columns]
+    rows = [[cid, fmt(entry.get(f"epsilon_{accountant}")), fmt(entry.get("remaining")),
+             fmt(entry.get(f"epsilon_{other}"))] + [fmt(entry.get(c)) for c in columns]
             for cid, entry in sorted(clients.items())]
     blocks.append(Table(["client", f"ε spent ({accountant.upper()}, enforced)", "ε left",
                          f"ε by {other.upper()} (cross-check)", *map(label, columns)], rows))
@@ -329,18 +286,18 @@ def _ledger_blocks(data: Mapping[str, Any]) -> list[Any]:
 def _attacks_section(run: _Run) -> Section:
     title = "Attack-suite results"
     blocks: list[Any] = []
-    rows, warnings = _read_jsonl(run.directory / "results.jsonl") or ([], [])
+    rows, warnings = read_jsonl(run.directory / "results.jsonl") or ([], [])
     blocks.extend(warnings)
     if rows:
         columns = sorted({k for r in rows for k, v in r.items()
                           if not isinstance(v, Mapping | list)})
-        blocks.append(Table(columns, [[_fmt(r.get(c)) for c in columns] for r in rows]))
+        blocks.append(Table(columns, [[fmt(r.get(c)) for c in columns] for r in rows]))
     markdown = run.directory / "RESULTS.md"
     if markdown.is_file():
         blocks.append(Pre(markdown.read_text(encoding="utf-8")))
     for png in sorted(run.directory.glob("*.png")):
         if png.name not in _KNOWN_IMAGES:
-            blocks.append(_image(png, png.stem))
+            blocks.append(image(png, png.stem))
     if not blocks:
         blocks.append(Paragraph("This run has no attack-suite results (no results.jsonl or "
                                 "RESULTS.md)."))
@@ -363,7 +320,7 @@ def _audit_section(run: _Run) -> Section:
                    f"signed head check out. Head hash {result.head}.")
     else:
         verdict = "FAILED: " + "; ".join(result.problems)
-    events = [[_fmt(e.get("index")), _fmt(e.get("time")), _fmt(e.get("event"))]
+    events = [[fmt(e.get("index")), fmt(e.get("time")), fmt(e.get("event"))]
               for e in result.events]
     return Section("audit-log", title, [
         Paragraph(verdict, status=result.ok),

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["Image", "Paragraph", "Pre", "Section", "Table", "render_html", "render_markdown"]
+__all__ = ["Image", "Paragraph", "Pre", "Section", "Table", "fmt", "image", "read_json",
+           "read_jsonl", "render_html", "render_markdown"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +136,49 @@ def render_markdown(title: str, sections: Sequence[Section]) -> str:
         parts.append(f"## {section.title}")
         parts.extend(_md_block(b) for b in section.blocks)
     return "\n\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- reading a run
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[Paragraph]] | None:
+    """The JSON objects of ``path``, and a warning naming every line that is not one."""
+    if not path.is_file():
+        return None
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif line.strip():
+            bad.append(number)
+    which = f"line {bad[0]} is" if len(bad) == 1 else f"lines {', '.join(map(str, bad))} are"
+    warnings = [Paragraph(f"{path.name}: {which} not a JSON object, left out.",
+                          status=False)] if bad else []
+    return rows, warnings
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt(v) for v in value) or "—"
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {fmt(v)}" for k, v in value.items()) or "—"
+    return str(value)
+
+
+def image(path: Path, caption: str) -> Image:
+    return Image(caption=caption, name=path.name, png=path.read_bytes())

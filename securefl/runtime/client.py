@@ -58,8 +58,8 @@ from securefl.runtime.manifest import (
 from securefl.runtime.receipts import ReceiptReply, ReceiptRequest, SiteReceipts
 from securefl.runtime.store import model_hash
 from securefl.runtime.tls import certificate_problem, client_credentials, site_paths
-from securefl.runtime.transport import METHOD, channel_options
-from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, split
+from securefl.runtime.transport import METHOD
+from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, channel_options, split
 
 __all__ = ["SiteClient", "SiteEvidence", "build_site", "build_site_client",
            "command"]

@@ -50,7 +50,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import grpc
 
@@ -70,27 +70,22 @@ from securefl.runtime.tls import (
     site_for,
 )
 from securefl.runtime.validate import Limits, Refused, sanitize
-from securefl.runtime.wire import Assembler, ByteBudget, Envelope, Kind, WireError, split
+from securefl.runtime.wire import (
+    Assembler,
+    ByteBudget,
+    Envelope,
+    Kind,
+    WireError,
+    channel_options,
+    split,
+)
 
-__all__ = ["METHOD", "GrpcTransport", "channel_options"]
+__all__ = ["METHOD", "GrpcTransport"]
 
 _log = logging.getLogger(__name__)
 SERVICE = "securefl.Federation"
 METHOD = f"/{SERVICE}/Connect"
-_FRAME_SLACK = 4096
 _SUSPECT = re.compile(r"\[suspect: ([^\]]{1,64})\]$")
-
-
-def channel_options(config: NetworkConfig) -> list[tuple[str, Any]]:
-    """gRPC options: one frame is at most a chunk plus the envelope header."""
-    limit = config.chunk_bytes + _FRAME_SLACK
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            # the server accepts the sites' keepalive pings (20 s) on idle streams
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ("grpc.http2.max_ping_strikes", 0)]
 
 
 @dataclass

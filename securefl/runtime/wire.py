@@ -24,11 +24,13 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+from securefl.config.network import NetworkConfig
 from securefl.errors import MessageError
 
 __all__ = ["ENVELOPE_VERSION", "Assembler", "ByteBudget", "Envelope", "Kind", "WireError",
-           "split"]
+           "channel_options", "split"]
 
 ENVELOPE_VERSION = 1
 _MAGIC = b"SFLW"
@@ -182,3 +184,19 @@ class Assembler:
         envelope = Envelope(Kind(kind), round_, seq, client_id, self._buffer)
         self.reset()
         return envelope
+
+
+#: room for the envelope header around one chunk in a gRPC message
+_FRAME_SLACK = 4096
+
+
+def channel_options(config: NetworkConfig) -> list[tuple[str, Any]]:
+    """gRPC options: one frame is at most a chunk plus the envelope header."""
+    limit = config.chunk_bytes + _FRAME_SLACK
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # the server accepts the sites' keepalive pings (20 s) on idle streams
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0)]

@@ -20,8 +20,8 @@ import pytest
 
 from securefl.engine.messages import Decline, EvaluateIns, FitRes, PlainUpdate, encode
 from securefl.runtime.tls import client_credentials
-from securefl.runtime.transport import METHOD, channel_options
-from securefl.runtime.wire import Kind, split
+from securefl.runtime.transport import METHOD
+from securefl.runtime.wire import Kind, channel_options, split
 from tests.contracts.transport import EchoHandler
 from tests.runtime.conftest import federation, network, wait_connected
 from tests.runtime.test_transport import _answer, _round_with, _with_raw

@@ -15,8 +15,8 @@ from securefl.config.network import NetworkConfig
 from securefl.engine.messages import EvaluateIns, EvaluateRes, encode
 from securefl.errors import ConfigError
 from securefl.runtime.tls import client_credentials
-from securefl.runtime.transport import METHOD, GrpcTransport, channel_options
-from securefl.runtime.wire import Assembler, Kind, split
+from securefl.runtime.transport import METHOD, GrpcTransport
+from securefl.runtime.wire import Assembler, Kind, channel_options, split
 from tests.contracts.transport import EchoHandler, TransportContract
 from tests.runtime.conftest import SITES, Federation, add_sites, federation, network
 
