@@ -25,6 +25,7 @@ from securefl.build import (
     aggregator_for,
     build_protection,
     build_server,
+    check_feasible,
     load_config,
     local_trainer,
     save_final_model,
@@ -148,10 +149,13 @@ def run_simulation(config: Config, *, out_dir: str | Path | None = None,
 
         require(config, aggregator=aggregator)
     build_options["aggregator"] = aggregator
+    data = build_options.get("data")
+    # what the config decides about every round, before anything is written to out_dir
+    check_feasible(config, aggregator,
+                   num_clients=len(data.clients) if data is not None else config.data.num_clients)
     run_dir = Path(out_dir) if out_dir is not None else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.toml", config.to_toml())
     with torch_threads(config.simulation.torch_threads()):
         return _simulate(config, run_dir, on_round, build_options)
 
@@ -162,7 +166,8 @@ def _simulate(config: Config, run_dir: Path | None,
     started = time.perf_counter()
     sim = build_simulation(config, run_dir=run_dir, **build_options)
     setup_seconds = time.perf_counter() - started
-    if run_dir is not None:
+    if run_dir is not None:  # written once the run is built: a refused config leaves none
+        atomic_write(run_dir / "config.toml", config.to_toml())
         write_json(run_dir / "provenance.json", provenance(sim.config, sim.data, sim.model))
     rows: list[dict[str, Any]] = []
 

@@ -72,6 +72,8 @@ def test_config_mistakes_fail_before_any_training(tmp_path, capsys, edit, says):
     line = one_line_error(capsys)
     assert says in line and str(cfg) in line
     assert not (out / "metrics.jsonl").exists()  # nothing was trained
+    # and nothing claims otherwise: a refused config leaves no config.toml or ledger behind
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
 
 
 def test_run_directories_are_never_mixed(tmp_path, capsys):
