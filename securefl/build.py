@@ -172,17 +172,21 @@ def build_server(config: Config, transport: Transport, protection: ServerProtect
                  run_id: bytes | None = None,
                  model: OwnModel | None = None,
                  aggregator: Aggregator | None = None,
-                 objective: Objective | None = None) -> tuple[Server, TestSetEvaluator]:
+                 objective: Objective | None = None,
+                 num_clients: int | None = None) -> tuple[Server, TestSetEvaluator]:
     """The round loop and the central evaluator, as both simulation and deployment build it.
 
     The initial model comes from ``[run] seed`` (``evaluator``: one already made by
     :func:`central_evaluator`); rules that need the server's root-data update (FLTrust) get
     one from :func:`root_trainer` on ``root_data`` (default ``data``; pass the clean data when
-    the clients' shards are poisoned).
+    the clients' shards are poisoned).  ``num_clients``: the federation's size when it is not
+    ``data``'s (a deployment's allowlist).
     """
     seed, s = config.run.seed, config.server
     aggregator = aggregator if aggregator is not None else aggregator_for(config)
-    check_feasible(config, aggregator, num_clients=len(data.clients))
+    # a deployment's federation is its allowlist, not the server's own (test) data
+    check_feasible(config, aggregator,
+                   num_clients=len(data.clients) if num_clients is None else num_clients)
     evaluator = evaluator or central_evaluator(config, data, model=model)
     reference = None
     if aggregator.needs_reference:

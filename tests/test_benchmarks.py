@@ -97,7 +97,7 @@ def test_round_startup() -> None:
 def test_audit_quick() -> None:
     report = run("audit.py", "--seeds", "1", "--rounds", "1", "--canaries", "500")
     assert report["seeds"] == 1 and report["accountant_epsilon_max"] <= 1.0 + 1e-9
-    assert set(report["catch_rate"]) == {"noise_off", "tenth_sigma", "no_clipping",
+    assert set(report["caught"]) == {"noise_off", "tenth_sigma", "no_clipping",
                                          "four_times_rate"}
     assert report["cost_vs_training_median"] > 0
 

@@ -43,7 +43,9 @@ def round_problem(config: Any, *, deployment: str = "simulation") -> str | None:
     run`` and ``securefl server`` make before any training (the rule's byzantine bound,
     ``min_clients``, a secure-aggregation round and, deployed, ``[network] min_connected``)."""
     try:
-        check_feasible(config, aggregator_for(config), num_clients=config.data.num_clients)
+        sites = len(config.network.allowlist) if deployment == "network" else 0
+        check_feasible(config, aggregator_for(config),
+                       num_clients=sites or config.data.num_clients)
         if deployment == "network":
             check_rounds(config)
     except ConfigError as exc:

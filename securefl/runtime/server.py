@@ -149,7 +149,7 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
                 hooks.extend(privacy.server_hooks)
         server, _ = build_server(config, grpc_transport, protection, data, hooks=hooks,
                                  timeout=net.round_timeout, evaluator=evaluator,
-                                 run_id=store.run_id())
+                                 run_id=store.run_id(), num_clients=len(sites))
         optimizer = server.optimizer
         if last is not None:
             saved = store.load_checkpoint(last)
