@@ -28,6 +28,7 @@ from tests.runtime.test_federation import (  # noqa: F401
     Sites,
     deployment,
     make_config,
+    run_networked,
 )
 
 DELTA = 1e-5
@@ -45,11 +46,7 @@ def distributed_config(deployment, tmp_path, *, rounds=3, **privacy):  # noqa: F
 
 def test_distributed_dp_over_the_network_charges_the_closed_form(deployment, tmp_path):  # noqa: F811
     config = distributed_config(deployment, tmp_path)
-    sites = Sites(config, site_dirs=tmp_path / "sites")
-    try:
-        result = serve(config)
-    finally:
-        sites.join()
+    result, sites = run_networked(config, site_dirs=tmp_path / "sites")
     assert set(sites.codes.values()) == {0}
     simulated = run_simulation(config)
     # the noise is each site's CSPRNG draw: the runs agree in everything but its values
@@ -159,11 +156,7 @@ def test_a_deployment_stops_cleanly_when_every_site_is_out_of_budget(deployment,
     one, two = (independent_epsilon(r, variance=plan.variance, l1=plan.l1, l2=plan.l2,
                                     delta=DELTA) for r in (1, 2))
     config = config.replace(privacy__budget=(one + two) / 2)  # one round each
-    sites = Sites(config, site_dirs=tmp_path / "sites")
-    try:
-        result = serve(config)
-    finally:
-        sites.join()
+    result, sites = run_networked(config, site_dirs=tmp_path / "sites")
     assert set(sites.codes.values()) == {0}
     first, second = result.history.rounds  # every site declines round 2: no round 3
     assert sorted(first.clients) == SITES and sorted(second.declined) == SITES

@@ -138,12 +138,17 @@ def test_a_new_server_key_and_a_replaced_audit_pub_fail_with_the_pinned_key(run,
     assert "signature does not verify" in _check(run, state).problems[0]
 
 
-def test_removed_rounds_resigned_fail(run, tmp_path):
-    state = _copy(run, tmp_path)
+def _resign_before_round(state, round):
+    """The log cut just before ``round`` starts, re-signed with the server's own key."""
     entries = _entries(state)
     cut = next(i for i, e in enumerate(entries)
-               if e["event"] == "round_start" and e["data"]["round"] == 2)
+               if e["event"] == "round_start" and e["data"]["round"] == round)
     _resign(state, entries[:cut])
+
+
+def test_removed_rounds_resigned_fail(run, tmp_path):
+    state = _copy(run, tmp_path)
+    _resign_before_round(state, 2)
     problems = _check(run, state).problems
     assert any("holds completed rounds [2] that the log lacks" in p for p in problems)
     assert sum("head is at round 2" in p for p in problems) == 5
@@ -151,10 +156,7 @@ def test_removed_rounds_resigned_fail(run, tmp_path):
 
 def test_a_cut_tail_is_caught_by_a_site_head_even_when_state_agrees(run, tmp_path):
     state = _copy(run, tmp_path)
-    entries = _entries(state)
-    cut = next(i for i, e in enumerate(entries)
-               if e["event"] == "round_start" and e["data"]["round"] == 2)
-    _resign(state, entries[:cut])
+    _resign_before_round(state, 2)
     (state / "state.sqlite").unlink()  # the server hides its state too
     one_head = _heads(run)[:1]
     problems = _check(run, state, site_heads=one_head).problems

@@ -95,8 +95,8 @@ class Sites:
             thread.join(30)
 
 
-def run_networked(config, *, wrap=None, resume=False, transport=None):
-    sites = Sites(config, wrap)
+def run_networked(config, *, wrap=None, resume=False, transport=None, site_dirs=None):
+    sites = Sites(config, wrap, site_dirs=site_dirs)
     try:
         return serve(config, resume=resume, transport=transport), sites
     finally:
