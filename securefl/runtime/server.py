@@ -174,6 +174,8 @@ def serve(config: Config, *, state_dir: str | Path | None = None, resume: bool =
         if last is not None and audit is not None:
             _audit_resume(audit, store, server, evidence, state, last)
         rows = [r["metrics"] for r in store.rounds() if r["status"] == "completed"]
+        for row in rows:  # a decline is for the budget, which only shrinks: it lasts
+            server.exhausted.update(row.get("declined") or {})
         try:
             with progress("round", config.run.rounds, log=_log, completed=last or 0) as bar:
                 for rnd in range((last or 0) + 1, config.run.rounds + 1):
