@@ -98,6 +98,11 @@ class SiteHost:
     def attach(self, directory: Mapping[str, bytes]) -> None:
         self.group.attach(directory)
 
+    def ask(self, name: str, *arguments: Any) -> Any:
+        """The group's method ``name`` on plain data (e.g. the report of its sites' privacy
+        ledgers): the driver's questions about the sites it runs, never a site's message."""
+        return getattr(self.group, name)(*arguments)
+
     def handle(self, round: int, frames: Sequence[np.ndarray],
                items: Sequence[tuple[str, int]], timeout: float | None,
                max_bytes: int) -> list[tuple[str, Outcome]]:
