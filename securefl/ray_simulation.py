@@ -348,19 +348,21 @@ class ConfigSites:
         from securefl.privacy.dp_fedavg import UserLevelTrainer
         from securefl.privacy.report import last_round
 
-        if self.privacy is None:
-            return 0
+        privacy = self._private()
         for trainer in self._trainers.values():
             if isinstance(trainer, UserLevelTrainer):
                 with contextlib.suppress(BudgetExceeded):
                     trainer.catch_up(rounds + 1)
-        return last_round(self.privacy.ledger)
+        return last_round(privacy.ledger)
 
     def privacy_summary(self, rounds: int) -> dict[str, Any]:
         """The :meth:`~securefl.privacy.PrivacySetup.summary` of this actor's sites."""
+        return self._private().summary(rounds=rounds, clients=list(self._trainers))
+
+    def _private(self) -> PrivacySetup:
         if self.privacy is None:
-            return {"noise_multipliers": {}, "clients": {}}
-        return self.privacy.summary(rounds=rounds, clients=list(self._trainers))
+            raise ValueError("this federation has no [privacy]")
+        return self.privacy
 
 
 def config_sites(client_ids: Sequence[str], setup: Mapping[str, Any]) -> ConfigSites:

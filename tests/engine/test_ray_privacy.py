@@ -89,6 +89,7 @@ def test_dp_fedavg_secret_sample_charges_every_site_every_round_as_in_process(tm
         privacy__adaptive_clipping=False)
     (here, report), (there, ray_report) = both(config, tmp_path)
     assert [r.aborted for r in there.history.rounds] == [None, None]
+    assert [r.aborted for r in here.history.rounds] == [None, None]
     for entry, ours in zip(report["clients"].values(), ray_report["clients"].values(),
                            strict=True):
         assert ours["rounds"] == entry["rounds"] == 2
