@@ -181,8 +181,6 @@ class SitesPrivacy:
 
     def __init__(self, setup: PrivacySetup, transport: RayTransport) -> None:
         self.setup, self.transport = setup, transport
-        self.server_hooks = setup.server_hooks
-        self.sampling_seed = setup.sampling_seed
 
     def public_record(self, row: dict[str, Any]) -> dict[str, Any]:
         return self.setup.public_record(row)
