@@ -16,7 +16,10 @@ dependency; this measures Flower's own per-client server work without any transp
 With ``--backend ray`` the no-op clients live in ``--actors`` Ray actors (a local Ray with
 at most 2 CPUs), every message crosses as wire-codec bytes (so ``wire`` is true), and the
 report adds ``ray_startup_seconds``: from the command (a fresh interpreter) to the start of
-round 1 of the quickstart (10 clients) in 2 actors, next to the same for in-process.
+round 1 of the quickstart (10 clients) in 2 actors, with its phases, the medians of
+``--startup-runs`` commands, next to the same for in-process.
+
+    python benchmarks/engine.py --backend ray --clients          # only the start-up
 """
 
 from __future__ import annotations
@@ -139,19 +142,35 @@ def flower_round_seconds(n: int, d: int, repeats: int) -> float | None:
 
 
 STARTUP = """
-import sys, time
+import json, sys, time
+marks = {}
 from securefl.config import load_config
 from securefl.simulation import build_simulation
+marks["imports"] = time.time()
 config = load_config(sys.argv[1]).replace(simulation__backend=sys.argv[2], simulation__actors=2)
+if sys.argv[2] == "ray":
+    import ray
+    marks["import_ray"] = time.time()
+    init = ray.init
+    def timed_init(*args, **kwargs):  # build_simulation's own ray.init, timed
+        marks["ray_init_start"] = time.time()
+        try:
+            return init(*args, **kwargs)
+        finally:
+            marks["ray_init_end"] = time.time()
+    ray.init = timed_init
 sim = build_simulation(config)
-print(time.time())  # round 1 starts here
+marks["round_1"] = time.time()  # round 1 starts here
 sim.transport.close()
+print(json.dumps(marks))
 """
 
 
-def command_to_round_one(backend: str) -> float:
+def command_to_round_one(backend: str) -> dict[str, float]:
     """Seconds from starting a fresh interpreter to the start of round 1 of the quickstart
-    (10 clients; with Ray, in 2 actors of a local Ray started for the run)."""
+    (10 clients; with Ray, in 2 actors of a local Ray started for the run), and its phases:
+    the interpreter and securefl's imports (torch), importing Ray, ``ray.init``, and the
+    rest of the build (the actors' start: their imports, data and trainers; the keys)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
@@ -159,7 +178,19 @@ def command_to_round_one(backend: str) -> float:
     done = subprocess.run([sys.executable, "-c", STARTUP, str(root / "examples/quickstart.toml"),
                            backend], capture_output=True, text=True, env=env, check=True,
                           timeout=300)
-    return float(done.stdout.split()[-1]) - t0
+    marks = json.loads(done.stdout.splitlines()[-1])
+    phases = {"total": marks["round_1"] - t0, "imports": marks["imports"] - t0}
+    if backend == "ray":
+        phases.update(import_ray=marks["import_ray"] - marks["imports"],
+                      ray_init=marks["ray_init_end"] - marks["ray_init_start"],
+                      actors_and_build=marks["round_1"] - marks["ray_init_end"])
+    return phases
+
+
+def startup_medians(backend: str, runs: int) -> dict[str, float]:
+    """The median of each phase of :func:`command_to_round_one` over ``runs`` commands."""
+    measured = [command_to_round_one(backend) for _ in range(runs)]
+    return {k: round(statistics.median(m[k] for m in measured), 3) for k in measured[0]}
 
 
 def quickstart_startup() -> float:
@@ -175,17 +206,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--wire", action="store_true", help="run messages through the codec")
-    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--clients", type=int, nargs="*", default=[10, 100, 1000],
+                        help="none (--clients with no value): only the start-up (--backend ray)")
     parser.add_argument("--dims", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess")
     parser.add_argument("--actors", type=int, default=2, help="Ray actors (--backend ray)")
+    parser.add_argument("--startup-runs", type=int, default=3,
+                        help="fresh commands timed for the start-up medians (--backend ray)")
     args = parser.parse_args()
     ray = args.backend == "ray"
     extra = {}
     if ray:  # before this process starts Ray: a fresh command each
-        extra = {"ray_startup_seconds": round(command_to_round_one("ray"), 3),
-                 "inprocess_startup_seconds": round(command_to_round_one("inprocess"), 3),
+        extra = {"load_average_before": os.getloadavg(),
+                 "ray_startup_seconds": startup_medians("ray", args.startup_runs),
+                 "inprocess_startup_seconds": startup_medians("inprocess", args.startup_runs),
                  "load_average": os.getloadavg()}
+        if not args.clients:
+            print(json.dumps(extra))
+            return
         start_ray()
     rows = []
     for d in args.dims:

@@ -15,13 +15,25 @@ Same seed, same result: every site is rebuilt from ``(config, [run] seed)`` as
 driver by the shared :class:`~securefl.engine.simulation.DropInjector`, and each actor runs
 the in-process torch thread count per client.
 
-Not on this backend (each refuses with one line): ``[privacy]`` (the ledger would live in
-the actors while the driver's report reads its own copy), and the in-process options that
-carry Python objects into the sites (``data``, ``client_hooks``, ``model``).
+``[privacy]``: each site's ledger lives in its actor, at the data holder, as at a deployed
+site: the actor builds its sites' private trainers with :func:`securefl.privacy.
+build_privacy`, exactly as in-process, and refuses a round over budget itself (the
+``Decline`` crosses as a wire message).  The driver builds the server's part the same way
+(DP-FedAvg's noise on the sum and its secret sampling seed, distributed DP's fixed
+denominator) from its own setup, which never trains; the report (``privacy.json``) is the
+actors' :meth:`~securefl.privacy.PrivacySetup.summary` of their own sites, plain JSON-able
+data, merged (:class:`SitesPrivacy`).  The ledgers are in the actors' memory and end with
+them: the run directory gets ``privacy.json`` and ``epsilon.png``, no ledger file.
+
+Not on this backend (each refuses with one line): DP-FedAvg's adaptive clipping (the
+clipped-count bits would stay in the actors, as at deployed sites, so the bound could not
+adapt as in-process), and the in-process options that carry Python objects into the sites
+(``data``, ``client_hooks``, ``model``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import tomllib
@@ -38,14 +50,16 @@ from securefl.engine.client import Client
 from securefl.engine.protection import ClientProtection, KeepsModel, Plain, ServerProtection
 from securefl.engine.ray_backend import RayTransport, import_ray, start_hosts
 from securefl.engine.simulation import DropInjector, DropSchedule
-from securefl.engine.trainer import RoundRewind
-from securefl.errors import ConfigError
+from securefl.engine.trainer import RoundRewind, Trainer
+from securefl.errors import BudgetExceeded, ConfigError
 from securefl.vector import Layout
 
 if TYPE_CHECKING:
     from securefl.build import Simulation
+    from securefl.privacy import PrivacySetup
 
-__all__ = ["ConfigSites", "build_ray_simulation", "config_sites", "site_groups"]
+__all__ = ["ConfigSites", "SitesPrivacy", "build_ray_simulation", "config_sites",
+           "site_groups"]
 
 FACTORY = "securefl.ray_simulation:config_sites"
 
@@ -82,15 +96,20 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     if unsupported:
         raise ValueError(f"the Ray backend builds every site from the config in its actor; "
                          f"{', '.join(unsupported)} need backend = \"inprocess\"")
-    if config.privacy.mode != "none":
-        raise ConfigError(f"[simulation] backend = \"ray\" does not run [privacy] mode = "
-                          f"{config.privacy.mode!r} yet; use backend = \"inprocess\"")
+    if config.privacy.mode == "dp_fedavg" and config.privacy.adaptive_clipping:
+        raise ConfigError("[simulation] backend = \"ray\" does not run [privacy] "
+                          "adaptive_clipping = true: the clipped-count bits stay in the actors, "
+                          "so the bound cannot adapt; set it false or use backend = "
+                          "\"inprocess\"")
     del run_dir  # the run directory is the driver's; no site writes to it
     sim = config.simulation
     data = federate(config.data, seed=config.run.seed)
     ids = list(data.clients)
     aggregator = aggregator if aggregator is not None else aggregator_for(config)
     check_feasible(config, aggregator, num_clients=len(ids))  # before any actor
+    # the server's part of [privacy], and its checks, before any actor
+    privacy = _privacy_setup(config, data, ids)
+    hooks = [*server_hooks, *(privacy.server_hooks if privacy is not None else ())]
     evaluator = central_evaluator(config, data)
     keys = _KeyHolder(config, Layout.of(evaluator.model))
     ray = import_ray()
@@ -122,15 +141,71 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     try:
         protection = keys.server(directory)
         server, evaluator = build_server(config, transport, protection, data,
-                                         hooks=server_hooks, root_data=root_data,
+                                         hooks=hooks, root_data=root_data,
                                          evaluator=evaluator, aggregator=aggregator)
     except BaseException:  # e.g. a check_feasible ConfigError: stop what was started
         transport.close()
         raise
+    report = None
+    if privacy is not None:
+        report = SitesPrivacy(privacy, transport)
+        if privacy.sampling_seed is not None:
+            server.seed = privacy.sampling_seed  # DP-FedAvg's secret sample, as in-process
     view = keys.view(protection, directory, run=server.run_id, initial=server.parameters)
     if view is not None and server.central_evaluator is not None:
         server.central_evaluator = lambda _server_copy: evaluator(view())
-    return Simulation(config, data, {}, {}, transport, server, evaluator, None, view)
+    return Simulation(config, data, {}, {}, transport, server, evaluator, report, view)
+
+
+def _privacy_setup(config: Config, data: FederatedData, peers: Sequence[str]
+                   ) -> PrivacySetup | None:
+    """The :class:`~securefl.privacy.PrivacySetup` of ``peers`` (``None`` without
+    ``[privacy]``), as in-process; the ledgers in memory."""
+    if config.privacy.mode == "none":
+        return None
+    from securefl.privacy import build_privacy
+
+    return build_privacy(config, run_dir=None, client_ids=list(peers),
+                         num_examples={c: len(data.clients[c].train) for c in peers})
+
+
+class SitesPrivacy:
+    """The driver's ``[privacy]`` on Ray (see the module doc): the server's hooks and secret
+    sampling seed from the driver's own setup; the report from the sites' ledgers.
+
+    Under secret sampling every round costs every site: in-process the server charges each
+    round to every ledger, here each actor catches its sites up to the last round the
+    driver's hook charged (:meth:`ConfigSites.settle_privacy`, the sites' own
+    :meth:`~securefl.privacy.dp_fedavg.UserLevelTrainer.catch_up`) before reporting.
+    """
+
+    def __init__(self, setup: PrivacySetup, transport: RayTransport) -> None:
+        self.setup, self.transport = setup, transport
+
+    def public_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.setup.public_record(row)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``privacy.json`` document of the in-process run, from the actors (which must
+        still run: :func:`securefl.simulation.run_simulation` reports before closing)."""
+        from securefl.privacy.report import last_round
+
+        ray, hosts = import_ray(), self.transport.hosts
+        settled = last_round(self.setup.ledger)
+        rounds = max(ray.get([h.ask.remote("settle_privacy", settled) for h in hosts]))
+        docs = ray.get([h.ask.remote("privacy_summary", rounds) for h in hosts])
+        merged = {**docs[0], "noise_multipliers": {}, "clients": {}}
+        for doc in docs:
+            merged["noise_multipliers"].update(doc["noise_multipliers"])
+            merged["clients"].update(doc["clients"])
+        merged["clients"] = dict(sorted(merged["clients"].items()))
+        return merged
+
+    def finalize(self, run_dir: Path) -> dict[str, Any]:
+        """Write ``privacy.json`` and ``epsilon.png`` into ``run_dir``; return the summary."""
+        from securefl.privacy.report import write_report
+
+        return write_report(Path(run_dir), self.summary())
 
 
 class _KeyHolder:
@@ -154,10 +229,12 @@ class _KeyHolder:
     def server(self, directory: Mapping[str, bytes]) -> ServerProtection:
         kind = self.config.protection.kind
         if kind == "secagg":
+            from securefl.build import secagg_encoding
             from securefl.secagg import SecAggServerProtection
 
-            return SecAggServerProtection(directory=directory,
-                                          config=self.config.protection.secagg)
+            return SecAggServerProtection(
+                directory=directory, config=self.config.protection.secagg,
+                encoding=secagg_encoding(self.config, len(directory)))
         if kind == "he":
             from securefl.he import layer_selection
             from securefl.he.server import HEServerProtection
@@ -211,9 +288,15 @@ class ConfigSites:
         data = federate(config.data, seed=config.run.seed)
         self.config = config
         self._he_secret: bytes = setup.get("he_secret", b"")
+        self._sites = len(data.clients)
         local = {cid: local_trainer(config, data, cid) for cid in client_ids}
         self._layout = next(iter(local.values())).layout
-        self._trainers = {cid: RoundRewind(trainer) for cid, trainer in local.items()}
+        # DP-SGD accounts per site; DP-FedAvg and distributed DP over the whole federation
+        self.privacy = _privacy_setup(config, data, client_ids if config.privacy.mode ==
+                                      "dp_sgd" else list(data.clients))
+        self._trainers: dict[str, Trainer] = {
+            cid: RoundRewind(trainer) if self.privacy is None
+            else self.privacy.wrap_trainer(cid, trainer) for cid, trainer in local.items()}
         self._keys: dict[str, Any] = {}
         self.clients: dict[str, Client] = {}
         kind = config.protection.kind
@@ -236,11 +319,14 @@ class ConfigSites:
     def attach(self, directory: Mapping[str, bytes]) -> None:
         kind = self.config.protection.kind
         if kind == "secagg":
+            from securefl.build import secagg_encoding
             from securefl.secagg import SecAggClientProtection
 
+            encoding = secagg_encoding(self.config, self._sites)
             self._build({cid: SecAggClientProtection(
                 client_id=cid, identity=key, directory=directory,
-                config=self.config.protection.secagg) for cid, key in self._keys.items()})
+                config=self.config.protection.secagg, encoding=encoding)
+                for cid, key in self._keys.items()})
         elif kind == "he":
             self._build({cid: _he_site(self.config, self._he_secret, cid, key, directory,
                                        self._layout)
@@ -248,8 +334,33 @@ class ConfigSites:
 
     def _build(self, protections: Mapping[str, ClientProtection]) -> None:
         evaluate = self.config.server.evaluate in ("federated", "both")
-        self.clients = {cid: Client(cid, self._trainers[cid], protection, evaluate=evaluate)
+        hooks = list(self.privacy.client_hooks) if self.privacy is not None else []
+        self.clients = {cid: Client(cid, self._trainers[cid], protection, evaluate=evaluate,
+                                    update_hooks=hooks)
                         for cid, protection in protections.items()}
+
+    def settle_privacy(self, rounds: int) -> int:
+        """Charge each site every round up to ``rounds`` that secret sampling makes it pay
+        and its ledger has not yet (while it fits its budget); return the last round any of
+        the ledgers here was charged for."""
+        from securefl.privacy.dp_fedavg import UserLevelTrainer
+        from securefl.privacy.report import last_round
+
+        privacy = self._private()
+        for trainer in self._trainers.values():
+            if isinstance(trainer, UserLevelTrainer):
+                with contextlib.suppress(BudgetExceeded):
+                    trainer.catch_up(rounds + 1)
+        return last_round(privacy.ledger)
+
+    def privacy_summary(self, rounds: int) -> dict[str, Any]:
+        """The :meth:`~securefl.privacy.PrivacySetup.summary` of this actor's sites."""
+        return self._private().summary(rounds=rounds, clients=list(self._trainers))
+
+    def _private(self) -> PrivacySetup:
+        if self.privacy is None:
+            raise ValueError("this federation has no [privacy]")
+        return self.privacy
 
 
 def config_sites(client_ids: Sequence[str], setup: Mapping[str, Any]) -> ConfigSites:

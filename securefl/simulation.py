@@ -179,13 +179,15 @@ def _simulate(config: Config, run_dir: Path | None,
         if on_round is not None:
             on_round(rec)
 
-    history = sim.server.run(config.run.rounds, on_round=record)
-    sim.transport.close()
-    params = sim.parameters()
+    try:
+        history = sim.server.run(config.run.rounds, on_round=record)
+        params = sim.parameters()
+        if run_dir is not None and sim.privacy is not None:
+            sim.privacy.finalize(run_dir)  # on Ray: from the actors' ledgers, before closing
+    finally:
+        sim.transport.close()
     if run_dir is not None:
         save_final_model(run_dir, config, sim.evaluator, params)
-        if sim.privacy is not None and hasattr(sim.privacy, "finalize"):
-            sim.privacy.finalize(run_dir)
         write_json(run_dir / "summary.json", summary(config, history, setup_seconds,
                                                       time.perf_counter() - started))
         plot_accuracy(history, run_dir / "accuracy.png", title=config.run.name)

@@ -7,8 +7,9 @@ every trainer, ledger and protection secret lives in the actor that made it:
 
 * a request is :func:`~securefl.engine.messages.encode`\\ d in the driver, sent as its
   bytes (a uint8 array, which Ray moves without copying it into a pickle), and
-  :func:`~securefl.engine.messages.decode`\\ d (bounded by ``max_bytes``) in the actor, by
-  each site for itself; the reply comes back the same way.  A securefl message never crosses
+  :func:`~securefl.engine.messages.decode`\\ d (bounded by ``max_bytes``) in the actor,
+  once per frame: the sites a broadcast is addressed to share its one frozen decoded
+  message; the reply comes back the same way.  A securefl message never crosses
   as a pickled object.
 * Ray pickles its own task specifications (the actor's class, the lists of frames, the plain
   set-up data) and keeps actor state.  That pickle stays inside one trust domain: one user's
@@ -98,22 +99,38 @@ class SiteHost:
     def attach(self, directory: Mapping[str, bytes]) -> None:
         self.group.attach(directory)
 
+    def ask(self, name: str, *arguments: Any) -> Any:
+        """The group's method ``name`` on plain data (e.g. the report of its sites' privacy
+        ledgers): the driver's questions about the sites it runs, never a site's message."""
+        return getattr(self.group, name)(*arguments)
+
     def handle(self, round: int, frames: Sequence[np.ndarray],
                items: Sequence[tuple[str, int]], timeout: float | None,
                max_bytes: int) -> list[tuple[str, Outcome]]:
         """Each site's reply frame to its request ``frames[index]``, in order, or why it
-        dropped.  Every site decodes its own copy of the message."""
-        return [(cid, self._one(cid, frames[index], round, timeout, max_bytes))
-                for cid, index in items]
+        dropped.  A frame is decoded once and the sites it is addressed to get the same
+        decoded message (frozen; its arrays read-only views of the frame): an actor holds
+        one copy of a broadcast, not one per site.  Each site validates it as its own."""
+        requests: dict[int, Message | MessageError] = {}
+        replies = []
+        for cid, index in items:
+            if index not in requests:
+                try:
+                    requests[index] = decode(frames[index].data, max_bytes=max_bytes)
+                except MessageError as exc:
+                    requests[index] = exc
+            replies.append((cid, self._one(cid, requests[index], round, timeout)))
+        return replies
 
-    def _one(self, client_id: str, frame: np.ndarray, round: int, timeout: float | None,
-             max_bytes: int) -> Outcome:
+    def _one(self, client_id: str, request: Message | MessageError, round: int,
+             timeout: float | None) -> Outcome:
         handler = self.group.clients.get(client_id)
         if handler is None:
             return "unknown client"
         started = time.perf_counter()
         try:
-            request: Message = decode(frame.data, max_bytes=max_bytes)
+            if isinstance(request, MessageError):
+                raise request
             reply = as_buffer(encode(handler.handle(request, round=round)))
         except Exception as exc:  # a failing client is dropped, never fatal to the round
             _log.warning("client %s failed: %s", client_id, exc)

@@ -106,14 +106,19 @@ class PrivacySetup:
         self._trainers[client_id] = (base, trainer)
         return trainer
 
-    def summary(self) -> dict[str, Any]:
-        """Per-client rounds, epsilon (RDP and PRV) at delta, budget left (``privacy.json``)."""
+    def summary(self, *, rounds: int | None = None,
+                clients: Sequence[str] | None = None) -> dict[str, Any]:
+        """Per-client rounds, epsilon (RDP and PRV) at delta, budget left (``privacy.json``);
+        ``rounds`` and ``clients`` as in :func:`securefl.privacy.report.summarise`."""
         from securefl.privacy.report import summarise
 
-        return summarise(self.ledger, mode=self.config.mode,
-                         noise_multipliers=self.noise_multipliers, secure_randomness=self.secure,
+        sigmas = (self.noise_multipliers if clients is None
+                  else {c: self.noise_multipliers[c] for c in clients})
+        return summarise(self.ledger, mode=self.config.mode, noise_multipliers=sigmas,
+                         secure_randomness=self.secure,
                          sampling=self.config.sampling if self.config.mode == "dp_fedavg"
-                         else None, sampling_rate=self.sampling_rate, **self.details)
+                         else None, sampling_rate=self.sampling_rate, rounds=rounds,
+                         clients=clients, **self.details)
 
     def public_record(self, row: dict[str, Any]) -> dict[str, Any]:
         """A ``metrics.jsonl`` row as the run directory may keep it: under secret sampling,

@@ -167,11 +167,7 @@ class UserLevelTrainer:
         release, answer = self.releases.recall(parameters, round=round)
         if answer is not None:
             return answer
-        if self.sampling == "secret":
-            charged = set(self.ledger.rounds(self.client_id))
-            for past in range(1, round):
-                if past not in charged:
-                    self.ledger.charge(self.client_id, self.event, round=past)
+        self.catch_up(round)
         spent = self.ledger.charge(self.client_id, self.event, round=round, release=release)
         update, _ = self.base.fit(parameters, round=round)
         clip_norm = self.clip.clip_norm
@@ -181,6 +177,18 @@ class UserLevelTrainer:
         metrics = {"epsilon": spent, "delta": self.ledger.delta, "clip_norm": clip_norm}
         return self.releases.keep(release, round=round, update=Update(clipped, 1.0),
                                   metrics=metrics)
+
+    def catch_up(self, round: int) -> None:
+        """Under ``sampling = "secret"``, charge every round before ``round`` that this
+        client's ledger has not been charged yet (each round costs every user, sampled or
+        not); raises :class:`~securefl.errors.BudgetExceeded` at the first that does not fit.
+        """
+        if self.sampling != "secret":
+            return
+        charged = set(self.ledger.rounds(self.client_id))
+        for past in range(1, round):
+            if past not in charged:
+                self.ledger.charge(self.client_id, self.event, round=past)
 
     def evaluate(self, parameters: np.ndarray) -> tuple[int, float, float]:
         return self.base.evaluate(parameters)

@@ -15,6 +15,7 @@ update in (what holds once participation is known), ``epsilon_secret_sampling`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from securefl.output import pyplot, save_figure
 from securefl.privacy.accounting import PrivacyEvent, epsilon
 from securefl.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 
-__all__ = ["command", "distinct_curves", "plot_epsilon", "summarise", "write_report"]
+__all__ = ["command", "distinct_curves", "last_round", "plot_epsilon", "summarise",
+           "write_report"]
 
 
 def _finite(value: float | None) -> float | None:
@@ -48,24 +50,31 @@ def sampling_views(ledger: PrivacyLedger, client_id: str, *, sampling_rate: floa
     }
 
 
+def last_round(ledger: PrivacyLedger) -> int:
+    """The last round any client of ``ledger`` was charged for (0: none)."""
+    return max((r for c in ledger.clients() for r in ledger.rounds(c)), default=0)
+
+
 def summarise(ledger: PrivacyLedger, *, sampling: str | None = None,
-              sampling_rate: float | None = None, **extra: Any) -> dict[str, Any]:
+              sampling_rate: float | None = None, rounds: int | None = None,
+              clients: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
     """The ``privacy.json`` document of ``ledger`` (``extra`` keys are added at the top).
 
     Epsilon values that are unbounded, and unlimited budgets, are ``null``.  With
     ``sampling_rate`` (DP-FedAvg's m / N) every client also gets :func:`sampling_views`, the
-    run's rounds being the last round any client was charged for.
+    run's rounds being ``rounds``, by default :func:`last_round`.  ``clients``: only these
+    of the ledger's clients (a party that keeps the ledgers of some sites of a federation).
     """
-    clients: dict[str, Any] = {}
-    rounds = max((r for c in ledger.clients() for r in ledger.rounds(c)), default=0)
-    for client_id in ledger.clients():
+    entries: dict[str, Any] = {}
+    rounds = last_round(ledger) if rounds is None else rounds
+    for client_id in ledger.clients() if clients is None else clients:
         events = ledger.events(client_id)
         rdp = ledger.epsilon(client_id, accountant="rdp")
         prv = ledger.epsilon(client_id, accountant="prv")
         spent = rdp if ledger.accountant == "rdp" else prv
         budget = ledger.stored_budget(client_id)
         history = ledger.history(client_id)
-        clients[client_id] = {
+        entries[client_id] = {
             "rounds": len(events),
             "steps": sum(e.steps for e in events),
             "epsilon_rdp": _finite(rdp),
@@ -79,12 +88,12 @@ def summarise(ledger: PrivacyLedger, *, sampling: str | None = None,
             "sample_rate": events[-1].sample_rate if events else None,
         }
         if sampling_rate is not None:
-            clients[client_id].update(sampling_views(ledger, client_id, rounds=rounds,
+            entries[client_id].update(sampling_views(ledger, client_id, rounds=rounds,
                                                      sampling_rate=sampling_rate))
     if sampling is not None:
         extra["sampling"] = sampling
     return {**extra, "delta": ledger.delta, "accountant": ledger.accountant,
-            "ledger": Path(ledger.path).name, "clients": clients}
+            "ledger": Path(ledger.path).name, "clients": entries}
 
 
 def plot_epsilon(summary: dict[str, Any], path: Path) -> Path:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from securefl.engine.messages import EvaluateRes
 from securefl.engine.ray_backend import SiteHost, as_buffer
 from tests.contracts.transport import EchoHandler
 
@@ -28,6 +29,42 @@ class EchoSites:
 
 def echo_sites(client_ids: Sequence[str], setup: Mapping[str, Any]) -> EchoSites:
     return EchoSites(client_ids, setup)
+
+
+class RecordingSites:
+    """Sites that answer ``EvaluateIns`` with the sum of its parameters as the loss and
+    remember the id of each decoded request and whether its array was writable."""
+
+    def __init__(self, client_ids: Sequence[str], setup: Mapping[str, Any]) -> None:
+        self.ids: dict[str, int] = {}
+        self.flags: list[bool] = []
+        self.clients = {cid: _Recorder(cid, self) for cid in client_ids}
+
+    def announce(self) -> dict[str, bytes]:
+        return {}
+
+    def attach(self, directory: Mapping[str, bytes]) -> None:
+        pass
+
+    def seen(self) -> dict[str, int]:
+        return self.ids
+
+    def writable(self) -> list[bool]:
+        return self.flags
+
+
+class _Recorder:
+    def __init__(self, client_id: str, group: RecordingSites) -> None:
+        self.client_id, self.group = client_id, group
+
+    def handle(self, request: Any, *, round: int) -> EvaluateRes:
+        self.group.ids[self.client_id] = id(request)
+        self.group.flags.append(bool(request.parameters.flags.writeable))
+        return EvaluateRes(num_examples=1, loss=float(request.parameters.sum()), accuracy=0.0)
+
+
+def recording_sites(client_ids: Sequence[str], setup: Mapping[str, Any]) -> RecordingSites:
+    return RecordingSites(client_ids, setup)
 
 
 class ForgingHost(SiteHost):

@@ -29,20 +29,9 @@ SITES = "tests.engine.ray_sites:echo_sites"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """A one-node Ray on the loopback address; actors import this tree (``PYTHONPATH``)."""
-    path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path) if p)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _node_ip_address="127.0.0.1")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if path is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = path
+def _ray(local_ray):
+    """One local Ray for the module (``local_ray`` of ``conftest.py``)."""
+    return local_ray
 
 
 def on_ray(config, **fields):
@@ -201,9 +190,6 @@ def free_cpus(wait: float = 20.0) -> float:
 
 def test_what_the_ray_backend_does_not_run_is_refused_in_one_line():
     config = on_ray(load_config(EXAMPLES / "quickstart.toml"))
-    with pytest.raises(ConfigError) as info:
-        build_simulation(config.replace(privacy__mode="dp_sgd", privacy__noise_multiplier=1.0))
-    assert "\n" not in str(info.value) and "[simulation] backend" in str(info.value)
     with pytest.raises(ValueError, match="client_hooks need backend = \"inprocess\""):
         build_simulation(config, client_hooks={"client-0": [lambda u: u]})
 
@@ -222,3 +208,63 @@ def test_backend_is_validated_by_the_config():
         config_from_dict({"simulation": {"backend": "dask"}})
     with pytest.raises(ConfigError, match=r"\[simulation\] gpus must be >= 0"):
         config_from_dict({"simulation": {"gpus": -0.5}})
+
+
+class FakeRay:
+    """Records the options ``start_hosts`` gives Ray's actor class (no Ray, no GPU)."""
+
+    def __init__(self, resources):
+        self.resources, self.options, self.started = resources, [], []
+
+    def cluster_resources(self):
+        return self.resources
+
+    def remote(self, cls):
+        fake = self
+
+        class Actor:
+            def options(self, **options):
+                fake.options.append(options)
+                return self
+
+            def remote(self, *args, **kwargs):
+                fake.started.append((cls, args, kwargs))
+                return len(fake.started)
+
+        return Actor()
+
+
+def test_gpus_per_actor_reach_rays_actor_options(monkeypatch):
+    """Not run on a GPU here: what Ray is asked for, checked against a stand-in."""
+    import securefl.engine.ray_backend as backend
+
+    fake = FakeRay({"CPU": 4.0, "GPU": 1.0})
+    monkeypatch.setattr(backend, "import_ray", lambda: fake)
+    hosts = start_hosts(SITES, [["a"], ["b"]], {}, cpus=1.0, gpus=0.5, threads=2)
+    assert hosts == [1, 2]
+    assert fake.options == [{"num_cpus": 1.0, "num_gpus": 0.5}]
+    assert [args for _, args, _ in fake.started] == [(SITES, ["a"], {}), (SITES, ["b"], {})]
+    assert {cls.__name__ for cls, _, _ in fake.started} == {"SiteHost"}
+    with pytest.raises(ConfigError, match=r"gpus = 2 per actor, but the Ray cluster has 1 GPUs"):
+        start_hosts(SITES, [["a"]], {}, cpus=1.0, gpus=2.0, threads=None)
+    monkeypatch.setattr(backend, "import_ray", lambda: FakeRay({"CPU": 4.0}))
+    with pytest.raises(ConfigError, match=r"gpus = 0.5 per actor, but the Ray cluster has 0"):
+        start_hosts(SITES, [["a"]], {}, cpus=1.0, gpus=0.5, threads=None)
+
+
+def test_an_actor_decodes_a_broadcast_once_and_its_sites_share_it():
+    """Two sites of one actor get the very same decoded request, a third site's own frame
+    is decoded for it; every site still answers for itself."""
+    hosts = start_hosts("tests.engine.ray_sites:recording_sites", [["a", "b", "c"]], {},
+                        cpus=0.5, gpus=0.0, threads=None)
+    transport = RayTransport(hosts, dict.fromkeys("abc", 0))
+    try:
+        shared = EvaluateIns(round=2, parameters=np.ones(4, np.float32))
+        own = EvaluateIns(round=2, parameters=np.zeros(4, np.float32))
+        out = transport.exchange({"a": shared, "b": shared, "c": own}, round=2)
+        assert {c: r.loss for c, r in out.replies.items()} == {"a": 4.0, "b": 4.0, "c": 0.0}
+        seen = ray.get(hosts[0].ask.remote("seen"))
+        assert seen["a"] == seen["b"] != seen["c"]  # ids of the decoded messages
+        assert ray.get(hosts[0].ask.remote("writable")) == [False, False, False]
+    finally:
+        transport.close()

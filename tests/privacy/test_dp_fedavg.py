@@ -182,6 +182,30 @@ def test_user_level_trainer_declines_over_budget() -> None:
     assert ledger.epsilon("a") <= budget
 
 
+def test_catch_up_charges_a_secret_sample_what_the_server_charges_and_a_public_one_nothing(
+) -> None:
+    """A site out of process charges itself the rounds the in-process server's copy of the
+    ledger charges every client: each round before the given one, while it fits."""
+    budget = epsilon([EVENT] * 2, delta=DELTA)
+    secret, server = (PrivacyLedger(":memory:", delta=DELTA, budgets=budget) for _ in "ab")
+    trainer = UserLevelTrainer(Fixed(np.ones(2, np.float32)), client_id="a", ledger=secret,
+                               event=EVENT, clip=ClipState(1.0, adaptive=False),
+                               sampling="secret")
+    hook = UserLevelNoise(clip=ClipState(1.0, adaptive=False), noise_multiplier=1.0,
+                          update_noise_multiplier=1.0, expected_clients=1, ledger=server,
+                          client_ids=("a",), event=EVENT)
+    for rnd in (1, 2, 3):
+        hook.transform_combined(WeightedSum(("b",), np.zeros(2), 1.0), round=rnd,
+                                rng=np.random.default_rng(0))
+    with pytest.raises(BudgetExceeded):
+        trainer.catch_up(4)
+    assert secret.history("a") == server.history("a") and secret.rounds("a") == [1, 2]
+    public = PrivacyLedger(":memory:", delta=DELTA, budgets=None)
+    UserLevelTrainer(Fixed(np.ones(2, np.float32)), client_id="a", ledger=public,
+                     event=EVENT, clip=ClipState(1.0, adaptive=False)).catch_up(4)
+    assert public.rounds("a") == []
+
+
 def test_adaptive_clipping_count_has_sensitivity_half_and_the_paper_epsilon() -> None:
     """Andrew et al. (NeurIPS 2021): with centred bits one user moves the released count's
     sum by at most 1/2, so count noise sigma_b is a Gaussian of multiplier 2 sigma_b; with the
@@ -206,3 +230,21 @@ def test_adaptive_clipping_count_has_sensitivity_half_and_the_paper_epsilon() ->
     # read with sensitivity 1 (uncentred bits), the same noise would have cost more
     uncentred = (z_update ** -2 + sigma_b ** -2) ** -0.5
     assert epsilon([PrivacyEvent("dp_fedavg", uncentred, 0.2, 30)], delta=DELTA) > charged * 1.1
+
+
+def test_a_summary_of_some_sites_takes_the_runs_rounds_given() -> None:
+    """What an actor reports of its own sites: only those, with the secret-sample epsilon
+    over the run's rounds (which may be later than any of its own sites' charges)."""
+    from securefl.privacy.report import last_round, summarise
+
+    public = PrivacyEvent("dp_fedavg", 1.0, 1.0, 1)
+    ledger = PrivacyLedger(":memory:", delta=DELTA, budgets={"a": None, "b": None})
+    for client, rnd in (("a", 1), ("a", 2), ("b", 1)):
+        ledger.charge(client, public, round=rnd)
+    assert last_round(ledger) == 2
+    doc = summarise(ledger, sampling_rate=0.5, clients=["b"], rounds=4)
+    assert list(doc["clients"]) == ["b"] and doc["clients"]["b"]["rounds"] == 1
+    assert doc["clients"]["b"]["epsilon_secret_sampling"] == pytest.approx(epsilon(
+        [PrivacyEvent("dp_fedavg", 1.0, 0.5, 4)], delta=DELTA))
+    assert summarise(ledger, sampling_rate=0.5)["clients"]["b"]["epsilon_secret_sampling"] \
+        == pytest.approx(epsilon([PrivacyEvent("dp_fedavg", 1.0, 0.5, 2)], delta=DELTA))
