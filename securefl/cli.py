@@ -196,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = (args.command, args.action) if hasattr(args, "action") else (args.command,)
     module_name, function_name = _HANDLERS[key].split(":")
     try:
-        handler = getattr(importlib.import_module(module_name), function_name)
+        module = (_import_starting_ray(args.config, module_name) if key == ("run",)
+                  else importlib.import_module(module_name))
+        handler = getattr(module, function_name)
         return int(handler(args) or 0)
     except RunFailed as exc:
         print(f"securefl: failed: {exc}", file=sys.stderr)
@@ -213,6 +215,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"securefl: failed: {type(exc).__name__}: {exc} (run with -v for the "
               "traceback)", file=sys.stderr)
         return 1
+    finally:
+        if key == ("run",):
+            from securefl.engine.ray_backend import abandon_early_start
+
+            abandon_early_start()
+
+
+def _import_starting_ray(path: str, module_name: str) -> Any:
+    """Import ``module_name``; for ``[simulation] backend = "ray"``, start Ray meanwhile
+    (:func:`~securefl.engine.ray_backend.start_early`).  This reads only the file's
+    ``[simulation]`` table; any error in the file is the full load's to report."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle).get("simulation", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        table = {}
+    address = table.get("address") if isinstance(table, dict) else None
+    if not (isinstance(table, dict) and table.get("backend") == "ray" and (
+            address is None or isinstance(address, str))):
+        return importlib.import_module(module_name)
+    from securefl.engine.ray_backend import start_early
+
+    return start_early(address or None, lambda: importlib.import_module(module_name))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,13 @@ from securefl.config import Config, config_from_dict
 from securefl.data import FederatedData, federate
 from securefl.engine.client import Client
 from securefl.engine.protection import ClientProtection, KeepsModel, Plain, ServerProtection
-from securefl.engine.ray_backend import RayTransport, import_ray, start_hosts
+from securefl.engine.ray_backend import (
+    RayTransport,
+    claim_early_start,
+    import_ray,
+    init_ray,
+    start_hosts,
+)
 from securefl.engine.simulation import DropInjector, DropSchedule
 from securefl.engine.trainer import RoundRewind, Trainer
 from securefl.errors import BudgetExceeded, ConfigError
@@ -113,11 +119,10 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     evaluator = central_evaluator(config, data)
     keys = _KeyHolder(config, Layout.of(evaluator.model))
     ray = import_ray()
-    owns = not ray.is_initialized()
-    if owns:
-        # "local": a new Ray for this run, never a stray cluster that `ray start` left behind
-        ray.init(address=sim.address or "local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+    early = claim_early_start(sim.address)  # `securefl run` began it before its imports
+    owns = early or not ray.is_initialized()
+    if owns and not early:
+        init_ray(sim.address)
     hosts: list[Any] = []
     try:
         groups = site_groups(ids, actors=sim.actors, clients_per_actor=sim.clients_per_actor)

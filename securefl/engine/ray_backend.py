@@ -28,9 +28,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -39,9 +40,11 @@ from securefl.engine.simulation import DropInjector
 from securefl.engine.transport import ClientHandler, Exchange
 from securefl.errors import ConfigError, MessageError
 
-__all__ = ["RayTransport", "SiteGroup", "SiteHost", "import_ray", "start_hosts"]
+__all__ = ["RayTransport", "SiteGroup", "SiteHost", "abandon_early_start", "claim_early_start",
+           "import_ray", "init_ray", "start_early", "start_hosts"]
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: a reply frame (its bytes as a uint8 array), or why the site counts as dropped
 Outcome = np.ndarray | str
@@ -67,6 +70,75 @@ def import_ray() -> Any:
         raise ConfigError("[simulation] backend = \"ray\" needs Ray, which is not installed: "
                           "pip install \"securefl[ray]\"") from None
     return ray
+
+
+def init_ray(address: str | None) -> None:
+    """Start the Ray this run uses: ``address``'s cluster, or (``None``) a new local one,
+    never a stray cluster that ``ray start`` left behind."""
+    import_ray().init(address=address or "local", include_dashboard=False,
+                      log_to_driver=False, configure_logging=False)
+
+
+#: the address of a Ray that :func:`start_early` started and no run has claimed yet
+_early: list[str | None] = []
+
+
+def start_early(address: str | None, meanwhile: Callable[[], T]) -> T:
+    """Start the Ray of a Ray run (:func:`init_ray`) on this thread while ``meanwhile`` (the
+    run's heavy imports: torch) runs on another, and return what ``meanwhile`` returns.
+    ``securefl run`` does this as soon as it has read ``[simulation] backend = "ray"``: Ray's
+    start (seconds: its GCS, raylet and prestarted workers) overlaps the imports.  Ray is
+    started on the calling thread because its processes die with the thread that started
+    them.  Nothing is started when Ray is not installed or already up, and a failed start
+    is left to the run's own :func:`init_ray` to report: the run's checks and errors are the
+    same as without this."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, meanwhile()))
+        except BaseException as exc:  # re-raised on the calling thread
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run, name="securefl-imports", daemon=True)
+    worker.start()
+    ray: Any = None
+    try:
+        import ray
+    except ImportError:
+        pass  # the build says how to install it, in one line
+    if ray is not None and not _early and not ray.is_initialized():
+        try:
+            init_ray(address)
+            _early.append(address)
+        except Exception as exc:  # the run's own init_ray reports it
+            _log.debug("early ray.init failed: %s", exc)
+    worker.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def claim_early_start(address: str | None) -> bool:
+    """True when :func:`start_early` started Ray for ``address``: the caller owns that Ray
+    (and shuts it down).  One for another address is shut down, and the caller
+    starts its own with :func:`init_ray`."""
+    if not _early:
+        return False
+    started = _early.pop()
+    if (started or None) == (address or None):
+        return True
+    import_ray().shutdown()
+    return False
+
+
+def abandon_early_start() -> None:
+    """Shut down a Ray that :func:`start_early` started and no run claimed (the run failed
+    its checks first)."""
+    if _early:
+        _early.clear()
+        import_ray().shutdown()
 
 
 class SiteGroup(Protocol):

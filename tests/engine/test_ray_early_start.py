@@ -1,0 +1,100 @@
+"""``securefl run`` starts a Ray run's Ray in a thread while it imports and builds; the run
+claims that Ray (and shuts it down), and a run that fails its checks first shuts it down too.
+Played against a stand-in ``ray`` module, so no Ray starts here."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+
+from securefl import cli
+from securefl.engine import ray_backend
+
+
+class FakeRay:
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail, self.up, self.calls = fail, False, []
+
+    def init(self, **options):
+        self.calls.append(("init", options, threading.current_thread().name))
+        if self.fail:
+            raise ConnectionError("no cluster at that address")
+        self.up = True
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def shutdown(self) -> None:
+        self.calls.append(("shutdown",))
+        self.up = False
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    ray = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(ray_backend, "_early", [])
+    return ray
+
+
+def test_ray_starts_on_the_calling_thread_while_the_imports_run_on_another(fake_ray):
+    seen = []
+    value = ray_backend.start_early(None, lambda: seen.append(
+        threading.current_thread().name) or "module")
+    assert value == "module" and seen == ["securefl-imports"]
+    ((kind, options, thread),) = fake_ray.calls
+    # Ray's processes die with the thread that started them: never a short-lived one
+    assert (kind, thread) == ("init", threading.current_thread().name)
+    assert options == {"address": "local", "include_dashboard": False, "log_to_driver": False,
+                       "configure_logging": False}
+    assert ray_backend.claim_early_start("") is True  # "" and None: a new local Ray
+    assert ray_backend.claim_early_start("") is False  # claimed: nothing left to claim
+    ray_backend.abandon_early_start()
+    assert fake_ray.up and len(fake_ray.calls) == 1  # the claimer owns it now
+
+
+def test_an_import_error_is_raised_on_the_calling_thread(fake_ray):
+    def broken():
+        raise ImportError("no module named torch")
+
+    with pytest.raises(ImportError, match="torch"):
+        ray_backend.start_early(None, broken)
+    ray_backend.abandon_early_start()
+    assert [c[0] for c in fake_ray.calls] == ["init", "shutdown"]
+
+
+def test_an_early_start_for_another_address_is_shut_down_not_claimed(fake_ray):
+    ray_backend.start_early(None, lambda: None)
+    assert ray_backend.claim_early_start("ray://10.0.0.5:10001") is False
+    assert [c[0] for c in fake_ray.calls] == ["init", "shutdown"] and not fake_ray.up
+
+
+def test_a_failed_early_start_leaves_the_run_to_report_it(monkeypatch):
+    ray = FakeRay(fail=True)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(ray_backend, "_early", [])
+    assert ray_backend.start_early("127.0.0.1:1", lambda: 7) == 7
+    assert ray_backend.claim_early_start("127.0.0.1:1") is False
+    with pytest.raises(ConnectionError, match="no cluster"):  # the run's own init, again
+        ray_backend.init_ray("127.0.0.1:1")
+
+
+def test_a_run_that_fails_its_checks_shuts_the_early_ray_down(fake_ray, tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('[simulation]\nbackend = "ray"\n\n[server]\nfraction = 7.0\n')
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert "fraction" in capsys.readouterr().err
+    assert [c[0] for c in fake_ray.calls] == ["init", "shutdown"] and not fake_ray.up
+
+
+def test_only_a_ray_run_starts_ray_early(fake_ray, tmp_path):
+    for text in ('[simulation]\nbackend = "inprocess"\n', "not toml [", '[simulation]\n'
+                 'backend = "ray"\naddress = 5\n'):
+        config = tmp_path / "c.toml"
+        config.write_text(text)
+        assert cli._import_starting_ray(str(config), "json") is sys.modules["json"]
+        assert ray_backend._early == [] and fake_ray.calls == []
+    cli._import_starting_ray(str(tmp_path / "missing.toml"), "json")
+    assert fake_ray.calls == []
