@@ -34,6 +34,7 @@ adapt as in-process), and the in-process options that carry Python objects into 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import tomllib
@@ -207,10 +208,27 @@ class SitesPrivacy:
         return merged
 
     def finalize(self, run_dir: Path) -> dict[str, Any]:
-        """Write ``privacy.json`` and ``epsilon.png`` into ``run_dir``; return the summary."""
+        """Write ``privacy.json`` and ``epsilon.png`` into ``run_dir``, and a copy of the
+        sites' ledgers as the run's ledger file, which ``securefl privacy report RUN_DIR``
+        reads as it reads an in-process run's; return the summary."""
+        from securefl.privacy.accounting import PrivacyEvent
+        from securefl.privacy.ledger import LEDGER_FILE, PrivacyLedger
         from securefl.privacy.report import write_report
 
-        return write_report(Path(run_dir), self.summary())
+        summary = self.summary()  # the actors settle their ledgers first
+        ray, source = import_ray(), self.setup.ledger
+        parts = ray.get([h.ask.remote("ledger_charges") for h in self.transport.hosts])
+        rows = sorted((rnd, cid, index, event, release) for part in parts
+                      for index, (cid, rnd, event, release) in enumerate(part))
+        clients = sorted({row[1] for row in rows} | set(self.transport.client_ids()))
+        # each charge again, through the ledger's own checks: the copy holds what the
+        # actors' ledgers accepted, under the same budgets, or this raises
+        with PrivacyLedger(Path(run_dir) / LEDGER_FILE, delta=source.delta,
+                           accountant=source.accountant,
+                           budgets={cid: source.budget(cid) for cid in clients}) as copy:
+            for rnd, cid, _, event, release in rows:
+                copy.charge(cid, PrivacyEvent(**event), round=rnd, release=release)
+        return write_report(Path(run_dir), {**summary, "ledger": LEDGER_FILE})
 
 
 class _KeyHolder:
@@ -361,6 +379,13 @@ class ConfigSites:
     def privacy_summary(self, rounds: int) -> dict[str, Any]:
         """The :meth:`~securefl.privacy.PrivacySetup.summary` of this actor's sites."""
         return self._private().summary(rounds=rounds, clients=list(self._trainers))
+
+    def ledger_charges(self) -> list[tuple[str, int, dict[str, Any], bytes | None]]:
+        """Every charge of this actor's sites, ``(client, round, event fields, release)``,
+        in each site's order (for the run directory's ledger file)."""
+        ledger = self._private().ledger
+        return [(cid, rnd, dataclasses.asdict(event), release) for cid in self._trainers
+                for rnd, event, release in ledger.charges(cid)]
 
     def _private(self) -> PrivacySetup:
         if self.privacy is None:

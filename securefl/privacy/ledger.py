@@ -248,6 +248,12 @@ class PrivacyLedger:
     def events(self, client_id: str) -> list[PrivacyEvent]:
         return [row_event(row) for row in self._rows(client_id)]
 
+    def charges(self, client_id: str) -> list[tuple[int, PrivacyEvent, bytes | None]]:
+        """``(round, event, release)`` of every charge of ``client_id``, in order: what
+        :meth:`charge` needs to rebuild this client's part of the ledger elsewhere."""
+        return [(int(row[2]), row_event(row), None if row[9] is None else bytes.fromhex(row[9]))
+                for row in self._rows(client_id)]
+
     def rounds(self, client_id: str) -> list[int]:
         return [int(row[2]) for row in self._rows(client_id)]
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from securefl import cli
 from securefl.config import load_config
 from securefl.errors import ConfigError
+from securefl.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from securefl.simulation import build_simulation, run_simulation
 
 pytest.importorskip("ray")
@@ -36,11 +38,17 @@ def both(config, tmp_path):
     return runs["inprocess"], runs["ray"]
 
 
-def same_report(here: dict, there: dict) -> None:
-    """Equal documents, but where the ledgers are: the run directory's file in-process,
-    the actors' memory on Ray (no ledger file crosses)."""
-    assert here.pop("ledger") == "privacy_ledger.sqlite" and there.pop("ledger") == ":memory:"
+def same_report(here: dict, there: dict, tmp_path: Path) -> None:
+    """Equal documents, and equal ledger files: the Ray run's is the copy of its actors'
+    ledgers, each site's charges in its order, which ``securefl privacy report`` reads."""
+    assert here["ledger"] == there["ledger"] == "privacy_ledger.sqlite"
     assert there == here
+    with PrivacyLedger.open_existing(tmp_path / "inprocess" / LEDGER_FILE) as a, \
+            PrivacyLedger.open_existing(tmp_path / "ray" / LEDGER_FILE) as b:
+        assert b.clients() == a.clients()
+        for cid in a.clients():
+            assert b.charges(cid) == a.charges(cid)
+            assert b.epsilon(cid) == a.epsilon(cid)
 
 
 def test_dp_sgd_on_ray_is_the_in_process_run_and_its_ledgers_refuse_the_same_rounds(tmp_path):
@@ -56,11 +64,14 @@ def test_dp_sgd_on_ray_is_the_in_process_run_and_its_ledgers_refuse_the_same_rou
     assert declined == [r.declined for r in here.history.rounds]
     assert [len(d) for d in declined] == [2, 5]
     assert all("over its budget 7" in why for d in declined for why in d.values())
-    assert not (tmp_path / "ray" / "privacy_ledger.sqlite").exists()
     entries = ray_report["clients"]
     assert sorted(c for c, e in entries.items() if e["rounds"] == 0) == sorted(declined[0])
     assert entries["client-0"]["history"] == [[1, pytest.approx(6.452, abs=1e-3)]]
-    same_report(report, ray_report)
+    same_report(report, ray_report, tmp_path)
+    written = (tmp_path / "ray" / "privacy.json").read_text()
+    assert cli.main(["privacy", "report", str(tmp_path / "ray")]) == 0  # reads the copy
+    again = json.loads((tmp_path / "ray" / "privacy.json").read_text())
+    assert again["clients"] == json.loads(written)["clients"]  # every site's rounds and ε
 
 
 @pytest.mark.slow
@@ -77,7 +88,7 @@ def test_dp_fedavg_public_sample_on_ray_is_the_in_process_run(tmp_path):
     # sampled twice declines the second; one never sampled is charged nothing
     assert sum(taken) == sum(len(r.clients) for r in there.history.rounds) and 0 in taken
     assert there.history.rounds[1].declined == here.history.rounds[1].declined != {}
-    same_report(report, ray_report)
+    same_report(report, ray_report, tmp_path)
 
 
 @pytest.mark.slow
@@ -114,7 +125,7 @@ def test_distributed_dp_on_ray_charges_what_the_in_process_ledgers_charge(tmp_pa
     assert there.history.final.accuracy > 0.25 and here.history.final.accuracy > 0.25
     charged = [e for e in ray_report["clients"].values() if e["rounds"]]
     assert len(charged) >= 5 and {e["mechanism"] for e in charged} == {"skellam"}
-    same_report(report, ray_report)
+    same_report(report, ray_report, tmp_path)
 
 
 def test_adaptive_clipping_is_refused_on_ray_in_one_line():
