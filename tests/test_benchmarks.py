@@ -49,7 +49,7 @@ def test_dp() -> None:
 
 
 def test_he() -> None:
-    report = run("he.py", "--dimension", "5000", "--repeats", "1")
+    report = run("he.py", "--dimension", "5000", "--cost-repeats", "1")
     ours = report["securefl"]
     assert ours["max_abs_error"] < 1e-6
     assert ours["upload_x_float32"] > 1  # ciphertexts are never smaller than the floats
@@ -104,7 +104,7 @@ def test_audit_quick() -> None:
 
 @pytest.mark.slow
 def test_distributed_dp() -> None:
-    report = run("distributed_dp.py", "--seeds", "", "--dimension", "5000", "--repeats", "1")
+    report = run("distributed_dp.py", "--seeds", "", "--dimension", "5000", "--cost-repeats", "1")
     assert report["upload"]["ratio_vs_float32"] <= 0.55
     assert report["upload"]["quickstart_ratio_vs_float32"] <= 0.55
     cost = report["client_cost"]

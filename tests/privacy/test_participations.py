@@ -34,8 +34,10 @@ def test_the_federation_of_the_example_is_calibrated_for_13_rounds_not_6():
     assert calibrated_participations(rounds=30, rate=0.2, quantile=0.999) == 13
     assert tail(13, 30, 0.2) == pytest.approx(9.019e-4, rel=1e-3)
     config = load_config(EXAMPLES / "distributed_dp.toml")
-    assert config.privacy.participation_quantile is None and PARTICIPATION_QUANTILE == 0.999
+    assert config.privacy.participation_quantile == PARTICIPATION_QUANTILE == 0.999
     assert distributed_settings(config, 100).steps == 13
+    default = config.replace(privacy__participation_quantile=None)
+    assert distributed_settings(default, 100).steps == 13
     median = config.replace(privacy__participation_quantile=0.5)
     assert distributed_settings(median, 100).steps == 6
 
