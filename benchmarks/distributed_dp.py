@@ -15,7 +15,8 @@
   standard error; and ``noise``: the central ``z`` and the distributed one in the same units
   (std of the noise in the released sum over ``C``: at exactly ``min_cohort`` survivors less
   ``colluding_sites``, what the ledger charges, and with the whole cohort, what the model
-  carries), with their ratio.
+  carries, both from the plan, and the latter measured on one round's decoded sum), with
+  their ratio.
 * ``upload``: bytes a site uploads per round (the masked words) over ``4 d`` float32 bytes,
   at ``d = --dimension`` and for the quickstart model.
 * ``client_cost``: one site's rotation, rounding, noise and masking at ``d = --dimension``
@@ -50,11 +51,12 @@ from typing import Any
 import numpy as np
 
 from securefl.config import Config, load_config
+from securefl.engine.protection import Update
 from securefl.models import build_model
 from securefl.privacy import build_privacy, distributed_settings
 from securefl.privacy.calibration import PARTICIPATION_QUANTILE
 from securefl.privacy.distributed import DistributedSettings, SkellamEncoding
-from securefl.privacy.rotation import rotate
+from securefl.privacy.rotation import padded_dimension, rotate
 from securefl.secagg.encoding import reduce, word_dtype
 from securefl.secagg.graph import auto_neighbours, degree
 from securefl.secagg.prg import add_masks
@@ -91,12 +93,35 @@ def noise(central: Config, distributed: Config) -> dict[str, Any]:
     full = math.sqrt(plan.share_variance * settings.expected_cohort) / unit
     # randomized rounding adds at most 1/4 variance per coordinate and site, unaccounted
     rounding = math.sqrt(settings.expected_cohort / 4) / unit
+    measured = released_noise(settings, size)
     return {"calibrated_rounds": settings.steps, "central_z": z,
+            "distributed_z_measured": measured, "ratio_measured": measured / z,
             "distributed_z_at_min_cohort": charged, "distributed_z_full_cohort": full,
             "distributed_rounding_std_bound": rounding, "min_cohort": settings.min_cohort,
             "colluding_sites": settings.colluding_sites,
             "ratio_at_min_cohort": charged / z, "ratio_full_cohort": full / z,
             "skellam_scale": plan.scale, "skellam_variance": plan.variance, "dimension": size}
+
+
+def released_noise(settings: DistributedSettings, dimension: int, rounds: int = 10) -> float:
+    """The std over ``C`` of what one round's decoded sum holds beyond the exact sum of the
+    clipped updates: ``expected_cohort`` sites encode (clip, rotate, round, add their CSPRNG
+    share, wrap; the masks cancel in the sum), the words are summed in ``Z_{2^b}`` and
+    decoded; pooled over ``rounds`` rounds of ``dimension`` coordinates."""
+    encoding = SkellamEncoding(settings)
+    rng = np.random.default_rng(0)  # the updates only; noise and rounding from the CSPRNG
+    errors = []
+    for _ in range(rounds):
+        seed = os.urandom(32)
+        updates = rng.normal(0, 1, (settings.expected_cohort, dimension))
+        updates *= settings.clip_norm / np.linalg.norm(updates, axis=1, keepdims=True)
+        total = np.zeros(padded_dimension(dimension), dtype=np.int64)
+        for row in updates:
+            total += encoding.encode(Update(row.astype(np.float32), 1.0), seed=seed)
+        decoded, _ = encoding.decode(total & ((1 << settings.bits) - 1), seed=seed,
+                                     survivors=settings.expected_cohort, dimension=dimension)
+        errors.append(decoded - updates.astype(np.float32).sum(axis=0))
+    return float(np.std(np.concatenate(errors)) / settings.clip_norm)
 
 
 def _runs(config: Config, seeds: list[int], repeats: int,
