@@ -150,8 +150,12 @@ def _stderr(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
-def accuracy(seeds: list[int], repeats: int, rounds: int | None,
-             min_cohorts: list[int]) -> dict[str, Any]:
+def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: list[int],
+             matched: bool) -> dict[str, Any]:
+    """The arms: central, distributed at each minimum cohort, and with ``matched`` a control
+    (not a comparison at one epsilon): central DP-FedAvg at the noise multiplier the
+    distributed sum carries with the whole cohort, which tells the price of that extra noise
+    from the rest of the mechanism (rotation, rounding, wrap-around)."""
     central, distributed = _configs()
     out: dict[str, Any] = {"central_dp_fedavg": _runs(central, seeds, repeats, rounds)}
     for min_cohort in min_cohorts or [int(distributed.privacy.min_cohort or 0)]:
@@ -160,6 +164,15 @@ def accuracy(seeds: list[int], repeats: int, rounds: int | None,
         result["noise"] = noise(central, config)
         result.update(_paired(out["central_dp_fedavg"], result))
         out[f"distributed_skellam_min_cohort_{min_cohort}"] = result
+        if matched:
+            z = result["noise"]["distributed_z_full_cohort"]
+            control = _runs(central.replace(privacy__target_epsilon=None,
+                                            privacy__noise_multiplier=z,
+                                            privacy__participation_quantile=None),
+                            seeds, repeats, rounds)
+            control["noise_multiplier"] = z
+            control.update(_paired(control, result))
+            out[f"central_dp_fedavg_at_the_noise_of_min_cohort_{min_cohort}"] = control
     return out
 
 
@@ -248,6 +261,8 @@ def main() -> None:
                         help="distributed runs at these min_cohort values (default: the "
                              "example's)")
     parser.add_argument("--cost-repeats", type=int, default=5)
+    parser.add_argument("--matched-central", action="store_true",
+                        help="also run central DP-FedAvg at the distributed sum's noise")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     report: dict[str, Any] = {
@@ -255,7 +270,8 @@ def main() -> None:
         "client_cost": client_cost(args.dimension, args.bits, args.cohort, args.cost_repeats)}
     if seeds:
         report["accuracy"] = accuracy(seeds, args.repeats, args.rounds,
-                                      [int(m) for m in args.min_cohorts.split(",") if m])
+                                      [int(m) for m in args.min_cohorts.split(",") if m],
+                                      args.matched_central)
     print(json.dumps(report, indent=2))
 
 
