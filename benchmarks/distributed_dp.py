@@ -124,15 +124,12 @@ def released_noise(settings: DistributedSettings, dimension: int, rounds: int = 
     return float(np.std(np.concatenate(errors)) / settings.clip_norm)
 
 
-def _runs(config: Config, seeds: list[int], repeats: int,
-          rounds: int | None) -> dict[str, Any]:
+def _runs(config: Config, seeds: list[int], repeats: int) -> dict[str, Any]:
     finals: dict[int, list[float]] = {}
     last5: list[float] = []
     aborted = run_rounds = 0
     for seed in seeds:
         run = config.replace(run__seed=seed)
-        if rounds is not None:
-            run = run.replace(run__rounds=rounds)
         for _ in range(repeats):
             history = run_simulation(run).history
             finals.setdefault(seed, []).append(float(history.rounds[-1].accuracy))
@@ -157,10 +154,12 @@ def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: li
     distributed sum carries with the whole cohort, which tells the price of that extra noise
     from the rest of the mechanism (rotation, rounding, wrap-around)."""
     central, distributed = _configs()
-    out: dict[str, Any] = {"central_dp_fedavg": _runs(central, seeds, repeats, rounds)}
+    if rounds is not None:
+        central, distributed = (c.replace(run__rounds=rounds) for c in (central, distributed))
+    out: dict[str, Any] = {"central_dp_fedavg": _runs(central, seeds, repeats)}
     for min_cohort in min_cohorts or [int(distributed.privacy.min_cohort or 0)]:
         config = distributed.replace(privacy__min_cohort=min_cohort)
-        result = _runs(config, seeds, repeats, rounds)
+        result = _runs(config, seeds, repeats)
         result["noise"] = noise(central, config)
         result.update(_paired(out["central_dp_fedavg"], result))
         out[f"distributed_skellam_min_cohort_{min_cohort}"] = result
@@ -169,7 +168,7 @@ def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: li
             control = _runs(central.replace(privacy__target_epsilon=None,
                                             privacy__noise_multiplier=z,
                                             privacy__participation_quantile=None),
-                            seeds, repeats, rounds)
+                            seeds, repeats)
             control["noise_multiplier"] = z
             control.update(_paired(control, result))
             out[f"central_dp_fedavg_at_the_noise_of_min_cohort_{min_cohort}"] = control
