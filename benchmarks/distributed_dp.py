@@ -3,17 +3,28 @@
 * ``accuracy``: the federation of ``examples/dp_fedavg.toml`` (100 clients, 20 per round,
   30 rounds, epsilon 8 at delta 1e-5), once with central DP-FedAvg (``plain`` protection, the
   server adds Gaussian noise) and once with ``examples/distributed_dp.toml`` (each site adds
-  its Skellam share before SecAgg+, 16 bits per coordinate).  Both at the same accounting
-  rule (``sampling = "public"``: q = 1 per round taken part in, calibrated for the expected
-  ceil(30 * 20 / 100) = 6 rounds), the same fixed ``clip_norm`` and epsilon; final central test
-  accuracy for each seed, and the means.
+  its Skellam share before SecAgg+, 16 bits per coordinate; ``--min-cohorts`` runs it again
+  at other minimum cohorts).  The comparison is fair by construction: the same accounting
+  rule (``sampling = "public"``: q = 1 per round taken part in, both calibrated for the
+  0.999-quantile of Binomial(30, 0.2), 13 rounds, so no client runs out and all 30 rounds
+  run), the same fixed ``clip_norm`` and epsilon, and both noises from the CSPRNG
+  (``secure_mode`` for the central run, as deployed), so each of ``--repeats`` runs per seed
+  is a fresh draw of the noise while data, model and sample follow the seed.  Reported per
+  mechanism: final test accuracy of every run, the mean, its standard error, the mean over
+  the last 5 rounds; the paired difference (central - distributed, per seed) and its
+  standard error; and ``noise``: the central ``z`` and the distributed one in the same units
+  (std of the noise in the released sum over ``C``: at exactly ``min_cohort`` survivors less
+  ``colluding_sites``, what the ledger charges, and with the whole cohort, what the model
+  carries, both from the plan, and the latter measured on one round's decoded sum), with
+  their ratio.
 * ``upload``: bytes a site uploads per round (the masked words) over ``4 d`` float32 bytes,
   at ``d = --dimension`` and for the quickstart model.
 * ``client_cost``: one site's rotation, rounding, noise and masking at ``d = --dimension``
   for a cohort of ``--cohort`` (masks: its self mask and one pairwise mask per SecAgg+
-  neighbour, ``k`` from :func:`securefl.secagg.graph.auto_neighbours`); medians in ms of
-  the process's CPU time (one core's work: the steps are single-threaded numpy and OpenSSL,
-  so a shared machine's wall time, ``total_wall``, mostly measures the other processes).
+  neighbour, ``k`` from :func:`securefl.secagg.graph.auto_neighbours`); medians over
+  ``--cost-repeats`` in ms of the process's CPU time (one core's work: the steps are
+  single-threaded numpy and OpenSSL, so a shared machine's wall time, ``total_wall``,
+  mostly measures the other processes).
 
 Prints one JSON document.  ``--seeds ""`` skips the accuracy runs.
 """
@@ -30,6 +41,7 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -38,10 +50,13 @@ from typing import Any
 
 import numpy as np
 
-from securefl.config import load_config
+from securefl.config import Config, load_config
+from securefl.engine.protection import Update
 from securefl.models import build_model
+from securefl.privacy import build_privacy, distributed_settings
+from securefl.privacy.calibration import PARTICIPATION_QUANTILE
 from securefl.privacy.distributed import DistributedSettings, SkellamEncoding
-from securefl.privacy.rotation import rotate
+from securefl.privacy.rotation import padded_dimension, rotate
 from securefl.secagg.encoding import reduce, word_dtype
 from securefl.secagg.graph import auto_neighbours, degree
 from securefl.secagg.prg import add_masks
@@ -51,26 +66,127 @@ from securefl.vector import Layout
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def accuracy(seeds: list[int], rounds: int | None) -> dict[str, Any]:
+def _configs() -> tuple[Config, Config]:
+    """(central, distributed): the two examples at one accounting rule, clip and noise source."""
     distributed = load_config(EXAMPLES / "distributed_dp.toml").replace(run__threat_model=None)
+    quantile = distributed.privacy.participation_quantile or PARTICIPATION_QUANTILE
     central = load_config(EXAMPLES / "dp_fedavg.toml").replace(
         privacy__sampling="public", privacy__adaptive_clipping=False,
-        privacy__clip_norm=distributed.privacy.clip_norm)
-    out: dict[str, Any] = {}
-    for name, config in (("central_dp_fedavg", central), ("distributed_skellam", distributed)):
-        finals, aborted = [], []
-        for seed in seeds:
-            run = config.replace(run__seed=seed)
-            if rounds is not None:
-                run = run.replace(run__rounds=rounds)
+        privacy__clip_norm=distributed.privacy.clip_norm, privacy__secure_mode=True,
+        privacy__participation_quantile=quantile)
+    return central, distributed.replace(privacy__participation_quantile=quantile)
+
+
+def noise(central: Config, distributed: Config) -> dict[str, Any]:
+    """Noise std of the released sum over ``C`` for both mechanisms (model units)."""
+    clients = [f"client_{i}" for i in range(central.data.num_clients)]
+    setup = build_privacy(central, run_dir=None, client_ids=clients, num_examples={})
+    z = next(iter(setup.noise_multipliers.values())) if setup is not None else math.nan
+    from securefl.data import federate
+
+    data = federate(distributed.data, seed=0)
+    size = Layout.of(build_model(distributed.model, data.shape, data.num_classes, seed=0)).size
+    settings = distributed_settings(distributed, distributed.data.num_clients)
+    plan = settings.plan(size)
+    unit = plan.scale * settings.clip_norm  # integer units per C
+    charged = math.sqrt(plan.variance) / unit
+    full = math.sqrt(plan.share_variance * settings.expected_cohort) / unit
+    # randomized rounding adds at most 1/4 variance per coordinate and site, unaccounted
+    rounding = math.sqrt(settings.expected_cohort / 4) / unit
+    measured = released_noise(settings, size)
+    return {"calibrated_rounds": settings.steps, "central_z": z,
+            "distributed_z_measured": measured, "ratio_measured": measured / z,
+            "distributed_z_at_min_cohort": charged, "distributed_z_full_cohort": full,
+            "distributed_rounding_std_bound": rounding, "min_cohort": settings.min_cohort,
+            "colluding_sites": settings.colluding_sites,
+            "ratio_at_min_cohort": charged / z, "ratio_full_cohort": full / z,
+            "skellam_scale": plan.scale, "skellam_variance": plan.variance, "dimension": size}
+
+
+def released_noise(settings: DistributedSettings, dimension: int, rounds: int = 10) -> float:
+    """The std over ``C`` of what one round's decoded sum holds beyond the exact sum of the
+    clipped updates: ``expected_cohort`` sites encode (clip, rotate, round, add their CSPRNG
+    share, wrap; the masks cancel in the sum), the words are summed in ``Z_{2^b}`` and
+    decoded; pooled over ``rounds`` rounds of ``dimension`` coordinates."""
+    encoding = SkellamEncoding(settings)
+    rng = np.random.default_rng(0)  # the updates only; noise and rounding from the CSPRNG
+    errors = []
+    for _ in range(rounds):
+        seed = os.urandom(32)
+        updates = rng.normal(0, 1, (settings.expected_cohort, dimension))
+        updates *= settings.clip_norm / np.linalg.norm(updates, axis=1, keepdims=True)
+        total = np.zeros(padded_dimension(dimension), dtype=np.int64)
+        for row in updates:
+            total += encoding.encode(Update(row.astype(np.float32), 1.0), seed=seed)
+        decoded, _ = encoding.decode(total & ((1 << settings.bits) - 1), seed=seed,
+                                     survivors=settings.expected_cohort, dimension=dimension)
+        errors.append(decoded - updates.astype(np.float32).sum(axis=0))
+    return float(np.std(np.concatenate(errors)) / settings.clip_norm)
+
+
+def _runs(config: Config, seeds: list[int], repeats: int) -> dict[str, Any]:
+    finals: dict[int, list[float]] = {}
+    last5: list[float] = []
+    aborted = run_rounds = 0
+    for seed in seeds:
+        run = config.replace(run__seed=seed)
+        for _ in range(repeats):
             history = run_simulation(run).history
-            finals.append(float(history.rounds[-1].accuracy))
-            aborted.append(sum(1 for r in history.rounds if r.aborted))
-        out[name] = {"final_accuracy": finals, "mean": statistics.fmean(finals),
-                     "aborted_rounds": aborted}
-    out["difference_pp"] = 100 * (out["central_dp_fedavg"]["mean"]
-                                  - out["distributed_skellam"]["mean"])
+            finals.setdefault(seed, []).append(float(history.rounds[-1].accuracy))
+            last5.append(statistics.fmean(float(r.accuracy) for r in history.rounds[-5:]))
+            aborted += sum(1 for r in history.rounds if r.aborted)
+            run_rounds += len(history.rounds)
+    every = [a for values in finals.values() for a in values]
+    return {"final_accuracy": {str(s): v for s, v in finals.items()},
+            "mean": statistics.fmean(every), "stderr": _stderr(every),
+            "mean_last5": statistics.fmean(last5), "stderr_last5": _stderr(last5),
+            "runs": len(every), "rounds_run": run_rounds, "aborted_rounds": aborted}
+
+
+def _stderr(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: list[int],
+             matched: bool) -> dict[str, Any]:
+    """The arms: central, distributed at each minimum cohort, and with ``matched`` a control
+    (not a comparison at one epsilon): central DP-FedAvg at the noise multiplier the
+    distributed sum carries with the whole cohort, which tells the price of that extra noise
+    from the rest of the mechanism (rotation, rounding, wrap-around)."""
+    central, distributed = _configs()
+    if rounds is not None:
+        central, distributed = (c.replace(run__rounds=rounds) for c in (central, distributed))
+    out: dict[str, Any] = {"central_dp_fedavg": _runs(central, seeds, repeats)}
+    for min_cohort in min_cohorts or [int(distributed.privacy.min_cohort or 0)]:
+        config = distributed.replace(privacy__min_cohort=min_cohort)
+        result = _runs(config, seeds, repeats)
+        result["noise"] = noise(central, config)
+        result.update(_paired(out["central_dp_fedavg"], result))
+        out[f"distributed_skellam_min_cohort_{min_cohort}"] = result
+        if matched:
+            z = result["noise"]["distributed_z_full_cohort"]
+            control = _runs(central.replace(privacy__target_epsilon=None,
+                                            privacy__noise_multiplier=z,
+                                            privacy__participation_quantile=None),
+                            seeds, repeats)
+            control["noise_multiplier"] = z
+            control.update(_paired(control, result))
+            out[f"central_dp_fedavg_at_the_noise_of_min_cohort_{min_cohort}"] = control
     return out
+
+
+def _paired(central: dict[str, Any], distributed: dict[str, Any]) -> dict[str, Any]:
+    """Central minus distributed, in percentage points: the difference of the means, its
+    unpaired standard error, and per seed (pairs share data, model and sample) its mean and
+    standard error over the seeds."""
+    per_seed = [100 * (statistics.fmean(central["final_accuracy"][s])
+                       - statistics.fmean(distributed["final_accuracy"][s]))
+                for s in central["final_accuracy"]]
+    return {"difference_pp": 100 * (central["mean"] - distributed["mean"]),
+            "difference_stderr_pp": 100 * math.hypot(central["stderr"], distributed["stderr"]),
+            "paired_difference_per_seed_pp": per_seed,
+            "paired_difference_stderr_pp": _stderr(per_seed),
+            "difference_last5_pp": 100 * (central["mean_last5"] - distributed["mean_last5"])}
 
 
 def _settings(bits: int, cohort: int) -> DistributedSettings:
@@ -138,14 +254,23 @@ def main() -> None:
     parser.add_argument("--dimension", type=int, default=1_000_000)
     parser.add_argument("--bits", type=int, default=16)
     parser.add_argument("--cohort", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="accuracy runs per seed (fresh CSPRNG noise each)")
+    parser.add_argument("--min-cohorts", default="",
+                        help="distributed runs at these min_cohort values (default: the "
+                             "example's)")
+    parser.add_argument("--cost-repeats", type=int, default=5)
+    parser.add_argument("--matched-central", action="store_true",
+                        help="also run central DP-FedAvg at the distributed sum's noise")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     report: dict[str, Any] = {
         "upload": upload(args.dimension, args.bits),
-        "client_cost": client_cost(args.dimension, args.bits, args.cohort, args.repeats)}
+        "client_cost": client_cost(args.dimension, args.bits, args.cohort, args.cost_repeats)}
     if seeds:
-        report["accuracy"] = accuracy(seeds, args.rounds)
+        report["accuracy"] = accuracy(seeds, args.repeats, args.rounds,
+                                      [int(m) for m in args.min_cohorts.split(",") if m],
+                                      args.matched_central)
     print(json.dumps(report, indent=2))
 
 

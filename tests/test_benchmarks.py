@@ -104,8 +104,30 @@ def test_audit_quick() -> None:
 
 @pytest.mark.slow
 def test_distributed_dp() -> None:
-    report = run("distributed_dp.py", "--seeds", "", "--dimension", "5000", "--repeats", "1")
+    report = run("distributed_dp.py", "--seeds", "", "--dimension", "5000", "--cost-repeats", "1")
     assert report["upload"]["ratio_vs_float32"] <= 0.55
     assert report["upload"]["quickstart_ratio_vs_float32"] <= 0.55
     cost = report["client_cost"]
     assert cost["dimension"] == 5000 and cost["ms"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_distributed_dp_accuracy_compares_at_one_rule_and_reports_the_noise() -> None:
+    report = run("distributed_dp.py", "--seeds", "0", "--rounds", "2", "--dimension", "500",
+                 "--cost-repeats", "1", "--matched-central")
+    arms = report["accuracy"]
+    central, distributed = arms["central_dp_fedavg"], arms["distributed_skellam_min_cohort_16"]
+    for arm in arms.values():
+        assert arm["runs"] == 1 and arm["rounds_run"] == 2 and arm["aborted_rounds"] == 0
+    noise = distributed["noise"]
+    # P(Binomial(2, 0.2) > 1) = 0.04 > 1e-3: both calibrated for 2 rounds
+    assert noise["calibrated_rounds"] == 2
+    assert noise["ratio_at_min_cohort"] == pytest.approx(1.0, abs=0.01)
+    assert noise["ratio_full_cohort"] == pytest.approx((20 / 15) ** 0.5 * noise[
+        "ratio_at_min_cohort"], rel=1e-9)
+    assert noise["distributed_z_measured"] == pytest.approx(noise["distributed_z_full_cohort"],
+                                                            rel=0.03)
+    control = arms["central_dp_fedavg_at_the_noise_of_min_cohort_16"]
+    assert control["noise_multiplier"] == noise["distributed_z_full_cohort"]
+    assert distributed["difference_pp"] == pytest.approx(
+        100 * (central["mean"] - distributed["mean"]))

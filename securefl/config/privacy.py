@@ -61,6 +61,11 @@ class PrivacyConfig:
     #: DP-FedAvg accounting: "public" (q = 1 per round taken part in: participants are
     #: logged) or "secret" (q = m / N every round; simulation only, CSPRNG sample, unlogged)
     sampling: Literal["public", "secret"] = "public"
+    #: public sampling: calibrate for the p-quantile of a client's Binomial(rounds, m / N)
+    #: participations (it runs out of budget early w.p. <= 1 - p); unset: 0.999 for
+    #: "distributed" (a site out of budget can sink a round below min_cohort), the expected
+    #: ceil(rounds m / N) for "dp_fedavg" (its rounds go on with fewer updates)
+    participation_quantile: float | None = None
     #: distributed: bits per coordinate of the masked words (the SecAgg+ field is Z_{2^bits})
     bits: int = 16
     #: distributed: the expected number of surviving sites per round (the fixed denominator);
@@ -96,6 +101,11 @@ class PrivacyConfig:
         check(self.sampling == "public" or self.secure_mode is not False, "sampling",
               "\"secret\" needs secure_mode: a sample drawn from the seeded generator can be "
               "recomputed by anyone holding the config")
+        check(self.participation_quantile is None
+              or (self.mode in ("dp_fedavg", "distributed") and self.sampling == "public"
+                  and 0 < self.participation_quantile < 1), "participation_quantile",
+              "applies to modes \"dp_fedavg\" and \"distributed\" with sampling = \"public\" "
+              f"and must be in (0, 1), got {self.participation_quantile}")
         if self.mode == "distributed":
             self._validate_distributed()
 

@@ -220,7 +220,10 @@ def _dp_sgd(config: Config, path: Path | str, client_ids: Sequence[str],
 def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
                budget: float | None, secure: bool) -> PrivacySetup:
     from securefl.privacy.accounting import PrivacyEvent
-    from securefl.privacy.calibration import calibrate_noise_multiplier
+    from securefl.privacy.calibration import (
+        calibrate_noise_multiplier,
+        calibrated_participations,
+    )
     from securefl.privacy.dp_fedavg import (
         ClipState,
         UserLevelNoise,
@@ -237,9 +240,10 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
     rate = per_round / total
     secret = privacy.sampling == "secret"
     # public sample: q = 1 per round taken part in, calibrated for the expected number of them
-    # (a client sampled more often than that is refused by its ledger once over budget)
-    charged_rate, steps = ((rate, config.run.rounds) if secret
-                           else (1.0, max(1, math.ceil(rate * config.run.rounds - 1e-9))))
+    # or their participation_quantile (a client sampled more often is refused by its ledger)
+    charged_rate, steps = (rate, config.run.rounds) if secret else (
+        1.0, calibrated_participations(rounds=config.run.rounds, rate=rate,
+                                       quantile=privacy.participation_quantile))
     if privacy.noise_multiplier is not None:
         z = privacy.noise_multiplier
     else:
@@ -275,8 +279,10 @@ def _dp_fedavg(config: Config, path: Path | str, client_ids: Sequence[str],
 
 def distributed_settings(config: Config, num_clients: int) -> Any:
     """The :class:`~securefl.privacy.distributed.DistributedSettings` of ``config`` for a
-    federation of ``num_clients`` sites: calibrated, like DP-FedAvg's public sample, for the
-    expected number of rounds a site takes part in, ``ceil(rounds m / N)``."""
+    federation of ``num_clients`` sites, calibrated for the ``participation_quantile``
+    (default :data:`~securefl.privacy.calibration.PARTICIPATION_QUANTILE`) of the rounds a
+    site takes part in (:func:`~securefl.privacy.calibration.calibrated_participations`)."""
+    from securefl.privacy.calibration import PARTICIPATION_QUANTILE, calibrated_participations
     from securefl.privacy.distributed import DistributedSettings
 
     privacy = config.privacy
@@ -289,7 +295,10 @@ def distributed_settings(config: Config, num_clients: int) -> Any:
     if minimum > expected:
         raise ConfigError(f"[privacy] min_cohort = {minimum} must be <= expected_cohort "
                           f"({expected})")
-    steps = max(1, math.ceil(per_round / num_clients * config.run.rounds - 1e-9))
+    quantile = privacy.participation_quantile
+    steps = calibrated_participations(
+        rounds=config.run.rounds, rate=per_round / num_clients,
+        quantile=PARTICIPATION_QUANTILE if quantile is None else quantile)
     return DistributedSettings(
         target_epsilon=float(privacy.target_epsilon),  # type: ignore[arg-type]
         delta=privacy.delta, steps=steps, clip_norm=privacy.clip_norm, bits=privacy.bits,

@@ -24,6 +24,9 @@ Every epsilon comes from ``opacus.accountants.analysis.rdp`` (``compute_rdp``,
 ``get_privacy_spent``); no formula is written here.  The full curves are cached per
 ``(q, sigma)`` (:func:`~securefl.privacy.accounting.rdp_per_step`), so the ledger's first
 charge reuses the verification's curve.  The PRV accountant keeps Opacus's search.
+
+Under public sampling (``q = 1`` per round taken part in) the steps are the rounds a client
+is calibrated to take part in, :func:`calibrated_participations`.
 """
 
 from __future__ import annotations
@@ -41,10 +44,14 @@ from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 from securefl.errors import ConfigError
 from securefl.privacy.accounting import AccountantName, rdp_per_step
 
-__all__ = ["EPSILON_TOLERANCE", "calibrate_noise_multiplier"]
+__all__ = ["EPSILON_TOLERANCE", "PARTICIPATION_QUANTILE", "calibrate_noise_multiplier",
+           "calibrated_participations"]
 
 #: Opacus's ``get_noise_multiplier`` default ``epsilon_tolerance``
 EPSILON_TOLERANCE = 0.01
+#: distributed DP's default quantile of a site's participations (``[privacy]
+#: participation_quantile``): a site runs out of budget before the last round w.p. <= 1e-3
+PARTICIPATION_QUANTILE = 0.999
 _ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 #: integer orders of the accountant (cheap: a finite binomial sum each), sparser when large
 _COARSE = tuple(a for a in _ORDERS if float(a).is_integer()
@@ -78,6 +85,36 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
         raise ConfigError(f"[privacy] target_epsilon {target_epsilon} cannot be reached at "
                           f"delta {delta} over {steps} steps at sample rate {sample_rate:.4g} "
                           f"({exc}); raise the budget or train fewer steps") from None
+
+
+def calibrated_participations(*, rounds: int, rate: float, quantile: float | None) -> int:
+    """The rounds ``k`` a client's noise is calibrated for under public sampling (``q = 1``
+    per round taken part in, ``k`` such rounds spend ``target_epsilon``).
+
+    Every round samples ``m`` of the ``N`` clients afresh, so a client's number of rounds is
+    ``K ~ Binomial(R, m / N)`` (``rate = m / N``).  ``quantile = None``: ``k = ceil(R m /
+    N)``, the expected number (a client drawn more often declines once its ledger is full:
+    about 4 in 10 clients at ``R = 30``, ``m / N = 0.2``).  ``quantile = p``: the smallest
+    ``k`` with ``P(K > k) <= 1 - p``, so a client runs out before the last round with
+    probability at most ``1 - p``.  The price is noise: at fixed epsilon the Gaussian's RDP
+    ``k alpha / (2 z^2)`` makes ``z`` grow as ``sqrt(k)``, by ``sqrt(k / ceil(R m / N))``
+    (``sqrt(13 / 6) = 1.47`` at ``R = 30``, ``m / N = 0.2``, ``p = 0.999``).  The ledger
+    still charges the rounds actually taken and refuses one past the budget."""
+    if rounds < 1 or not 0 < rate <= 1:
+        raise ValueError(f"need rounds >= 1 and 0 < rate <= 1, got {rounds}, {rate}")
+    expected = max(1, math.ceil(rate * rounds - 1e-9))
+    if quantile is None:
+        return expected
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    from scipy.stats import binom
+
+    low, high = 0, rounds  # P(K > rounds) = 0: bisect on the decreasing tail P(K > k)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = ((low, middle) if float(binom.sf(middle, rounds, rate)) <= 1 - quantile
+                     else (middle, high))
+    return max(1, high)
 
 
 def _calibrate_rdp(target: float, delta: float, q: float, steps: int) -> float:

@@ -23,10 +23,11 @@ denominator of DP-FedAvg, :class:`DistributedMean`) before the server optimizer.
 
 The scale ``s`` and ``mu`` (:class:`SkellamPlan`) follow from the config alone, so every
 site and the server compute the same ones: ``mu`` is the smallest variance whose RDP over
-the calibrated rounds meets ``target_epsilon``
-(:func:`~securefl.privacy.skellam.calibrate_variance`), and ``s`` the largest scale whose
-wrap-around probability bound stays below
-:data:`OVERFLOW` (:func:`~securefl.privacy.skellam.choose_scale`).
+the calibrated rounds (the ``participation_quantile`` ``p`` of a site's participations, so a
+site runs out of budget before the last round with probability at most ``1 - p``) meets
+``target_epsilon`` (:func:`~securefl.privacy.skellam.calibrate_variance`), and ``s`` the
+largest scale whose wrap-around probability bound stays below :data:`OVERFLOW`
+(:func:`~securefl.privacy.skellam.choose_scale`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ class DistributedSettings:
 
     target_epsilon: float
     delta: float
-    steps: int  # rounds a site is calibrated to take part in
+    #: rounds a site is calibrated to take part in: a high quantile of its Binomial(rounds,
+    #: m / N) participations (:func:`~securefl.privacy.calibration.calibrated_participations`)
+    steps: int
     clip_norm: float
     bits: int
     expected_cohort: int

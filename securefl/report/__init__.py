@@ -186,6 +186,11 @@ def _privacy_value(privacy: Any, key: str, *, deployment: str) -> str:
         return "none (no limit)" if value is None else fmt(value)
     if key == "noise_multiplier" and value is None:
         return "calibrated from the target ε"
+    if key == "participation_quantile" and value is None:
+        if privacy.mode == "distributed":
+            return "0.999 (the default for distributed DP)"
+        return ("not used (secret sample)" if privacy.sampling == "secret"
+                else "none: the expected number of rounds (the default)")
     if key == "secure_mode" and value is None:
         if deployment == "network":
             return "yes (the default at a deployed site)"

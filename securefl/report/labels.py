@@ -33,6 +33,7 @@ _LABELS = {
     "clip_learning_rate": "Adaptive clipping: step size",
     "clipped_count_stddev": "Adaptive clipping: count noise std",
     "sampling": "Participation accounted as",
+    "participation_quantile": "Calibrated for this quantile of participations",
     # [network]
     "network.insecure": "TLS disabled (insecure)", "network.certs": "Certificate folder",
     "network.allowlist": "Sites on the allowlist", "network.audit": "Signed audit log",
@@ -44,10 +45,12 @@ PRIVACY_SETTINGS = {
     "dp_sgd": ("mode", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta",
                "budget", "accountant", "secure_mode", "grad_sample_mode", "fix_model"),
     "dp_fedavg": ("mode", "target_epsilon", "noise_multiplier", "clip_norm", "delta", "budget",
-                  "accountant", "secure_mode", "sampling", "adaptive_clipping",
+                  "accountant", "secure_mode", "sampling", "participation_quantile",
+                  "adaptive_clipping",
                   "target_quantile", "clip_learning_rate", "clipped_count_stddev"),
     "distributed": ("mode", "target_epsilon", "clip_norm", "delta", "budget", "accountant",
-                    "secure_mode", "bits", "expected_cohort", "min_cohort", "colluding_sites"),
+                    "secure_mode", "participation_quantile", "bits", "expected_cohort",
+                    "min_cohort", "colluding_sites"),
 }
 
 

@@ -51,7 +51,7 @@ MAX_LISTED = 6
 #: the ``[privacy]`` fields every party must share (the rest are each site's own choice)
 _PRIVACY = ("target_epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant",
             "clip_norm", "adaptive_clipping", "target_quantile", "clip_learning_rate",
-            "clipped_count_stddev", "sampling")
+            "clipped_count_stddev", "sampling", "participation_quantile")
 
 
 class ManifestError(SecureFLError):

@@ -131,3 +131,25 @@ def test_a_run_stops_cleanly_when_no_round_can_reach_min_cohort(tmp_path, caplog
     assert summary["stopped"] == result.history.stopped and summary["rounds"] == 2
     ledger = PrivacyLedger.open_existing(tmp_path / "privacy_ledger.sqlite")
     assert {len(ledger.events(c)) for c in ledger.clients()} == {1}
+
+
+def test_calibrated_for_the_quantile_every_round_runs_and_no_site_overspends(tmp_path):
+    """12 rounds of 5 of 10 sites: for the expected 6 participations, sites sampled more
+    often run out and a late round fails; for the 0.999-quantile (11), every round runs."""
+    from securefl.privacy import distributed_settings
+
+    expected = run_simulation(small(run__rounds=12, privacy__participation_quantile=0.5))
+    assert any(r.aborted for r in expected.history.rounds)
+    config = small(run__rounds=12)
+    settings = distributed_settings(config, 10)
+    assert settings.steps == 11  # P(Binomial(12, 1/2) > 11) = 2^-12
+    result = run_simulation(config, out_dir=tmp_path)
+    assert [r.aborted for r in result.history.rounds] == [None] * 12
+    assert all(len(r.clients) == 5 and not r.declined for r in result.history.rounds)
+    ledger = PrivacyLedger.open_existing(tmp_path / "privacy_ledger.sqlite")
+    taken = {c: len(ledger.events(c)) for c in ledger.clients()}
+    assert sum(taken.values()) == 60 and max(taken.values()) > 6
+    for client, count in taken.items():  # charged exactly what it spent, within its budget
+        assert count <= settings.steps and ledger.epsilon(client) <= 8.0
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert report["calibrated_rounds"] == 11

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def config(**privacy: object) -> Config:
     ({"mode": "dp_sgd", "noise_multiplier": 1.0, "accountant": "gdp"}, "accountant"),
     ({"mode": "dp_fedavg", "noise_multiplier": 1.0, "sampling": "secret",
       "secure_mode": False}, "\"secret\" needs secure_mode"),
+    ({"mode": "dp_sgd", "noise_multiplier": 1.0, "participation_quantile": 0.999},
+     "participation_quantile applies to modes"),
+    ({"mode": "dp_fedavg", "noise_multiplier": 1.0, "sampling": "secret",
+      "participation_quantile": 0.999}, "with sampling = \"public\""),
+    ({"mode": "dp_fedavg", "noise_multiplier": 1.0, "participation_quantile": 1.0},
+     "must be in (0, 1), got 1.0"),
 ])
 def test_bad_privacy_tables_are_config_errors(privacy: dict, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -124,6 +131,20 @@ def test_dp_fedavg_under_a_public_sample_charges_q_1_per_round_taken_part() -> N
     deployed = build_privacy(cfg, run_dir=None, client_ids=[f"c{i}" for i in range(8)],
                              num_examples={}, deployment=True)
     assert deployed is not None and deployed.secure
+
+
+def test_dp_fedavg_under_a_public_sample_can_be_calibrated_for_a_quantile() -> None:
+    """The same 4 rounds at q = 2/8 calibrated for the 0.99-quantile of Binomial(4, 1/4):
+    P(K > 2) = 0.051, P(K > 3) = 0.0039 <= 0.01, so 3 rounds (the ledger pays all three)."""
+    cfg = config(mode="dp_fedavg", target_epsilon=5.0, participation_quantile=0.99).replace(
+        server__clients_per_round=2)
+    setup = build_privacy(cfg, run_dir=None, client_ids=[f"c{i}" for i in range(8)],
+                          num_examples={})
+    assert setup is not None
+    event = setup.events["c0"]
+    assert event.sample_rate == 1.0 and event.steps == 1
+    three = dataclasses.replace(event, steps=3)
+    assert 5.0 - 0.011 <= epsilon([three], delta=1e-5) <= 5.0
 
 
 def test_dp_fedavg_needs_a_linear_rule() -> None:
