@@ -38,16 +38,18 @@ def both(config, tmp_path):
     return runs["inprocess"], runs["ray"]
 
 
-def same_report(here: dict, there: dict, tmp_path: Path) -> None:
+def same_report(here: dict, there: dict, tmp_path: Path, *, same_models: bool = True) -> None:
     """Equal documents, and equal ledger files: the Ray run's is the copy of its actors'
-    ledgers, each site's charges in its order, which ``securefl privacy report`` reads."""
+    ledgers, each site's charges in its order, which ``securefl privacy report`` reads
+    (the releases, hashes of the models trained from, only where both runs' models agree)."""
     assert here["ledger"] == there["ledger"] == "privacy_ledger.sqlite"
     assert there == here
     with PrivacyLedger.open_existing(tmp_path / "inprocess" / LEDGER_FILE) as a, \
             PrivacyLedger.open_existing(tmp_path / "ray" / LEDGER_FILE) as b:
         assert b.clients() == a.clients()
         for cid in a.clients():
-            assert b.charges(cid) == a.charges(cid)
+            keep = slice(None) if same_models else slice(0, 2)
+            assert [c[keep] for c in b.charges(cid)] == [c[keep] for c in a.charges(cid)]
             assert b.epsilon(cid) == a.epsilon(cid)
 
 
@@ -125,7 +127,7 @@ def test_distributed_dp_on_ray_charges_what_the_in_process_ledgers_charge(tmp_pa
     assert there.history.final.accuracy > 0.25 and here.history.final.accuracy > 0.25
     charged = [e for e in ray_report["clients"].values() if e["rounds"]]
     assert len(charged) >= 5 and {e["mechanism"] for e in charged} == {"skellam"}
-    same_report(report, ray_report, tmp_path)
+    same_report(report, ray_report, tmp_path, same_models=False)
 
 
 def test_adaptive_clipping_is_refused_on_ray_in_one_line():
