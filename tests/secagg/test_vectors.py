@@ -171,11 +171,18 @@ def test_quantize_vector():
 
 def test_shamir_vector():
     v = VECTORS["shamir"]
-    assert int(v["prime_hex"], 16) == shamir.PRIME
-    secret = int(v["secret"], 16)
-    shares = shamir._split_with(secret, [int(c, 16) for c in v["coefficients"]], v["xs"],
-                                threshold=v["threshold"])
-    assert [hex(s) for s in shares] == v["shares"]
+    assert (v["prime"], v["limb_bits"], v["limbs"]) == (shamir.PRIME, shamir.LIMB_BITS,
+                                                       shamir.LIMBS)
+    secret, p = int(v["secret"], 16), v["prime"]
+    shares = shamir._split_with(secret, v["coefficients"], v["xs"], threshold=v["threshold"])
+    assert [shamir.encode_share(s).hex() for s in shares] == v["shares"]
+    # the documented construction spelled out: limb j of share i is f_j(x_i) mod p
+    limbs = [(secret >> (30 * j)) & ((1 << 30) - 1) for j in range(9)]
+    for x, share in zip(v["xs"], v["shares"], strict=True):
+        values = [sum(a * x**e for e, a in enumerate([limbs[j], *(c[j] for c in
+                                                                  v["coefficients"])])) % p
+                  for j in range(9)]
+        assert b"".join(y.to_bytes(4, "big") for y in values).hex() == share
     points = dict(zip(v["xs"], shares, strict=True))
     assert shamir.combine(dict(list(points.items())[2:]), threshold=v["threshold"]) == secret
 
