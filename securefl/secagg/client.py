@@ -46,6 +46,7 @@ from securefl.secagg.graph import degree, graph_seed, neighbourhood, threshold_f
 from securefl.secagg.keys import (
     advert_body,
     agree,
+    channel_keys,
     check_round_keys,
     commitment,
     consistency_body,
@@ -126,7 +127,8 @@ class SecAggClientRound:
         self._neighbours: tuple[str, ...] = ()
         self._degree = 0
         self._peers: dict[str, SecAggAdvertise] = {}
-        self._channels: dict[str, bytes] = {}  # X25519(c_u, c_v), reused to decrypt shares
+        # the share-bundle keys of each neighbour (keys.channel_keys), kept to decrypt
+        self._channels: dict[str, tuple[bytes, bytes]] = {}
         self._inbox: dict[str, bytes] = {}
         self._survivors: tuple[str, ...] = ()
         self._survivors_digest = b""
@@ -236,17 +238,17 @@ class SecAggClientRound:
         if len(set(seen)) != len(seen):
             raise self._abort("repeated public key")
         xs = list(range(1, len(self._neighbours) + 1))
-        seed_shares = shamir.split(int.from_bytes(self._seed, "big"),
-                                   threshold=self._threshold, xs=xs)
-        key_shares = shamir.split(int.from_bytes(private_bytes(self._s_key), "big"),
-                                  threshold=self._threshold, xs=xs)
+        seed_shares, key_shares = shamir.split_many(
+            [int.from_bytes(self._seed, "big"), int.from_bytes(private_bytes(self._s_key), "big")],
+            threshold=self._threshold, xs=xs)
         ciphertexts = {}
         for holder, seed_share, key_share in zip(self._neighbours, seed_shares, key_shares,
                                                  strict=True):
-            shared = self._channels[holder] = agree(self._c_key, self._peers[holder].c_public,
-                                                    peer=holder)
+            shared = agree(self._c_key, self._peers[holder].c_public, peer=holder)
+            keys = self._channels[holder] = channel_keys(shared, scope=self._scope,
+                                                         first=self.client_id, second=holder)
             bundle = shamir.encode_share(seed_share) + shamir.encode_share(key_share)
-            ciphertexts[holder] = encrypt_shares(shared, bundle, scope=self._scope,
+            ciphertexts[holder] = encrypt_shares(keys, bundle, scope=self._scope,
                                                  sender=self.client_id, receiver=holder)
         return SecAggShares(ciphertexts=ciphertexts)
 

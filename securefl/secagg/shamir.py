@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import functools
 import secrets
+import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["LIMBS", "PRIME", "SHARE_BYTES", "combine", "decode_share", "encode_share", "split"]
+__all__ = ["LIMBS", "PRIME", "SHARE_BYTES", "combine", "decode_share", "encode_share", "split",
+           "split_many"]
 
 PRIME = (1 << 31) - 1
 LIMB_BITS = 30
@@ -45,27 +47,37 @@ SHARE_BYTES = 4 * LIMBS
 _TOP_BITS = 256 - LIMB_BITS * (LIMBS - 1)
 _INT64_MAX = (1 << 63) - 1
 _LAGRANGE_ROWS = 256  # rows of the (t x t) difference table handled at once
+_SHARE = struct.Struct(f">{LIMBS}I")
 
 
 def split(secret: int, *, threshold: int, xs: Sequence[int]) -> list[int]:
     """Shares, at the points ``xs``, of fresh random polynomials of degree ``t - 1``."""
-    points = _checked(secret, threshold, xs)
-    return _evaluate(secret, _random_coefficients(threshold - 1), points)
+    return split_many([secret], threshold=threshold, xs=xs)[0]
+
+
+def split_many(secrets_: Sequence[int], *, threshold: int, xs: Sequence[int]
+               ) -> list[list[int]]:
+    """:func:`split` of several secrets at the same points (each with its own independent
+    polynomials), in one evaluation: a SecAgg client shares ``b_u`` and ``s_u^SK`` together."""
+    points = _checked(secrets_, threshold, xs)
+    count = len(secrets_)
+    shares = _evaluate(secrets_, _random_coefficients(count * (threshold - 1)), points)
+    return [shares[i::count] for i in range(count)]
 
 
 def _split_with(secret: int, coefficients: Sequence[Sequence[int]], xs: Sequence[int], *,
                 threshold: int) -> list[int]:
     """Deterministic core of :func:`split`: ``coefficients[k - 1][j]`` is ``a_{j,k}``."""
-    points = _checked(secret, threshold, xs)
+    points = _checked([secret], threshold, xs)
     if len(coefficients) != threshold - 1 or any(len(row) != LIMBS for row in coefficients):
         raise ValueError(f"need {threshold - 1} rows of {LIMBS} coefficients")
     if any(not 0 <= a < PRIME for row in coefficients for a in row):
         raise ValueError("coefficients must be field elements")
-    return _evaluate(secret, np.array(coefficients, np.int64).reshape(-1, LIMBS), points)
+    return _evaluate([secret], np.array(coefficients, np.int64).reshape(-1, LIMBS), points)
 
 
-def _checked(secret: int, threshold: int, xs: Sequence[int]) -> list[int]:
-    if not 0 <= secret < 1 << 256:
+def _checked(secrets_: Sequence[int], threshold: int, xs: Sequence[int]) -> list[int]:
+    if any(not 0 <= secret < 1 << 256 for secret in secrets_):
         raise ValueError("secret must be an integer in [0, 2**256)")
     if threshold < 1:
         raise ValueError(f"threshold must be >= 1, got {threshold}")
@@ -89,14 +101,18 @@ def _limbs(secret: int) -> list[int]:
     return [(secret >> (LIMB_BITS * j)) & ((1 << LIMB_BITS) - 1) for j in range(LIMBS)]
 
 
-def _evaluate(secret: int, coefficients: np.ndarray, points: list[int]) -> list[int]:
-    """Horner's rule ``v <- v x + a`` for the nine limbs at every point at once, reducing
-    modulo ``p`` only when the next step could leave int64."""
-    rows = [np.array(_limbs(secret), np.int64)[:, None],  # a_{j,0} = s_j
-            *(row[:, None] for row in coefficients)]
+def _evaluate(secrets_: Sequence[int], coefficients: np.ndarray, points: list[int]) -> list[int]:
+    """Horner's rule ``v <- v x + a`` for the nine limbs of every secret at every point at
+    once, reducing modulo ``p`` only when the next step could leave int64.  Row ``k - 1`` of
+    ``coefficients`` holds ``a_{j,k}`` of every secret in turn (``9 m`` values for ``m``
+    secrets); the shares come back point by point, secret by secret."""
+    width = LIMBS * len(secrets_)
+    rows = [np.array([limb for secret in secrets_ for limb in _limbs(secret)],
+                     np.int64)[:, None],  # a_{j,0} = s_j
+            *coefficients.reshape(-1, width)[:, :, None]]
     x = np.array(points, np.int64)
     largest = max(points)
-    values = np.empty((LIMBS, len(points)), np.int64)
+    values = np.empty((width, len(points)), np.int64)
     values[:] = rows[-1]
     bound = PRIME - 1  # the largest value ``values`` can hold
     for row in reversed(rows[:-1]):
@@ -181,6 +197,6 @@ def decode_share(raw: bytes) -> int:
     """Inverse of :func:`encode_share`; raises ``ValueError`` on a malformed share."""
     if len(raw) != SHARE_BYTES:
         raise ValueError(f"a share is {SHARE_BYTES} bytes, got {len(raw)}")
-    value = int.from_bytes(raw, "big")
-    _share_limbs([value])
-    return value
+    if max(_SHARE.unpack(raw)) >= PRIME:
+        raise ValueError("share is not a vector of field elements")
+    return int.from_bytes(raw, "big")

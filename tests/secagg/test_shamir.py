@@ -124,3 +124,14 @@ def test_split_validates(kwargs, match):
         shamir.split(7, **kwargs)
     with pytest.raises(ValueError, match="2\\*\\*256"):
         shamir.split(1 << 256, threshold=1, xs=[1])
+
+
+def test_split_many_shares_each_secret_with_its_own_polynomials():
+    first, second = (int.from_bytes(secrets.token_bytes(32), "big") for _ in range(2))
+    xs = list(range(1, 19))
+    together = shamir.split_many([first, second, first], threshold=10, xs=xs)
+    assert len(together) == 3 and all(len(shares) == len(xs) for shares in together)
+    for secret, shares in zip((first, second, first), together, strict=True):
+        points = dict(zip(xs, shares, strict=True))
+        assert shamir.combine(dict(list(points.items())[8:]), threshold=10) == secret
+    assert together[0] != together[2]  # the same secret twice: fresh coefficients each time
