@@ -135,7 +135,14 @@ def encode(msg: Message) -> bytes:
                 if type(key) is not str and (not isinstance(key, int | str)
                                              or isinstance(key, bool)):
                     raise MessageError(f"dict key {key!r} must be int or str")
-            return {"$m": [[k, tree(v)] for k, v in value.items()]}
+            entries = []
+            for k, v in value.items():
+                if type(v) is bytes:  # inline, as in ``tree``: the common case
+                    blobs.append(v)
+                    entries.append([k, {"$b": len(blobs) - 1}])
+                else:
+                    entries.append([k, tree(v)])
+            return {"$m": entries}
         if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
             return {"$msg": type(value).__name__, "f": {
                 name: tree(getattr(value, name)) for name in _field_names(type(value))}}
@@ -250,7 +257,12 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
                     if not (type(pair) is list and len(pair) == 2
                             and type(pair[0]) in _KEY_TYPES):
                         raise MessageError("malformed dict entry")
-                    out[pair[0]] = build(pair[1], depth)
+                    value = pair[1]
+                    if (type(value) is dict and len(value) == 1 and "$b" in value
+                            and depth < MAX_DEPTH):  # a bytes value, inline: the common case
+                        out[pair[0]] = bytes(blob(value["$b"]))
+                    else:
+                        out[pair[0]] = build(value, depth)
                 return out
             if "$msg" in node and isinstance(node.get("f"), dict):
                 return _construct(node["$msg"],

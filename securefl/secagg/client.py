@@ -119,6 +119,7 @@ class SecAggClientRound:
         self._encoded: np.ndarray | None = None
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
+        self._publics = (public_bytes(self._c_key), public_bytes(self._s_key))
         self._coin = secrets.token_bytes(32)  # r_u: this client's share of the graph seed
         self._seed = secrets.token_bytes(32)  # b_u
         self._commitments: dict[str, bytes] = {}
@@ -146,7 +147,7 @@ class SecAggClientRound:
         self._encoded = self._encoding.encode(update, seed=shared_seed(self._base))
         self._participants = participants_digest(participants)
         self._members = frozenset(participants)
-        c_public, s_public = public_bytes(self._c_key), public_bytes(self._s_key)
+        c_public, s_public = self._publics
         graph_commitment = commitment(self._base, "graph", self.client_id, self._coin)
         seed_commitment = commitment(self._base, "seed", self.client_id, self._seed)
         self._commitments = {self.client_id: graph_commitment}
@@ -233,7 +234,7 @@ class SecAggClientRound:
             raise self._abort("the relayed neighbourhood is not the one the seed gives")
         self._peers = {v: self._checked_advert(v, raw)
                        for v, raw in request.advertisements.items()}
-        seen = [public_bytes(self._c_key), public_bytes(self._s_key)]
+        seen = list(self._publics)
         seen += [key for a in self._peers.values() for key in (a.c_public, a.s_public)]
         if len(set(seen)) != len(seen):
             raise self._abort("repeated public key")
