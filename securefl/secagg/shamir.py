@@ -128,16 +128,15 @@ def _evaluate(secrets_: Sequence[int], coefficients: np.ndarray, points: list[in
             for i in range(0, len(raw), SHARE_BYTES)]
 
 
-def _share_limbs(shares: Sequence[int]) -> np.ndarray:
-    """``len(shares) x 9`` int64 limbs; ``ValueError`` unless every limb is a field element."""
+def _share_limbs(shares: Sequence[int]) -> list[tuple[int, ...]]:
+    """The nine limbs of each share; ``ValueError`` unless every limb is a field element."""
     try:
-        raw = b"".join(y.to_bytes(SHARE_BYTES, "big") for y in shares)
+        rows = [_SHARE.unpack(y.to_bytes(SHARE_BYTES, "big")) for y in shares]
     except (OverflowError, AttributeError):
         raise ValueError("shares must be integers of 36 bytes") from None
-    limbs = np.frombuffer(raw, ">u4").reshape(len(shares), LIMBS).astype(np.int64)
-    if (limbs >= PRIME).any():
+    if any(max(row) >= PRIME for row in rows):
         raise ValueError("share is not a vector of field elements")
-    return limbs
+    return rows
 
 
 def combine(shares: Mapping[int, int], *, threshold: int) -> int:
@@ -153,10 +152,10 @@ def combine(shares: Mapping[int, int], *, threshold: int) -> int:
     xs = tuple(x for x, _ in chosen)
     if any(not (isinstance(x, int) and 0 < x < PRIME) for x in xs):
         raise ValueError("shares must be at nonzero points below p")
-    limbs = _share_limbs([y for _, y in chosen])
-    weights = np.array(_lagrange_at_zero(xs), np.int64)[:, None]
-    secret_limbs = ((limbs * weights) % PRIME).sum(axis=0) % PRIME  # t terms < 2**31 each
-    values = [int(v) for v in secret_limbs]
+    rows = _share_limbs([y for _, y in chosen])
+    weights = _lagrange_at_zero(xs)
+    values = [sum(w * row[j] for w, row in zip(weights, rows, strict=True)) % PRIME
+              for j in range(LIMBS)]
     if any(v >> LIMB_BITS for v in values) or values[-1] >> _TOP_BITS:
         raise ValueError("reconstructed value is not a 256-bit secret")
     return sum(v << (LIMB_BITS * j) for j, v in enumerate(values))

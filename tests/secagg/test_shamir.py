@@ -78,7 +78,7 @@ def test_t_minus_1_shares_are_consistent_with_every_secret(threshold):
     xs = list(range(1, threshold))
     secret = int.from_bytes(secrets.token_bytes(32), "big")
     seen = shamir.split(secret, threshold=threshold, xs=[*xs, 99])[:-1]
-    seen_limbs = shamir._share_limbs(seen).tolist()  # seen_limbs[i][j]: limb j at xs[i]
+    seen_limbs = shamir._share_limbs(seen)  # seen_limbs[i][j]: limb j at xs[i]
     for other in (0, 1, secret ^ 1, (1 << 256) - 1):
         limbs = [(other >> (30 * j)) & ((1 << 30) - 1) for j in range(shamir.LIMBS)]
         per_limb = [_interpolate_coefficients([(0, limbs[j]),
