@@ -250,7 +250,10 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
             if "$a" in node:
                 return array(node["$a"])
             if "$t" in node and isinstance(node["$t"], list):
-                return tuple(build(v, depth) for v in node["$t"])
+                items = node["$t"]
+                if all(type(v) is str for v in items):  # ids: scalars are returned as they are
+                    return tuple(items)
+                return tuple(build(v, depth) for v in items)
             if "$m" in node and isinstance(node["$m"], list):
                 out = {}
                 for pair in node["$m"]:
