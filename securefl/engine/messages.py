@@ -135,14 +135,7 @@ def encode(msg: Message) -> bytes:
                 if type(key) is not str and (not isinstance(key, int | str)
                                              or isinstance(key, bool)):
                     raise MessageError(f"dict key {key!r} must be int or str")
-            entries = []
-            for k, v in value.items():
-                if type(v) is bytes:  # inline, as in ``tree``: the common case
-                    blobs.append(v)
-                    entries.append([k, {"$b": len(blobs) - 1}])
-                else:
-                    entries.append([k, tree(v)])
-            return {"$m": entries}
+            return {"$m": [[k, tree(v)] for k, v in value.items()]}
         if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
             return {"$msg": type(value).__name__, "f": {
                 name: tree(getattr(value, name)) for name in _field_names(type(value))}}
@@ -250,22 +243,14 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
             if "$a" in node:
                 return array(node["$a"])
             if "$t" in node and isinstance(node["$t"], list):
-                items = node["$t"]
-                if all(type(v) is str for v in items):  # ids: scalars are returned as they are
-                    return tuple(items)
-                return tuple(build(v, depth) for v in items)
+                return tuple(build(v, depth) for v in node["$t"])
             if "$m" in node and isinstance(node["$m"], list):
                 out = {}
                 for pair in node["$m"]:
                     if not (type(pair) is list and len(pair) == 2
                             and type(pair[0]) in _KEY_TYPES):
                         raise MessageError("malformed dict entry")
-                    value = pair[1]
-                    if (type(value) is dict and len(value) == 1 and "$b" in value
-                            and depth < MAX_DEPTH):  # a bytes value, inline: the common case
-                        out[pair[0]] = bytes(blob(value["$b"]))
-                    else:
-                        out[pair[0]] = build(value, depth)
+                    out[pair[0]] = build(pair[1], depth)
                 return out
             if "$msg" in node and isinstance(node.get("f"), dict):
                 return _construct(node["$msg"],
