@@ -48,6 +48,8 @@ _TOP_BITS = 256 - LIMB_BITS * (LIMBS - 1)
 _INT64_MAX = (1 << 63) - 1
 _LAGRANGE_ROWS = 256  # rows of the (t x t) difference table handled at once
 _SHARE = struct.Struct(f">{LIMBS}I")
+_SPREAD = struct.Struct(">" + "4xQ" * LIMBS)  # one 96-bit slot per limb
+_SLOTS = struct.Struct(">" + "IQ" * LIMBS)
 
 
 def split(secret: int, *, threshold: int, xs: Sequence[int]) -> list[int]:
@@ -152,9 +154,15 @@ def combine(shares: Mapping[int, int], *, threshold: int) -> int:
     xs = tuple(x for x, _ in chosen)
     if any(not (isinstance(x, int) and 0 < x < PRIME) for x in xs):
         raise ValueError("shares must be at nonzero points below p")
-    rows = _share_limbs([y for _, y in chosen])
-    weights = _lagrange_at_zero(xs)
-    values = [sum(w * row[j] for w, row in zip(weights, rows, strict=True)) % PRIME
+    # sum_i w_i y_ij for all nine limbs at once: limb j of each share spread to bits
+    # [96 j, 96 j + 96) of one integer, so that t products below 2**62 never carry between
+    # slots (t < 2**34), then one multiply-add per share
+    total = 0
+    for weight, row in zip(_lagrange_at_zero(xs), _share_limbs([y for _, y in chosen]),
+                           strict=True):
+        total += weight * int.from_bytes(_SPREAD.pack(*reversed(row)), "big")
+    slots = _SLOTS.unpack(total.to_bytes(_SLOTS.size, "big"))  # (high, low) pairs, top first
+    values = [((slots[2 * (LIMBS - 1 - j)] << 64) | slots[2 * (LIMBS - 1 - j) + 1]) % PRIME
               for j in range(LIMBS)]
     if any(v >> LIMB_BITS for v in values) or values[-1] >> _TOP_BITS:
         raise ValueError("reconstructed value is not a 256-bit secret")

@@ -135,3 +135,14 @@ def test_split_many_shares_each_secret_with_its_own_polynomials():
         points = dict(zip(xs, shares, strict=True))
         assert shamir.combine(dict(list(points.items())[8:]), threshold=10) == secret
     assert together[0] != together[2]  # the same secret twice: fresh coefficients each time
+
+
+def test_a_large_sharing_reconstructs_from_any_threshold_subset():
+    """The benchmark's size: 500 parties, t = 251, so that Horner reduces every few steps
+    and the slot sums of ``combine`` hold 251 products."""
+    secret = (1 << 256) - 1 - secrets.randbelow(1 << 64)
+    xs = list(range(1, 501))
+    shares = dict(zip(xs, shamir.split(secret, threshold=251, xs=xs), strict=True))
+    for _ in range(2):
+        chosen = sorted(secrets.SystemRandom().sample(xs, 251))
+        assert shamir.combine({x: shares[x] for x in chosen}, threshold=251) == secret
