@@ -68,6 +68,7 @@ def test_secagg_quick() -> None:
     for key in ("round", "round_k10"):
         assert len(set(report[key]["contributors"])) == 1
         assert report[key]["crypto_floor"]["floor_s"] > 0
+        assert report[key]["crypto_floor"]["not_in_floor"]["total_s"] > 0
     assert report["large_round"]["contributors"] == 100
 
 

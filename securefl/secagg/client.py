@@ -46,6 +46,7 @@ from securefl.secagg.graph import degree, graph_seed, neighbourhood, threshold_f
 from securefl.secagg.keys import (
     advert_body,
     agree,
+    channel_keys,
     check_round_keys,
     commitment,
     consistency_body,
@@ -118,6 +119,7 @@ class SecAggClientRound:
         self._encoded: np.ndarray | None = None
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
+        self._publics = (public_bytes(self._c_key), public_bytes(self._s_key))
         self._coin = secrets.token_bytes(32)  # r_u: this client's share of the graph seed
         self._seed = secrets.token_bytes(32)  # b_u
         self._commitments: dict[str, bytes] = {}
@@ -126,7 +128,8 @@ class SecAggClientRound:
         self._neighbours: tuple[str, ...] = ()
         self._degree = 0
         self._peers: dict[str, SecAggAdvertise] = {}
-        self._channels: dict[str, bytes] = {}  # X25519(c_u, c_v), reused to decrypt shares
+        # the share-bundle keys of each neighbour (keys.channel_keys), kept to decrypt
+        self._channels: dict[str, tuple[bytes, bytes]] = {}
         self._inbox: dict[str, bytes] = {}
         self._survivors: tuple[str, ...] = ()
         self._survivors_digest = b""
@@ -144,7 +147,7 @@ class SecAggClientRound:
         self._encoded = self._encoding.encode(update, seed=shared_seed(self._base))
         self._participants = participants_digest(participants)
         self._members = frozenset(participants)
-        c_public, s_public = public_bytes(self._c_key), public_bytes(self._s_key)
+        c_public, s_public = self._publics
         graph_commitment = commitment(self._base, "graph", self.client_id, self._coin)
         seed_commitment = commitment(self._base, "seed", self.client_id, self._seed)
         self._commitments = {self.client_id: graph_commitment}
@@ -231,22 +234,22 @@ class SecAggClientRound:
             raise self._abort("the relayed neighbourhood is not the one the seed gives")
         self._peers = {v: self._checked_advert(v, raw)
                        for v, raw in request.advertisements.items()}
-        seen = [public_bytes(self._c_key), public_bytes(self._s_key)]
+        seen = list(self._publics)
         seen += [key for a in self._peers.values() for key in (a.c_public, a.s_public)]
         if len(set(seen)) != len(seen):
             raise self._abort("repeated public key")
         xs = list(range(1, len(self._neighbours) + 1))
-        seed_shares = shamir.split(int.from_bytes(self._seed, "big"),
-                                   threshold=self._threshold, xs=xs)
-        key_shares = shamir.split(int.from_bytes(private_bytes(self._s_key), "big"),
-                                  threshold=self._threshold, xs=xs)
+        seed_shares, key_shares = shamir.split_many(
+            [int.from_bytes(self._seed, "big"), int.from_bytes(private_bytes(self._s_key), "big")],
+            threshold=self._threshold, xs=xs)
         ciphertexts = {}
         for holder, seed_share, key_share in zip(self._neighbours, seed_shares, key_shares,
                                                  strict=True):
-            shared = self._channels[holder] = agree(self._c_key, self._peers[holder].c_public,
-                                                    peer=holder)
+            shared = agree(self._c_key, self._peers[holder].c_public, peer=holder)
+            keys = self._channels[holder] = channel_keys(shared, scope=self._scope,
+                                                         first=self.client_id, second=holder)
             bundle = shamir.encode_share(seed_share) + shamir.encode_share(key_share)
-            ciphertexts[holder] = encrypt_shares(shared, bundle, scope=self._scope,
+            ciphertexts[holder] = encrypt_shares(keys, bundle, scope=self._scope,
                                                  sender=self.client_id, receiver=holder)
         return SecAggShares(ciphertexts=ciphertexts)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from securefl.config.secagg import SecAggConfig
 from securefl.engine.protection import Update
-from securefl.secagg.prg import derive_key, keystream, prg_key
+from securefl.secagg.prg import PRG_KEY_BYTES, derive_key, keystream
 from securefl.secagg.quantize import Quantizer, levels_for
 from securefl.secagg.scope import Scope
 
@@ -93,7 +93,8 @@ class FixedPoint:
         return dimension + 1
 
     def encode(self, update: Update, *, seed: bytes) -> np.ndarray:
-        dither = keystream(prg_key(os.urandom(32), b"dither"), update.delta.shape[0] + 1)
+        # a fresh AES-128 key from the CSPRNG: the dither is private and used once
+        dither = keystream(os.urandom(PRG_KEY_BYTES), update.delta.shape[0] + 1)
         return self.quantizer.encode(update.delta, float(update.weight), dither, in_place=True)
 
     def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,

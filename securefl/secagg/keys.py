@@ -8,9 +8,15 @@
   ``U3`` (:func:`consistency_body`).
 * Every ``info`` is scoped (:class:`~securefl.secagg.scope.Scope`): federation, run, round
   and, after the graph is fixed, its seed.
-* Share encryption: ``k_uv = HKDF(X25519(c_u, c_v), info("share-key", u, v))``, then
-  AES-256-GCM with a random 96-bit nonce and associated data ``info("share", u, v)``,
-  so a ciphertext is bound to its sender, receiver, round and direction.
+* Share encryption: one derivation per pair and round,
+  ``k_{lo->hi} || k_{hi->lo} = HKDF(X25519(c_u, c_v), info("share-keys", lo, hi), L = 64)``
+  with ``lo < hi`` the two ids (:func:`channel_keys`), then AES-256-GCM under the sender's
+  direction key with a random 96-bit nonce and associated data ``info("share", u, v)``, so a
+  ciphertext is bound to its sender, receiver, round and direction.  One 64-byte output
+  split by position is as good as two derivations: HKDF-Expand (RFC 5869, §2.3) is a PRF
+  keyed by the extracted key, so its output stream is indistinguishable from uniform and
+  its two halves are independent keys; ``info`` binds label, federation, run, round, graph
+  and both ids as before.
 * Masks: ``PRG(b_u)`` under ``info("self-mask", u)`` and ``PRG(X25519(s_u, s_v))``
   under ``info("pair-mask", min(u, v), max(u, v))``.
 
@@ -48,6 +54,7 @@ __all__ = [
     "KEY_BYTES",
     "advert_body",
     "agree",
+    "channel_keys",
     "check_round_keys",
     "commitment",
     "consistency_body",
@@ -164,32 +171,41 @@ def pairwise_mask_key(shared: bytes, *, scope: Scope, first: str, second: str) -
     return prg_key(shared, scope.info("pair-mask", low, high))
 
 
-def _share_key(shared: bytes, *, scope: Scope, sender: str, receiver: str) -> bytes:
-    return derive_key(shared, scope.info("share-key", sender, receiver),
-                      length=_AES_GCM_KEY_BYTES)
+def channel_keys(shared: bytes, *, scope: Scope, first: str, second: str) -> tuple[bytes, bytes]:
+    """The AES-256-GCM keys ``(k_{lo->hi}, k_{hi->lo})`` of one pair's share bundles, from one
+    64-byte HKDF output (module docstring); symmetric in the two ids.  A client derives them
+    once per neighbour and round, when it encrypts, and keeps them to decrypt."""
+    low, high = sorted((first, second))
+    stream = derive_key(shared, scope.info("share-keys", low, high),
+                        length=2 * _AES_GCM_KEY_BYTES)
+    return stream[:_AES_GCM_KEY_BYTES], stream[_AES_GCM_KEY_BYTES:]
 
 
-def encrypt_shares(shared: bytes, plaintext: bytes, *, scope: Scope, sender: str,
+def _direction(keys: tuple[bytes, bytes], sender: str, receiver: str) -> bytes:
+    return keys[0] if sender < receiver else keys[1]
+
+
+def encrypt_shares(keys: tuple[bytes, bytes], plaintext: bytes, *, scope: Scope, sender: str,
                    receiver: str) -> bytes:
-    """``nonce || AES-GCM(k_uv, nonce, plaintext, aad)``: the bundle ``sender -> receiver``."""
-    return _encrypt_with_nonce(shared, plaintext, os.urandom(_NONCE_BYTES), scope=scope,
+    """``nonce || AES-GCM(k_{sender->receiver}, nonce, plaintext, aad)``: the bundle
+    ``sender -> receiver``; ``keys`` from :func:`channel_keys`."""
+    return _encrypt_with_nonce(keys, plaintext, os.urandom(_NONCE_BYTES), scope=scope,
                                sender=sender, receiver=receiver)
 
 
-def _encrypt_with_nonce(shared: bytes, plaintext: bytes, nonce: bytes, *, scope: Scope,
-                        sender: str, receiver: str) -> bytes:
-    key = _share_key(shared, scope=scope, sender=sender, receiver=receiver)
+def _encrypt_with_nonce(keys: tuple[bytes, bytes], plaintext: bytes, nonce: bytes, *,
+                        scope: Scope, sender: str, receiver: str) -> bytes:
     aad = scope.info("share", sender, receiver)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+    return nonce + AESGCM(_direction(keys, sender, receiver)).encrypt(nonce, plaintext, aad)
 
 
-def decrypt_shares(shared: bytes, ciphertext: bytes, *, scope: Scope, sender: str,
+def decrypt_shares(keys: tuple[bytes, bytes], ciphertext: bytes, *, scope: Scope, sender: str,
                    receiver: str) -> bytes:
     """Inverse of :func:`encrypt_shares`; any tampering raises :class:`ProtocolAbort`."""
-    key = _share_key(shared, scope=scope, sender=sender, receiver=receiver)
     aad = scope.info("share", sender, receiver)
     try:
-        return AESGCM(key).decrypt(ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:], aad)
+        return AESGCM(_direction(keys, sender, receiver)).decrypt(
+            ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:], aad)
     except (InvalidTag, ValueError):
         raise ProtocolAbort.because(
             f"share ciphertext {sender!r} -> {receiver!r} failed authentication") from None

@@ -167,7 +167,7 @@ class SecAggUnmaskRequest(Message):
 
 @message
 class SecAggUnmaskReply(Message):
-    """Shares of ``b_v`` for survivors and of ``s_v^SK`` for dropped neighbours (33 bytes each);
+    """Shares of ``b_v`` for survivors and of ``s_v^SK`` for dropped neighbours (36 bytes each);
     ``withheld``: the neighbours whose share bundle failed authentication at this client (it
     names them so the server's operator can blame the sender, not the reporter)."""
 

@@ -37,6 +37,8 @@ __all__ = [
     "add_masks",
     "derive_key",
     "info",
+    "info_prefix",
+    "info_with_prefix",
     "keystream",
     "prg_key",
     "prg_words",
@@ -56,7 +58,18 @@ _ZEROS = memoryview(bytes(4 * _BLOCK_WORDS))  # the plaintext of every keystream
 def info(label: str, scope: bytes, *client_ids: str) -> bytes:
     """HKDF ``info``: ``label || 0x00 || scope || (len (u16 BE) || id)*``, where ``scope`` is
     :meth:`securefl.secagg.scope.Scope.encoded` (federation, run, round, graph seed)."""
-    return b"".join([_label(label), scope, *map(_encoded_id, client_ids)])
+    return info_with_prefix(info_prefix(label, scope), *client_ids)
+
+
+def info_prefix(label: str, scope: bytes) -> bytes:
+    """``label || 0x00 || scope``: the part of :func:`info` shared by every id (a
+    :class:`~securefl.secagg.scope.Scope` keeps one per label)."""
+    return _label(label) + scope
+
+
+def info_with_prefix(prefix: bytes, *client_ids: str) -> bytes:
+    """:func:`info` from its :func:`info_prefix`."""
+    return prefix + b"".join(map(_encoded_id, client_ids))
 
 
 @functools.lru_cache(maxsize=64)

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Mapping
 
 from securefl.config.secagg import SecAggConfig
-from securefl.secagg.prg import info
+from securefl.secagg.prg import info_prefix, info_with_prefix
 
 __all__ = ["Scope", "federation_id"]
 
@@ -73,8 +73,17 @@ class Scope:
     def encoded(self) -> bytes:
         return self._encoded
 
+    @functools.cached_property
+    def _prefixes(self) -> dict[str, bytes]:
+        return {}
+
     def info(self, label: str, *client_ids: str) -> bytes:
-        return info(label, self.encoded(), *client_ids)
+        """:func:`securefl.secagg.prg.info` of this scope (thousands of calls per round:
+        the ``label || 0x00 || scope`` prefix is built once per label)."""
+        prefix = self._prefixes.get(label)
+        if prefix is None:
+            prefix = self._prefixes[label] = info_prefix(label, self._encoded)
+        return info_with_prefix(prefix, *client_ids)
 
     def with_graph(self, seed: bytes) -> Scope:
         return dataclasses.replace(self, graph=seed)

@@ -1,93 +1,172 @@
-"""Shamir secret sharing over the prime field GF(p), p = 2**256 + 297 (Shamir, CACM 1979).
+"""Shamir secret sharing of 256-bit secrets, limb by limb over GF(p), p = 2**31 - 1
+(Shamir, CACM 1979).
 
-A secret ``s < 2**256`` is the constant term of a random polynomial
-``f(x) = s + a_1 x + ... + a_{t-1} x^{t-1}`` over GF(p); share ``i`` is ``(x_i, f(x_i))`` with
-distinct nonzero ``x_i``.  Any ``t`` shares recover ``s = f(0)`` by Lagrange interpolation,
-``s = sum_i y_i * prod_{j != i} x_j / (x_j - x_i)``; ``t - 1`` shares are independent of ``s``.
-``p`` is the smallest prime above ``2**256``, so every 256-bit secret is a field element.
+A secret ``s < 2**256`` is written in base ``2**30``: ``s = sum_j s_j 2**(30 j)``, ``j < 9``
+(``s_8 < 2**16``).  Every limb is a field element of GF(p), ``p = 2**31 - 1`` (a Mersenne
+prime), and is shared with its own random polynomial
 
-The coefficients come from :func:`secrets.randbelow`.  Evaluation is Horner's rule run for all
-parties at once on a numpy object array of Python integers, reducing modulo ``p`` every 16 steps
-(the ``x_i`` are small, so intermediate values stay short).
+    f_j(x) = s_j + a_{j,1} x + ... + a_{j,t-1} x^{t-1}   over GF(p).
+
+This is Shamir's scheme over the vector space GF(p)^9: share ``i`` is the vector
+``(f_0(x_i), ..., f_8(x_i))`` at a distinct nonzero point ``x_i < p``.  Any ``t`` shares recover
+each limb ``s_j = f_j(0)`` by Lagrange interpolation,
+``s_j = sum_i y_ij * prod_{k != i} x_k / (x_k - x_i)``; ``t - 1`` shares are independent of
+every limb (the nine polynomials are drawn independently, each uniform among those of
+degree ``< t`` through its limb), hence of ``s``: the hiding is perfect, as over one large
+field.  A reconstruction whose limbs are not those of a 256-bit number (a limb ``>= 2**30``,
+the top one ``>= 2**16``) raises ``ValueError``.
+
+On the wire a share is the nine values, limb 0 first, each 4 big-endian bytes
+(:data:`SHARE_BYTES` = 36), and in code the integer those bytes spell.
+
+Why this field: the shares of one secret at ``n`` points are a ``9 x n`` array of int64,
+evaluated by Horner's rule for all points and limbs at once (``t - 1`` vectorised steps of
+``v <- v x + a``); values below ``2**31`` times points below ``2**31`` cannot overflow
+int64, and with small points several steps run between two reductions.  Over the single
+257-bit prime of earlier versions every step cost ``2 n`` Python big-integer operations.
+
+The coefficients are uniform in ``[0, p)`` by rejection from :func:`secrets.token_bytes`.
 """
 
 from __future__ import annotations
 
 import functools
 import secrets
+import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PRIME", "SHARE_BYTES", "combine", "decode_share", "encode_share", "split"]
+__all__ = ["LIMBS", "PRIME", "SHARE_BYTES", "combine", "decode_share", "encode_share", "split",
+           "split_many"]
 
-PRIME = (1 << 256) + 297
-SHARE_BYTES = 33
-_REDUCE_EVERY = 16
-_SCALAR_PARTIES = 64
+PRIME = (1 << 31) - 1
+LIMB_BITS = 30
+LIMBS = 9  # 9 * 30 >= 256
+SHARE_BYTES = 4 * LIMBS
+_TOP_BITS = 256 - LIMB_BITS * (LIMBS - 1)
+_INT64_MAX = (1 << 63) - 1
+_LAGRANGE_ROWS = 256  # rows of the (t x t) difference table handled at once
+_SHARE = struct.Struct(f">{LIMBS}I")
+_SPREAD = struct.Struct(">" + "4xQ" * LIMBS)  # one 96-bit slot per limb
+_SLOTS = struct.Struct(">" + "IQ" * LIMBS)
 
 
 def split(secret: int, *, threshold: int, xs: Sequence[int]) -> list[int]:
-    """Shares ``f(x)``, ``x`` in ``xs``, of a fresh random polynomial of degree ``t - 1``."""
-    coefficients = [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    return _split_with(secret, coefficients, xs, threshold=threshold)
+    """Shares, at the points ``xs``, of fresh random polynomials of degree ``t - 1``."""
+    return split_many([secret], threshold=threshold, xs=xs)[0]
 
 
-def _split_with(secret: int, coefficients: Sequence[int], xs: Sequence[int], *,
+def split_many(secrets_: Sequence[int], *, threshold: int, xs: Sequence[int]
+               ) -> list[list[int]]:
+    """:func:`split` of several secrets at the same points (each with its own independent
+    polynomials), in one evaluation: a SecAgg client shares ``b_u`` and ``s_u^SK`` together."""
+    points = _checked(secrets_, threshold, xs)
+    count = len(secrets_)
+    shares = _evaluate(secrets_, _random_coefficients(count * (threshold - 1)), points)
+    return [shares[i::count] for i in range(count)]
+
+
+def _split_with(secret: int, coefficients: Sequence[Sequence[int]], xs: Sequence[int], *,
                 threshold: int) -> list[int]:
-    """Deterministic core of :func:`split`: ``coefficients`` are ``a_1 .. a_{t-1}``."""
-    if not 0 <= secret < 1 << 256:
+    """Deterministic core of :func:`split`: ``coefficients[k - 1][j]`` is ``a_{j,k}``."""
+    points = _checked([secret], threshold, xs)
+    if len(coefficients) != threshold - 1 or any(len(row) != LIMBS for row in coefficients):
+        raise ValueError(f"need {threshold - 1} rows of {LIMBS} coefficients")
+    if any(not 0 <= a < PRIME for row in coefficients for a in row):
+        raise ValueError("coefficients must be field elements")
+    return _evaluate([secret], np.array(coefficients, np.int64).reshape(-1, LIMBS), points)
+
+
+def _checked(secrets_: Sequence[int], threshold: int, xs: Sequence[int]) -> list[int]:
+    if any(not 0 <= secret < 1 << 256 for secret in secrets_):
         raise ValueError("secret must be an integer in [0, 2**256)")
     if threshold < 1:
         raise ValueError(f"threshold must be >= 1, got {threshold}")
-    if len(coefficients) != threshold - 1:
-        raise ValueError(f"need {threshold - 1} coefficients, got {len(coefficients)}")
-    if any(not 0 <= a < PRIME for a in coefficients):
-        raise ValueError("coefficients must be field elements")
     if len(xs) < threshold:
         raise ValueError(f"{len(xs)} parties cannot hold a {threshold}-of-n sharing")
-    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
-        raise ValueError("share points must be distinct and nonzero")
-    polynomial = [secret, *coefficients]
-    if len(xs) <= _SCALAR_PARTIES:  # a neighbourhood: plain integers beat object arrays
-        return [_horner(polynomial, int(x)) for x in xs]
-    points = np.array([int(x) for x in xs], dtype=object)
-    values = np.full(len(points), polynomial[-1], dtype=object)
-    for step, coefficient in enumerate(reversed(polynomial[:-1]), start=1):
-        values = values * points + coefficient
-        if step % _REDUCE_EVERY == 0:
-            values %= PRIME
-    return [int(v) % PRIME for v in values]
+    points = [int(x) for x in xs]
+    if len(set(points)) != len(points) or any(not 0 < x < PRIME for x in points):
+        raise ValueError("share points must be distinct, nonzero and below p")
+    return points
 
 
-def _horner(polynomial: Sequence[int], x: int) -> int:
-    """``f(x) mod p`` for ``f = polynomial[0] + polynomial[1] X + ...``."""
-    value = polynomial[-1]
-    for step, coefficient in enumerate(reversed(polynomial[:-1]), start=1):
-        value = value * x + coefficient
-        if step % _REDUCE_EVERY == 0:
-            value %= PRIME
-    return value % PRIME
+def _random_coefficients(count: int) -> np.ndarray:
+    """``count x 9`` elements uniform in ``[0, p)``: 31 random bits each, ``p`` itself redrawn."""
+    values = np.frombuffer(secrets.token_bytes(4 * count * LIMBS), "<u4") >> 1
+    while (redraw := np.flatnonzero(values == PRIME)).size:  # probability 2**-31 each
+        values[redraw] = np.frombuffer(secrets.token_bytes(4 * redraw.size), "<u4") >> 1
+    return values.astype(np.int64).reshape(count, LIMBS)
+
+
+def _limbs(secret: int) -> list[int]:
+    return [(secret >> (LIMB_BITS * j)) & ((1 << LIMB_BITS) - 1) for j in range(LIMBS)]
+
+
+def _evaluate(secrets_: Sequence[int], coefficients: np.ndarray, points: list[int]) -> list[int]:
+    """Horner's rule ``v <- v x + a`` for the nine limbs of every secret at every point at
+    once, reducing modulo ``p`` only when the next step could leave int64.  Row ``k - 1`` of
+    ``coefficients`` holds ``a_{j,k}`` of every secret in turn (``9 m`` values for ``m``
+    secrets); the shares come back point by point, secret by secret."""
+    width = LIMBS * len(secrets_)
+    rows = [np.array([limb for secret in secrets_ for limb in _limbs(secret)],
+                     np.int64)[:, None],  # a_{j,0} = s_j
+            *coefficients.reshape(-1, width)[:, :, None]]
+    x = np.array(points, np.int64)
+    largest = max(points)
+    values = np.empty((width, len(points)), np.int64)
+    values[:] = rows[-1]
+    bound = PRIME - 1  # the largest value ``values`` can hold
+    for row in reversed(rows[:-1]):
+        if bound * largest + PRIME - 1 > _INT64_MAX:
+            np.remainder(values, PRIME, out=values)
+            bound = PRIME - 1
+        values *= x
+        values += row
+        bound = bound * largest + PRIME - 1
+    np.remainder(values, PRIME, out=values)
+    raw = values.T.astype(">u4").tobytes()
+    return [int.from_bytes(raw[i:i + SHARE_BYTES], "big")
+            for i in range(0, len(raw), SHARE_BYTES)]
+
+
+def _share_limbs(shares: Sequence[int]) -> list[tuple[int, ...]]:
+    """The nine limbs of each share; ``ValueError`` unless every limb is a field element."""
+    try:
+        rows = [_SHARE.unpack(y.to_bytes(SHARE_BYTES, "big")) for y in shares]
+    except (OverflowError, AttributeError):
+        raise ValueError("shares must be integers of 36 bytes") from None
+    if any(max(row) >= PRIME for row in rows):
+        raise ValueError("share is not a vector of field elements")
+    return rows
 
 
 def combine(shares: Mapping[int, int], *, threshold: int) -> int:
     """The secret from ``threshold`` shares ``{x: y}`` (extra shares are ignored).
 
-    Raises ``ValueError`` with fewer than ``threshold`` shares or an invalid point; the caller
-    turns that into :class:`~securefl.errors.ProtocolAbort`.
+    Raises ``ValueError`` with fewer than ``threshold`` shares, an invalid point or share, or
+    limbs that are not those of a 256-bit secret; the caller turns that into
+    :class:`~securefl.errors.ProtocolAbort`.
     """
     if len(shares) < threshold:
         raise ValueError(f"need {threshold} shares, got {len(shares)}")
     chosen = sorted(shares.items())[:threshold]
-    xs = [x for x, _ in chosen]
-    if any(not 0 < x < PRIME for x in xs) or any(not 0 <= y < PRIME for _, y in chosen):
-        raise ValueError("shares must be field elements at nonzero points")
-    secret = sum(y * weight for (_, y), weight in zip(chosen, _lagrange_at_zero(tuple(xs)),
-                                                       strict=True))
-    secret %= PRIME
-    if secret >= 1 << 256:
+    xs = tuple(x for x, _ in chosen)
+    if any(not (isinstance(x, int) and 0 < x < PRIME) for x in xs):
+        raise ValueError("shares must be at nonzero points below p")
+    # sum_i w_i y_ij for all nine limbs at once: limb j of each share spread to bits
+    # [96 j, 96 j + 96) of one integer, so that t products below 2**62 never carry between
+    # slots (t < 2**34), then one multiply-add per share
+    total = 0
+    for weight, row in zip(_lagrange_at_zero(xs), _share_limbs([y for _, y in chosen]),
+                           strict=True):
+        total += weight * int.from_bytes(_SPREAD.pack(*reversed(row)), "big")
+    slots = _SLOTS.unpack(total.to_bytes(_SLOTS.size, "big"))  # (high, low) pairs, top first
+    values = [((slots[2 * (LIMBS - 1 - j)] << 64) | slots[2 * (LIMBS - 1 - j) + 1]) % PRIME
+              for j in range(LIMBS)]
+    if any(v >> LIMB_BITS for v in values) or values[-1] >> _TOP_BITS:
         raise ValueError("reconstructed value is not a 256-bit secret")
-    return secret
+    return sum(v << (LIMB_BITS * j) for j, v in enumerate(values))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -95,21 +174,29 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     """``prod_{j != i} x_j / (x_j - x_i) mod p`` for each ``i``.
 
     Public values only (the points), so they are cached: the neighbourhoods of one round
-    mostly answer at the same points.
+    mostly answer at the same points.  The products of each row of the difference table
+    ``(x_j - x_i) mod p`` are taken pairwise (log-depth, products below ``2**62``).
     """
+    points = np.array(xs, np.int64)
+    numerator = 1
+    for x in xs:
+        numerator = numerator * x % PRIME
     weights = []
-    for i, x_i in enumerate(xs):
-        numerator, denominator = 1, 1
-        for j, x_j in enumerate(xs):
-            if j != i:
-                numerator *= x_j
-                denominator *= x_j - x_i
-        weights.append(numerator * pow(denominator % PRIME, -1, PRIME) % PRIME)
+    for start in range(0, len(xs), _LAGRANGE_ROWS):
+        rows = (points[None, :] - points[start:start + _LAGRANGE_ROWS, None]) % PRIME
+        rows[np.arange(rows.shape[0]), np.arange(start, start + rows.shape[0])] = 1
+        while rows.shape[1] > 1:
+            if rows.shape[1] % 2:
+                rows = np.concatenate([rows, np.ones((rows.shape[0], 1), np.int64)], axis=1)
+            rows = rows[:, 0::2] * rows[:, 1::2] % PRIME
+        for offset, denominator in enumerate(rows[:, 0].tolist()):
+            inverse = pow(xs[start + offset] * denominator % PRIME, -1, PRIME)
+            weights.append(numerator * inverse % PRIME)
     return tuple(weights)
 
 
 def encode_share(value: int) -> bytes:
-    """A share value as 33 big-endian bytes."""
+    """A share as 36 bytes: its nine limbs, 4 big-endian bytes each."""
     return value.to_bytes(SHARE_BYTES, "big")
 
 
@@ -117,7 +204,6 @@ def decode_share(raw: bytes) -> int:
     """Inverse of :func:`encode_share`; raises ``ValueError`` on a malformed share."""
     if len(raw) != SHARE_BYTES:
         raise ValueError(f"a share is {SHARE_BYTES} bytes, got {len(raw)}")
-    value = int.from_bytes(raw, "big")
-    if value >= PRIME:
-        raise ValueError("share is not a field element")
-    return value
+    if max(_SHARE.unpack(raw)) >= PRIME:
+        raise ValueError("share is not a vector of field elements")
+    return int.from_bytes(raw, "big")

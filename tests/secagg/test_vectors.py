@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from securefl.errors import ProtocolAbort
 from securefl.secagg import keys, shamir
 from securefl.secagg.prg import add_masks, info, keystream, prg_key, prg_words
 from securefl.secagg.quantize import Quantizer
@@ -152,13 +153,25 @@ def test_mask_derivation_vectors():
 
 def test_share_encryption_vector():
     v = VECTORS["share_encryption"]
-    shared, nonce = bytes.fromhex(v["shared"]), bytes.fromhex(v["nonce"])
-    ciphertext = keys._encrypt_with_nonce(shared, bytes.fromhex(v["plaintext"]), nonce,
-                                          scope=scope(v["scope"]), sender=v["sender"],
-                                          receiver=v["receiver"])
-    assert ciphertext.hex() == v["ciphertext"]
-    assert keys.decrypt_shares(shared, ciphertext, scope=scope(v["scope"]), sender=v["sender"],
-                               receiver=v["receiver"]).hex() == v["plaintext"]
+    shared, nonce, s = bytes.fromhex(v["shared"]), bytes.fromhex(v["nonce"]), scope(v["scope"])
+    pair = keys.channel_keys(shared, scope=s, first=v["sender"], second=v["receiver"])
+    assert pair == keys.channel_keys(shared, scope=s, first=v["receiver"], second=v["sender"])
+    # one 64-byte HKDF output, split by position, spelled out with cryptography's HKDF
+    low, high = sorted((v["sender"], v["receiver"]))
+    spelled_out = HKDF(algorithm=hashes.SHA256(), length=64, salt=None,
+                       info=b"securefl/secagg/v3/" + s.info("share-keys", low, high)
+                       ).derive(shared)
+    assert (pair[0] + pair[1]).hex() == spelled_out.hex() == v["keys"]
+    plaintext = bytes.fromhex(v["plaintext"])
+    for sender, receiver, expected in ((v["sender"], v["receiver"], v["ciphertext"]),
+                                       (v["receiver"], v["sender"], v["ciphertext_back"])):
+        ciphertext = keys._encrypt_with_nonce(pair, plaintext, nonce, scope=s, sender=sender,
+                                              receiver=receiver)
+        assert ciphertext.hex() == expected
+        assert keys.decrypt_shares(pair, ciphertext, scope=s, sender=sender,
+                                   receiver=receiver) == plaintext
+        with pytest.raises(ProtocolAbort):  # the other direction's key and aad refuse it
+            keys.decrypt_shares(pair, ciphertext, scope=s, sender=receiver, receiver=sender)
 
 
 def test_quantize_vector():
@@ -171,11 +184,18 @@ def test_quantize_vector():
 
 def test_shamir_vector():
     v = VECTORS["shamir"]
-    assert int(v["prime_hex"], 16) == shamir.PRIME
-    secret = int(v["secret"], 16)
-    shares = shamir._split_with(secret, [int(c, 16) for c in v["coefficients"]], v["xs"],
-                                threshold=v["threshold"])
-    assert [hex(s) for s in shares] == v["shares"]
+    assert (v["prime"], v["limb_bits"], v["limbs"]) == (shamir.PRIME, shamir.LIMB_BITS,
+                                                       shamir.LIMBS)
+    secret, p = int(v["secret"], 16), v["prime"]
+    shares = shamir._split_with(secret, v["coefficients"], v["xs"], threshold=v["threshold"])
+    assert [shamir.encode_share(s).hex() for s in shares] == v["shares"]
+    # the documented construction spelled out: limb j of share i is f_j(x_i) mod p
+    limbs = [(secret >> (30 * j)) & ((1 << 30) - 1) for j in range(9)]
+    for x, share in zip(v["xs"], v["shares"], strict=True):
+        values = [sum(a * x**e for e, a in enumerate([limbs[j], *(c[j] for c in
+                                                                  v["coefficients"])])) % p
+                  for j in range(9)]
+        assert b"".join(y.to_bytes(4, "big") for y in values).hex() == share
     points = dict(zip(v["xs"], shares, strict=True))
     assert shamir.combine(dict(list(points.items())[2:]), threshold=v["threshold"]) == secret
 
