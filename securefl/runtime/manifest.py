@@ -87,6 +87,9 @@ def shared_settings(config: Config) -> dict[str, str]:
     out = {"[protection] kind": _text(protection.kind),
            "[privacy] mode": _text(config.privacy.mode)}
     if protection.kind == "secagg":
+        from securefl.secagg.prg import WIRE_VERSION
+
+        out["securefl secagg wire version"] = str(WIRE_VERSION)
         for name in ("clip", "max_weight", "bits"):
             out[f"[protection.secagg] {name}"] = _text(getattr(protection.secagg, name))
     if protection.kind == "he":

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 __all__ = [
     "PRG_KEY_BYTES",
     "PROTOCOL_LABEL",
+    "WIRE_VERSION",
     "add_masks",
     "derive_key",
     "info",
@@ -45,6 +46,11 @@ __all__ = [
 ]
 
 PROTOCOL_LABEL = b"securefl/secagg/v3/"
+#: the format of what SecAgg+ parties exchange (share encoding: nine 30-bit limbs over
+#: GF(2^31 - 1); one 64-byte HKDF per pair for both share-bundle keys).  It is part of the
+#: hello check's manifest, so parties of two formats refuse each other before round 1,
+#: naming the difference, instead of aborting in the middle of a round.
+WIRE_VERSION = 4
 PRG_KEY_BYTES = 16
 _ZERO_BLOCK = bytes(16)
 _SHA256 = hashes.SHA256()

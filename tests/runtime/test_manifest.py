@@ -79,6 +79,17 @@ def test_difference_names_the_parameter_and_every_setting():
         "the model has 4 parameter tensors at a, 6 at b")
 
 
+def test_parties_of_two_secagg_wire_formats_refuse_each_other(monkeypatch):
+    import securefl.secagg.prg as prg
+
+    ours = manifest()
+    monkeypatch.setattr(prg, "WIRE_VERSION", prg.WIRE_VERSION - 1)
+    older = manifest()
+    assert difference(ours, older, here="at alpha", there="at the server") == (
+        f"securefl secagg wire version is {prg.WIRE_VERSION + 1} at alpha, "
+        f"{prg.WIRE_VERSION} at the server")
+
+
 def test_site_local_choices_are_not_compared():
     mine = manifest(privacy={**DP["privacy"], "budget": 2.0, "secure_mode": True})
     theirs = manifest(protection={"kind": "secagg", "secagg": {
