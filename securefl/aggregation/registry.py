@@ -1,7 +1,8 @@
 """The rules by name, as ``[aggregation] rule`` writes them, and their construction.
 
-:data:`INNER_RULES` holds every rule that can sit inside a wrapper (:class:`~securefl.aggregation.nnm.NNM`,
-:class:`~securefl.aggregation.bucketing.Bucketing`); :data:`securefl.aggregation.RULES` adds the wrappers.
+:data:`INNER_RULES` holds every rule that can sit inside a wrapper
+(:class:`~securefl.aggregation.nnm.NNM`, :class:`~securefl.aggregation.bucketing.Bucketing`);
+:data:`securefl.aggregation.RULES` adds the wrappers.
 """
 
 from __future__ import annotations

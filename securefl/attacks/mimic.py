@@ -58,7 +58,8 @@ class Mimic:
         t = self.round
         if self._mu is None or self._z is None:
             self._mu = mean
-            self._z = self._power_step(rows - mean, rng.standard_normal(rows.shape[1]))
+            start = np.asarray(rng.standard_normal(rows.shape[1]))
+            self._z = self._power_step(rows - mean, start)
         else:
             self._mu = t / (t + 1) * self._mu + mean / (t + 1)
             step = self._power_step(rows - self._mu, self._z)
