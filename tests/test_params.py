@@ -10,7 +10,7 @@ from securefl.vector import Layout, flatten, unflatten
 
 @pytest.mark.parametrize("name,shape", [("logistic", (30,)), ("mlp", (1, 8, 8)),
                                          ("cnn", (1, 8, 8)), ("cnn", (1, 28, 28)),
-                                         ("cnn", (3, 32, 32))])
+                                         ("cnn", (3, 32, 32)), ("mnist_cnn", (1, 28, 28))])
 def test_round_trip_every_reference_model(name, shape):
     model = build_model(ModelConfig(name=name), shape, 10, seed=3)
     vector = flatten(model)
@@ -24,6 +24,18 @@ def test_round_trip_every_reference_model(name, shape):
     with torch.no_grad():
         x = torch.rand(2, *shape)
         torch.testing.assert_close(model(x), other(x))
+
+
+def test_mnist_cnn_is_the_pytorch_example_network():
+    """Karimireddy et al. 2022's MNIST model: conv 1->32 (320 parameters), conv 32->64
+    (18,496), linear 9216->128 (1,179,776), linear 128->10 (1,290)."""
+    from securefl.errors import ConfigError
+    model = build_model(ModelConfig(name="mnist_cnn"), (1, 28, 28), 10, seed=0)
+    assert [p.numel() for p in model.parameters()] == [288, 32, 18432, 64, 1179648, 128,
+                                                       1280, 10]
+    assert sum(p.numel() for p in model.parameters()) == 1_199_882
+    with pytest.raises(ConfigError, match="28x28 MNIST network"):
+        build_model(ModelConfig(name="mnist_cnn"), (1, 8, 8), 10, seed=0)
 
 
 def test_layout_offsets_and_split():

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from securefl.aggregation.base import Aggregator, ReferenceRule, Rule, StatefulRule, as_rows
+from securefl.aggregation.bucketing import Bucketing
 from securefl.aggregation.bulyan import Bulyan
 from securefl.aggregation.clipping import CenteredClipping, NormBound
 from securefl.aggregation.fltrust import FLTrust
@@ -20,6 +21,7 @@ __all__ = [
     "NNM",
     "RULES",
     "Aggregator",
+    "Bucketing",
     "Bulyan",
     "CenteredClipping",
     "FLTrust",
@@ -38,7 +40,8 @@ __all__ = [
 ]
 
 #: rule name (as written in ``[aggregation] rule``) -> constructor taking keyword options
-RULES: dict[str, Callable[..., Aggregator]] = {**INNER_RULES, "nnm": NNM}
+RULES: dict[str, Callable[..., Aggregator]] = {**INNER_RULES, "nnm": NNM,
+                                                "bucketing": Bucketing}
 
 
 def build_aggregator(rule: str, **options: Any) -> Aggregator:

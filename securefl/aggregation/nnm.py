@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,31 +10,9 @@ import numpy as np
 from securefl.aggregation.base import Aggregator, Rule, as_rows
 from securefl.aggregation.geometry import pairwise_sq_distances
 from securefl.aggregation.krum import check_num_byzantine
-from securefl.aggregation.registry import INNER_RULES, construct
+from securefl.aggregation.registry import build_inner
 
 __all__ = ["NNM"]
-
-
-def _build_inner(inner: Aggregator | str | Mapping[str, Any], num_byzantine: int) -> Aggregator:
-    """An inner rule from an instance, a rule name, or a ``{rule = ..., option = ...}`` table.
-
-    From a name or table, ``num_byzantine`` is passed on when the inner rule takes it and the
-    table does not set it.
-    """
-    if isinstance(inner, str):
-        inner = {"rule": inner}
-    if not isinstance(inner, Mapping):
-        if not callable(inner):
-            raise TypeError(f"inner must be an aggregator, a rule name or a table, got {inner!r}")
-        return inner
-    options = dict(inner)
-    rule = options.pop("rule", None)
-    if not isinstance(rule, str) or rule == "nnm":
-        raise ValueError(f"inner needs a rule name other than 'nnm', got {rule!r}")
-    factory = INNER_RULES.get(rule)
-    if factory is not None and "num_byzantine" in inspect.signature(factory).parameters:
-        options.setdefault("num_byzantine", num_byzantine)
-    return construct(INNER_RULES, rule, **options)
 
 
 class NNM(Rule):
@@ -53,7 +30,7 @@ class NNM(Rule):
 
     def __init__(self, *, num_byzantine: int, inner: Aggregator | str | Mapping[str, Any]) -> None:
         self.num_byzantine = check_num_byzantine(num_byzantine)
-        self.inner = _build_inner(inner, self.num_byzantine)
+        self.inner = build_inner(inner, self.num_byzantine, outer="nnm")
 
     @property
     def stateful(self) -> bool:

@@ -1,7 +1,8 @@
 """The rules by name, as ``[aggregation] rule`` writes them, and their construction.
 
-:data:`INNER_RULES` holds every rule that can sit inside :class:`~securefl.aggregation.nnm.NNM`
-(all but ``nnm`` itself); :data:`securefl.aggregation.RULES` adds ``nnm``.
+:data:`INNER_RULES` holds every rule that can sit inside a wrapper
+(:class:`~securefl.aggregation.nnm.NNM`, :class:`~securefl.aggregation.bucketing.Bucketing`);
+:data:`securefl.aggregation.RULES` adds the wrappers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from securefl.aggregation.krum import Krum, MultiKrum
 from securefl.aggregation.mean import FedAvg
 from securefl.aggregation.median import Median, TrimmedMean
 
-__all__ = ["INNER_RULES", "construct"]
+__all__ = ["INNER_RULES", "WRAPPERS", "build_inner", "construct"]
 
 #: rule name -> constructor taking keyword options (every rule but ``nnm``)
 INNER_RULES: dict[str, Callable[..., Aggregator]] = {
@@ -36,6 +37,10 @@ INNER_RULES: dict[str, Callable[..., Aggregator]] = {
 }
 
 
+#: the rules that wrap an inner rule (registered in :data:`securefl.aggregation.RULES`)
+WRAPPERS = ("nnm", "bucketing")
+
+
 def construct(rules: Mapping[str, Callable[..., Aggregator]], rule: str,
               **options: Any) -> Aggregator:
     """Construct the rule called ``rule`` from ``rules``; unknown names and bad options
@@ -48,6 +53,31 @@ def construct(rules: Mapping[str, Callable[..., Aggregator]], rule: str,
         return factory(**options)
     except TypeError as exc:
         raise TypeError(_option_problem(factory, options) or str(exc)) from None
+
+
+def build_inner(inner: Aggregator | str | Mapping[str, Any], num_byzantine: int, *,
+                outer: str) -> Aggregator:
+    """The inner rule of a wrapper (``outer``: NNM, bucketing) from an instance, a rule name,
+    or a ``{rule = ..., option = ...}`` table.
+
+    From a name or table, ``num_byzantine`` is passed on when the inner rule takes it and the
+    table does not set it.
+    """
+    if isinstance(inner, str):
+        inner = {"rule": inner}
+    if not isinstance(inner, Mapping):
+        if not callable(inner):
+            raise TypeError(f"inner must be an aggregator, a rule name or a table, got {inner!r}")
+        return inner
+    options = dict(inner)
+    rule = options.pop("rule", None)
+    if not isinstance(rule, str) or rule in WRAPPERS:
+        raise ValueError(f"{outer}'s inner needs a rule name other than "
+                         f"{' or '.join(map(repr, WRAPPERS))}, got {rule!r}")
+    factory = INNER_RULES.get(rule)
+    if factory is not None and "num_byzantine" in inspect.signature(factory).parameters:
+        options.setdefault("num_byzantine", num_byzantine)
+    return construct(INNER_RULES, rule, **options)
 
 
 def _option_problem(factory: Callable[..., Aggregator], options: dict[str, Any]) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from securefl.aggregation.base import Aggregator
+from securefl.attacks.mimic import Mimic
 from securefl.attacks.optimized import AGRTailored, FangKrum, MinMax, MinSum
 from securefl.attacks.poisoning import ALIE, IPM, GaussianNoise, Scaling, SignFlip
 
@@ -34,6 +35,7 @@ ATTACKS: dict[str, Callable[..., UpdateAttack]] = {
     "min_sum": MinSum,
     "fang_krum": FangKrum,
     "agr_tailored": AGRTailored,
+    "mimic": Mimic,
 }
 
 

@@ -25,7 +25,8 @@ BYZANTINE = "$f"
 #: data-poisoning attacks by name (see :mod:`securefl.attacks.data_poisoning`)
 DATA_ATTACKS = ("label_flip", "pixel_trigger")
 
-_SCENARIO_KEYS = {"name", "description", "seeds", "byzantine_fractions", "byzantine_data"}
+_SCENARIO_KEYS = {"name", "description", "seeds", "byzantine_fractions", "byzantine_data",
+                  "evaluate_every"}
 #: where the byzantine clients' data comes from (see ``attacks/README.md``)
 BYZANTINE_DATA = ("partition", "iid")
 _ATTACK_KEYS = {"name", "update", "options", "data", "data_options", "adaptive"}
@@ -59,6 +60,8 @@ class Scenario:
     defenses: tuple[Mapping[str, Any], ...]
     cells_extra: tuple[Mapping[str, Any], ...]
     byzantine_data: str = "partition"
+    #: central evaluation every k-th round and in the last (1: every round)
+    evaluate_every: int = 1
 
     def cells(self) -> list[Cell]:
         """Every cell of the grid, in a stable order (poisoning grid first)."""
@@ -99,6 +102,8 @@ class Scenario:
         if self.byzantine_data == "iid":  # partitioned over the honest clients only
             spec["byzantine_data"] = "iid"
             spec["honest_clients"] = num_clients - assumed
+        if self.evaluate_every > 1:
+            spec["evaluate_every"] = self.evaluate_every
         labels = {"distribution": dist["name"], "fraction": fraction,
                   "attack": attack["name"], "defense": defense["name"]}
         key = (f"poisoning/{dist['name']}/{fraction:g}/{attack['name']}/"
@@ -186,6 +191,10 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ConfigError(f"{path}: [scenario] byzantine_data must be one of "
                           f"{', '.join(map(repr, BYZANTINE_DATA))}, got {byzantine_data!r}")
     fractions = head.get("byzantine_fractions", [0.2])
+    evaluate_every = head.get("evaluate_every", 1)
+    if not (isinstance(evaluate_every, int) and evaluate_every >= 1):
+        raise ConfigError(f"{path}: [scenario] evaluate_every must be an int >= 1, "
+                          f"got {evaluate_every!r}")
     if not (isinstance(seeds, list) and seeds
             and all(isinstance(s, int) and s >= 0 for s in seeds)):
         raise ConfigError(f"{path}: [scenario] seeds must be a non-empty list of ints >= 0")
@@ -200,7 +209,8 @@ def load_scenario(path: str | Path) -> Scenario:
         distributions=_named_list(table, "distributions", None, path),
         attacks=_named_list(table, "attacks", _ATTACK_KEYS, path),
         defenses=_named_list(table, "defenses", _DEFENSE_KEYS, path),
-        cells_extra=_named_list(table, "cells", None, path), byzantine_data=byzantine_data)
+        cells_extra=_named_list(table, "cells", None, path), byzantine_data=byzantine_data,
+        evaluate_every=evaluate_every)
     _validate(scenario)
     config_from_dict(scenario.base, source=f"{path} [base]")
     return scenario

@@ -107,7 +107,7 @@ class ModelConfig:
     ``name = "python"`` for a module given as a Python object through :mod:`securefl.own`,
     whose ``factory`` then records its class."""
 
-    name: Literal["logistic", "mlp", "cnn", "factory", "python"] = "mlp"
+    name: Literal["logistic", "mlp", "cnn", "mnist_cnn", "factory", "python"] = "mlp"
     hidden: tuple[int, ...] = (64,)
     factory: str | None = None
     path: str | None = None

@@ -31,6 +31,7 @@ TABLES: dict[str, dict[str, Any]] = {
     "centered_clipping": {"tau": 0.5, "iterations": 2},
     "norm_bound": {"max_norm": 3.0},
     "nnm": {"num_byzantine": 2, "inner": "krum"},
+    "bucketing": {"bucket_size": 2, "num_byzantine": 2, "inner": "krum"},
     "fltrust": {"root_examples": 50},
 }
 

@@ -252,7 +252,9 @@ def test_suite_files_load_and_a_missing_folder_dataset_is_skipped(
     from securefl.aggregation import RULES
     from securefl.attacks.registry import ATTACKS
 
-    full = [scenarios["digits"], scenarios["digits-backdoor"]]
+    # every attack and every rule is in a suite scenario (mimic and bucketing: the paper's)
+    full = [scenarios[name] for name in ("digits", "digits-backdoor", "karimireddy2022",
+                                         "karimireddy2022-bucketing")]
     assert {a.get("update") for s in full for a in s.attacks} - {None} == set(ATTACKS)
     assert {d["rule"] for s in full for d in s.defenses} == set(RULES)
     cifar = tmp_path / "cifar.toml"

@@ -139,3 +139,25 @@ def test_cells_run_with_one_blas_and_one_torch_thread(tmp_path: Path,
     path.write_text(GRID)
     harness.run_scenario(load_scenario(path), tmp_path / "out")
     assert len(seen) == 2 and all(t == 1 and set(p) <= {1} for t, p in seen)
+
+
+def test_evaluate_every_tests_every_kth_round_and_the_last(tmp_path: Path) -> None:
+    """Evaluation does not change training: the final accuracy is the every-round run's."""
+    text = GRID.replace("[base.data]", "[base.run]\nrounds = 7\n\n[base.data]")
+    every = _cells(tmp_path, text.replace('byzantine_data = "iid"\n',
+                                          'byzantine_data = "iid"\nevaluate_every = 3\n'))
+    plain = _cells(tmp_path, text)
+    assert every["flip"].spec["evaluate_every"] == 3  # type: ignore[attr-defined]
+    assert "evaluate_every" not in plain["flip"].spec  # type: ignore[attr-defined]
+    sparse = harness.run_poisoning_cell(every["flip"])  # type: ignore[arg-type]
+    dense = harness.run_poisoning_cell(plain["flip"])  # type: ignore[arg-type]
+    assert len(dense["accuracy_curve"]) == 7 and len(sparse["accuracy_curve"]) == 3
+    curve = dense["accuracy_curve"]
+    assert sparse["accuracy_curve"] == [curve[2], curve[5], curve[6]]  # rounds 3, 6 and 7
+    assert sparse["accuracy"] == dense["accuracy"]
+
+
+def test_evaluate_every_must_be_a_positive_int(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"evaluate_every must be an int >= 1, got 0"):
+        _cells(tmp_path, GRID.replace('byzantine_data = "iid"\n',
+                                      'byzantine_data = "iid"\nevaluate_every = 0\n'))
