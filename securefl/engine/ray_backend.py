@@ -38,13 +38,15 @@ import numpy as np
 from securefl.engine.messages import DEFAULT_MAX_BYTES, Message, decode, encode
 from securefl.engine.simulation import DropInjector
 from securefl.engine.transport import ClientHandler, Exchange
-from securefl.errors import ConfigError, MessageError
+from securefl.errors import ConfigError, MessageError, RunFailed
 
 __all__ = ["RayTransport", "SiteGroup", "SiteHost", "abandon_early_start", "claim_early_start",
            "import_ray", "init_ray", "start_early", "start_hosts"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: seconds the actors of a run may take to start (their imports) before it fails
+START_TIMEOUT = 300.0
 
 #: a reply frame (its bytes as a uint8 array), or why the site counts as dropped
 Outcome = np.ndarray | str
@@ -165,6 +167,10 @@ class SiteHost:
         self.group: SiteGroup = getattr(importlib.import_module(module), name)(
             list(client_ids), setup)
 
+    def ready(self) -> int:
+        """How many sites this actor hosts; answered once its constructor has run."""
+        return len(self.group.clients)
+
     def announce(self) -> dict[str, bytes]:
         return self.group.announce()
 
@@ -233,6 +239,12 @@ class RayTransport:
         self.max_bytes, self.owns_ray = max_bytes, owns_ray
         self.bytes_sent = 0
         self.bytes_received = 0
+        # an exchange's deadline is for the sites' work: wait for the actors' start
+        # (their imports: seconds, more on a loaded machine) here, once
+        try:
+            self._ray.get([host.ready.remote() for host in self.hosts], timeout=START_TIMEOUT)
+        except self._ray.exceptions.GetTimeoutError:
+            raise RunFailed(f"the Ray actors did not start within {START_TIMEOUT:g} s") from None
 
     def client_ids(self) -> list[str]:
         return list(self.assignment)

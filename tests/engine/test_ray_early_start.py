@@ -98,3 +98,28 @@ def test_only_a_ray_run_starts_ray_early(fake_ray, tmp_path):
         assert ray_backend._early == [] and fake_ray.calls == []
     cli._import_starting_ray(str(tmp_path / "missing.toml"), "json")
     assert fake_ray.calls == []
+
+
+def test_actors_that_never_start_fail_the_run_in_one_line(monkeypatch):
+    """The transport waits for its actors once (their imports), so that an exchange's
+    deadline is the sites' work; actors that never come up fail the run, not a round."""
+    import types
+
+    from securefl.errors import RunFailed
+
+    class Timeout(Exception):
+        pass
+
+    waited = []
+
+    def get(calls, *, timeout):
+        waited.append((len(calls), timeout))
+        raise Timeout
+
+    fake = types.SimpleNamespace(get=get, exceptions=types.SimpleNamespace(
+        GetTimeoutError=Timeout))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    host = types.SimpleNamespace(ready=types.SimpleNamespace(remote=lambda: "pending"))
+    with pytest.raises(RunFailed, match="did not start within 300 s"):
+        ray_backend.RayTransport([host, host], {"a": 0, "b": 1})
+    assert waited == [(2, ray_backend.START_TIMEOUT)]
