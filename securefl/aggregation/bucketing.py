@@ -8,14 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from securefl.aggregation.base import Aggregator, Rule, as_rows
-from securefl.aggregation.krum import check_num_byzantine
-from securefl.aggregation.registry import build_inner
+from securefl.aggregation.base import Aggregator, as_rows
+from securefl.aggregation.registry import Wrapper
 
 __all__ = ["Bucketing"]
 
 
-class Bucketing(Rule):
+class Bucketing(Wrapper):
     """Bucketing (Karimireddy, He & Jaggi, "Byzantine-robust learning on heterogeneous
     datasets via bucketing", ICLR 2022, Algorithm 1), composed with an inner rule.
 
@@ -41,17 +40,8 @@ class Bucketing(Rule):
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
         self.bucket_size = int(bucket_size)
-        self.num_byzantine = check_num_byzantine(num_byzantine)
-        self.inner = build_inner(inner, self.num_byzantine, outer="bucketing")
+        self._wrap(inner, num_byzantine, outer="bucketing")
         self.rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-
-    @property
-    def stateful(self) -> bool:
-        return self.inner.stateful
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.inner.needs_reference
 
     def buckets(self, n: int) -> int:
         """``m = ceil(n / s)``, the number of rows the inner rule sees."""

@@ -7,15 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from securefl.aggregation.base import Aggregator, Rule, as_rows
+from securefl.aggregation.base import Aggregator, as_rows
 from securefl.aggregation.geometry import pairwise_sq_distances
-from securefl.aggregation.krum import check_num_byzantine
-from securefl.aggregation.registry import build_inner
+from securefl.aggregation.registry import Wrapper
 
 __all__ = ["NNM"]
 
 
-class NNM(Rule):
+class NNM(Wrapper):
     """Nearest-neighbour mixing (Allouah et al., "Fixing by mixing: a recipe for optimal
     Byzantine ML under heterogeneity", AISTATS 2023), composed with an inner rule.
 
@@ -29,16 +28,7 @@ class NNM(Rule):
     """
 
     def __init__(self, *, num_byzantine: int, inner: Aggregator | str | Mapping[str, Any]) -> None:
-        self.num_byzantine = check_num_byzantine(num_byzantine)
-        self.inner = build_inner(inner, self.num_byzantine, outer="nnm")
-
-    @property
-    def stateful(self) -> bool:
-        return self.inner.stateful
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.inner.needs_reference
+        self._wrap(inner, num_byzantine, outer="nnm")
 
     @property
     def min_clients(self) -> int:

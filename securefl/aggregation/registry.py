@@ -11,12 +11,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from securefl.aggregation.base import Aggregator
+from securefl.aggregation.base import Aggregator, Rule
 from securefl.aggregation.bulyan import Bulyan
 from securefl.aggregation.clipping import CenteredClipping, NormBound
 from securefl.aggregation.fltrust import FLTrust
 from securefl.aggregation.geometric import GeometricMedian
-from securefl.aggregation.krum import Krum, MultiKrum
+from securefl.aggregation.krum import Krum, MultiKrum, check_num_byzantine
 from securefl.aggregation.mean import FedAvg
 from securefl.aggregation.median import Median, TrimmedMean
 
@@ -78,6 +78,26 @@ def build_inner(inner: Aggregator | str | Mapping[str, Any], num_byzantine: int,
     if factory is not None and "num_byzantine" in inspect.signature(factory).parameters:
         options.setdefault("num_byzantine", num_byzantine)
     return construct(INNER_RULES, rule, **options)
+
+
+class Wrapper(Rule):
+    """A rule that reshapes the rows for an inner rule (NNM, bucketing): it is stateful, and
+    needs the server's reference update, exactly when its inner rule is and does."""
+
+    inner: Aggregator
+
+    def _wrap(self, inner: Aggregator | str | Mapping[str, Any], num_byzantine: int, *,
+              outer: str) -> None:
+        self.num_byzantine = check_num_byzantine(num_byzantine)
+        self.inner = build_inner(inner, self.num_byzantine, outer=outer)
+
+    @property
+    def stateful(self) -> bool:
+        return self.inner.stateful
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.inner.needs_reference
 
 
 def _option_problem(factory: Callable[..., Aggregator], options: dict[str, Any]) -> str | None:

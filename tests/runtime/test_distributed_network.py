@@ -151,11 +151,7 @@ def test_survivors_below_the_minimum_cohort_get_no_reveal(deployment, tmp_path, 
 def test_a_deployment_stops_cleanly_when_every_site_is_out_of_budget(deployment, tmp_path,  # noqa: F811
                                                                      caplog):
     caplog.set_level(logging.WARNING, logger="securefl")
-    config = distributed_config(deployment, tmp_path, rounds=4)
-    plan = distributed_settings(config, len(SITES)).plan(server_manifest_size(config))
-    one, two = (independent_epsilon(r, variance=plan.variance, l1=plan.l1, l2=plan.l2,
-                                    delta=DELTA) for r in (1, 2))
-    config = config.replace(privacy__budget=(one + two) / 2)  # one round each
+    config, one = one_round_budget(deployment, tmp_path, rounds=4)
     result, sites = run_networked(config, site_dirs=tmp_path / "sites")
     assert set(sites.codes.values()) == {0}
     first, second = result.history.rounds  # every site declines round 2: no round 3
@@ -173,6 +169,16 @@ def test_a_deployment_stops_cleanly_when_every_site_is_out_of_budget(deployment,
     assert [r["round"] for r in store.rounds()] == [1, 2]
     assert store.spent() == {site: pytest.approx(one, rel=1e-9) for site in SITES}
     store.close()
+
+
+def one_round_budget(deployment, tmp_path, *, rounds):  # noqa: F811
+    """:func:`distributed_config` with a budget that pays one round per site, and the ε of
+    that round (the closed form)."""
+    config = distributed_config(deployment, tmp_path, rounds=rounds)
+    plan = distributed_settings(config, len(SITES)).plan(server_manifest_size(config))
+    one, two = (independent_epsilon(r, variance=plan.variance, l1=plan.l1, l2=plan.l2,
+                                    delta=DELTA) for r in (1, 2))
+    return config.replace(privacy__budget=(one + two) / 2), one
 
 
 def server_manifest_size(config) -> int:

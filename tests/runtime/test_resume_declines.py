@@ -7,24 +7,14 @@ import logging
 
 import pytest
 
-from securefl.privacy import distributed_settings
 from securefl.runtime.store import ServerStore
-from tests.privacy.test_skellam import independent_epsilon
-from tests.runtime.test_distributed_network import (
-    DELTA,
-    distributed_config,
-    server_manifest_size,
-)
+from tests.runtime.test_distributed_network import one_round_budget
 from tests.runtime.test_federation import SITES, deployment, run_networked  # noqa: F401
 
 
 def test_a_resumed_server_starts_no_round_the_sites_declined(deployment, tmp_path,  # noqa: F811
                                                              caplog):
-    config = distributed_config(deployment, tmp_path, rounds=2)
-    plan = distributed_settings(config, len(SITES)).plan(server_manifest_size(config))
-    one, two = (independent_epsilon(r, variance=plan.variance, l1=plan.l1, l2=plan.l2,
-                                    delta=DELTA) for r in (1, 2))
-    config = config.replace(privacy__budget=(one + two) / 2)  # one round each
+    config, one = one_round_budget(deployment, tmp_path, rounds=2)
     first, sites = run_networked(config, site_dirs=tmp_path / "sites")
     assert set(sites.codes.values()) == {0}
     trained, refused = first.history.rounds
