@@ -22,8 +22,10 @@ build_privacy`, exactly as in-process, and refuses a round over budget itself (t
 (DP-FedAvg's noise on the sum and its secret sampling seed, distributed DP's fixed
 denominator) from its own setup, which never trains; the report (``privacy.json``) is the
 actors' :meth:`~securefl.privacy.PrivacySetup.summary` of their own sites, plain JSON-able
-data, merged (:class:`SitesPrivacy`).  The ledgers are in the actors' memory and end with
-them: the run directory gets ``privacy.json`` and ``epsilon.png``, no ledger file.
+data, merged (:class:`SitesPrivacy`).  The ledgers are in the actors' memory; at the end the
+driver charges every site's charges again, through the ledger's own checks, into the run
+directory's ledger file, which ``securefl privacy report RUN_DIR`` reads as an in-process
+run's.
 
 Not on this backend (each refuses with one line): DP-FedAvg's adaptive clipping (the
 clipped-count bits would stay in the actors, as at deployed sites, so the bound could not

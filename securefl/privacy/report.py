@@ -189,7 +189,7 @@ def command(args: Any) -> int:
     path = run_dir / LEDGER_FILE
     if not path.is_file():
         raise LedgerError(f"{run_dir}: no {LEDGER_FILE} (was the run made with [privacy] "
-                          f"mode = \"dp_sgd\" or \"dp_fedavg\"?)")
+                          f"mode = \"dp_sgd\", \"dp_fedavg\" or \"distributed\"?)")
     rate = sampling = None
     if (run_dir / "config.toml").is_file():
         from securefl.config import load_config
