@@ -2,9 +2,10 @@
 
 * :mod:`securefl.config.schema`: the top-level :class:`Config`, :func:`load_config`;
 * :mod:`securefl.config.parse`: the table -> dataclass parser and its one-line errors;
-* one module per section an area owns: :mod:`~securefl.config.privacy`,
-  :mod:`~securefl.config.secagg`, :mod:`~securefl.config.he` (with the CKKS security table in
-  :mod:`~securefl.config.ckks`) and :mod:`~securefl.config.network`.
+* one module per section an area owns: :mod:`~securefl.config.data`,
+  :mod:`~securefl.config.privacy`, :mod:`~securefl.config.secagg`,
+  :mod:`~securefl.config.he` (with the CKKS security table in :mod:`~securefl.config.ckks`)
+  and :mod:`~securefl.config.network`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from securefl.config.data import DataConfig
 from securefl.config.he import HEConfig
 from securefl.config.network import NetworkConfig
 from securefl.config.parse import FieldError, check, dump_toml, parse
@@ -53,50 +54,6 @@ class RunConfig:
     def validate(self) -> None:
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: Literal["digits", "breast_cancer", "mnist", "mnist5k", "fashion_mnist", "cifar10",
-                     "synthetic", "csv", "parquet", "npz", "image_folder", "python"] = "digits"
-    path: str | None = None
-    #: a site's own files (csv, npz, image_folder): see :mod:`securefl.data.files`
-    test_path: str | None = None
-    label: str = "label"
-    features: tuple[str, ...] = ()
-    num_classes: int | None = None
-    num_clients: int = 10
-    partition: Literal["iid", "dirichlet", "shards", "files"] = "dirichlet"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    min_examples: int = 2
-    synthetic_samples: int = 10_000
-    synthetic_features: int = 32
-    synthetic_classes: int = 10
-
-    def validate(self) -> None:
-        check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
-        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
-        check(self.shards_per_client >= 1, "shards_per_client",
-              f"must be >= 1, got {self.shards_per_client}")
-        check(0 < self.test_fraction < 1, "test_fraction",
-              f"must be in (0, 1), got {self.test_fraction}")
-        check(0 <= self.val_fraction < 1, "val_fraction",
-              f"must be in [0, 1), got {self.val_fraction}")
-        check(self.min_examples >= 1, "min_examples", f"must be >= 1, got {self.min_examples}")
-        check(self.dataset not in ("mnist", "fashion_mnist", "cifar10") or bool(self.path),
-              "path", f"is required for dataset {self.dataset!r} (a local folder)")
-        check(self.dataset not in ("csv", "parquet", "npz", "image_folder") or bool(self.path),
-              "path",
-              f"is required for dataset {self.dataset!r} (the site's own file or folder)")
-        check(self.partition != "files" or self.dataset in ("csv", "parquet", "npz",
-                                                            "image_folder"),
-              "partition", "= \"files\" needs dataset = \"csv\", \"parquet\", \"npz\" or "
-              "\"image_folder\"")
-        check(self.num_classes is None or self.num_classes >= 2, "num_classes",
-              f"must be >= 2, got {self.num_classes}")
 
 
 @dataclass(frozen=True)

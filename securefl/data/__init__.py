@@ -19,6 +19,7 @@ from securefl.data.datasets import (
     load_mnist5k,
     make_synthetic,
     split,
+    take_class_counts,
 )
 from securefl.data.files import FileRecord, load_source
 from securefl.errors import DataError
@@ -118,8 +119,9 @@ def _standardise(train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
 
 def federate(config: DataConfig, *, seed: int,
              source: tuple[Dataset, Dataset | None] | None = None) -> FederatedData:
-    """Load, hold out the test set, partition over ``num_clients`` and split each client's
-    shard into train and validation (``val_fraction``), all from one seeded stream.
+    """Load, hold out the test set, keep ``class_counts`` of each class of the rest (when
+    given), partition over ``num_clients`` and split each client's shard into train and
+    validation (``val_fraction``), all from one seeded stream.
 
     ``source`` replaces the configured dataset with ``(data, test)`` already validated by
     :func:`securefl.data.own.as_dataset`; without ``test``, a stratified ``test_fraction``
@@ -136,6 +138,8 @@ def federate(config: DataConfig, *, seed: int,
         train, test = split(source[0], config.test_fraction, rng=rng)
     else:
         train, test = source  # type: ignore[assignment]
+    if config.class_counts is not None:
+        train = take_class_counts(train, config.class_counts, rng=rng)
     least = config.min_examples
     if config.partition == "iid":
         parts = partition.iid(train.labels, config.num_clients, rng=rng, min_examples=least)

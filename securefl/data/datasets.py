@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from securefl.errors import DataError
+from securefl.errors import ConfigError, DataError
 
 __all__ = ["Dataset", "load_cifar10", "load_idx", "load_mnist", "load_mnist5k", "make_synthetic",
-           "split"]
+           "split", "take_class_counts"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +186,24 @@ def split(dataset: Dataset, fraction: float, *,
     mask = np.ones(len(dataset), dtype=bool)
     mask[held_idx] = False
     return dataset.subset(np.flatnonzero(mask)), dataset.subset(held_idx)
+
+
+def take_class_counts(dataset: Dataset, counts: tuple[int, ...], *,
+                      rng: np.random.Generator) -> Dataset:
+    """``[data] class_counts``: a seeded random ``counts[c]`` of the examples of each class
+    ``c``, kept in their order in ``dataset`` (so a label-sorted partition stays the same
+    function of the kept set).  A list that is not one count per class, or a count above
+    what ``dataset`` holds of its class, is a one-line :class:`ConfigError`."""
+    if len(counts) != dataset.num_classes:
+        raise ConfigError(f"[data] class_counts lists {len(counts)} counts, but dataset "
+                          f"{dataset.name!r} has {dataset.num_classes} classes")
+    held = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    over = [c for c, want in enumerate(counts) if want > held[c]]
+    if over:
+        c = over[0]
+        raise ConfigError(f"[data] class_counts[{c}] = {counts[c]}, but the training split of "
+                          f"{dataset.name!r} holds {held[c]} examples of class {c} "
+                          f"(all classes: {held.tolist()})")
+    keep = [rng.choice(np.flatnonzero(dataset.labels == c), size=want, replace=False)
+            for c, want in enumerate(counts)]
+    return dataset.subset(np.sort(np.concatenate(keep)))
