@@ -29,13 +29,12 @@ import dataclasses
 import itertools
 import json
 import struct
-import types
 import typing
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Any, TypeVar
 
 import numpy as np
 
+from securefl.engine.fields import field_checkers, field_hints, field_names
 from securefl.errors import MessageError
 
 __all__ = [
@@ -102,51 +101,56 @@ def registered() -> dict[str, type]:
 
 
 # ----------------------------------------------------------------------------- encoding
+# The codec's recursion lives in module-level functions and a small reader class, never in
+# nested closures: a recursive closure is a reference cycle, which would keep every frame's
+# blob list (the sender's 400 KB masked input, say) alive until the garbage collector runs.
 def encode(msg: Message) -> bytes:
     """Serialize a registered message into one self-describing frame."""
     blobs: list[bytes | memoryview] = []
     arrays: list[dict[str, Any]] = []
-
-    def tree(value: Any) -> Any:
-        if type(value) is bytes:  # the common leaf of protocol messages
-            blobs.append(value)
-            return {"$b": len(blobs) - 1}
-        if type(value) in _JSON_SCALARS or isinstance(value, _SCALAR_TYPES):
-            return value
-        if isinstance(value, bytes | bytearray):
-            blobs.append(bytes(value))
-            return {"$b": len(blobs) - 1}
-        if isinstance(value, np.ndarray):
-            array = np.ascontiguousarray(value)
-            if array.dtype.str not in _DTYPES:
-                raise MessageError(f"array dtype {array.dtype} cannot be sent")
-            blobs.append(memoryview(array.data).cast("B"))
-            arrays.append({"blob": len(blobs) - 1, "dtype": array.dtype.str,
-                           "shape": list(array.shape)})
-            return {"$a": len(arrays) - 1}
-        if isinstance(value, np.generic):
-            return tree(value.item())
-        if isinstance(value, tuple):
-            return {"$t": [tree(v) for v in value]}
-        if isinstance(value, list):
-            return [tree(v) for v in value]
-        if isinstance(value, dict):
-            for key in value:
-                if type(key) is not str and (not isinstance(key, int | str)
-                                             or isinstance(key, bool)):
-                    raise MessageError(f"dict key {key!r} must be int or str")
-            return {"$m": [[k, tree(v)] for k, v in value.items()]}
-        if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
-            return {"$msg": type(value).__name__, "f": {
-                name: tree(getattr(value, name)) for name in _field_names(type(value))}}
-        raise MessageError(f"cannot encode a value of type {type(value).__name__}")
-
-    body = tree(msg)
+    body = _tree(msg, blobs, arrays)
     if not isinstance(body, dict) or "$msg" not in body:
         raise MessageError("only registered messages can be encoded")
     sizes = [len(b) if isinstance(b, bytes) else b.nbytes for b in blobs]
     header = _HEADER.encode({"body": body, "arrays": arrays, "blobs": sizes}).encode()
     return b"".join([_PREFIX.pack(_MAGIC, WIRE_VERSION, len(header)), header, *blobs])
+
+
+def _tree(value: Any, blobs: list[bytes | memoryview], arrays: list[dict[str, Any]]) -> Any:
+    """The header node of ``value``; its raw bytes go to ``blobs``, its arrays to ``arrays``."""
+    if type(value) is bytes:  # the common leaf of protocol messages
+        blobs.append(value)
+        return {"$b": len(blobs) - 1}
+    if type(value) in _JSON_SCALARS or isinstance(value, _SCALAR_TYPES):
+        return value
+    if isinstance(value, bytes | bytearray):
+        blobs.append(bytes(value))
+        return {"$b": len(blobs) - 1}
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        if array.dtype.str not in _DTYPES:
+            raise MessageError(f"array dtype {array.dtype} cannot be sent")
+        blobs.append(memoryview(array.data).cast("B"))
+        arrays.append({"blob": len(blobs) - 1, "dtype": array.dtype.str,
+                       "shape": list(array.shape)})
+        return {"$a": len(arrays) - 1}
+    if isinstance(value, np.generic):
+        return _tree(value.item(), blobs, arrays)
+    if isinstance(value, tuple):
+        return {"$t": [_tree(v, blobs, arrays) for v in value]}
+    if isinstance(value, list):
+        return [_tree(v, blobs, arrays) for v in value]
+    if isinstance(value, dict):
+        for key in value:
+            if type(key) is not str and (not isinstance(key, int | str)
+                                         or isinstance(key, bool)):
+                raise MessageError(f"dict key {key!r} must be int or str")
+        return {"$m": [[k, _tree(v, blobs, arrays)] for k, v in value.items()]}
+    if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
+        return {"$msg": type(value).__name__, "f": {
+            name: _tree(getattr(value, name), blobs, arrays)
+            for name in field_names(type(value))}}
+    raise MessageError(f"cannot encode a value of type {type(value).__name__}")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -188,32 +192,59 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
         raise MessageError("truncated message header")
     try:
         header = json.loads(str(view[_PREFIX.size:start], "utf-8"))
-        sizes = [s for s in header["blobs"] if isinstance(s, int) and not isinstance(s, bool)]
+        sizes = header["blobs"]
         arrays = header["arrays"]
         body = header["body"]
-        well_formed = len(sizes) == len(header["blobs"]) and isinstance(arrays, list)
+        # json.loads makes ints of exact type int (a bool is not a size)
+        well_formed = (type(sizes) is list and set(map(type, sizes)) <= {int}
+                       and type(arrays) is list)
     except (ValueError, KeyError, TypeError, RecursionError):
         raise MessageError("malformed message header") from None
     if not well_formed:
         raise MessageError("malformed message header")
-    if any(s < 0 for s in sizes) or start + sum(sizes) != view.nbytes:
+    if (sizes and min(sizes) < 0) or start + sum(sizes) != view.nbytes:
         raise MessageError("message length does not match its header")
-    offsets = list(itertools.accumulate(sizes, initial=start))
-    count = len(sizes)
+    msg = _Reader(frame, view, list(itertools.accumulate(sizes, initial=start)),
+                  arrays).build(body, 0)
+    if not isinstance(msg, Message):
+        raise MessageError("message body is not a message")
+    if expect is not None and not isinstance(msg, expect):
+        raise MessageError(f"expected {expect.__name__}, got {type(msg).__name__}")
+    return msg  # type: ignore[return-value]
 
-    def blob(index: Any) -> memoryview:
-        if not isinstance(index, int) or not 0 <= index < count:
+
+class _Reader:
+    """The values of one frame's header tree: blob ``i`` spans ``offsets[i]:offsets[i + 1]``
+    of ``view``; ``arrays`` is the header's array table."""
+
+    __slots__ = ("arrays", "count", "offsets", "view", "whole")
+
+    def __init__(self, frame: bytes | bytearray | memoryview, view: memoryview,
+                 offsets: list[int], arrays: list[Any]) -> None:
+        self.view, self.offsets, self.arrays = view, offsets, arrays
+        self.count = len(offsets) - 1
+        self.whole = frame if type(frame) is bytes else None  # a slice of it copies once
+
+    def blob(self, index: Any) -> memoryview:
+        if not isinstance(index, int) or not 0 <= index < self.count:
             raise MessageError("message refers to a missing blob")
-        return view[offsets[index]:offsets[index + 1]]
+        return self.view[self.offsets[index]:self.offsets[index + 1]]
 
-    def array(index: Any) -> np.ndarray:
-        if not isinstance(index, int) or not 0 <= index < len(arrays):
+    def blob_bytes(self, index: Any) -> bytes:
+        if not isinstance(index, int) or not 0 <= index < self.count:
+            raise MessageError("message refers to a missing blob")
+        if self.whole is not None:
+            return self.whole[self.offsets[index]:self.offsets[index + 1]]
+        return bytes(self.view[self.offsets[index]:self.offsets[index + 1]])
+
+    def array(self, index: Any) -> np.ndarray:
+        if not isinstance(index, int) or not 0 <= index < len(self.arrays):
             raise MessageError("message refers to a missing array")
-        spec = arrays[index]
+        spec = self.arrays[index]
         try:
             dtype = np.dtype(spec["dtype"]) if spec["dtype"] in _DTYPES else None
             shape = tuple(spec["shape"])
-            raw = blob(spec["blob"])
+            raw = self.blob(spec["blob"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError("malformed array description") from exc
         if dtype is None:
@@ -228,7 +259,10 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
             raise MessageError("array shape does not match its bytes")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
-    def build(node: Any, depth: int = 0) -> Any:
+    def items(self, nodes: list[Any], depth: int) -> list[Any]:
+        return [v if type(v) in _JSON_SCALARS else self.build(v, depth) for v in nodes]
+
+    def build(self, node: Any, depth: int) -> Any:
         kind = type(node)  # json.loads makes exactly these types, never subclasses
         if kind in _JSON_SCALARS:
             return node
@@ -236,117 +270,50 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
             raise MessageError(f"message nests deeper than {MAX_DEPTH} levels")
         depth += 1
         if kind is list:
-            return [build(v, depth) for v in node]
+            return self.items(node, depth)
         if kind is dict and len(node) in (1, 2):
             if "$b" in node:
-                return bytes(blob(node["$b"]))
+                return self.blob_bytes(node["$b"])
             if "$a" in node:
-                return array(node["$a"])
-            if "$t" in node and isinstance(node["$t"], list):
-                return tuple(build(v, depth) for v in node["$t"])
-            if "$m" in node and isinstance(node["$m"], list):
-                out = {}
-                for pair in node["$m"]:
-                    if not (type(pair) is list and len(pair) == 2
-                            and type(pair[0]) in _KEY_TYPES):
-                        raise MessageError("malformed dict entry")
-                    out[pair[0]] = build(pair[1], depth)
-                return out
-            if "$msg" in node and isinstance(node.get("f"), dict):
-                return _construct(node["$msg"],
-                                  {k: build(v, depth) for k, v in node["f"].items()})
+                return self.array(node["$a"])
+            if "$t" in node and type(node["$t"]) is list:
+                return tuple(self.items(node["$t"], depth))
+            if "$m" in node and type(node["$m"]) is list:
+                return self.entries(node["$m"], depth)
+            if "$msg" in node and type(node.get("f")) is dict:
+                fields = node["f"]
+                return _construct(node["$msg"], dict(zip(
+                    fields, self.items(list(fields.values()), depth), strict=True)))
         raise MessageError("malformed message body")
 
-    msg = build(body)
-    if not isinstance(msg, Message):
-        raise MessageError("message body is not a message")
-    if expect is not None and not isinstance(msg, expect):
-        raise MessageError(f"expected {expect.__name__}, got {type(msg).__name__}")
-    return msg  # type: ignore[return-value]
+    def entries(self, pairs: list[Any], depth: int) -> dict[Any, Any]:
+        """A ``$m`` node's dict; a ``{"$b": i}`` value (the common one) is read inline."""
+        out = {}
+        for pair in pairs:
+            if not (type(pair) is list and len(pair) == 2 and type(pair[0]) in _KEY_TYPES):
+                raise MessageError("malformed dict entry")
+            key, value = pair
+            kind = type(value)
+            if kind is dict and len(value) == 1 and "$b" in value and depth < MAX_DEPTH:
+                out[key] = self.blob_bytes(value["$b"])
+            else:
+                out[key] = value if kind in _JSON_SCALARS else self.build(value, depth)
+        return out
 
 
 def _construct(name: Any, fields: dict[str, Any]) -> Message:
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
         raise MessageError(f"unknown message type {str(name)[:64]!r}")
-    hints = _hints(cls)
-    if set(fields) != set(hints):
+    hints = field_hints(cls)
+    if fields.keys() != hints.keys():
         raise MessageError(f"{name}: fields {sorted(fields)[:16]} do not match "
                            f"{sorted(hints)}")
-    checkers = _checkers(cls)
+    checkers = field_checkers(cls, message=Message)
     for key, value in fields.items():
         if not checkers[key](value):
             raise MessageError(f"{name}.{key} has the wrong type ({type(value).__name__})")
     return cls(**fields)
-
-
-_HINT_CACHE: dict[type, dict[str, Any]] = {}
-_CHECKER_CACHE: dict[type, dict[str, Callable[[Any], bool]]] = {}
-_FIELD_CACHE: dict[type, tuple[str, ...]] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    if cls not in _FIELD_CACHE:
-        _FIELD_CACHE[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return _FIELD_CACHE[cls]
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINT_CACHE:
-        hints = typing.get_type_hints(cls)
-        _HINT_CACHE[cls] = {name: hints[name] for name in _field_names(cls)}
-    return _HINT_CACHE[cls]
-
-
-def _checkers(cls: type) -> dict[str, Callable[[Any], bool]]:
-    if cls not in _CHECKER_CACHE:
-        _CHECKER_CACHE[cls] = {name: _checker(hint) for name, hint in _hints(cls).items()}
-    return _CHECKER_CACHE[cls]
-
-
-def _checker(hint: Any) -> Callable[[Any], bool]:
-    """The structural check of a value against ``hint``, built once per annotation: an
-    ``int`` is never a ``bool``, a ``float`` field accepts ints, containers are checked
-    element by element, and anything unlisted is rejected."""
-    if hint is Any:
-        return lambda value: True
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        options = tuple(_checker(h) for h in args)
-        return lambda value: any(check(value) for check in options)
-    if hint is None or hint is type(None):
-        return lambda value: value is None
-    if hint is float:
-        return lambda value: isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return lambda value: isinstance(value, int) and not isinstance(value, bool)
-    if hint in (bool, str, bytes, np.ndarray):
-        return lambda value: isinstance(value, hint)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            each = _every(args[0])
-            return lambda value: isinstance(value, tuple) and each(value)
-        fixed = tuple(_checker(a) for a in args)
-        return lambda value: isinstance(value, tuple) and len(value) == len(fixed) and all(
-            check(v) for check, v in zip(fixed, value, strict=True))
-    if origin is list:
-        each = _every(args[0] if args else Any)
-        return lambda value: isinstance(value, list) and each(value)
-    if origin is dict:
-        keys, values = (_every(a) for a in (args or (Any, Any)))
-        return lambda value: isinstance(value, dict) and keys(value) and values(
-            value.values())
-    if isinstance(hint, type) and issubclass(hint, Message):
-        return lambda value: isinstance(value, hint)
-    return lambda value: False
-
-
-def _every(hint: Any) -> Callable[[Iterable[Any]], bool]:
-    """``all(check(v) for v in values)``; a plain ``isinstance`` for the common leaf types."""
-    if hint in (str, bytes, np.ndarray):
-        return lambda values: all(isinstance(v, hint) for v in values)
-    check = _checker(hint)
-    return lambda values: all(check(v) for v in values)
 
 
 # ----------------------------------------------------------------------------- engine messages

@@ -52,6 +52,7 @@ from securefl.secagg.keys import (
     consistency_body,
     decrypt_shares,
     encrypt_shares,
+    opens,
     pairwise_mask_key,
     participants_digest,
     private_bytes,
@@ -223,8 +224,7 @@ class SecAggClientRound:
             reveals = unpack(self._u1, request.reveals)
         except ValueError:
             raise self._abort("malformed reveals") from None
-        if any(commitment(self._base, "graph", v, r) != self._commitments[v]
-               for v, r in reveals.items()):
+        if not opens(self._base, "graph", reveals, self._commitments):
             raise self._abort("the reveals do not open the commitment set")
         seed = graph_seed(self._base.info("graph-seed"), reveals)
         self._scope = self._base.with_graph(seed)

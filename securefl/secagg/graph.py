@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import struct
 from collections.abc import Mapping, Sequence
+
+from securefl.secagg.prg import encoded_id
 
 __all__ = ["auto_neighbours", "degree", "graph_seed", "harary_graph", "neighbourhood", "ring",
            "threshold_for"]
@@ -53,11 +54,8 @@ def graph_seed(context: bytes, reveals: Mapping[str, bytes]) -> bytes:
     requires every committed value to be revealed, the server cannot drop or swap reveals
     after seeing them (commit-then-reveal coin tossing, Blum 1981).
     """
-    digest = hashlib.sha256(context)
-    for client_id in sorted(reveals):
-        raw = client_id.encode()
-        digest.update(struct.pack(">H", len(raw)) + raw + reveals[client_id])
-    return digest.digest()
+    return hashlib.sha256(context + b"".join(
+        encoded_id(client_id) + reveals[client_id] for client_id in sorted(reveals))).digest()
 
 
 def ring(client_ids: Sequence[str], seed: bytes) -> list[str]:

@@ -29,8 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -47,7 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from securefl.errors import ProtocolAbort
-from securefl.secagg.prg import derive_key, prg_key
+from securefl.secagg.prg import derive_key, encoded_id, info_with_prefix, prg_key
 from securefl.secagg.scope import Scope
 
 __all__ = [
@@ -62,6 +61,7 @@ __all__ = [
     "encrypt_shares",
     "generate_identity",
     "identity_public_bytes",
+    "opens",
     "pairwise_mask_key",
     "participants_digest",
     "private_bytes",
@@ -95,16 +95,22 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
 
 def participants_digest(participants: Sequence[str]) -> bytes:
     """``SHA-256`` of the sorted participant list (length-prefixed ids), signed in adverts."""
-    digest = hashlib.sha256(b"securefl/secagg/participants\x00")
-    for client_id in sorted(participants):
-        raw = client_id.encode()
-        digest.update(struct.pack(">H", len(raw)) + raw)
-    return digest.digest()
+    return hashlib.sha256(info_with_prefix(b"securefl/secagg/participants\x00",
+                                           *sorted(participants))).digest()
 
 
 def commitment(scope: Scope, label: str, client_id: str, value: bytes) -> bytes:
     """``SHA-256(info(label, u) || value)``: hiding for a 256-bit random ``value``, binding."""
     return hashlib.sha256(scope.info(label, client_id) + value).digest()
+
+
+def opens(scope: Scope, label: str, values: Mapping[str, bytes],
+          commitments: Mapping[str, bytes]) -> bool:
+    """Whether every ``values[u]`` opens ``commitments[u]`` (:func:`commitment`): one
+    SHA-256 each, the ``info`` prefix built once."""
+    prefix, sha256 = scope.info(label), hashlib.sha256
+    return all(sha256(prefix + encoded_id(u) + value).digest() == commitments[u]
+               for u, value in values.items())
 
 
 def advert_body(scope: Scope, *, client_id: str, participants: bytes, c_public: bytes,

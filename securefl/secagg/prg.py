@@ -37,6 +37,7 @@ __all__ = [
     "WIRE_VERSION",
     "add_masks",
     "derive_key",
+    "encoded_id",
     "info",
     "info_prefix",
     "info_with_prefix",
@@ -75,7 +76,7 @@ def info_prefix(label: str, scope: bytes) -> bytes:
 
 def info_with_prefix(prefix: bytes, *client_ids: str) -> bytes:
     """:func:`info` from its :func:`info_prefix`."""
-    return prefix + b"".join(map(_encoded_id, client_ids))
+    return prefix + b"".join(map(encoded_id, client_ids))
 
 
 @functools.lru_cache(maxsize=64)
@@ -84,7 +85,7 @@ def _label(label: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _encoded_id(client_id: str) -> bytes:
+def encoded_id(client_id: str) -> bytes:
     """``len (u16 BE) || id``: public, and asked for thousands of times per round."""
     raw = client_id.encode()
     if len(raw) > 0xFFFF:
