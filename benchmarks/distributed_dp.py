@@ -117,7 +117,7 @@ def released_noise(settings: DistributedSettings, dimension: int, rounds: int = 
         updates *= settings.clip_norm / np.linalg.norm(updates, axis=1, keepdims=True)
         total = np.zeros(padded_dimension(dimension), dtype=np.int64)
         for row in updates:
-            total += encoding.encode(Update(row.astype(np.float32), 1.0), seed=seed)
+            total += encoding.encode(Update(row.astype(np.float32), 1.0), seed=seed)[0]
         decoded, _ = encoding.decode(total & ((1 << settings.bits) - 1), seed=seed,
                                      survivors=settings.expected_cohort, dimension=dimension)
         errors.append(decoded - updates.astype(np.float32).sum(axis=0))
@@ -230,7 +230,7 @@ def client_cost(dimension: int, bits: int, cohort: int, repeats: int) -> dict[st
         rotated_at = time.process_time()
         rounded = encoding.round_to_integers(rotated, plan.l2)
         rounded_at = time.process_time()
-        noisy = rounded + encoding.noise_share(dimension)
+        noisy = rounded + encoding.noise_share(dimension)[0]
         words = (noisy & ((1 << bits) - 1)).astype(word_dtype(bits))
         noised_at = time.process_time()
         add_masks(words, keys)

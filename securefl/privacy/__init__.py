@@ -295,6 +295,12 @@ def distributed_settings(config: Config, num_clients: int) -> Any:
     if minimum > expected:
         raise ConfigError(f"[privacy] min_cohort = {minimum} must be <= expected_cohort "
                           f"({expected})")
+    levels = (privacy.noise_levels if privacy.noise_levels is not None
+              else (expected,) if expected > minimum else ())
+    bounds = (minimum, *levels)
+    if any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)) or max(bounds) > expected:
+        raise ConfigError(f"[privacy] noise_levels = {list(levels)} must increase strictly "
+                          f"within (min_cohort, expected_cohort] = ({minimum}, {expected}]")
     quantile = privacy.participation_quantile
     steps = calibrated_participations(
         rounds=config.run.rounds, rate=per_round / num_clients,
@@ -302,7 +308,8 @@ def distributed_settings(config: Config, num_clients: int) -> Any:
     return DistributedSettings(
         target_epsilon=float(privacy.target_epsilon),  # type: ignore[arg-type]
         delta=privacy.delta, steps=steps, clip_norm=privacy.clip_norm, bits=privacy.bits,
-        expected_cohort=expected, min_cohort=minimum, colluding_sites=privacy.colluding_sites)
+        expected_cohort=expected, min_cohort=minimum, colluding_sites=privacy.colluding_sites,
+        levels=tuple(levels))
 
 
 def _distributed(config: Config, path: Path | str, client_ids: Sequence[str],
