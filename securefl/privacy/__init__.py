@@ -15,6 +15,7 @@ reproducible randomness unless ``secure_mode = true``.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import math
 import secrets
@@ -298,7 +299,7 @@ def distributed_settings(config: Config, num_clients: int) -> Any:
     levels = (privacy.noise_levels if privacy.noise_levels is not None
               else (expected,) if expected > minimum else ())
     bounds = (minimum, *levels)
-    if any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)) or max(bounds) > expected:
+    if any(b <= a for a, b in itertools.pairwise(bounds)) or max(bounds) > expected:
         raise ConfigError(f"[privacy] noise_levels = {list(levels)} must increase strictly "
                           f"within (min_cohort, expected_cohort] = ({minimum}, {expected}]")
     quantile = privacy.participation_quantile

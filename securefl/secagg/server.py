@@ -338,9 +338,10 @@ class SecAggServerRound:
             if holder not in self._revealers or not isinstance(msg, SecAggUnmaskReply):
                 self._reject(holder, "expected a SecAggUnmaskReply")
                 continue
-            if len(msg.excess) != allowed or any(len(s) != 32 for s in msg.excess):
-                self._reject(holder, f"unmask reply with {len(msg.excess)} excess seeds, "
-                             f"expected {allowed} of 32 bytes")
+            sizes = sorted({len(s) for s in msg.excess})
+            if len(msg.excess) != allowed or sizes not in ([], [32]):
+                self._reject(holder, f"unmask reply with {len(msg.excess)} excess seeds of "
+                             f"{sizes[:3]} bytes, expected {allowed} of 32 bytes")
                 continue
             removed.append(msg.excess)
             self._collect_points(holder, msg, seed_points, key_points)
