@@ -111,16 +111,16 @@ class SkellamPlan:
         steps = itertools.pairwise((low, *self.levels))
         return tuple(self.variance / (a - k) - self.variance / (b - k) for a, b in steps)
 
-    def remaining_variance(self, survivors: int) -> float:
-        """The honest noise left after removal, ``(u - k) mu / (l_J - k)`` (``>= mu``)."""
+    def released_variance(self, survivors: int) -> float:
+        """The noise in the released sum of ``u`` survivors after removal: ``u mu / (l_J -
+        k)``, ``l_J`` the highest level ``<= u`` (``l_0 = n_min``)."""
         top = (self.shares + self.colluding_sites,
                *self.levels)[_removable(self.levels, survivors)]
-        return (survivors - self.colluding_sites) * self.variance / (top - self.colluding_sites)
+        return survivors * self.variance / (top - self.colluding_sites)
 
-    def event(self) -> PrivacyEvent:
-        """One round, as the ledger charges it: ``z = sqrt(mu) / Delta_2``."""
-        return PrivacyEvent("skellam", math.sqrt(self.variance) / self.l2, 1.0, 1,
-                            l1_sensitivity=self.l1, l2_sensitivity=self.l2)
+    def remaining_variance(self, survivors: int) -> float:
+        """Less the ``k`` colluders' shares: ``(u - k) mu / (l_J - k) >= mu``."""
+        return self.released_variance(survivors) * (1 - self.colluding_sites / survivors)
 
 
 @dataclass(frozen=True)
