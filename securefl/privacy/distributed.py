@@ -122,6 +122,12 @@ class SkellamPlan:
         """Less the ``k`` colluders' shares: ``(u - k) mu / (l_J - k) >= mu``."""
         return self.released_variance(survivors) * (1 - self.colluding_sites / survivors)
 
+    def event(self) -> PrivacyEvent:
+        """One round, as the ledger charges it: ``z = sqrt(mu) / Delta_2`` whatever the
+        survivors and the levels removed (the honest noise left is always ``>= mu``)."""
+        return PrivacyEvent("skellam", math.sqrt(self.variance) / self.l2, 1.0, 1,
+                            l1_sensitivity=self.l1, l2_sensitivity=self.l2)
+
 
 @dataclass(frozen=True)
 class DistributedSettings:

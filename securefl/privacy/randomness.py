@@ -111,17 +111,18 @@ class SecureRandom:
         """``count`` uniform 64-bit words (little-endian) of one fresh keystream."""
         key = self.seed()
         stream = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-        buffer = bytearray(8 * count + 15)  # update_into needs block_size - 1 spare bytes
+        # update_into needs block_size - 1 spare bytes; every byte is overwritten, so the
+        # buffer need not be zeroed first
+        buffer = np.empty(8 * count + 15, np.uint8)
         stream.update_into(bytes(8 * count), buffer)
-        return np.frombuffer(buffer, dtype="<u8", count=count)
+        return buffer[:8 * count].view("<u8")
 
     def uniform(self, count: int) -> np.ndarray:
         """``count`` doubles ``k 2^-53``, ``k`` uniform in ``[0, 2^53)``."""
         words = self.words(count)
-        words >>= np.uint64(11)
-        out = words.astype(np.float64)
-        out *= 2.0 ** -53
-        return out
+        words >>= np.uint64(11)  # now below 2^53: exact as int64 and as float64
+        out = np.empty(count, np.float64)
+        return np.multiply(words.view(np.int64), 2.0 ** -53, out=out)
 
     def gaussian(self, count: int, std: float) -> torch.Tensor:
         """``count`` draws of ``N(0, std^2)`` (float64): ``std / 2 * (g1 + g2 + g3 + g4)``
