@@ -277,6 +277,10 @@ def test_noise_levels_are_validated_in_one_line_naming_the_field():
     default = distributed_settings(config_from_dict(base).replace(server__clients_per_round=20),
                                    100)
     assert default.levels == (20,)  # default: the expected cohort
+    no_dropouts = config_from_dict({**base, "privacy": {**base["privacy"], "min_cohort": 20}})
+    assert distributed_settings(no_dropouts, 100).levels == ()  # nothing above min_cohort
+    # the levels are part of what every party must agree on (the SecAgg+ federation id)
+    assert SkellamEncoding(settings()).agreed != SkellamEncoding(settings(levels=(8,))).agreed
 
 
 def test_the_seeded_stream_is_aes_ctr_under_hkdf_keys_per_request():
