@@ -66,6 +66,7 @@ GAUSSIAN_SUMMANDS = 4
 _KEY_BYTES = 32
 _ZERO_COUNTER = bytes(16)  # every key is fresh, so the counter may start at zero
 _SEEDED_INFO = b"securefl/privacy/seeded-stream/v1"
+_ZEROS = bytes(1 << 20)  # the plaintext of every keystream, a chunk at a time
 
 
 class _SeededKeys:
@@ -111,11 +112,16 @@ class SecureRandom:
         """``count`` uniform 64-bit words (little-endian) of one fresh keystream."""
         key = self.seed()
         stream = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-        # update_into needs block_size - 1 spare bytes; every byte is overwritten, so the
-        # buffer need not be zeroed first
-        buffer = np.empty(8 * count + 15, np.uint8)
-        stream.update_into(bytes(8 * count), buffer)
-        return buffer[:8 * count].view("<u8")
+        # the keystream is AES-CTR over zeros, encrypted from one shared zero chunk; update_into
+        # needs block_size - 1 spare bytes past each chunk (the next chunk overwrites them),
+        # and every byte is written, so the buffer need not be zeroed first
+        size = 8 * count
+        buffer = np.empty(size + 15, np.uint8)
+        view, zeros = memoryview(buffer), memoryview(_ZEROS)
+        for start in range(0, size, len(_ZEROS)):
+            end = min(size, start + len(_ZEROS))
+            stream.update_into(zeros[:end - start], view[start:end + 15])
+        return buffer[:size].view("<u8")
 
     def uniform(self, count: int) -> np.ndarray:
         """``count`` doubles ``k 2^-53``, ``k`` uniform in ``[0, 2^53)``."""

@@ -294,5 +294,11 @@ def test_the_seeded_stream_is_aes_ctr_under_hkdf_keys_per_request():
         stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
         assert words.tobytes() == stream.update(bytes(32))
     assert np.array_equal(SecureRandom.seeded(seed).words(4), first)
+    # a request of several keystream chunks (1 MiB each) is one continuous CTR stream
+    long = SecureRandom.seeded(seed).words(300_001)
+    stream = Cipher(algorithms.AES(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                                        info=b"securefl/privacy/seeded-stream/v1" + bytes(8)
+                                        ).derive(seed)), modes.CTR(bytes(16))).encryptor()
+    assert long.tobytes() == stream.update(bytes(8 * 300_001))
     with pytest.raises(ValueError, match="32 bytes"):
         SecureRandom.seeded(b"short")
