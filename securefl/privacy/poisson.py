@@ -1,7 +1,10 @@
 """Exact Poisson and Skellam sampling on CSPRNG uniforms (the sites' distributed-DP noise).
 
 Every uniform comes from :class:`~securefl.privacy.randomness.SecureRandom` (AES-256-CTR
-under a fresh ``os.urandom`` key per request), never from a seeded generator.
+under a fresh ``os.urandom`` key per request; for distributed DP's removable excess noise,
+:meth:`~securefl.privacy.randomness.SecureRandom.seeded`, the same cipher keyed by HKDF from
+a fresh ``os.urandom`` seed that is revealed only to remove that noise), never from a
+statistical generator.
 
 * ``lam >= 10``: Hoermann's transformed rejection with squeeze, PTRS ("The transformed
   rejection method for generating Poisson random variables", Insurance: Mathematics and
