@@ -167,7 +167,10 @@ def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: li
         central, distributed = (c.replace(run__rounds=rounds) for c in (central, distributed))
     out: dict[str, Any] = {"central_dp_fedavg": _runs(central, seeds, repeats)}
     for min_cohort in min_cohorts or [int(distributed.privacy.min_cohort or 0)]:
-        config = distributed.replace(privacy__min_cohort=min_cohort)
+        # the example's noise levels that lie above this minimum cohort
+        levels = tuple(level for level in distributed.privacy.noise_levels or ()
+                       if level > min_cohort)
+        config = distributed.replace(privacy__min_cohort=min_cohort, privacy__noise_levels=levels)
         result = _runs(config, seeds, repeats)
         result["noise"] = noise(central, config)
         result.update(_paired(out["central_dp_fedavg"], result))

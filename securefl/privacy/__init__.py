@@ -341,7 +341,8 @@ def _distributed(config: Config, path: Path | str, client_ids: Sequence[str],
             mechanism="distributed Skellam (Agarwal, Kairouz and Liu 2021) under SecAgg+",
             bits=settings.bits, expected_cohort=settings.expected_cohort,
             min_cohort=settings.min_cohort, colluding_sites=settings.colluding_sites,
-            calibrated_rounds=settings.steps, skellam_scale=plan.scale,
+            noise_levels=list(settings.levels), calibrated_rounds=settings.steps,
+            skellam_scale=plan.scale,
             skellam_variance=plan.variance, l1_sensitivity=plan.l1, l2_sensitivity=plan.l2,
             overflow_bound=plan.overflow)
         setup.events[client_id] = event
