@@ -117,7 +117,7 @@ class SecureRandom:
         # and every byte is written, so the buffer need not be zeroed first
         size = 8 * count
         buffer = np.empty(size + 15, np.uint8)
-        view, zeros = memoryview(buffer), memoryview(_ZEROS)
+        view, zeros = buffer.data, memoryview(_ZEROS)
         for start in range(0, size, len(_ZEROS)):
             end = min(size, start + len(_ZEROS))
             stream.update_into(zeros[:end - start], view[start:end + 15])
