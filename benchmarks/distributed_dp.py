@@ -14,17 +14,20 @@
   the last 5 rounds; the paired difference (central - distributed, per seed) and its
   standard error; and ``noise``: the central ``z`` and the distributed one in the same units
   (std of the noise in the released sum over ``C``: at exactly ``min_cohort`` survivors less
-  ``colluding_sites``, what the ledger charges, and with the whole cohort, what the model
-  carries, both from the plan, and the latter measured on one round's decoded sum), with
-  their ratio.
+  ``colluding_sites``, what the ledger charges, and with the whole cohort after the
+  removal of the excess noise of its ``noise_levels``, what the model carries, both from the
+  plan, and the latter measured on decoded sums), with their ratio to the central one.
 * ``upload``: bytes a site uploads per round (the masked words) over ``4 d`` float32 bytes,
   at ``d = --dimension`` and for the quickstart model.
 * ``client_cost``: one site's rotation, rounding, noise and masking at ``d = --dimension``
   for a cohort of ``--cohort`` (masks: its self mask and one pairwise mask per SecAgg+
-  neighbour, ``k`` from :func:`securefl.secagg.graph.auto_neighbours`); medians over
-  ``--cost-repeats`` in ms of the process's CPU time (one core's work: the steps are
-  single-threaded numpy and OpenSSL, so a shared machine's wall time, ``total_wall``,
-  mostly measures the other processes).
+  neighbour, ``k`` from :func:`securefl.secagg.graph.auto_neighbours`), with one noise
+  level at the cohort (``ms``: one excess Skellam vector more) and without levels
+  (``ms_without_levels``); medians over ``--cost-repeats`` in ms of the process's CPU time
+  (one core's work: the steps are single-threaded numpy and OpenSSL, so a shared machine's
+  wall time, ``total_wall``, mostly measures the other processes).
+* ``server_removal``: the server's extra CPU time to regenerate and subtract the excess
+  components of ``--cohort`` sites at the example's model size.
 
 Prints one JSON document.  ``--seeds ""`` skips the accuracy runs.
 """
@@ -90,7 +93,7 @@ def noise(central: Config, distributed: Config) -> dict[str, Any]:
     plan = settings.plan(size)
     unit = plan.scale * settings.clip_norm  # integer units per C
     charged = math.sqrt(plan.variance) / unit
-    full = math.sqrt(plan.share_variance * settings.expected_cohort) / unit
+    full = math.sqrt(plan.released_variance(settings.expected_cohort)) / unit
     # randomized rounding adds at most 1/4 variance per coordinate and site, unaccounted
     rounding = math.sqrt(settings.expected_cohort / 4) / unit
     measured = released_noise(settings, size)
@@ -98,7 +101,7 @@ def noise(central: Config, distributed: Config) -> dict[str, Any]:
             "distributed_z_measured": measured, "ratio_measured": measured / z,
             "distributed_z_at_min_cohort": charged, "distributed_z_full_cohort": full,
             "distributed_rounding_std_bound": rounding, "min_cohort": settings.min_cohort,
-            "colluding_sites": settings.colluding_sites,
+            "colluding_sites": settings.colluding_sites, "noise_levels": list(settings.levels),
             "ratio_at_min_cohort": charged / z, "ratio_full_cohort": full / z,
             "skellam_scale": plan.scale, "skellam_variance": plan.variance, "dimension": size}
 
@@ -106,7 +109,8 @@ def noise(central: Config, distributed: Config) -> dict[str, Any]:
 def released_noise(settings: DistributedSettings, dimension: int, rounds: int = 10) -> float:
     """The std over ``C`` of what one round's decoded sum holds beyond the exact sum of the
     clipped updates: ``expected_cohort`` sites encode (clip, rotate, round, add their CSPRNG
-    share, wrap; the masks cancel in the sum), the words are summed in ``Z_{2^b}`` and
+    share, wrap; the masks cancel in the sum), the words are summed in ``Z_{2^b}``, every
+    site's excess seeds of the levels ``<= expected_cohort`` are removed and the sum is
     decoded; pooled over ``rounds`` rounds of ``dimension`` coordinates."""
     encoding = SkellamEncoding(settings)
     rng = np.random.default_rng(0)  # the updates only; noise and rounding from the CSPRNG
@@ -116,10 +120,15 @@ def released_noise(settings: DistributedSettings, dimension: int, rounds: int = 
         updates = rng.normal(0, 1, (settings.expected_cohort, dimension))
         updates *= settings.clip_norm / np.linalg.norm(updates, axis=1, keepdims=True)
         total = np.zeros(padded_dimension(dimension), dtype=np.int64)
+        revealed = encoding.removable(settings.expected_cohort)
+        removed = []
         for row in updates:
-            total += encoding.encode(Update(row.astype(np.float32), 1.0), seed=seed)
+            words, seeds = encoding.encode(Update(row.astype(np.float32), 1.0), seed=seed)
+            total += words
+            removed.append(seeds[:revealed])
         decoded, _ = encoding.decode(total & ((1 << settings.bits) - 1), seed=seed,
-                                     survivors=settings.expected_cohort, dimension=dimension)
+                                     survivors=settings.expected_cohort, dimension=dimension,
+                                     removed=removed)
         errors.append(decoded - updates.astype(np.float32).sum(axis=0))
     return float(np.std(np.concatenate(errors)) / settings.clip_norm)
 
@@ -158,7 +167,10 @@ def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: li
         central, distributed = (c.replace(run__rounds=rounds) for c in (central, distributed))
     out: dict[str, Any] = {"central_dp_fedavg": _runs(central, seeds, repeats)}
     for min_cohort in min_cohorts or [int(distributed.privacy.min_cohort or 0)]:
-        config = distributed.replace(privacy__min_cohort=min_cohort)
+        # the example's noise levels that lie above this minimum cohort
+        levels = tuple(level for level in distributed.privacy.noise_levels or ()
+                       if level > min_cohort)
+        config = distributed.replace(privacy__min_cohort=min_cohort, privacy__noise_levels=levels)
         result = _runs(config, seeds, repeats)
         result["noise"] = noise(central, config)
         result.update(_paired(out["central_dp_fedavg"], result))
@@ -189,10 +201,11 @@ def _paired(central: dict[str, Any], distributed: dict[str, Any]) -> dict[str, A
             "difference_last5_pp": 100 * (central["mean_last5"] - distributed["mean_last5"])}
 
 
-def _settings(bits: int, cohort: int) -> DistributedSettings:
+def _settings(bits: int, cohort: int, levels: tuple[int, ...] = ()) -> DistributedSettings:
     return DistributedSettings(target_epsilon=8.0, delta=1e-5, steps=6, clip_norm=1.0,
                                bits=bits, expected_cohort=cohort,
-                               min_cohort=max(1, cohort * 4 // 5))
+                               min_cohort=max(1, cohort * 4 // 5), colluding_sites=1,
+                               levels=levels)
 
 
 def upload(dimension: int, bits: int) -> dict[str, Any]:
@@ -213,15 +226,28 @@ def upload(dimension: int, bits: int) -> dict[str, Any]:
 
 
 def client_cost(dimension: int, bits: int, cohort: int, repeats: int) -> dict[str, Any]:
-    settings = _settings(bits, cohort)
-    encoding = SkellamEncoding(settings)
+    """One site's steps with the default noise level (``[cohort]``: one excess component)
+    and without levels (``ms_without_levels``)."""
+    settings = _settings(bits, cohort, (cohort,))
     plan = settings.plan(dimension)
     k = degree(cohort, neighbours=auto_neighbours(cohort))
+    return {"dimension": dimension, "cohort": cohort, "neighbours": k, "bits": bits,
+            "scale": plan.scale, "variance": plan.variance, "noise_levels": list(settings.levels),
+            "ms": _site_cost(settings, dimension, k, repeats),
+            "ms_without_levels": _site_cost(_settings(bits, cohort), dimension, k, repeats),
+            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+
+
+def _site_cost(settings: DistributedSettings, dimension: int, neighbours: int,
+               repeats: int) -> dict[str, float]:
+    encoding = SkellamEncoding(settings)
+    plan = settings.plan(dimension)
+    bits = settings.bits
     rng = np.random.default_rng(0)
     delta = rng.normal(0, 1, dimension).astype(np.float32)
     delta *= np.float32(0.9 / np.linalg.norm(delta))
     seed = os.urandom(32)
-    keys = [(os.urandom(16), 1 if i % 2 else -1) for i in range(k + 1)]
+    keys = [(os.urandom(16), 1 if i % 2 else -1) for i in range(neighbours + 1)]
     parts: dict[str, list[float]] = {name: [] for name in ("rotate", "round", "noise", "mask",
                                                             "total", "total_wall")}
     for _ in range(repeats):
@@ -230,7 +256,7 @@ def client_cost(dimension: int, bits: int, cohort: int, repeats: int) -> dict[st
         rotated_at = time.process_time()
         rounded = encoding.round_to_integers(rotated, plan.l2)
         rounded_at = time.process_time()
-        noisy = rounded + encoding.noise_share(dimension)
+        noisy = rounded + encoding.noise_share(dimension)[0]
         words = (noisy & ((1 << bits) - 1)).astype(word_dtype(bits))
         noised_at = time.process_time()
         add_masks(words, keys)
@@ -241,10 +267,29 @@ def client_cost(dimension: int, bits: int, cohort: int, repeats: int) -> dict[st
                             ("noise", noised_at - rounded_at), ("mask", end - noised_at),
                             ("total", end - start)):
             parts[name].append(value)
-    ms = {name: 1000 * statistics.median(values) for name, values in parts.items()}
-    return {"dimension": dimension, "cohort": cohort, "neighbours": k, "bits": bits,
-            "scale": plan.scale, "variance": plan.variance, "ms": ms,
-            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+    return {name: 1000 * statistics.median(values) for name, values in parts.items()}
+
+
+def server_removal(cohort: int, bits: int, repeats: int) -> dict[str, Any]:
+    """The server's extra work at the example's model size: regenerating and subtracting
+    the excess components of ``cohort`` sites (one level each), in ms of CPU time."""
+    distributed = load_config(EXAMPLES / "distributed_dp.toml")
+    from securefl.data import federate
+
+    data = federate(distributed.data, seed=0)
+    size = Layout.of(build_model(distributed.model, data.shape, data.num_classes, seed=0)).size
+    encoding = SkellamEncoding(_settings(bits, cohort, (cohort,)))
+    total = np.zeros(encoding.words(size), word_dtype(bits))
+    removed = [(os.urandom(32),) for _ in range(cohort)]
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        encoding.decode(total, seed=bytes(32), survivors=cohort, dimension=size, removed=removed)
+        removed_at = time.process_time()
+        encoding.decode(total, seed=bytes(32), survivors=cohort, dimension=size)
+        times.append(((removed_at - start) - (time.process_time() - removed_at)) * 1000)
+    return {"dimension": size, "cohort": cohort, "levels": 1,
+            "extra_ms": statistics.median(times)}
 
 
 def main() -> None:
@@ -266,7 +311,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     report: dict[str, Any] = {
         "upload": upload(args.dimension, args.bits),
-        "client_cost": client_cost(args.dimension, args.bits, args.cohort, args.cost_repeats)}
+        "client_cost": client_cost(args.dimension, args.bits, args.cohort, args.cost_repeats),
+        "server_removal": server_removal(args.cohort, args.bits, args.cost_repeats)}
     if seeds:
         report["accuracy"] = accuracy(seeds, args.repeats, args.rounds,
                                       [int(m) for m in args.min_cohorts.split(",") if m],

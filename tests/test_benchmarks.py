@@ -110,6 +110,8 @@ def test_distributed_dp() -> None:
     assert report["upload"]["quickstart_ratio_vs_float32"] <= 0.55
     cost = report["client_cost"]
     assert cost["dimension"] == 5000 and cost["ms"]["total"] > 0
+    assert cost["noise_levels"] == [20] and cost["ms_without_levels"]["total"] > 0
+    assert report["server_removal"]["cohort"] == 20 and report["server_removal"]["levels"] == 1
 
 
 @pytest.mark.slow
@@ -124,7 +126,9 @@ def test_distributed_dp_accuracy_compares_at_one_rule_and_reports_the_noise() ->
     # P(Binomial(2, 0.2) > 1) = 0.04 > 1e-3: both calibrated for 2 rounds
     assert noise["calibrated_rounds"] == 2
     assert noise["ratio_at_min_cohort"] == pytest.approx(1.0, abs=0.01)
-    assert noise["ratio_full_cohort"] == pytest.approx((20 / 15) ** 0.5 * noise[
+    # the default level [20] removes the excess: 20 shares of mu / 19 are left, not mu / 15
+    assert noise["noise_levels"] == [20]
+    assert noise["ratio_full_cohort"] == pytest.approx((20 / 19) ** 0.5 * noise[
         "ratio_at_min_cohort"], rel=1e-9)
     assert noise["distributed_z_measured"] == pytest.approx(noise["distributed_z_full_cohort"],
                                                             rel=0.03)

@@ -13,7 +13,10 @@
   own share of Skellam noise before masking (:mod:`securefl.privacy.distributed`).  The noise
   is calibrated so that any ``min_cohort`` surviving sites, ``colluding_sites`` of which may
   reveal their shares to the server, give ``target_epsilon``; a round with fewer survivors
-  aborts before anything is revealed.
+  aborts before anything is revealed.  ``noise_levels`` (default ``[expected_cohort]``)
+  make the excess of that noise removable: once ``|U3| >= l_j`` survivors are verified, each
+  reveals the seeds of its excess components up to level ``l_j`` and the server subtracts
+  them, so the released sum carries about the noise of ``l_j - colluding_sites`` shares.
 
 Every client's spend is charged to its own :class:`~securefl.privacy.ledger.PrivacyLedger`,
 which refuses a round that would take it past ``budget`` (default: ``target_epsilon``).
@@ -76,6 +79,10 @@ class PrivacyConfig:
     min_cohort: int | None = None
     #: distributed: sites whose noise shares the adversary may know (colluding with it)
     colluding_sites: int = 0
+    #: distributed: survivor counts l_1 < ... < l_r in (min_cohort, expected_cohort] at which
+    #: the excess noise of the levels <= |U3| is removed; default [expected_cohort] (none when
+    #: min_cohort = expected_cohort); [] keeps all of it
+    noise_levels: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         check(self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon",
@@ -132,6 +139,15 @@ class PrivacyConfig:
         check(self.min_cohort is None or self.expected_cohort is None
               or self.min_cohort <= self.expected_cohort, "min_cohort",
               f"must be <= expected_cohort ({self.expected_cohort}), got {self.min_cohort}")
+        self._validate_levels()
+
+    def _validate_levels(self) -> None:
+        levels = list(self.noise_levels or ())
+        low, high = max(self.min_cohort or 0, self.colluding_sites), self.expected_cohort
+        check(all(b > a for a, b in zip([low, *levels], levels, strict=False))
+              and (high is None or all(level <= high for level in levels)), "noise_levels",
+              f"must increase strictly within (min_cohort, expected_cohort] = ({low}, "
+              f"{'expected_cohort' if high is None else high}], got {levels}")
 
     @property
     def epsilon_budget(self) -> float | None:

@@ -15,6 +15,7 @@ reproducible randomness unless ``secure_mode = true``.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import math
 import secrets
@@ -295,6 +296,12 @@ def distributed_settings(config: Config, num_clients: int) -> Any:
     if minimum > expected:
         raise ConfigError(f"[privacy] min_cohort = {minimum} must be <= expected_cohort "
                           f"({expected})")
+    levels = (privacy.noise_levels if privacy.noise_levels is not None
+              else (expected,) if expected > minimum else ())
+    bounds = (minimum, *levels)
+    if any(b <= a for a, b in itertools.pairwise(bounds)) or max(bounds) > expected:
+        raise ConfigError(f"[privacy] noise_levels = {list(levels)} must increase strictly "
+                          f"within (min_cohort, expected_cohort] = ({minimum}, {expected}]")
     quantile = privacy.participation_quantile
     steps = calibrated_participations(
         rounds=config.run.rounds, rate=per_round / num_clients,
@@ -302,7 +309,8 @@ def distributed_settings(config: Config, num_clients: int) -> Any:
     return DistributedSettings(
         target_epsilon=float(privacy.target_epsilon),  # type: ignore[arg-type]
         delta=privacy.delta, steps=steps, clip_norm=privacy.clip_norm, bits=privacy.bits,
-        expected_cohort=expected, min_cohort=minimum, colluding_sites=privacy.colluding_sites)
+        expected_cohort=expected, min_cohort=minimum, colluding_sites=privacy.colluding_sites,
+        levels=tuple(levels))
 
 
 def _distributed(config: Config, path: Path | str, client_ids: Sequence[str],
@@ -333,7 +341,8 @@ def _distributed(config: Config, path: Path | str, client_ids: Sequence[str],
             mechanism="distributed Skellam (Agarwal, Kairouz and Liu 2021) under SecAgg+",
             bits=settings.bits, expected_cohort=settings.expected_cohort,
             min_cohort=settings.min_cohort, colluding_sites=settings.colluding_sites,
-            calibrated_rounds=settings.steps, skellam_scale=plan.scale,
+            noise_levels=list(settings.levels), calibrated_rounds=settings.steps,
+            skellam_scale=plan.scale,
             skellam_variance=plan.variance, l1_sensitivity=plan.l1, l2_sensitivity=plan.l2,
             overflow_bound=plan.overflow)
         setup.events[client_id] = event

@@ -1,5 +1,6 @@
 """Distributed DP under secure aggregation: the distributed Skellam mechanism (Agarwal,
-Kairouz and Liu, NeurIPS 2021, Algorithm 1), run by every site before SecAgg+ masking.
+Kairouz and Liu, NeurIPS 2021, Algorithm 1), run by every site before SecAgg+ masking, with
+removable excess noise (Jiang, Wang, Chen et al., "Dordis", EuroSys 2024, XNoise).
 
 Per round, at each site ``i`` (:class:`SkellamEncoding`, the
 :class:`~securefl.secagg.encoding.Encoding` its SecAgg+ client masks with):
@@ -11,10 +12,24 @@ Per round, at each site ``i`` (:class:`SkellamEncoding`, the
 3. conditional randomized rounding: ``r_i = floor(y_i) + Bernoulli(y_i - floor(y_i))``,
    redrawn until ``||r_i|| <= Delta_2`` (:func:`~securefl.privacy.skellam.rounded_l2_bound`),
    uniforms from the CSPRNG;
-4. noise share: ``r_i + Sk(mu / (n_min - k))`` per coordinate, ``n_min`` the minimum cohort
-   and ``k`` the tolerated colluding sites, drawn from the CSPRNG
-   (:func:`securefl.privacy.poisson.skellam`);
+4. noise share ``Sk(mu / (n_min - k))`` per coordinate (``n_min`` the minimum cohort, ``k``
+   the tolerated colluding sites), split along the noise levels ``n_min = l_0 < l_1 < ... <
+   l_r <= m`` (Skellam is closed under sums): a base ``Sk(mu / (l_r - k))`` from the CSPRNG
+   (:func:`securefl.privacy.poisson.skellam`), never revealed, plus for ``j = 1..r`` an excess
+   ``E_j ~ Sk(mu / (l_{j-1} - k) - mu / (l_j - k))`` drawn from the seeded stream
+   (:meth:`~securefl.privacy.randomness.SecureRandom.seeded`) of a fresh 32-byte seed
+   ``s_j``; the variances telescope to ``mu / (n_min - k)``, exactly the share without levels;
 5. wrap into ``Z_{2^b}`` and mask (SecAgg+).
+
+Removal: once the survivor set ``U3`` is fixed and verified (``t`` neighbour signatures on
+it, the ReleaseLog's one reveal), a site of ``U3`` adds to its unmask reply the seeds of the
+levels ``l_j <= |U3|`` (:meth:`SkellamEncoding.removable`), nothing else; the server
+regenerates those ``E_j`` and subtracts them from the unmasked sum before decoding.  With
+``u = |U3|`` survivors, ``J`` the highest level ``<= u``, and ``k`` shares known to the
+adversary, the honest noise left is ``Sk((u - k) mu / (l_J - k))`` and ``(u - k) mu / (l_J
+- k) >= mu``: the calibrated epsilon holds and the ledger charges the same event.  A site of
+``U3`` that never answers leaves its excess in (more noise: accuracy only).  The seeds are
+independent of the data, so the server learns noise components and nothing about the update.
 
 The server unmasks ``sum_i r_i + Sk(mu') mod 2^b`` with ``mu' >= mu`` whenever at least
 ``n_min`` sites survive and at most ``k`` of them tell it their share, reads it as signed
@@ -34,7 +49,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +64,14 @@ from securefl.privacy.rotation import block_sizes, padded_dimension, rotate, unr
 from securefl.privacy.skellam import choose_scale, rounded_l1_bound, rounded_l2_bound
 from securefl.secagg.encoding import word_dtype
 
-__all__ = ["OVERFLOW", "DistributedMean", "DistributedSettings", "SkellamEncoding",
-           "SkellamPlan"]
+__all__ = ["OVERFLOW", "SEED_BYTES", "DistributedMean", "DistributedSettings",
+           "SkellamEncoding", "SkellamPlan"]
 
 #: the bound on the probability that a round's noisy sum wraps somewhere (accuracy only:
 #: wrap-around is post-processing of the noisy sum and costs no privacy)
 OVERFLOW = 1e-6
+#: bytes of one removable-noise seed ``s_j``
+SEED_BYTES = 32
 _MAX_ROUNDINGS = 200  # each draw fails with probability <= beta = 0.61: 200 fail w.p. 2^-140
 
 
@@ -70,14 +89,42 @@ class SkellamPlan:
     l2: float
     shares: int  # n_min - k: the noise shares the adversary cannot subtract
     overflow: float
+    #: the noise levels l_1 < ... < l_r above l_0 = n_min (empty: nothing removable)
+    levels: tuple[int, ...] = ()
+    colluding_sites: int = 0
 
     @property
     def share_variance(self) -> float:
-        """Each site's ``Sk(mu / (n_min - k))``."""
+        """Each site's ``Sk(mu / (n_min - k))``: base plus every excess component."""
         return self.variance / self.shares
 
+    @property
+    def base_variance(self) -> float:
+        """The part never revealed: ``mu / (l_r - k)`` (``l_r = n_min`` without levels)."""
+        top = self.levels[-1] if self.levels else self.shares + self.colluding_sites
+        return self.variance / (top - self.colluding_sites)
+
+    @property
+    def excess_variances(self) -> tuple[float, ...]:
+        """``mu / (l_{j-1} - k) - mu / (l_j - k)`` for ``j = 1..r``."""
+        k, low = self.colluding_sites, self.shares + self.colluding_sites
+        steps = itertools.pairwise((low, *self.levels))
+        return tuple(self.variance / (a - k) - self.variance / (b - k) for a, b in steps)
+
+    def released_variance(self, survivors: int) -> float:
+        """The noise in the released sum of ``u`` survivors after removal: ``u mu / (l_J -
+        k)``, ``l_J`` the highest level ``<= u`` (``l_0 = n_min``)."""
+        top = (self.shares + self.colluding_sites,
+               *self.levels)[_removable(self.levels, survivors)]
+        return survivors * self.variance / (top - self.colluding_sites)
+
+    def remaining_variance(self, survivors: int) -> float:
+        """Less the ``k`` colluders' shares: ``(u - k) mu / (l_J - k) >= mu``."""
+        return self.released_variance(survivors) * (1 - self.colluding_sites / survivors)
+
     def event(self) -> PrivacyEvent:
-        """One round, as the ledger charges it: ``z = sqrt(mu) / Delta_2``."""
+        """One round, as the ledger charges it: ``z = sqrt(mu) / Delta_2`` whatever the
+        survivors and the levels removed (the honest noise left is always ``>= mu``)."""
         return PrivacyEvent("skellam", math.sqrt(self.variance) / self.l2, 1.0, 1,
                             l1_sensitivity=self.l1, l2_sensitivity=self.l2)
 
@@ -96,6 +143,9 @@ class DistributedSettings:
     expected_cohort: int
     min_cohort: int
     colluding_sites: int = 0
+    #: ``l_1 < ... < l_r`` in ``(min_cohort, expected_cohort]``: survivor counts at which the
+    #: excess noise of the levels at or below them is removed (empty: none)
+    levels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 32:
@@ -104,9 +154,19 @@ class DistributedSettings:
             raise ValueError("need 0 <= colluding_sites < min_cohort <= expected_cohort, got "
                              f"{self.colluding_sites}, {self.min_cohort}, "
                              f"{self.expected_cohort}")
+        bounds = (self.min_cohort, *self.levels)
+        if (any(b <= a for a, b in itertools.pairwise(bounds))
+                or any(level > self.expected_cohort for level in self.levels)):
+            raise ValueError(f"noise levels {list(self.levels)} must increase strictly within "
+                             f"({self.min_cohort}, {self.expected_cohort}]")
 
     def plan(self, dimension: int) -> SkellamPlan:
         return _plan(self, dimension)
+
+
+def _removable(levels: tuple[int, ...], survivors: int) -> int:
+    """``#{j : l_j <= |U3|}``: the levels whose excess a survivor set of that size removes."""
+    return sum(level <= survivors for level in levels)
 
 
 @functools.lru_cache(maxsize=16)
@@ -120,7 +180,8 @@ def _plan(settings: DistributedSettings, dimension: int) -> SkellamPlan:
     return SkellamPlan(dimension=dimension, padded=padded, scale=scale, variance=variance,
                        l1=rounded_l1_bound(l2, dimension=padded), l2=l2,
                        shares=settings.min_cohort - settings.colluding_sites,
-                       overflow=OVERFLOW)
+                       overflow=OVERFLOW, levels=settings.levels,
+                       colluding_sites=settings.colluding_sites)
 
 
 class SkellamEncoding:
@@ -171,22 +232,49 @@ class SkellamEncoding:
             vector *= self.settings.clip_norm / norm
         return self.round_to_integers(rotate(vector, seed=seed) * plan.scale, plan.l2)
 
-    def noise_share(self, dimension: int) -> np.ndarray:
-        """Step 4: this site's ``Sk(mu / (n_min - k))`` for every rotated coordinate."""
+    def noise_share(self, dimension: int) -> tuple[np.ndarray, tuple[bytes, ...]]:
+        """Step 4: this site's ``Sk(mu / (n_min - k))`` for every rotated coordinate, as the
+        CSPRNG base ``Sk(mu / (l_r - k))`` plus each level's excess ``E_j``, and the fresh
+        seeds ``s_j`` (``os.urandom``) the excess components are drawn from."""
         plan = self.settings.plan(dimension)
-        return skellam(plan.share_variance, plan.padded, source=self._source)
+        noise = skellam(plan.base_variance, plan.padded, source=self._source)
+        seeds = tuple(self._source.seed() for _ in plan.excess_variances)
+        for level, level_seed in enumerate(seeds):
+            noise += self.excess(dimension, level=level, seed=level_seed)
+        return noise, seeds
 
-    def encode(self, update: Update, *, seed: bytes) -> np.ndarray:
-        """Steps 1-4, wrapped into ``Z_{2^b}`` (step 5's masking is SecAgg+'s)."""
-        noisy = (self.integers(update.delta, seed=seed)
-                 + self.noise_share(update.delta.shape[0]))
-        return (noisy & ((1 << self.bits) - 1)).astype(self._dtype)
+    def excess(self, dimension: int, *, level: int, seed: bytes) -> np.ndarray:
+        """``E_{level + 1}`` regenerated from its seed: the site draws it, the server
+        subtracts it once the seed is revealed."""
+        plan = self.settings.plan(dimension)
+        return skellam(plan.excess_variances[level], plan.padded,
+                       source=SecureRandom.seeded(seed))
 
-    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,
-               dimension: int) -> tuple[np.ndarray, float]:
-        """The signed reading of ``total mod 2^b`` in ``[-2^(b-1), 2^(b-1))``, un-rotated and
-        unscaled; the weight is the survivor count (each site has weight 1)."""
+    def removable(self, survivors: int) -> int:
+        """How many excess seeds a site reveals for ``|U3| = survivors`` (levels ``<= |U3|``)."""
+        return _removable(self.settings.levels, survivors)
+
+    def encode(self, update: Update, *, seed: bytes) -> tuple[np.ndarray, tuple[bytes, ...]]:
+        """Steps 1-4, wrapped into ``Z_{2^b}`` (step 5's masking is SecAgg+'s), and the
+        excess seeds, one per level, kept by the site until it may reveal them."""
+        rounded = self.integers(update.delta, seed=seed)
+        noise, seeds = self.noise_share(update.delta.shape[0])
+        return ((rounded + noise) & ((1 << self.bits) - 1)).astype(self._dtype), seeds
+
+    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int, dimension: int,
+               removed: Sequence[Sequence[bytes]] = ()) -> tuple[np.ndarray, float]:
+        """``total`` less every revealed excess component (``removed``: each revealing
+        site's seeds, ``removable(survivors)`` of them), read signed in ``[-2^(b-1),
+        2^(b-1))`` modulo ``2^b``, un-rotated and unscaled; the weight is the survivor count
+        (each site has weight 1)."""
+        allowed = self.removable(survivors)
         words = total.astype(np.int64)
+        for seeds in removed:
+            if len(seeds) != allowed or any(len(s) != SEED_BYTES for s in seeds):
+                raise ValueError(f"a reveal of {len(seeds)} excess seeds, expected {allowed}")
+            for level, level_seed in enumerate(seeds):
+                words -= self.excess(dimension, level=level, seed=level_seed)
+        words &= (1 << self.bits) - 1
         words[words >= 1 << (self.bits - 1)] -= 1 << self.bits
         plan = self.settings.plan(dimension)
         return unrotate(words / plan.scale, seed=seed, dimension=dimension), float(survivors)

@@ -1,7 +1,10 @@
 """Exact Poisson and Skellam sampling on CSPRNG uniforms (the sites' distributed-DP noise).
 
 Every uniform comes from :class:`~securefl.privacy.randomness.SecureRandom` (AES-256-CTR
-under a fresh ``os.urandom`` key per request), never from a seeded generator.
+under a fresh ``os.urandom`` key per request; for distributed DP's removable excess noise,
+:meth:`~securefl.privacy.randomness.SecureRandom.seeded`, the same cipher keyed by HKDF from
+a fresh ``os.urandom`` seed that is revealed only to remove that noise), never from a
+statistical generator.
 
 * ``lam >= 10``: Hoermann's transformed rejection with squeeze, PTRS ("The transformed
   rejection method for generating Poisson random variables", Insurance: Mathematics and
@@ -71,22 +74,23 @@ def _ptrs(lam: float, count: int, source: SecureRandom) -> np.ndarray:
             k *= big_u
             k += lam + 0.43
             np.floor(k, out=k)
-        accepted = u_s >= 0.07
-        accepted &= v <= v_r
-        # the squeeze failed: the exact test, on the few candidates left (about 14%)
-        rest = np.flatnonzero(~accepted)
+        # the squeeze: accept at once unless u_s < 0.07 or V > v_r (about 14% left)
+        rejected = u_s < 0.07
+        rejected |= v > v_r
+        rest = np.flatnonzero(rejected)
         k_r, u_r, v_r_ = k[rest], u_s[rest], v[rest]
         possible = (k_r >= 0) & (u_r > 0) & ~((u_r < 0.013) & (v_r_ > u_r))
         with np.errstate(divide="ignore", invalid="ignore"):
             test = possible & (np.log(v_r_) + log_alpha - np.log(a / (u_r * u_r) + b)
                                <= -lam + k_r * log_lam - gammaln(np.maximum(k_r, 0) + 1))
-        accepted[rest[test]] = True
+        rejected[rest[test]] = False
         if pending is None:
             out[:] = k  # the rejected ones are overwritten by later passes
-            pending = np.flatnonzero(~accepted)
+            pending = rest[~test]
         else:
+            accepted = ~rejected
             out[pending[accepted]] = k[accepted]
-            pending = pending[~accepted]
+            pending = pending[rejected]
     raise RuntimeError("Poisson sampler: rejection did not finish")  # probability < 2^-170
 
 

@@ -14,6 +14,12 @@ cryptographic one.  So at a deployed site every random bit of DP-SGD comes from 
   ``cryptography`` (NIST SP 800-90A's CTR_DRBG construction, without reseeding, since every
   key is fresh).  Nothing is stored: a key lives only while its request is served, so there is
   no generator state to recover, and nothing in the config reaches it.
+* **Seeded streams** (:meth:`SecureRandom.seeded`, distributed DP's removable noise only):
+  the same AES-256-CTR, but the key of the ``i``-th request is
+  ``HKDF-SHA256(ikm = seed, info = "securefl/privacy/seeded-stream/v1" || i)`` (RFC 5869;
+  ``i`` as 8 big-endian bytes) for a 32-byte ``seed`` that itself comes from ``os.urandom``.
+  The stream is a deterministic function of the seed, so whoever is later given the seed
+  regenerates exactly the draws it fed, and nobody without it can predict them.
 * **Uniforms.**  53-bit uniforms ``u = (w >> 11) 2^-53`` from 64-bit words: every double of
   the grid ``k 2^-53`` equally likely.
 * **Gaussians, and the floating-point attack.**  A textbook floating-point Gaussian sampler
@@ -47,7 +53,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
 
@@ -57,35 +65,70 @@ __all__ = ["GAUSSIAN_SUMMANDS", "SecurePoissonSampler", "SecureRandom", "use_sec
 GAUSSIAN_SUMMANDS = 4
 _KEY_BYTES = 32
 _ZERO_COUNTER = bytes(16)  # every key is fresh, so the counter may start at zero
+_SEEDED_INFO = b"securefl/privacy/seeded-stream/v1"
+_ZEROS = bytes(1 << 20)  # the plaintext of every keystream, a chunk at a time
+
+
+class _SeededKeys:
+    """The keys of :meth:`SecureRandom.seeded`: HKDF-SHA256 of the seed, request by request."""
+
+    def __init__(self, seed: bytes) -> None:
+        if not isinstance(seed, bytes) or len(seed) != _KEY_BYTES:
+            raise ValueError(f"a stream seed is {_KEY_BYTES} bytes")
+        self._seed, self._requests = seed, 0
+
+    def __call__(self, size: int) -> bytes:
+        info = _SEEDED_INFO + self._requests.to_bytes(8, "big")
+        self._requests += 1
+        return HKDF(algorithm=hashes.SHA256(), length=size, salt=None,
+                    info=info).derive(self._seed)
 
 
 class SecureRandom:
     """Uniforms and Gaussians from AES-256-CTR under a fresh ``os.urandom`` key per request.
 
-    ``entropy`` replaces ``os.urandom`` (known-answer tests only: a fixed source makes the
-    output reproducible, which is exactly what a deployment must never have).
+    ``entropy`` replaces ``os.urandom`` (known-answer tests, and :meth:`seeded`'s HKDF keys:
+    a fixed source makes the output reproducible, which a deployment's noise must never be
+    unless, as there, the seed is fresh and revealed on purpose).
     """
 
     def __init__(self, *, entropy: object = None) -> None:
         self._entropy = os.urandom if entropy is None else entropy
 
+    @classmethod
+    def seeded(cls, seed: bytes) -> SecureRandom:
+        """The deterministic stream of a 32-byte ``seed`` (module docstring): request ``i``
+        is keyed by ``HKDF-SHA256(seed, info = ... || i)``."""
+        return cls(entropy=_SeededKeys(seed))
+
+    def seed(self) -> bytes:
+        """32 fresh bytes from the entropy source (``os.urandom``): a seed for :meth:`seeded`."""
+        value = self._entropy(_KEY_BYTES)  # type: ignore[operator]
+        if not isinstance(value, bytes) or len(value) != _KEY_BYTES:
+            raise ValueError(f"the entropy source must return {_KEY_BYTES} bytes")
+        return value
+
     def words(self, count: int) -> np.ndarray:
         """``count`` uniform 64-bit words (little-endian) of one fresh keystream."""
-        key = self._entropy(_KEY_BYTES)  # type: ignore[operator]
-        if not isinstance(key, bytes) or len(key) != _KEY_BYTES:
-            raise ValueError(f"the entropy source must return {_KEY_BYTES} bytes")
+        key = self.seed()
         stream = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-        buffer = bytearray(8 * count + 15)  # update_into needs block_size - 1 spare bytes
-        stream.update_into(bytes(8 * count), buffer)
-        return np.frombuffer(buffer, dtype="<u8", count=count)
+        # the keystream is AES-CTR over zeros, encrypted from one shared zero chunk; update_into
+        # needs block_size - 1 spare bytes past each chunk (the next chunk overwrites them),
+        # and every byte is written, so the buffer need not be zeroed first
+        size = 8 * count
+        buffer = np.empty(size + 15, np.uint8)
+        view, zeros = buffer.data, memoryview(_ZEROS)
+        for start in range(0, size, len(_ZEROS)):
+            end = min(size, start + len(_ZEROS))
+            stream.update_into(zeros[:end - start], view[start:end + 15])
+        return buffer[:size].view("<u8")
 
     def uniform(self, count: int) -> np.ndarray:
         """``count`` doubles ``k 2^-53``, ``k`` uniform in ``[0, 2^53)``."""
         words = self.words(count)
-        words >>= np.uint64(11)
-        out = words.astype(np.float64)
-        out *= 2.0 ** -53
-        return out
+        words >>= np.uint64(11)  # now below 2^53: exact as int64 and as float64
+        out = np.empty(count, np.float64)
+        return np.multiply(words.view(np.int64), 2.0 ** -53, out=out)
 
     def gaussian(self, count: int, std: float) -> torch.Tensor:
         """``count`` draws of ``N(0, std^2)`` (float64): ``std / 2 * (g1 + g2 + g3 + g4)``

@@ -18,7 +18,8 @@ client holds itself (its config, the identity directory, its :class:`RoundContex
    ``|U3|`` (distributed DP's minimum cohort).
 5. Unmask: only with ``t`` valid neighbour signatures on that same ``U3``, and after the
    :class:`~securefl.engine.session.ReleaseLog` allows a reveal for ``U3``: shares of ``b_v``
-   for ``v in U3``, of ``s_v^SK`` for ``v in U2 \\ U3``, exactly as ``U3`` says.
+   for ``v in U3``, of ``s_v^SK`` for ``v in U2 \\ U3``, exactly as ``U3`` says, and the
+   encoding's first ``removable(|U3|)`` own secrets (distributed DP's excess-noise seeds).
 
 Any inconsistency raises the opaque ProtocolAbort, and the round is dead afterwards.
 """
@@ -118,6 +119,7 @@ class SecAggClientRound:
         self._participants = b""
         self._members: frozenset[str] = frozenset()
         self._encoded: np.ndarray | None = None
+        self._excess: tuple[bytes, ...] = ()
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
         self._publics = (public_bytes(self._c_key), public_bytes(self._s_key))
@@ -145,7 +147,8 @@ class SecAggClientRound:
             raise self._abort("round opened twice")
         self.phase = ClientPhase.ABORTED
         participants = self._check_setup(payload)
-        self._encoded = self._encoding.encode(update, seed=shared_seed(self._base))
+        self._encoded, self._excess = self._encoding.encode(update,
+                                                            seed=shared_seed(self._base))
         self._participants = participants_digest(participants)
         self._members = frozenset(participants)
         c_public, s_public = self._publics
@@ -345,8 +348,9 @@ class SecAggClientRound:
                 seed_shares[peer] = bundle[:shamir.SHARE_BYTES]
             else:
                 key_shares[peer] = bundle[shamir.SHARE_BYTES:]
+        excess = self._excess[:self._encoding.removable(len(survivors))]
         self._reply = SecAggUnmaskReply(seed_shares=seed_shares, key_shares=key_shares,
-                                        withheld=tuple(withheld))
+                                        withheld=tuple(withheld), excess=excess)
         return self._reply
 
     def _open_bundle(self, peer: str) -> bytes | None:

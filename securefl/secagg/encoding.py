@@ -15,11 +15,15 @@ survivors' words back into ``(sum_i w_i x_i, sum_i w_i)``.  Masks are drawn modu
 encoding that needs none ignores it.  :meth:`Encoding.check_cohort` is the encoding's rule on
 the number of survivors, which every site checks before it signs the survivor set (so before
 anything is revealed), and the server before it asks for the consistency signatures.
+:meth:`Encoding.removable` is how many of the secrets ``encode`` returned (distributed DP's
+excess-noise seeds) a site of a verified survivor set ``U3`` adds to its unmask reply, and
+the server hands them to ``decode`` as ``removed`` (none for :class:`FixedPoint`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -42,14 +46,20 @@ class Encoding(Protocol):
         """How many words an update of ``dimension`` coordinates becomes."""
         ...
 
-    def encode(self, update: Update, *, seed: bytes) -> np.ndarray:
-        """The words (:func:`word_dtype`, each below ``2^bits``); ``ValueError`` if unusable."""
+    def encode(self, update: Update, *, seed: bytes) -> tuple[np.ndarray, tuple[bytes, ...]]:
+        """The words (:func:`word_dtype`, each below ``2^bits``) and the secrets a survivor
+        may later reveal, in order (:meth:`removable`); ``ValueError`` if unusable."""
         ...
 
-    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,
-               dimension: int) -> tuple[np.ndarray, float]:
-        """``(sum, total weight)`` of ``survivors`` encodings of ``dimension``-vectors;
-        ``ValueError`` if impossible."""
+    def removable(self, survivors: int) -> int:
+        """How many of those secrets a site reveals when ``|U3| = survivors``."""
+        ...
+
+    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int, dimension: int,
+               removed: Sequence[Sequence[bytes]] = ()) -> tuple[np.ndarray, float]:
+        """``(sum, total weight)`` of ``survivors`` encodings of ``dimension``-vectors, with
+        the revealed secrets of each site that revealed (``removed``); ``ValueError`` if
+        impossible."""
         ...
 
     def check_cohort(self, survivors: int) -> str | None:
@@ -92,13 +102,19 @@ class FixedPoint:
     def words(self, dimension: int) -> int:
         return dimension + 1
 
-    def encode(self, update: Update, *, seed: bytes) -> np.ndarray:
+    def encode(self, update: Update, *, seed: bytes) -> tuple[np.ndarray, tuple[bytes, ...]]:
         # a fresh AES-128 key from the CSPRNG: the dither is private and used once
         dither = keystream(os.urandom(PRG_KEY_BYTES), update.delta.shape[0] + 1)
-        return self.quantizer.encode(update.delta, float(update.weight), dither, in_place=True)
+        words = self.quantizer.encode(update.delta, float(update.weight), dither, in_place=True)
+        return words, ()
 
-    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int,
-               dimension: int) -> tuple[np.ndarray, float]:
+    def removable(self, survivors: int) -> int:
+        return 0
+
+    def decode(self, total: np.ndarray, *, seed: bytes, survivors: int, dimension: int,
+               removed: Sequence[Sequence[bytes]] = ()) -> tuple[np.ndarray, float]:
+        if any(removed):
+            raise ValueError("the fixed-point encoding has nothing to remove")
         weighted, total_weight = self.quantizer.decode(total)
         most = survivors * (self.quantizer.max_weight + self.quantizer.weight_step)
         if not 0 < total_weight <= most:

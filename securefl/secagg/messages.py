@@ -169,8 +169,11 @@ class SecAggUnmaskRequest(Message):
 class SecAggUnmaskReply(Message):
     """Shares of ``b_v`` for survivors and of ``s_v^SK`` for dropped neighbours (36 bytes each);
     ``withheld``: the neighbours whose share bundle failed authentication at this client (it
-    names them so the server's operator can blame the sender, not the reporter)."""
+    names them so the server's operator can blame the sender, not the reporter); ``excess``:
+    the sender's own removable-noise seeds of the levels at or below ``|U3|`` (distributed
+    DP's :meth:`~securefl.secagg.encoding.Encoding.removable`; empty otherwise)."""
 
     seed_shares: dict[str, bytes]
     key_shares: dict[str, bytes]
     withheld: tuple[str, ...]
+    excess: tuple[bytes, ...] = ()

@@ -17,7 +17,9 @@ signed advertisement, ``s_v^SK`` against ``s_v^PK``; a mismatch, like a sum the
 :class:`~securefl.secagg.encoding.Encoding` cannot decode (a weight outside ``(0, |U3| W]``),
 is an unattributable ProtocolAbort.  The sum is taken modulo the encoding's ``2**b``; a
 survivor set the encoding refuses (below distributed DP's minimum cohort) aborts the round
-before any consistency signature is requested.
+before any consistency signature is requested.  An unmask reply must carry exactly the
+encoding's ``removable(|U3|)`` secrets of 32 bytes (else it is rejected, naming its sender);
+those of the accepted replies go to ``decode`` as ``removed``.
 """
 
 from __future__ import annotations
@@ -331,10 +333,17 @@ class SecAggServerRound:
         dropped = [cid for cid in self._u2 if cid not in alive]
         seed_points: dict[str, dict[int, int]] = {cid: {} for cid in survivors}
         key_points: dict[str, dict[int, int]] = {cid: {} for cid in dropped}
+        allowed, removed = self._encoding.removable(len(survivors)), []
         for holder, msg in live.items():
             if holder not in self._revealers or not isinstance(msg, SecAggUnmaskReply):
                 self._reject(holder, "expected a SecAggUnmaskReply")
                 continue
+            sizes = sorted({len(s) for s in msg.excess})
+            if len(msg.excess) != allowed or sizes not in ([], [32]):
+                self._reject(holder, f"unmask reply with {len(msg.excess)} excess seeds of "
+                             f"{sizes[:3]} bytes, expected {allowed} of 32 bytes")
+                continue
+            removed.append(msg.excess)
             self._collect_points(holder, msg, seed_points, key_points)
         masks = []
         for owner in survivors:
@@ -363,7 +372,7 @@ class SecAggServerRound:
         try:
             weighted, total_weight = self._encoding.decode(
                 total, seed=shared_seed(scope), survivors=len(survivors),
-                dimension=self._dimension)
+                dimension=self._dimension, removed=removed)
         except ValueError as exc:
             raise ProtocolAbort.because(f"round {self._round}: {exc}") from None
         return WeightedSum(client_ids=tuple(survivors), total=weighted,

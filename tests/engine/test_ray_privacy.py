@@ -119,7 +119,7 @@ def test_distributed_dp_on_ray_charges_what_the_in_process_ledgers_charge(tmp_pa
     config = load_config(EXAMPLES / "distributed_dp.toml").replace(
         run__rounds=2, client__epochs=1, data__num_clients=10, server__clients_per_round=5,
         privacy__target_epsilon=200.0, privacy__expected_cohort=5, privacy__min_cohort=4,
-        privacy__colluding_sites=1, privacy__budget=1000.0)
+        privacy__colluding_sites=1, privacy__noise_levels=(5,), privacy__budget=1000.0)
     (here, report), (there, ray_report) = both(config, tmp_path)
     assert [r.clients for r in there.history.rounds] == [r.clients for r in here.history.rounds]
     assert [r.aborted for r in there.history.rounds] == [None, None]

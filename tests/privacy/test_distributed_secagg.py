@@ -42,9 +42,9 @@ class Recording(SkellamEncoding):
         return rounded
 
     def noise_share(self, dimension):
-        share = super().noise_share(dimension)
+        share, seeds = super().noise_share(dimension)
         self.parts[-1] = (self.parts[-1][0], share)
-        return share
+        return share, seeds
 
 
 def wire(message):

@@ -20,12 +20,14 @@ def test_a_small_distributed_run_charges_each_site_the_closed_form(tmp_path):
     config = load_config(EXAMPLE).replace(
         run__rounds=2, data__num_clients=10, server__clients_per_round=5,
         privacy__expected_cohort=5, privacy__min_cohort=4, privacy__colluding_sites=1,
+        privacy__noise_levels=(5,),
         privacy__budget=100.0)  # calibrated for one round each; a second one still fits
     result = run_simulation(config, out_dir=tmp_path)
     assert [r.aborted for r in result.history.rounds] == [None, None]
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert report["mode"] == "distributed" and report["bits"] == 16
     assert report["min_cohort"] == 4 and report["colluding_sites"] == 1
+    assert report["noise_levels"] == [5]
     ledger = PrivacyLedger.open_existing(tmp_path / "privacy_ledger.sqlite")
     charged = [c for c in ledger.clients() if ledger.events(c)]
     assert len(charged) >= 5
@@ -81,7 +83,8 @@ def budget_for_one_round(config) -> float:
 def small(**changes):
     table = {"data__num_clients": 10, "server__clients_per_round": 5,
              "model__name": "logistic", "privacy__expected_cohort": 5,
-             "privacy__min_cohort": 4, "privacy__colluding_sites": 1, **changes}
+             "privacy__min_cohort": 4, "privacy__colluding_sites": 1,
+             "privacy__noise_levels": (5,), **changes}
     return load_config(EXAMPLE).replace(**table)
 
 
