@@ -62,16 +62,14 @@ from securefl.privacy.poisson import skellam
 from securefl.privacy.randomness import SecureRandom
 from securefl.privacy.rotation import block_sizes, padded_dimension, rotate, unrotate
 from securefl.privacy.skellam import choose_scale, rounded_l1_bound, rounded_l2_bound
-from securefl.secagg.encoding import word_dtype
+from securefl.secagg.encoding import SECRET_BYTES, word_dtype
 
-__all__ = ["OVERFLOW", "SEED_BYTES", "DistributedMean", "DistributedSettings",
-           "SkellamEncoding", "SkellamPlan"]
+__all__ = ["OVERFLOW", "DistributedMean", "DistributedSettings", "SkellamEncoding",
+           "SkellamPlan"]
 
 #: the bound on the probability that a round's noisy sum wraps somewhere (accuracy only:
 #: wrap-around is post-processing of the noisy sum and costs no privacy)
 OVERFLOW = 1e-6
-#: bytes of one removable-noise seed ``s_j``
-SEED_BYTES = 32
 _MAX_ROUNDINGS = 200  # each draw fails with probability <= beta = 0.61: 200 fail w.p. 2^-140
 
 
@@ -270,7 +268,7 @@ class SkellamEncoding:
         allowed = self.removable(survivors)
         words = total.astype(np.int64)
         for seeds in removed:
-            if len(seeds) != allowed or any(len(s) != SEED_BYTES for s in seeds):
+            if len(seeds) != allowed or any(len(s) != SECRET_BYTES for s in seeds):
                 raise ValueError(f"a reveal of {len(seeds)} excess seeds, expected {allowed}")
             for level, level_seed in enumerate(seeds):
                 words -= self.excess(dimension, level=level, seed=level_seed)

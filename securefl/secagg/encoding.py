@@ -34,7 +34,10 @@ from securefl.secagg.prg import PRG_KEY_BYTES, derive_key, keystream
 from securefl.secagg.quantize import Quantizer, levels_for
 from securefl.secagg.scope import Scope
 
-__all__ = ["Encoding", "FixedPoint", "reduce", "shared_seed", "word_dtype"]
+__all__ = ["SECRET_BYTES", "Encoding", "FixedPoint", "reduce", "shared_seed", "word_dtype"]
+
+#: bytes of each secret an encoding lets a survivor reveal (:meth:`Encoding.removable`)
+SECRET_BYTES = 32
 
 
 @runtime_checkable

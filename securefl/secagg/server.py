@@ -36,7 +36,14 @@ from securefl.engine.messages import Message
 from securefl.engine.protection import Combined, WeightedSum
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
-from securefl.secagg.encoding import Encoding, FixedPoint, reduce, shared_seed, word_dtype
+from securefl.secagg.encoding import (
+    SECRET_BYTES,
+    Encoding,
+    FixedPoint,
+    reduce,
+    shared_seed,
+    word_dtype,
+)
 from securefl.secagg.graph import auto_neighbours, degree, graph_seed, harary_graph, threshold_for
 from securefl.secagg.keys import (
     advert_body,
@@ -67,6 +74,7 @@ from securefl.secagg.messages import (
     pack,
 )
 from securefl.secagg.prg import add_masks
+from securefl.secagg.recovery import collect_points, reconstruct
 from securefl.secagg.scope import Scope
 
 __all__ = ["SecAggServerRound", "ServerPhase"]
@@ -339,15 +347,19 @@ class SecAggServerRound:
                 self._reject(holder, "expected a SecAggUnmaskReply")
                 continue
             sizes = sorted({len(s) for s in msg.excess})
-            if len(msg.excess) != allowed or sizes not in ([], [32]):
+            if len(msg.excess) != allowed or sizes not in ([], [SECRET_BYTES]):
                 self._reject(holder, f"unmask reply with {len(msg.excess)} excess seeds of "
-                             f"{sizes[:3]} bytes, expected {allowed} of 32 bytes")
+                             f"{sizes[:3]} bytes, expected {allowed} of {SECRET_BYTES} bytes")
                 continue
             removed.append(msg.excess)
-            self._collect_points(holder, msg, seed_points, key_points)
+            bad = collect_points(self._graph, holder, msg, seed_points, key_points,
+                                 round=self._round)
+            if bad is not None:
+                self._reject(holder, f"malformed share of {bad!r}; its shares are unused")
         masks = []
         for owner in survivors:
-            seed = self._reconstruct(owner, seed_points[owner])
+            seed = reconstruct(owner, seed_points[owner], threshold=self._threshold,
+                               round=self._round)
             if commitment(scope.with_graph(b""), "seed", owner,
                           seed) != self._adverts[owner].seed_commitment:
                 raise ProtocolAbort.because(
@@ -355,7 +367,8 @@ class SecAggServerRound:
                     "commitment")
             masks.append((self_mask_key(seed, scope=scope, client_id=owner), -1))
         for owner in dropped:
-            key = X25519PrivateKey.from_private_bytes(self._reconstruct(owner, key_points[owner]))
+            key = X25519PrivateKey.from_private_bytes(reconstruct(
+                owner, key_points[owner], threshold=self._threshold, round=self._round))
             if public_bytes(key) != self._adverts[owner].s_public:
                 raise ProtocolAbort.because(
                     f"round {self._round}: reconstructed key of {owner!r} does not match")
@@ -377,32 +390,3 @@ class SecAggServerRound:
             raise ProtocolAbort.because(f"round {self._round}: {exc}") from None
         return WeightedSum(client_ids=tuple(survivors), total=weighted,
                            total_weight=total_weight, rejected=dict(self.rejected))
-
-    def _collect_points(self, holder: str, msg: SecAggUnmaskReply,
-                        seed_points: dict[str, dict[int, int]],
-                        key_points: dict[str, dict[int, int]]) -> None:
-        for sender in sorted(set(msg.withheld)):
-            if sender in self._graph and holder in self._graph[sender]:
-                suspects.report(self._round, suspect=sender, reporter=holder,
-                                why="its share bundle failed authentication at the reporter")
-        decoded: list[tuple[dict[int, int], int, int]] = []
-        for kind, points in ((msg.seed_shares, seed_points), (msg.key_shares, key_points)):
-            for owner, raw in kind.items():
-                if owner not in points or holder not in self._graph[owner]:
-                    continue
-                try:
-                    decoded.append((points[owner], self._graph[owner].index(holder) + 1,
-                                    shamir.decode_share(raw)))
-                except ValueError:
-                    self._reject(holder, f"malformed share of {owner!r}; its shares are unused")
-                    return
-        for table, x, value in decoded:
-            table[x] = value
-
-    def _reconstruct(self, owner: str, points: Mapping[int, int]) -> bytes:
-        try:
-            return shamir.combine(points, threshold=self._threshold).to_bytes(32, "big")
-        except ValueError:
-            raise ProtocolAbort.because(
-                f"round {self._round}: {len(points)} shares of {owner!r}, need "
-                f"{self._threshold}") from None
