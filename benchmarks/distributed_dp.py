@@ -85,10 +85,7 @@ def noise(central: Config, distributed: Config) -> dict[str, Any]:
     clients = [f"client_{i}" for i in range(central.data.num_clients)]
     setup = build_privacy(central, run_dir=None, client_ids=clients, num_examples={})
     z = next(iter(setup.noise_multipliers.values())) if setup is not None else math.nan
-    from securefl.data import federate
-
-    data = federate(distributed.data, seed=0)
-    size = Layout.of(build_model(distributed.model, data.shape, data.num_classes, seed=0)).size
+    size = _model_size(distributed)
     settings = distributed_settings(distributed, distributed.data.num_clients)
     plan = settings.plan(size)
     unit = plan.scale * settings.clip_norm  # integer units per C
@@ -208,13 +205,17 @@ def _settings(bits: int, cohort: int, levels: tuple[int, ...] = ()) -> Distribut
                                levels=levels)
 
 
-def upload(dimension: int, bits: int) -> dict[str, Any]:
-    quickstart = load_config(EXAMPLES / "quickstart.toml")
+def _model_size(config: Config) -> int:
+    """The number of coordinates of ``config``'s model (the update a site sends)."""
     from securefl.data import federate
 
-    data = federate(quickstart.data, seed=0)
-    d_quick = Layout.of(build_model(quickstart.model, data.shape, data.num_classes,
-                                    seed=0)).size
+    data = federate(config.data, seed=0)
+    return Layout.of(build_model(config.model, data.shape, data.num_classes, seed=0)).size
+
+
+def upload(dimension: int, bits: int) -> dict[str, Any]:
+    quickstart = load_config(EXAMPLES / "quickstart.toml")
+    d_quick = _model_size(quickstart)
     encoding = SkellamEncoding(_settings(bits, 20))
     itemsize = word_dtype(bits).itemsize
 
@@ -274,10 +275,7 @@ def server_removal(cohort: int, bits: int, repeats: int) -> dict[str, Any]:
     """The server's extra work at the example's model size: regenerating and subtracting
     the excess components of ``cohort`` sites (one level each), in ms of CPU time."""
     distributed = load_config(EXAMPLES / "distributed_dp.toml")
-    from securefl.data import federate
-
-    data = federate(distributed.data, seed=0)
-    size = Layout.of(build_model(distributed.model, data.shape, data.num_classes, seed=0)).size
+    size = _model_size(distributed)
     encoding = SkellamEncoding(_settings(bits, cohort, (cohort,)))
     total = np.zeros(encoding.words(size), word_dtype(bits))
     removed = [(os.urandom(32),) for _ in range(cohort)]

@@ -24,12 +24,14 @@ which refuses a round that would take it past ``budget`` (default: ``target_epsi
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from securefl.config.parse import check
 
-__all__ = ["PrivacyConfig"]
+__all__ = ["PrivacyConfig", "noise_levels_problem"]
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,23 @@ class PrivacyConfig:
         self._validate_levels()
 
     def _validate_levels(self) -> None:
-        levels = list(self.noise_levels or ())
-        low, high = max(self.min_cohort or 0, self.colluding_sites), self.expected_cohort
-        check(all(b > a for a, b in zip([low, *levels], levels, strict=False))
-              and (high is None or all(level <= high for level in levels)), "noise_levels",
-              f"must increase strictly within (min_cohort, expected_cohort] = ({low}, "
-              f"{'expected_cohort' if high is None else high}], got {levels}")
+        problem = noise_levels_problem(self.noise_levels or (),
+                                       low=max(self.min_cohort or 0, self.colluding_sites),
+                                       high=self.expected_cohort)
+        check(problem is None, "noise_levels", problem or "")
 
     @property
     def epsilon_budget(self) -> float | None:
         """The per-client budget the ledger enforces (``budget``, else ``target_epsilon``)."""
         return self.budget if self.budget is not None else self.target_epsilon
+
+
+def noise_levels_problem(levels: Sequence[int], *, low: int, high: int | None) -> str | None:
+    """The rule of distributed DP's noise levels ``l_1 < ... < l_r``: strictly increasing in
+    ``(low, high] = (min_cohort, expected_cohort]`` (``high = None``: not known yet); the
+    reason they break it, or ``None``."""
+    if (all(b > a for a, b in itertools.pairwise([low, *levels]))
+            and (high is None or all(level <= high for level in levels))):
+        return None
+    return (f"must increase strictly within (min_cohort, expected_cohort] = ({low}, "
+            f"{'expected_cohort' if high is None else high}], got {list(levels)}")

@@ -15,7 +15,6 @@ reproducible randomness unless ``secure_mode = true``.
 from __future__ import annotations
 
 import importlib
-import itertools
 import logging
 import math
 import secrets
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from securefl.config.privacy import PrivacyConfig
+from securefl.config.privacy import PrivacyConfig, noise_levels_problem
 from securefl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -298,10 +297,9 @@ def distributed_settings(config: Config, num_clients: int) -> Any:
                           f"({expected})")
     levels = (privacy.noise_levels if privacy.noise_levels is not None
               else (expected,) if expected > minimum else ())
-    bounds = (minimum, *levels)
-    if any(b <= a for a, b in itertools.pairwise(bounds)) or max(bounds) > expected:
-        raise ConfigError(f"[privacy] noise_levels = {list(levels)} must increase strictly "
-                          f"within (min_cohort, expected_cohort] = ({minimum}, {expected}]")
+    problem = noise_levels_problem(levels, low=minimum, high=expected)
+    if problem is not None:
+        raise ConfigError(f"[privacy] noise_levels {problem}")
     quantile = privacy.participation_quantile
     steps = calibrated_participations(
         rounds=config.run.rounds, rate=per_round / num_clients,

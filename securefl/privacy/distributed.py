@@ -56,13 +56,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from securefl.config.privacy import noise_levels_problem
 from securefl.engine.protection import Combined, Update, WeightedSum
 from securefl.privacy.accounting import PrivacyEvent
 from securefl.privacy.poisson import skellam
 from securefl.privacy.randomness import SecureRandom
 from securefl.privacy.rotation import block_sizes, padded_dimension, rotate, unrotate
 from securefl.privacy.skellam import choose_scale, rounded_l1_bound, rounded_l2_bound
-from securefl.secagg.encoding import SECRET_BYTES, word_dtype
+from securefl.secagg.encoding import reveal_problem, word_dtype
 
 __all__ = ["OVERFLOW", "DistributedMean", "DistributedSettings", "SkellamEncoding",
            "SkellamPlan"]
@@ -152,11 +153,10 @@ class DistributedSettings:
             raise ValueError("need 0 <= colluding_sites < min_cohort <= expected_cohort, got "
                              f"{self.colluding_sites}, {self.min_cohort}, "
                              f"{self.expected_cohort}")
-        bounds = (self.min_cohort, *self.levels)
-        if (any(b <= a for a, b in itertools.pairwise(bounds))
-                or any(level > self.expected_cohort for level in self.levels)):
-            raise ValueError(f"noise levels {list(self.levels)} must increase strictly within "
-                             f"({self.min_cohort}, {self.expected_cohort}]")
+        problem = noise_levels_problem(self.levels, low=self.min_cohort,
+                                       high=self.expected_cohort)
+        if problem is not None:
+            raise ValueError(f"noise levels {problem}")
 
     def plan(self, dimension: int) -> SkellamPlan:
         return _plan(self, dimension)
@@ -268,8 +268,9 @@ class SkellamEncoding:
         allowed = self.removable(survivors)
         words = total.astype(np.int64)
         for seeds in removed:
-            if len(seeds) != allowed or any(len(s) != SECRET_BYTES for s in seeds):
-                raise ValueError(f"a reveal of {len(seeds)} excess seeds, expected {allowed}")
+            problem = reveal_problem(seeds, expected=allowed)
+            if problem is not None:
+                raise ValueError(problem)
             for level, level_seed in enumerate(seeds):
                 words -= self.excess(dimension, level=level, seed=level_seed)
         words &= (1 << self.bits) - 1

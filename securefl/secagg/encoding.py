@@ -34,10 +34,21 @@ from securefl.secagg.prg import PRG_KEY_BYTES, derive_key, keystream
 from securefl.secagg.quantize import Quantizer, levels_for
 from securefl.secagg.scope import Scope
 
-__all__ = ["SECRET_BYTES", "Encoding", "FixedPoint", "reduce", "shared_seed", "word_dtype"]
+__all__ = ["SECRET_BYTES", "Encoding", "FixedPoint", "reduce", "reveal_problem", "shared_seed",
+           "word_dtype"]
 
 #: bytes of each secret an encoding lets a survivor reveal (:meth:`Encoding.removable`)
 SECRET_BYTES = 32
+
+
+def reveal_problem(secrets: Sequence[bytes], *, expected: int) -> str | None:
+    """Why a survivor's revealed secrets are not ``expected`` of :data:`SECRET_BYTES` bytes
+    each (the encoding's ``removable(|U3|)``), or ``None`` when they are."""
+    sizes = sorted({len(s) for s in secrets})
+    if len(secrets) == expected and sizes in ([], [SECRET_BYTES]):
+        return None
+    return (f"{len(secrets)} revealed secrets of {sizes[:3]} bytes, expected {expected} of "
+            f"{SECRET_BYTES} bytes")
 
 
 @runtime_checkable

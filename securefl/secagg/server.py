@@ -37,10 +37,10 @@ from securefl.engine.protection import Combined, WeightedSum
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
 from securefl.secagg.encoding import (
-    SECRET_BYTES,
     Encoding,
     FixedPoint,
     reduce,
+    reveal_problem,
     shared_seed,
     word_dtype,
 )
@@ -346,10 +346,9 @@ class SecAggServerRound:
             if holder not in self._revealers or not isinstance(msg, SecAggUnmaskReply):
                 self._reject(holder, "expected a SecAggUnmaskReply")
                 continue
-            sizes = sorted({len(s) for s in msg.excess})
-            if len(msg.excess) != allowed or sizes not in ([], [SECRET_BYTES]):
-                self._reject(holder, f"unmask reply with {len(msg.excess)} excess seeds of "
-                             f"{sizes[:3]} bytes, expected {allowed} of {SECRET_BYTES} bytes")
+            problem = reveal_problem(msg.excess, expected=allowed)
+            if problem is not None:
+                self._reject(holder, f"unmask reply with bad excess seeds: {problem}")
                 continue
             removed.append(msg.excess)
             bad = collect_points(self._graph, holder, msg, seed_points, key_points,
