@@ -3,12 +3,10 @@
 The driver builds what the server has (the data's held-out test set, the central evaluator,
 the server half of the protection, the round loop) exactly as in-process; the sites are
 built by :class:`ConfigSites` inside each actor from the config's TOML text, so each site's
-trainer, data shard and protection secrets exist only in its actor.  Key set-up follows a
-deployment: each actor generates its sites' identity keys (SecAgg+ Ed25519 identities, HE
-signing keys) and announces only the public halves; the driver collects them into the
-directory and hands it back to every actor.  Under HE the experimenter is the key holder:
-the driver generates the CKKS keys and gives the secret context to the actors (Ray's
-pickle, inside the one trust domain of :mod:`securefl.engine.ray_backend`).
+trainer, data shard and protection secrets exist only in its actor.  The actors start as
+soon as Ray is up and the configuration's checks have passed: they import torch and build
+their sites while the driver builds the server's part (``[privacy]``, the evaluator, the key
+holder); then the key set-up (:mod:`securefl.ray_simulation.keys`) follows a deployment's.
 
 Same seed, same result: every site is rebuilt from ``(config, [run] seed)`` as
 :func:`securefl.build.local_trainer` builds it in-process, dropouts are injected in the
@@ -40,17 +38,15 @@ import dataclasses
 import itertools
 import math
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from securefl.aggregation import Aggregator
 from securefl.config import Config, config_from_dict
 from securefl.data import FederatedData, federate
 from securefl.engine.client import Client
-from securefl.engine.protection import ClientProtection, KeepsModel, Plain, ServerProtection
+from securefl.engine.protection import ClientProtection, Plain
 from securefl.engine.ray_backend import (
     RayTransport,
     claim_early_start,
@@ -61,6 +57,7 @@ from securefl.engine.ray_backend import (
 from securefl.engine.simulation import DropInjector, DropSchedule
 from securefl.engine.trainer import RoundRewind, Trainer
 from securefl.errors import BudgetExceeded, ConfigError
+from securefl.ray_simulation.keys import KeyHolder, he_site
 from securefl.vector import Layout
 
 if TYPE_CHECKING:
@@ -116,43 +113,40 @@ def build_ray_simulation(config: Config, *, run_dir: Path | None = None,
     ids = list(data.clients)
     aggregator = aggregator if aggregator is not None else aggregator_for(config)
     check_feasible(config, aggregator, num_clients=len(ids))  # before any actor
-    # the server's part of [privacy], and its checks, before any actor
-    privacy = _privacy_setup(config, data, ids)
-    hooks = [*server_hooks, *(privacy.server_hooks if privacy is not None else ())]
-    evaluator = central_evaluator(config, data)
-    keys = _KeyHolder(config, Layout.of(evaluator.model))
+    groups = site_groups(ids, actors=sim.actors, clients_per_actor=sim.clients_per_actor)
     ray = import_ray()
     early = claim_early_start(sim.address)  # `securefl run` began it before its imports
     owns = early or not ray.is_initialized()
     if owns and not early:
         init_ray(sim.address)
     hosts: list[Any] = []
+    transport: RayTransport | None = None
     try:
-        groups = site_groups(ids, actors=sim.actors, clients_per_actor=sim.clients_per_actor)
-        hosts = start_hosts(FACTORY, groups, {"config": config.to_toml(), **keys.setup},
-                            cpus=sim.cpus, gpus=sim.gpus, threads=sim.torch_threads())
-        directory: dict[str, bytes] = {}
-        for announced in ray.get([host.announce.remote() for host in hosts]):
-            directory.update(announced)
-        if directory and sorted(directory) != sorted(ids):
-            raise ValueError("the actors announced keys for other sites than the federation's")
-        ray.get([host.attach.remote(directory) for host in hosts])
-    except BaseException:
-        for host in hosts:
-            ray.kill(host)
-        if owns:
-            ray.shutdown()
-        raise
-    assignment = {cid: index for index, group in enumerate(groups) for cid in group}
-    transport = RayTransport(hosts, assignment, owns_ray=owns, drops=DropInjector(
-        dropout=sim.dropout, schedule=schedule, seed=config.run.seed))
-    try:
+        # the actors import torch and build their sites from the config text while the
+        # driver builds the server's part: [privacy], the evaluator, the key holder
+        hosts = start_hosts(FACTORY, groups, {"config": config.to_toml()}, cpus=sim.cpus,
+                            gpus=sim.gpus, threads=sim.torch_threads())
+        privacy = _privacy_setup(config, data, ids)
+        hooks = [*server_hooks, *(privacy.server_hooks if privacy is not None else ())]
+        evaluator = central_evaluator(config, data)
+        keys = KeyHolder(config, Layout.of(evaluator.model))
+        transport = RayTransport(  # waits for the actors' start, once
+            hosts, {cid: index for index, group in enumerate(groups) for cid in group},
+            owns_ray=owns, drops=DropInjector(dropout=sim.dropout, schedule=schedule,
+                                              seed=config.run.seed))
+        directory = keys.exchange(hosts, ids)
         protection = keys.server(directory)
         server, evaluator = build_server(config, transport, protection, data,
                                          hooks=hooks, root_data=root_data,
                                          evaluator=evaluator, aggregator=aggregator)
-    except BaseException:  # e.g. a check_feasible ConfigError: stop what was started
-        transport.close()
+    except BaseException:  # e.g. a [privacy] ConfigError: stop what was started
+        if transport is not None:
+            transport.close()
+        else:
+            for host in hosts:
+                ray.kill(host)
+            if owns:
+                ray.shutdown()
         raise
     report = None
     if privacy is not None:
@@ -233,75 +227,6 @@ class SitesPrivacy:
         return write_report(Path(run_dir), {**summary, "ledger": LEDGER_FILE})
 
 
-class _KeyHolder:
-    """The driver's part of the protection's key set-up (see the module doc)."""
-
-    def __init__(self, config: Config, layout: Layout) -> None:
-        self.config, self.layout = config, layout
-        self.setup: dict[str, bytes] = {}
-        self._secret: bytes | None = None
-        if config.protection.kind == "he":
-            from securefl.he.ckks import CKKSKeys
-
-            he = config.protection.he
-            keys = CKKSKeys.generate(poly_modulus_degree=he.poly_modulus_degree,
-                                     coeff_modulus_bits=he.coeff_modulus_bits,
-                                     scale_bits=he.scale_bits)
-            self._secret = keys.to_bytes()
-            self._public = keys.public().to_bytes()
-            self.setup["he_secret"] = self._secret
-
-    def server(self, directory: Mapping[str, bytes]) -> ServerProtection:
-        kind = self.config.protection.kind
-        if kind == "secagg":
-            from securefl.build import secagg_encoding
-            from securefl.secagg import SecAggServerProtection
-
-            return SecAggServerProtection(
-                directory=directory, config=self.config.protection.secagg,
-                encoding=secagg_encoding(self.config, len(directory)))
-        if kind == "he":
-            from securefl.he import layer_selection
-            from securefl.he.server import HEServerProtection
-
-            he = self.config.protection.he
-            return HEServerProtection.from_bytes(
-                self._public, verify_keys=_verify_keys(directory),
-                min_contributors=he.min_contributors,
-                selection=layer_selection(he, self.layout), resum=he.resum)
-        return Plain()
-
-    def view(self, protection: ServerProtection, directory: Mapping[str, bytes], *,
-             run: bytes, initial: np.ndarray) -> Callable[[], np.ndarray] | None:
-        """HE: the model a site decrypts, read by the experimenter who holds the key."""
-        if not isinstance(protection, KeepsModel) or self._secret is None:
-            return None
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        from securefl.he import site_view
-
-        reader = _he_site(self.config, self._secret, "experimenter", Ed25519PrivateKey.generate(),
-                          directory, self.layout)
-        return site_view(protection, reader, run=run, initial=initial)  # type: ignore[arg-type]
-
-
-def _verify_keys(directory: Mapping[str, bytes]) -> dict[str, Any]:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    return {cid: Ed25519PublicKey.from_public_bytes(key) for cid, key in directory.items()}
-
-
-def _he_site(config: Config, secret: bytes, client_id: str, signing: Any,
-             directory: Mapping[str, bytes], layout: Layout) -> ClientProtection:
-    from securefl.he import HEClientProtection, layer_selection
-
-    he = config.protection.he
-    return HEClientProtection.from_bytes(
-        secret, client_id=client_id, signing_key=signing, verify_keys=_verify_keys(directory),
-        dimension=layout.size, min_contributors=he.min_contributors,
-        selection=layer_selection(he, layout), server_lr=config.server.lr, resum=he.resum)
-
-
 class ConfigSites:
     """In an actor: the sites ``client_ids`` of the config in ``setup["config"]`` (TOML text),
     with trainers exactly as in-process and fresh identity keys of their own."""
@@ -312,7 +237,7 @@ class ConfigSites:
         config = config_from_dict(tomllib.loads(setup["config"]), source="<ray actor config>")
         data = federate(config.data, seed=config.run.seed)
         self.config = config
-        self._he_secret: bytes = setup.get("he_secret", b"")
+        self._he_secret = b""  # under HE, the key holder's, handed before attach
         self._sites = len(data.clients)
         local = {cid: local_trainer(config, data, cid) for cid in client_ids}
         self._layout = next(iter(local.values())).layout
@@ -336,6 +261,11 @@ class ConfigSites:
         else:
             self._build(dict.fromkeys(client_ids, Plain()))
 
+    def hold_he_secret(self, secret: bytes) -> None:
+        """Keep the experimenter's CKKS secret context (the driver holds the keys) for
+        :meth:`attach`."""
+        self._he_secret = bytes(secret)
+
     def announce(self) -> dict[str, bytes]:
         from securefl.secagg.keys import identity_public_bytes
 
@@ -353,7 +283,7 @@ class ConfigSites:
                 config=self.config.protection.secagg, encoding=encoding)
                 for cid, key in self._keys.items()})
         elif kind == "he":
-            self._build({cid: _he_site(self.config, self._he_secret, cid, key, directory,
+            self._build({cid: he_site(self.config, self._he_secret, cid, key, directory,
                                        self._layout)
                          for cid, key in self._keys.items()})
 
