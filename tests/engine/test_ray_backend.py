@@ -141,6 +141,16 @@ def test_a_malformed_reply_frame_drops_its_site_and_names_it(caplog):
         transport.close()
 
 
+def test_an_actor_reports_when_it_started_imported_and_built_its_sites():
+    (host,) = start_hosts(SITES, [["a", "b"]], {}, cpus=0.5, gpus=0.0, threads=1)
+    try:
+        marks = ray.get(host.startup.remote(), timeout=120)
+    finally:
+        ray.kill(host)
+    assert list(marks) == ["entered", "imported", "built"]
+    assert marks["entered"] <= marks["imported"] <= marks["built"]
+
+
 def test_a_dead_actor_drops_its_sites_only():
     hosts = start_hosts(SITES, [["a"], ["b", "c"]], {}, cpus=0.5, gpus=0.0, threads=None)
     transport = RayTransport(hosts, {"a": 0, "b": 1, "c": 1})
@@ -176,6 +186,32 @@ def test_an_infeasible_round_is_refused_before_any_actor_starts():
     with pytest.raises(ConfigError, match="min_clients = 11"):
         build_simulation(config)
     assert free_cpus() == 2.0
+
+
+def test_a_config_error_after_the_actors_started_stops_them(monkeypatch):
+    """The actors start before the driver builds ``[privacy]``; the driver's ConfigError
+    there (a delta no smaller than 1 / clients) kills them.  The module's Ray is not this
+    build's: it stays up."""
+    from securefl import ray_simulation
+
+    started: list = []
+
+    def start_hosts_kept(*args, **kwargs):
+        started.extend(start_hosts(*args, **kwargs))
+        return started
+
+    monkeypatch.setattr(ray_simulation, "start_hosts", start_hosts_kept)
+    config = on_ray(load_config(EXAMPLES / "dp_fedavg.toml"), data__num_clients=10,
+                    server__clients_per_round=10, privacy__delta=0.5,
+                    privacy__adaptive_clipping=False)
+    with pytest.raises(ConfigError, match=r"delta must be < 1 / \(number of clients\) = "
+                                          r"1/10"):
+        build_simulation(config)
+    assert len(started) == 2
+    for host in started:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(host.ready.remote(), timeout=60)
+    assert free_cpus() == 2.0 and ray.is_initialized()
 
 
 def free_cpus(wait: float = 20.0) -> float:

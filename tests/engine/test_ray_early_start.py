@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from securefl import cli
 from securefl.engine import ray_backend
+
+ROOT = Path(__file__).parents[2]
 
 
 class FakeRay:
@@ -29,6 +32,26 @@ class FakeRay:
     def shutdown(self) -> None:
         self.calls.append(("shutdown",))
         self.up = False
+
+    # what a build asks of Ray up to its actors' start (no ``get``: nothing answers here)
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": 2.0}
+
+    def remote(self, cls):
+        ray = self
+
+        class Actors:
+            def options(self, **_options):
+                return self
+
+            def remote(self, factory, client_ids, setup, *, threads):
+                ray.calls.append(("actor", tuple(client_ids)))
+                return ("actor", tuple(client_ids))
+
+        return Actors()
+
+    def kill(self, handle) -> None:
+        self.calls.append(("kill", handle[1]))
 
 
 @pytest.fixture
@@ -123,3 +146,53 @@ def test_actors_that_never_start_fail_the_run_in_one_line(monkeypatch):
     with pytest.raises(RunFailed, match="did not start within 300 s"):
         ray_backend.RayTransport([host, host], {"a": 0, "b": 1})
     assert waited == [(2, ray_backend.START_TIMEOUT)]
+
+
+def bad_privacy_after_the_actors(tmp_path):
+    """A Ray run's config that passes every check before the actors start and fails the
+    driver's ``[privacy]`` set-up after: delta 0.5 is not below 1 / (10 clients)."""
+    text = (ROOT / "examples" / "dp_fedavg.toml").read_text()
+    for old, new in (("num_clients = 100", "num_clients = 10"), ("delta = 1e-5", "delta = 0.5"),
+                     ("clients_per_round = 20", "clients_per_round = 10"),
+                     ("adaptive_clipping = true", "adaptive_clipping = false")):
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "bad_privacy.toml"
+    path.write_text(text + '\n[simulation]\nbackend = "ray"\nactors = 2\n')
+    return path
+
+
+FIVE = [tuple(f"client-{i}" for i in range(5)), tuple(f"client-{i}" for i in range(5, 10))]
+
+
+def test_a_config_error_after_the_actors_started_stops_them_and_the_early_ray(
+        fake_ray, tmp_path, capsys):
+    path = bad_privacy_after_the_actors(tmp_path)
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "delta must be < 1 / (number of clients) = 1/10" in capsys.readouterr().err
+    assert [c[0] for c in fake_ray.calls] == ["init", "actor", "actor", "kill", "kill",
+                                              "shutdown"]
+    assert [c[1] for c in fake_ray.calls if c[0] in ("actor", "kill")] == FIVE + FIVE
+    assert not fake_ray.up and ray_backend._early == []
+
+
+def test_a_build_that_started_its_own_ray_stops_it_after_such_an_error(fake_ray, tmp_path):
+    from securefl.config import load_config
+    from securefl.errors import ConfigError
+    from securefl.simulation import build_simulation
+
+    with pytest.raises(ConfigError, match="delta must be"):
+        build_simulation(load_config(bad_privacy_after_the_actors(tmp_path)))
+    assert [c[0] for c in fake_ray.calls] == ["init", "actor", "actor", "kill", "kill",
+                                              "shutdown"]
+    assert not fake_ray.up
+
+
+def test_the_import_thread_also_imports_what_rays_serialization_needs(fake_ray, monkeypatch):
+    """Ray's first actor creation would import them after ``ray.init``; the thread imports
+    those installed while Ray starts, and skips the others."""
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    monkeypatch.setattr(ray_backend, "SERIALIZATION_IMPORTS", ("colorsys", "no_such_module"))
+    assert ray_backend.start_early(None, lambda: 3) == 3
+    assert "colorsys" in sys.modules and "no_such_module" not in sys.modules
+    ray_backend.abandon_early_start()
