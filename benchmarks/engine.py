@@ -16,8 +16,10 @@ dependency; this measures Flower's own per-client server work without any transp
 With ``--backend ray`` the no-op clients live in ``--actors`` Ray actors (a local Ray with
 at most 2 CPUs), every message crosses as wire-codec bytes (so ``wire`` is true), and the
 report adds ``ray_startup_seconds``: from the command (a fresh interpreter) to the start of
-round 1 of the quickstart (10 clients) in 2 actors, with its phases, the medians of
-``--startup-runs`` commands, next to the same for in-process.
+round 1 of the quickstart (10 clients) in 2 actors (``total``), with its timeline (each
+mark's seconds from the command, see ``command_to_round_one``), the medians of
+``--startup-runs`` commands, next to the same for in-process (``inprocess_startup_seconds``,
+the machine-speed reference), the two taking turns.
 
     python benchmarks/engine.py --backend ray --clients          # only the start-up
 """
@@ -142,31 +144,40 @@ def flower_round_seconds(n: int, d: int, repeats: int) -> float | None:
 
 
 STARTUP = """
-import importlib, json, sys, time
+import json, sys, time
 marks = {}
 def imports():
     from securefl.config import load_config
     from securefl.simulation import build_simulation
+    marks["imports"] = time.time()
     return load_config, build_simulation
 if sys.argv[2] == "ray":  # what `securefl run` does for a [simulation] backend = "ray" file
     import ray
     marks["import_ray"] = time.time()
-    init = ray.init
-    def timed_init(*args, **kwargs):  # the run's ray.init, timed
-        marks["ray_init_start"] = time.time()
-        try:
-            return init(*args, **kwargs)
-        finally:
-            marks["ray_init_end"] = time.time()
-    ray.init = timed_init
+    def timed(owner, name, start=None):  # marks when owner.name returns
+        real = getattr(owner, name)
+        def call(*args, **kwargs):
+            if start:
+                marks[start] = time.time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                marks[name] = time.time()
+        setattr(owner, name, call)
+    timed(ray, "init", "ray_init_start")
     from securefl.engine.ray_backend import start_early
     load_config, build_simulation = start_early(None, imports)
+    import securefl.ray_simulation as rs
+    timed(rs, "start_hosts")  # the actors' creation submitted
+    timed(rs, "RayTransport")  # every actor's constructor has run
 else:
     load_config, build_simulation = imports()
-marks["imports"] = time.time()
 config = load_config(sys.argv[1]).replace(simulation__backend=sys.argv[2], simulation__actors=2)
 sim = build_simulation(config)
 marks["round_1"] = time.time()  # round 1 starts here
+if sys.argv[2] == "ray":
+    actors = ray.get([host.startup.remote() for host in sim.transport.hosts])
+    marks.update({f"actors_{k}": max(a[k] for a in actors) for k in actors[0]})
 sim.transport.close()
 print(json.dumps(marks))
 """
@@ -174,10 +185,15 @@ print(json.dumps(marks))
 
 def command_to_round_one(backend: str) -> dict[str, float]:
     """Seconds from starting a fresh interpreter to the start of round 1 of the quickstart
-    (10 clients; with Ray, in 2 actors of a local Ray started for the run), and its phases:
-    the interpreter and securefl's imports (torch; with Ray, on a thread while ``ray.init``
-    runs, as ``securefl run`` does), importing Ray, ``ray.init``, and the rest of the build
-    after both (the actors' start: their imports, data and trainers; the keys)."""
+    (10 clients; with Ray, in 2 actors of a local Ray started for the run), and the
+    timeline in between, each mark in seconds from the command: ``imports`` (securefl and
+    torch; with Ray on a thread while ``ray.init`` runs, as ``securefl run`` does),
+    ``import_ray``, ``ray_init_start`` and ``ray_init_end``, ``actors_submitted`` (the
+    driver has built the data and asked Ray for the actors), the last actor's
+    ``actors_entered`` (placed, its constructor begins), ``actors_imported`` (torch and
+    securefl) and ``actors_built`` (its sites), ``actors_ready`` (the driver knows every
+    actor is up; meanwhile it built ``[privacy]``, the evaluator and the keys) and
+    ``round_1`` (the key exchange and the server built)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
@@ -186,19 +202,22 @@ def command_to_round_one(backend: str) -> dict[str, float]:
                            backend], capture_output=True, text=True, env=env, check=True,
                           timeout=300)
     marks = json.loads(done.stdout.splitlines()[-1])
-    phases = {"total": marks["round_1"] - t0, "imports": marks["imports"] - t0}
-    if backend == "ray":
-        phases.update(import_ray=marks["import_ray"] - t0,
-                      ray_init=marks["ray_init_end"] - marks["ray_init_start"],
-                      actors_and_build=marks["round_1"] - max(marks["ray_init_end"],
-                                                              marks["imports"]))
-    return phases
+    names = {"init": "ray_init_end", "start_hosts": "actors_submitted",
+             "RayTransport": "actors_ready"}
+    timeline = {names.get(k, k): v - t0 for k, v in marks.items()}
+    return {"total": timeline.pop("round_1"), **dict(sorted(timeline.items(),
+                                                            key=lambda kv: kv[1]))}
 
 
-def startup_medians(backend: str, runs: int) -> dict[str, float]:
-    """The median of each phase of :func:`command_to_round_one` over ``runs`` commands."""
-    measured = [command_to_round_one(backend) for _ in range(runs)]
-    return {k: round(statistics.median(m[k] for m in measured), 3) for k in measured[0]}
+def startup_medians(runs: int) -> dict[str, dict[str, float]]:
+    """The median of each mark of :func:`command_to_round_one` over ``runs`` commands per
+    backend, Ray's and in-process's commands taking turns."""
+    measured: dict[str, list[dict[str, float]]] = {"ray": [], "inprocess": []}
+    for _ in range(runs):
+        for backend, rows in measured.items():
+            rows.append(command_to_round_one(backend))
+    return {backend: {k: round(statistics.median(m[k] for m in rows), 3) for k in rows[0]}
+            for backend, rows in measured.items()}
 
 
 def quickstart_startup() -> float:
@@ -225,9 +244,11 @@ def main() -> None:
     ray = args.backend == "ray"
     extra = {}
     if ray:  # before this process starts Ray: a fresh command each
-        extra = {"load_average_before": os.getloadavg(),
-                 "ray_startup_seconds": startup_medians("ray", args.startup_runs),
-                 "inprocess_startup_seconds": startup_medians("inprocess", args.startup_runs),
+        load_before = os.getloadavg()
+        medians = startup_medians(args.startup_runs)
+        extra = {"load_average_before": load_before,
+                 "ray_startup_seconds": medians["ray"],
+                 "inprocess_startup_seconds": medians["inprocess"],
                  "load_average": os.getloadavg()}
         if not args.clients:
             print(json.dumps(extra))

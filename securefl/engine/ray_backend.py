@@ -127,7 +127,8 @@ def start_early(address: str | None, meanwhile: Callable[[], T]) -> T:
 
 #: what Ray's serialization context imports when installed, the first time a process sends
 #: or receives a task (in the driver: the first actor's ``.remote()``)
-SERIALIZATION_IMPORTS = ("pydantic", "pyarrow", "pyarrow.json")
+SERIALIZATION_IMPORTS = ("pydantic.main", "pydantic.fields", "pydantic.v1.fields", "pyarrow",
+                         "pyarrow.json")
 
 
 def warm_serialization() -> None:

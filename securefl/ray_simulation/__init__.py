@@ -267,6 +267,10 @@ class ConfigSites:
         self._he_secret = bytes(secret)
 
     def announce(self) -> dict[str, bytes]:
+        """The public halves of the sites' identity keys (none for plain sites, which then
+        import no cryptography)."""
+        if not self._keys:
+            return {}
         from securefl.secagg.keys import identity_public_bytes
 
         return {cid: identity_public_bytes(key) for cid, key in self._keys.items()}
