@@ -43,7 +43,10 @@ class KeyHolder:
     def exchange(self, hosts: Sequence[Any], ids: Sequence[str]) -> dict[str, bytes]:
         """The key set-up with the actors (started): collect the public keys their sites
         announce into the directory, hand the directory back to every actor and, under HE,
-        the secret context; return the directory (empty when the sites have no keys)."""
+        the secret context; return the directory (empty for plain sites, which have no keys
+        to exchange)."""
+        if self.config.protection.kind == "plain":
+            return {}
         ray = import_ray()
         directory: dict[str, bytes] = {}
         for announced in ray.get([host.announce.remote() for host in hosts]):
