@@ -89,12 +89,14 @@ def start_early(address: str | None, meanwhile: Callable[[], T]) -> T:
     """Start the Ray of a Ray run (:func:`init_ray`) on this thread while ``meanwhile`` (the
     run's heavy imports: torch) runs on another, and return what ``meanwhile`` returns.
     ``securefl run`` does this as soon as it has read ``[simulation] backend = "ray"``: Ray's
-    start (seconds: its GCS, raylet and prestarted workers) overlaps the imports.  Ray is
-    started on the calling thread because its processes die with the thread that started
-    them.  After ``meanwhile`` the thread also imports what Ray's serialization will need
-    (:func:`warm_serialization`).  Nothing is started when Ray is not installed or already
-    up, and a failed start is left to the run's own :func:`init_ray` to report: the run's
-    checks and errors are the same as without this."""
+    start (seconds: its GCS, raylet and prestarted workers) overlaps the imports.  These
+    begin once ``import ray`` is done: imports on two threads share the interpreter lock,
+    and ``import ray`` is on the way to Ray's start.  After ``meanwhile`` the thread also
+    imports what Ray's serialization will need (:func:`warm_serialization`).  Ray is started
+    on the calling thread because its processes die with the thread that started them.
+    Nothing is started when Ray is not installed or already up, and a failed start is left
+    to the run's own :func:`init_ray` to report: the run's checks and errors are the same
+    as without this."""
     outcome: list[Any] = []
 
     def run() -> None:
@@ -105,13 +107,13 @@ def start_early(address: str | None, meanwhile: Callable[[], T]) -> T:
         except BaseException as exc:  # re-raised on the calling thread
             outcome.append((False, exc))
 
-    worker = threading.Thread(target=run, name="securefl-imports", daemon=True)
-    worker.start()
     ray: Any = None
-    try:
+    try:  # alone, before the imports' thread starts
         import ray
     except ImportError:
         pass  # the build says how to install it, in one line
+    worker = threading.Thread(target=run, name="securefl-imports", daemon=True)
+    worker.start()
     if ray is not None and not _early and not ray.is_initialized():
         try:
             init_ray(address)
