@@ -140,8 +140,8 @@ def warm_serialization() -> None:
     for name in SERIALIZATION_IMPORTS:
         try:
             importlib.import_module(name)
-        except ImportError:
-            continue
+        except Exception as exc:  # a warm-up only: Ray meets the same error itself, later
+            _log.debug("not imported ahead of Ray's serialization: %s: %s", name, exc)
 
 
 def claim_early_start(address: str | None) -> bool:
