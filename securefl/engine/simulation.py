@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from securefl.engine.messages import DEFAULT_MAX_BYTES, Message, decode, encode
-from securefl.engine.transport import ClientHandler, Exchange
+from securefl.engine.transport import ClientHandler, Exchange, ReplyHook
 
 __all__ = ["DropInjector", "DropSchedule", "InProcessTransport"]
 
@@ -81,6 +81,13 @@ class DropInjector:
 
 
 class InProcessTransport:
+    """Every client in this process; hands each reply over as it arrives (``on_reply``,
+    :class:`~securefl.engine.transport.HandsOver`): without a thread pool a client's reply
+    is consumed before the next client is called, so an exchange holds one large reply at a
+    time, not one per client."""
+
+    hands_over_replies = True
+
     def __init__(self, clients: Mapping[str, ClientHandler], *, wire: bool = False,
                  workers: int = 1, dropout: float = 0.0, schedule: DropSchedule | None = None,
                  sticky: bool = True, seed: int = 0,
@@ -137,7 +144,7 @@ class InProcessTransport:
         return reply
 
     def exchange(self, requests: Mapping[str, Message], *, round: int,
-                 timeout: float | None = None) -> Exchange:
+                 timeout: float | None = None, on_reply: ReplyHook | None = None) -> Exchange:
         result = Exchange()
         live = self.drops.split(requests, round=round, dropped=result.dropped)
         self._frames = {}
@@ -147,7 +154,9 @@ class InProcessTransport:
         for client_id, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, str):
                 result.dropped[client_id] = outcome
-            else:
-                result.replies[client_id] = outcome
+            else:  # in this thread, in order: the hook never runs concurrently
+                result.replies[client_id] = (outcome if on_reply is None
+                                             else on_reply(client_id, outcome))
+            del outcome  # a consumed reply (and its frame) is freed before the next client
         self._frames = {}
         return result
