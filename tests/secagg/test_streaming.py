@@ -1,5 +1,7 @@
-"""The server sums the masked inputs as they arrive (securefl.secagg.summing; the engine's
-Receives / HandsOver seam): one input held at a time, the same sum, U3 exactly the summed set."""
+"""The masked inputs flow one at a time: each site encodes its update only when its masked
+input is due (after checking it at open), and the server sums the inputs as they arrive
+(securefl.secagg.summing; the engine's Receives / HandsOver seam): the same sum, U3 exactly
+the summed set."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from securefl.aggregation.mean import FedAvg
 from securefl.engine.client import Client
 from securefl.engine.messages import Message
 from securefl.engine.optim import build_server_optimizer
-from securefl.engine.protection import Absorbed, WeightedSum
+from securefl.engine.protection import Absorbed, Update, WeightedSum
 from securefl.engine.server import Server
 from securefl.engine.simulation import InProcessTransport
 from securefl.errors import ProtocolAbort
@@ -22,6 +24,7 @@ from tests.secagg.protocol_driver import (
     FixedTrainer,
     drive,
     make_updates,
+    opened,
     plain_clipped_sum,
     quantizer,
     wire,
@@ -181,3 +184,12 @@ def test_a_failed_or_dropped_client_is_never_handed_over():
     assert sorted(out.replies) == ["a", "d"]
     assert all(isinstance(m, Absorbed) for m in out.replies.values())
     assert sorted(out.dropped) == ["b", "c"]
+
+
+def test_an_unusable_update_keeps_a_site_out_before_it_advertises():
+    o = opened([f"c{i}" for i in range(4)])
+    unusable = {"c0": Update(np.full(4, np.nan, np.float32), 1.0),  # diverged training
+                "c1": Update(np.zeros(4, np.float32), 101.0)}  # above max_weight = 100
+    for cid, update in unusable.items():
+        with pytest.raises(ValueError, match=r"finite|max_weight"):
+            o.rounds[cid].open(update, wire(o.requests[cid]))
