@@ -83,10 +83,11 @@ class Encoding(Protocol):
 
 @runtime_checkable
 class Checked(Protocol):
-    """An encoding that can refuse an update before encoding it: a site encodes only when its
-    masked input is due, and checks its update when the round opens (before it advertises
-    keys), so that an unusable update keeps it out of the round instead of making it a
-    dropout."""
+    """An encoding that can refuse an update before encoding it.  A site then checks its
+    update when the round opens (an unusable one keeps it out before it advertises keys, as
+    encoding it would) and encodes it only when its masked input is due, so the words are
+    written, masked and sent while they are in cache; a site encodes at once under an
+    encoding without the check."""
 
     def check(self, update: Update) -> None:
         """``ValueError`` if :meth:`Encoding.encode` would refuse ``update``."""
