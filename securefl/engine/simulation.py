@@ -149,9 +149,10 @@ class InProcessTransport:
         live = self.drops.split(requests, round=round, dropped=result.dropped)
         self._frames = {}
         jobs = [(cid, requests[cid], round, timeout) for cid in live]
-        outcomes = (self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool
-                    else (self._deliver(*job) for job in jobs))
-        for client_id, outcome in zip(live, outcomes, strict=True):
+        outcomes = iter(self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool
+                        else (self._deliver(*job) for job in jobs))
+        for client_id in live:  # no zip: its reused tuple would keep the last reply alive
+            outcome = next(outcomes)
             if isinstance(outcome, str):
                 result.dropped[client_id] = outcome
             else:  # in this thread, in order: the hook never runs concurrently

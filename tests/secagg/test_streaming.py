@@ -5,7 +5,9 @@ the summed set."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -193,3 +195,29 @@ def test_an_unusable_update_keeps_a_site_out_before_it_advertises():
     for cid, update in unusable.items():
         with pytest.raises(ValueError, match=r"finite|max_weight"):
             o.rounds[cid].open(update, wire(o.requests[cid]))
+
+
+def test_in_process_a_consumed_reply_is_freed_before_the_next_client_is_called():
+    handed: list[weakref.ref] = []
+    alive_at_call: list[int] = []
+
+    class Masker:
+        def __init__(self, client_id: str) -> None:
+            self.client_id = client_id
+
+        def handle(self, request, *, round):
+            gc.collect()
+            alive_at_call.append(sum(ref() is not None for ref in handed))
+            return SecAggMaskedInput(masked=np.zeros(100_001, np.uint32))
+
+    ids = [f"c{i}" for i in range(5)]
+    transport = InProcessTransport({c: Masker(c) for c in ids}, wire=True)
+
+    def on_reply(cid: str, reply: Message) -> Message:
+        handed.append(weakref.ref(reply))
+        return Absorbed()
+
+    request = SecAggMaskedInput(masked=np.zeros(1, np.uint32))
+    transport.exchange(dict.fromkeys(ids, request), round=1, on_reply=on_reply)
+    assert len(handed) == 5
+    assert alive_at_call == [0, 0, 0, 0, 0]  # each decoded input (and its frame) was gone
