@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -175,7 +176,8 @@ def drive(server: ServerProtection, clients: Mapping[str, ClientProtection],
           updates: Mapping[str, Update], *, dimension: int, drop_after_shares: set[str],
           timings: dict[str, float]) -> WeightedSum:
     """One round in-process; ``timings`` gets each server step (4: summing the masked inputs,
-    6: unmasking)."""
+    6: unmasking).  The replies go to ``step`` as one batch, so step 4 does all the summing
+    (in the engine the server adds each masked input as it arrives, ``receive``)."""
     protocol = server.server_round(round=1, dimension=dimension)
     rounds = {c: clients[c].client_round(round=1, context=RoundContext.standalone(round=1))
               for c in updates}
@@ -249,9 +251,11 @@ class FixedTrainer:
 
 def engine_rounds(server_protection: ServerProtection,
                   client_protections: Mapping[str, ClientProtection], d: int, rounds: int,
-                  *, wire: bool, cpu: list[float] | None = None) -> tuple[list[float], list[int]]:
+                  *, wire: bool, cpu: list[float] | None = None,
+                  faults: list[int] | None = None) -> tuple[list[float], list[int]]:
     """Wall seconds and contributors per round; ``cpu`` (if given) gets each round's CPU
-    seconds in this thread (the in-process transport runs every client in it)."""
+    seconds in this thread (the in-process transport runs every client in it), ``faults``
+    each round's minor page faults (fresh memory the round touched)."""
     base = np.random.default_rng(2).normal(0, 0.05, d).astype(np.float32)
     clients = {c: Client(c, FixedTrainer(Update(base, float(1 + i % 50))), p)
                for i, (c, p) in enumerate(client_protections.items())}
@@ -262,10 +266,12 @@ def engine_rounds(server_protection: ServerProtection,
                     parameters=np.zeros(d, np.float32), seed=0)
     seconds, contributors = [], []
     for r in range(1, rounds + 1):
-        started = time.thread_time()
+        started, faulted = time.thread_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         record = server.run_round(r)
         if cpu is not None:
             cpu.append(time.thread_time() - started)
+        if faults is not None:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
         seconds.append(record.seconds)
         contributors.append(len(record.clients))
     transport.close()
@@ -392,8 +398,9 @@ def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> 
                                        ids)
     load = os.getloadavg()[0]
     secure_cpu: list[float] = []
+    faults: list[int] = []
     secure_s, contributors = engine_rounds(server, clients, d, rounds, wire=True,
-                                           cpu=secure_cpu)
+                                           cpu=secure_cpu, faults=faults)
     plain_median, secure_median = statistics.median(plain_s), statistics.median(secure_s)
     k = degree(n, neighbours=neighbours)
     floor = primitive_floor(n, d, k)
@@ -416,6 +423,8 @@ def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> 
             "crypto_floor_cpu_s": floor_cpu,
             "secagg_over_crypto_floor_cpu": round(statistics.median(secure_cpu) / floor_cpu, 3),
             "load_average": round(load, 2),
+            # rounds after the first: memory that later rounds touch afresh (page faults)
+            "minor_page_faults_per_round": statistics.median(faults[1:] or faults),
             "malicious_server_checks": checks,
             "checks_added_to_round": round(added, 3),
             "contributors": contributors}

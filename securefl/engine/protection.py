@@ -31,12 +31,14 @@ from securefl.engine.messages import FitIns, Message, PlainUpdate
 from securefl.engine.session import RoundContext
 
 __all__ = [
+    "Absorbed",
     "ClientProtection",
     "ClientRound",
     "Combined",
     "KeepsModel",
     "OpensModel",
     "Plain",
+    "Receives",
     "Redoable",
     "Rows",
     "Sealed",
@@ -113,6 +115,24 @@ class ServerRound(Protocol):
         ``dropped`` holds every client that missed this exchange or declined.  Raises
         :class:`~securefl.errors.ProtocolAbort` when the round cannot complete.
         """
+        ...
+
+
+class Absorbed(Message):
+    """What an exchange keeps of a reply that a :class:`Receives` round consumed on arrival.
+    Not a wire message (never registered): no client can send one."""
+
+
+@runtime_checkable
+class Receives(Protocol):
+    """A server round that consumes each reply of its exchanges as it arrives (the SecAgg+
+    server adds each masked input into its sum), so that an exchange holds one large reply at
+    a time.  The engine passes :meth:`receive` to the transport
+    (:class:`~securefl.engine.transport.HandsOver`), or applies it to the replies after an
+    exchange; :meth:`ServerRound.step` then gets what it returned."""
+
+    def receive(self, client_id: str, reply: Message) -> Message:
+        """``reply`` itself, or :class:`Absorbed` once its content is in the round's state."""
         ...
 
 

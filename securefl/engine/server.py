@@ -38,6 +38,7 @@ from securefl.engine.protection import (
     CohortRule,
     Combined,
     KeepsModel,
+    Receives,
     Redoable,
     Rows,
     Sealed,
@@ -46,7 +47,7 @@ from securefl.engine.protection import (
     WeightedSum,
 )
 from securefl.engine.session import RUN_ID_BYTES
-from securefl.engine.transport import Transport
+from securefl.engine.transport import Exchange, HandsOver, Transport
 from securefl.errors import ProtocolAbort
 
 __all__ = ["AggregateHook", "Sampler", "Server", "ServerHook"]
@@ -274,10 +275,24 @@ class Server:
         missing: Collection[str] = set(participants) - set(first)
         result = protocol.step(first, missing)
         while not isinstance(result, Rows | WeightedSum | Sealed):
-            exchange = self.transport.exchange(result, round=rnd, timeout=self.timeout)
+            exchange = self._exchange(rnd, protocol, result)
             record.dropped.update(exchange.dropped)
             result = protocol.step(exchange.replies, set(exchange.dropped))
         return result
+
+    def _exchange(self, rnd: int, protocol: ServerRound,
+                  requests: Mapping[str, Message]) -> Exchange:
+        """One protection exchange; a :class:`Receives` round gets each reply as it arrives
+        where the transport hands replies over, else right after the exchange."""
+        if not isinstance(protocol, Receives):
+            return self.transport.exchange(requests, round=rnd, timeout=self.timeout)
+        if isinstance(self.transport, HandsOver) and self.transport.hands_over_replies:
+            return self.transport.exchange(requests, round=rnd, timeout=self.timeout,
+                                           on_reply=protocol.receive)
+        exchange = self.transport.exchange(requests, round=rnd, timeout=self.timeout)
+        exchange.replies = {cid: protocol.receive(cid, reply)
+                            for cid, reply in exchange.replies.items()}
+        return exchange
 
     # ------------------------------------------------------------------ aggregate + apply
     def _apply(self, rnd: int, combined: Rows | WeightedSum, record: RoundRecord) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from securefl.engine.messages import DEFAULT_MAX_BYTES, Message, decode, encode
-from securefl.engine.transport import ClientHandler, Exchange
+from securefl.engine.transport import ClientHandler, Exchange, ReplyHook
 
 __all__ = ["DropInjector", "DropSchedule", "InProcessTransport"]
 
@@ -81,6 +81,13 @@ class DropInjector:
 
 
 class InProcessTransport:
+    """Every client in this process; hands each reply over as it arrives (``on_reply``,
+    :class:`~securefl.engine.transport.HandsOver`): without a thread pool a client's reply
+    is consumed before the next client is called, so an exchange holds one large reply at a
+    time, not one per client."""
+
+    hands_over_replies = True
+
     def __init__(self, clients: Mapping[str, ClientHandler], *, wire: bool = False,
                  workers: int = 1, dropout: float = 0.0, schedule: DropSchedule | None = None,
                  sticky: bool = True, seed: int = 0,
@@ -137,17 +144,20 @@ class InProcessTransport:
         return reply
 
     def exchange(self, requests: Mapping[str, Message], *, round: int,
-                 timeout: float | None = None) -> Exchange:
+                 timeout: float | None = None, on_reply: ReplyHook | None = None) -> Exchange:
         result = Exchange()
         live = self.drops.split(requests, round=round, dropped=result.dropped)
         self._frames = {}
         jobs = [(cid, requests[cid], round, timeout) for cid in live]
-        outcomes = (self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool
-                    else (self._deliver(*job) for job in jobs))
-        for client_id, outcome in zip(live, outcomes, strict=True):
+        outcomes = iter(self._pool.map(lambda job: self._deliver(*job), jobs) if self._pool
+                        else (self._deliver(*job) for job in jobs))
+        for client_id in live:  # no zip: its reused tuple would keep the last reply alive
+            outcome = next(outcomes)
             if isinstance(outcome, str):
                 result.dropped[client_id] = outcome
-            else:
-                result.replies[client_id] = outcome
+            else:  # in this thread, in order: the hook never runs concurrently
+                result.replies[client_id] = (outcome if on_reply is None
+                                             else on_reply(client_id, outcome))
+            del outcome  # a consumed reply (and its frame) is freed before the next client
         self._frames = {}
         return result

@@ -4,16 +4,21 @@ figure 4 with the consistency check of §4; Bell et al., CCS 2020).
 One :class:`SecAggClientRound` per round, no I/O.  Every check below uses only what the
 client holds itself (its config, the identity directory, its :class:`RoundContext`):
 
-0. ``open``: check the participant list; quantize with ``L`` sized from the directory, never
-   from the server's ``n``; draw ``r_u`` (graph randomness), ``b_u`` (self-mask seed) and two
-   X25519 pairs; sign ``(scope, H(participants), c_pk, s_pk, H(r_u), H(b_u))``.
+0. ``open``: check the participant list and the update (with ``L`` sized from the directory,
+   never from the server's ``n``): an encoding with a separate check
+   (:class:`~securefl.secagg.encoding.Checked`, the fixed-point one) checks it now and encodes
+   it at step 3, any other encodes it now; draw ``r_u`` (graph randomness),
+   ``b_u`` (self-mask seed) and two X25519 pairs; sign ``(scope, H(participants), c_pk, s_pk,
+   H(r_u), H(b_u))``.
 1. Commitments: check ``U1`` ⊆ participants holds this client's own commitment, and that
    ``k >= min_neighbours`` and ``t >= threshold_for(k)`` (own config); then reveal ``r_u``.
 2. Keys: every commitment of ``U1`` opened; graph seed ``= H(all reveals)``; recompute the
    own neighbourhood ``N(u)`` and abort unless the relayed advertisements are exactly those
    of ``N(u)``, each correctly signed; Shamir-share ``b_u`` and ``s_u^SK`` ``t``-of-``k``.
 3. Masked input: ``y_u = q(x_u) + PRG(b_u) + sum_{v in N(u) ∩ U2} ±PRG(s_uv) mod 2**b``
-   (``q`` and ``b``: the :class:`~securefl.secagg.encoding.Encoding`; 32 by default).
+   (``q`` and ``b``: the :class:`~securefl.secagg.encoding.Encoding`; 32 by default); a
+   checked update is encoded only now, so ``q(x_u)`` is written, masked and sent in one go
+   while it is in cache.
 4. Consistency: sign the survivor set ``U3``, once, and only if the encoding accepts
    ``|U3|`` (distributed DP's minimum cohort).
 5. Unmask: only with ``t`` valid neighbour signatures on that same ``U3``, and after the
@@ -42,7 +47,7 @@ from securefl.engine.protection import Update
 from securefl.engine.session import RoundContext
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
-from securefl.secagg.encoding import Encoding, FixedPoint, reduce, shared_seed
+from securefl.secagg.encoding import Checked, Encoding, FixedPoint, reduce, shared_seed
 from securefl.secagg.graph import degree, graph_seed, neighbourhood, threshold_for
 from securefl.secagg.keys import (
     advert_body,
@@ -118,7 +123,8 @@ class SecAggClientRound:
         self.phase = ClientPhase.OPEN
         self._participants = b""
         self._members: frozenset[str] = frozenset()
-        self._encoded: np.ndarray | None = None
+        self._update: Update | None = None  # a Checked encoding's input, encoded at step 3
+        self._encoded: np.ndarray | None = None  # any other encoding's words, from open
         self._excess: tuple[bytes, ...] = ()
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
@@ -147,8 +153,12 @@ class SecAggClientRound:
             raise self._abort("round opened twice")
         self.phase = ClientPhase.ABORTED
         participants = self._check_setup(payload)
-        self._encoded, self._excess = self._encoding.encode(update,
-                                                            seed=shared_seed(self._base))
+        if isinstance(self._encoding, Checked):  # encoded when the masked input is due
+            self._encoding.check(update)
+            self._update = update
+        else:
+            self._encoded, self._excess = self._encoding.encode(update,
+                                                                seed=shared_seed(self._base))
         self._participants = participants_digest(participants)
         self._members = frozenset(participants)
         c_public, s_public = self._publics
@@ -280,11 +290,14 @@ class SecAggClientRound:
         return advert
 
     def _masked_input(self, request: SecAggRelay) -> SecAggMaskedInput:
-        encoded, senders = self._encoded, request.ciphertexts
-        if encoded is None:
-            raise self._abort("masked input requested twice")
+        encoded, update, senders = self._encoded, self._update, request.ciphertexts
         if not set(senders) <= set(self._peers) or len(senders) < self._threshold:
             raise self._abort("bad relay sender set")
+        self._encoded = self._update = None
+        if update is not None:  # written, masked and sent while it is in cache
+            encoded, self._excess = self._encoding.encode(update, seed=shared_seed(self._base))
+        if encoded is None:
+            raise self._abort("masked input requested twice")
         self._inbox = dict(senders)
         masks = [(self_mask_key(self._seed, scope=self._scope, client_id=self.client_id), 1)]
         for peer in sorted(senders):
@@ -293,7 +306,6 @@ class SecAggClientRound:
             masks.append((key, 1 if self.client_id < peer else -1))
         add_masks(encoded, masks)  # in place: the quantized input becomes y_u
         reduce(encoded, self._encoding.bits)
-        self._encoded = None
         return SecAggMaskedInput(masked=encoded)
 
     def _sign(self, request: SecAggConsistency) -> SecAggSignature:

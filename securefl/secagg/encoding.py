@@ -34,8 +34,8 @@ from securefl.secagg.prg import PRG_KEY_BYTES, derive_key, keystream
 from securefl.secagg.quantize import Quantizer, levels_for
 from securefl.secagg.scope import Scope
 
-__all__ = ["SECRET_BYTES", "Encoding", "FixedPoint", "reduce", "reveal_problem", "shared_seed",
-           "word_dtype"]
+__all__ = ["SECRET_BYTES", "Checked", "Encoding", "FixedPoint", "reduce", "reveal_problem",
+           "shared_seed", "word_dtype"]
 
 #: bytes of each secret an encoding lets a survivor reveal (:meth:`Encoding.removable`)
 SECRET_BYTES = 32
@@ -81,6 +81,19 @@ class Encoding(Protocol):
         ...
 
 
+@runtime_checkable
+class Checked(Protocol):
+    """An encoding that can refuse an update before encoding it.  A site then checks its
+    update when the round opens (an unusable one keeps it out before it advertises keys, as
+    encoding it would) and encodes it only when its masked input is due, so the words are
+    written, masked and sent while they are in cache; a site encodes at once under an
+    encoding without the check."""
+
+    def check(self, update: Update) -> None:
+        """``ValueError`` if :meth:`Encoding.encode` would refuse ``update``."""
+        ...
+
+
 def word_dtype(bits: int) -> np.dtype:
     """``<u2`` for ``bits <= 16``, ``<u4`` up to 32."""
     if not 2 <= bits <= 32:
@@ -115,6 +128,9 @@ class FixedPoint:
 
     def words(self, dimension: int) -> int:
         return dimension + 1
+
+    def check(self, update: Update) -> None:
+        self.quantizer.check(update.delta, float(update.weight))
 
     def encode(self, update: Update, *, seed: bytes) -> tuple[np.ndarray, tuple[bytes, ...]]:
         # a fresh AES-128 key from the CSPRNG: the dither is private and used once

@@ -68,17 +68,21 @@ class Quantizer:
         """Per-client error bound on the decoded total weight: ``W / L``."""
         return self.max_weight / self.levels
 
+    def check(self, delta: np.ndarray, weight: float) -> None:
+        """``ValueError`` unless ``0 < weight <= W`` (finite) and ``delta`` is finite and 1-d."""
+        if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
+            raise ValueError(f"weight must be finite and in (0, max_weight = {self.max_weight}]"
+                             f", got {weight}; raise [protection.secagg] max_weight")
+        if delta.ndim != 1 or not np.isfinite(delta).all():
+            raise ValueError("update must be a finite 1-d vector")
+
     def encode(self, delta: np.ndarray, weight: float, dither: np.ndarray, *,
                in_place: bool = False) -> np.ndarray:
         """``d + 1`` words ``q mod 2**32``; ``dither`` holds ``d + 1`` uniform uint32 words.
 
         ``in_place=True`` writes the words over ``dither`` (each chunk of the dither is read
         before it is overwritten) and returns it: no second ``d``-sized buffer."""
-        if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
-            raise ValueError(f"weight must be finite and in (0, max_weight = {self.max_weight}]"
-                             f", got {weight}; raise [protection.secagg] max_weight")
-        if delta.ndim != 1 or not np.isfinite(delta).all():
-            raise ValueError("update must be a finite 1-d vector")
+        self.check(delta, weight)
         if dither.shape != (delta.shape[0] + 1,) or dither.dtype != np.uint32:
             raise ValueError("dither must be d + 1 uint32 words")
         bound = self.levels * (weight / self.max_weight)  # <= L, since w / W <= 1

@@ -15,7 +15,8 @@ checks that every client of ``U2`` keeps ``t`` neighbours among the clients that
 secret requested.  Every reconstruction is verified: ``b_u`` against ``H(b_u)`` from the
 signed advertisement, ``s_v^SK`` against ``s_v^PK``; a mismatch, like a sum the
 :class:`~securefl.secagg.encoding.Encoding` cannot decode (a weight outside ``(0, |U3| W]``),
-is an unattributable ProtocolAbort.  The sum is taken modulo the encoding's ``2**b``; a
+is an unattributable ProtocolAbort.  The masked inputs are summed as they arrive
+(:mod:`securefl.secagg.summing`), modulo the encoding's ``2**b``; a
 survivor set the encoding refuses (below distributed DP's minimum cohort) aborts the round
 before any consistency signature is requested.  An unmask reply must carry exactly the
 encoding's ``removable(|U3|)`` secrets of 32 bytes (else it is rejected, naming its sender);
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securefl.config.secagg import SecAggConfig
 from securefl.engine.messages import Message
-from securefl.engine.protection import Combined, WeightedSum
+from securefl.engine.protection import Absorbed, Combined, WeightedSum
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
 from securefl.secagg.encoding import (
@@ -63,7 +64,6 @@ from securefl.secagg.messages import (
     SecAggCommitments,
     SecAggConsistency,
     SecAggKeys,
-    SecAggMaskedInput,
     SecAggRelay,
     SecAggReveal,
     SecAggSetup,
@@ -76,6 +76,7 @@ from securefl.secagg.messages import (
 from securefl.secagg.prg import add_masks
 from securefl.secagg.recovery import collect_points, reconstruct
 from securefl.secagg.scope import Scope
+from securefl.secagg.summing import MaskedSum
 
 __all__ = ["SecAggServerRound", "ServerPhase"]
 
@@ -129,6 +130,7 @@ class SecAggServerRound:
         self._u3: list[str] = []
         self._signatures: dict[str, bytes] = {}
         self._revealers: set[str] = set()
+        self._sum = MaskedSum((), words=self._words, dtype=self._dtype)
         self._total = np.zeros(0, np.uint32)
         self.rejected: dict[str, str] = {}
 
@@ -273,6 +275,7 @@ class SecAggServerRound:
                 continue
             self._shares[cid] = msg.ciphertexts
         self._u2 = [cid for cid in self._adverts if cid in self._shares]
+        self._sum = MaskedSum(self._u2, words=self._words, dtype=self._dtype)
         # Every client in U2 is masked against by its neighbours, so each needs t holders.
         self._require(self._u2, self._u2, "share keys")
         self.phase = ServerPhase.MASK
@@ -281,20 +284,30 @@ class SecAggServerRound:
                 for cid in self._u2}
 
     # ------------------------------------------------------------------ 3 -> 4
+    def receive(self, client_id: str, reply: Message) -> Message:
+        """Add a masked input into the sum as it arrives (:class:`~securefl.secagg.summing.
+        MaskedSum`; the engine's :class:`~securefl.engine.protection.Receives`); the
+        transport hands over only replies it accepted, on time.  Any other reply, a
+        malformed input included, stays as it is for the step."""
+        if self.phase is ServerPhase.MASK and self._sum.add(client_id, reply):
+            return Absorbed()
+        return reply
+
     def _request_consistency(self, live: Mapping[str, Message]) -> Mapping[str, Message]:
-        total = np.zeros(self._words, self._dtype)
         survivors = []
         for cid in self._u2:
             msg = live.get(cid)
             if msg is None:
                 continue
-            if (not isinstance(msg, SecAggMaskedInput) or msg.masked.dtype != self._dtype
-                    or msg.masked.shape != total.shape):
+            if (isinstance(msg, Absorbed) and cid in self._sum.summed) or self._sum.add(cid, msg):
+                survivors.append(cid)
+            else:
                 self._reject(cid, "malformed SecAggMaskedInput")
-                continue
-            np.add(total, msg.masked, out=total)
-            survivors.append(cid)
-        if len(survivors) < self._threshold or not survivors:
+        if self._sum.summed != set(survivors):  # the sum would hold an input outside U3
+            raise ProtocolAbort.because(f"round {self._round}: a summed masked input was "
+                                        "reported dropped; nothing is revealed")
+        total = self._sum.take()
+        if len(survivors) < self._threshold or total is None:
             raise ProtocolAbort.because(f"round {self._round}: {len(survivors)} masked inputs, "
                                         f"fewer than t = {self._threshold}")
         cohort = self._encoding.check_cohort(len(survivors))
