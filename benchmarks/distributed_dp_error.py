@@ -18,18 +18,18 @@ client updates, component by component, and the two training paths beyond the re
   ``z``) against the plan, and its bias.
 * ``release``: the recorded updates of round ``--release-round`` of the distributed run
   (round 1: the same updates in both arms; a late round: norms near ``C``) released
-  ``--repeats`` times by both mechanisms
-  (central: ``sum + N(0, (zC)^2)``; distributed: clip, rotate, scale, conditional rounding,
-  noise shares, wrap into ``Z_{2^b}``, the plaintext equivalent of the SecAgg+ sum, excess
-  removal, unrotate, unscale), split into the rounding part and the noise part, checked to
-  add up exactly to the decoded error (no wrap), with per component: std per coordinate
-  over ``C`` and the plan's prediction, the bias (norm of the mean error vector against the
-  norm pure noise would leave, and its projection on the true sum), the gain of the rounded
-  sum along the true sum (1: no shrinkage, as from a clip at a smaller norm), the rejection
-  rate of conditional rounding, the wrap rate, the second clip's smallest factor (the
-  trainer's float32 clip leaves norms up to ``C (1 + 3e-8)``; the encoding clips those again
-  in float64, to the same ``C``).  The errors are against the sum of the updates as the
-  trainers handed them over, so the second clip's effect is in the decoded error.
+  ``--repeats`` times by both mechanisms (central: ``sum + N(0, (zC)^2)``; distributed:
+  clip, rotate, scale, conditional rounding, noise shares, wrap into ``Z_{2^b}``, the
+  plaintext equivalent of the SecAgg+ sum, excess removal, unrotate, unscale), split into
+  the rounding part and the noise part, checked to add up exactly to the decoded error (no
+  wrap), with per component: std per coordinate over ``C`` and the plan's prediction, the
+  excess kurtosis (0 for a Gaussian), the bias (norm of the mean error vector against the
+  norm pure noise would leave, and its projection on the true sum), the gain of the
+  rounded sum along the true sum (1: no shrinkage, as from a clip at a smaller norm), the
+  rejection rate of conditional rounding, the wrap rate, the second clip's smallest factor
+  (the trainer's float32 clip leaves norms up to ``C (1 + 3e-8)``; the encoding clips those
+  again in float64, to the same ``C``).  The errors are against the sum of the updates as
+  the trainers handed them over, so the second clip's effect is in the decoded error.
 
 Prints one JSON document.  Every number divides by ``C`` (the sum's units, before the
 division by ``m``, which both arms make by the same fixed ``m``: ``paths.denominators``).
@@ -248,8 +248,10 @@ def _release(central: Config, distributed: Config, updates: dict[str, np.ndarray
 
     def component(errors: list[np.ndarray], predicted: float) -> dict[str, Any]:
         stacked = np.stack(errors) / clip
+        centred = stacked - stacked.mean()
+        kurtosis = float((centred ** 4).mean() / (centred ** 2).mean() ** 2) - 3
         return {"std_over_C": float(stacked.std()), "predicted_std_over_C": predicted,
-                **_bias(stacked, truth)}
+                "excess_kurtosis": kurtosis, **_bias(stacked, truth)}
 
     full = math.sqrt(plan.released_variance(cohort)) / unit
     return {
