@@ -17,6 +17,13 @@
   ``colluding_sites``, what the ledger charges, and with the whole cohort after the
   removal of the excess noise of its ``noise_levels``, what the model carries, both from the
   plan, and the latter measured on decoded sums), with their ratio to the central one.
+* ``noise_price`` (``--noise-price-seeds``): the accuracy that the distributed sum's extra
+  noise alone costs, measured with common random numbers: central DP-FedAvg at the central
+  ``z`` and at the ``z`` the distributed sum carries with the whole cohort, with the
+  server's seeded noise (``secure_mode = false``, a simulation-only control), so both runs
+  of a seed draw the same standard normals, scaled by the two ``z`` (and share data, model,
+  sample and training randomness); the paired differences (final accuracy, mean of the
+  last 5 rounds), their mean and standard error.  No ledger budget: no site declines.
 * ``upload``: bytes a site uploads per round (the masked words) over ``4 d`` float32 bytes,
   at ``d = --dimension`` and for the quickstart model.
 * ``client_cost``: one site's rotation, rounding, noise and masking at ``d = --dimension``
@@ -184,6 +191,36 @@ def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: li
     return out
 
 
+def noise_price(seeds: list[int], rounds: int | None) -> dict[str, Any]:
+    """Central at ``z`` and at ``z'`` (the distributed sum's, whole cohort): see the module
+    docstring; positive differences: accuracy lost to the extra noise."""
+    central, distributed = _configs()
+    if rounds is not None:
+        central, distributed = (c.replace(run__rounds=rounds) for c in (central, distributed))
+    low = noise(central, distributed)
+    z, z_high = low["central_z"], low["distributed_z_full_cohort"]
+    base = central.replace(privacy__secure_mode=False, privacy__target_epsilon=None,
+                           privacy__participation_quantile=None)
+    finals: dict[float, list[float]] = {z: [], z_high: []}
+    last5: dict[float, list[float]] = {z: [], z_high: []}
+    for seed in seeds:
+        for multiplier in (z, z_high):
+            rounds = run_simulation(base.replace(run__seed=seed,
+                                                 privacy__noise_multiplier=multiplier)
+                                    ).history.rounds
+            finals[multiplier].append(float(rounds[-1].accuracy))
+            last5[multiplier].append(statistics.fmean(float(r.accuracy) for r in rounds[-5:]))
+    final = [100 * (a - b) for a, b in zip(finals[z], finals[z_high], strict=True)]
+    late = [100 * (a - b) for a, b in zip(last5[z], last5[z_high], strict=True)]
+    return {"seeds": len(seeds), "z": z, "z_distributed": z_high, "ratio": z_high / z,
+            "mean_accuracy": {"z": statistics.fmean(finals[z]),
+                              "z_distributed": statistics.fmean(finals[z_high])},
+            "paired_difference_pp": statistics.fmean(final),
+            "paired_difference_stderr_pp": _stderr(final),
+            "paired_difference_last5_pp": statistics.fmean(late),
+            "paired_difference_last5_stderr_pp": _stderr(late)}
+
+
 def _paired(central: dict[str, Any], distributed: dict[str, Any]) -> dict[str, Any]:
     """Central minus distributed, in percentage points: the difference of the means, its
     unpaired standard error, and per seed (pairs share data, model and sample) its mean and
@@ -305,6 +342,8 @@ def main() -> None:
     parser.add_argument("--cost-repeats", type=int, default=5)
     parser.add_argument("--matched-central", action="store_true",
                         help="also run central DP-FedAvg at the distributed sum's noise")
+    parser.add_argument("--noise-price-seeds", type=int, default=0,
+                        help="seeds 0..N-1 of the common-random-numbers noise price")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     report: dict[str, Any] = {
@@ -315,6 +354,8 @@ def main() -> None:
         report["accuracy"] = accuracy(seeds, args.repeats, args.rounds,
                                       [int(m) for m in args.min_cohorts.split(",") if m],
                                       args.matched_central)
+    if args.noise_price_seeds:
+        report["noise_price"] = noise_price(list(range(args.noise_price_seeds)), args.rounds)
     print(json.dumps(report, indent=2))
 
 

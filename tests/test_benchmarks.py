@@ -117,7 +117,7 @@ def test_distributed_dp() -> None:
 @pytest.mark.slow
 def test_distributed_dp_accuracy_compares_at_one_rule_and_reports_the_noise() -> None:
     report = run("distributed_dp.py", "--seeds", "0", "--rounds", "2", "--dimension", "500",
-                 "--cost-repeats", "1", "--matched-central")
+                 "--cost-repeats", "1", "--matched-central", "--noise-price-seeds", "2")
     arms = report["accuracy"]
     central, distributed = arms["central_dp_fedavg"], arms["distributed_skellam_min_cohort_16"]
     for arm in arms.values():
@@ -136,3 +136,31 @@ def test_distributed_dp_accuracy_compares_at_one_rule_and_reports_the_noise() ->
     assert control["noise_multiplier"] == noise["distributed_z_full_cohort"]
     assert distributed["difference_pp"] == pytest.approx(
         100 * (central["mean"] - distributed["mean"]))
+    price = report["noise_price"]
+    assert price["seeds"] == 2 and price["z"] == noise["central_z"]
+    assert price["z_distributed"] == noise["distributed_z_full_cohort"]
+
+
+@pytest.mark.slow
+def test_distributed_dp_error_budget() -> None:
+    """The two releases of the same updates differ by their noise's std alone: both arms
+    train the same sample and the same first-round updates, divide by the same m, and the
+    distributed release is the exact sum plus its rounding and noise parts."""
+    report = run("distributed_dp_error.py", "--rounds", "3", "--repeats", "4",
+                 "--release-round", "3")
+    paths, release = report["paths"], report["release"]
+    assert paths["same_sample_every_round"] and paths["same_round1_clients"]
+    assert paths["round1_update_max_abs_difference"] == 0.0
+    assert paths["central"]["denominators"] == paths["distributed"]["denominators"] == [20.0]
+    assert paths["distributed"]["survivors"] == [20, 20, 20]
+    assert paths["distributed"]["error_std_over_C"] == pytest.approx(
+        paths["planned_z"]["distributed_full_cohort"], rel=0.05)
+    assert release["wrapped_coordinates_rate"] == 0.0
+    assert release["decode_minus_components_max_abs"] < 1e-6
+    assert release["second_clip_smallest_factor"] > 1 - 1e-6
+    assert release["rounded_sum_gain_along_true_sum"]["mean"] == pytest.approx(1.0, abs=1e-3)
+    for part in ("central", "distributed_noise", "distributed_rounding"):
+        assert release[part]["std_over_C"] == pytest.approx(
+            release[part]["predicted_std_over_C"], rel=0.05)
+    assert release["z_ratio_distributed_over_central"] == pytest.approx(
+        (20 / 19) ** 0.5, rel=0.03)
