@@ -167,6 +167,26 @@ def _every(evaluate: CentralEvaluator, every: int, rounds: int) -> CentralEvalua
 
 def cell_federation(cell: Cell, config: Config, *,
                     rng: np.random.Generator) -> tuple[FederatedData, list[str]]:
+    """The cell's clients (:func:`_federation`), their features and the test set's mapped to
+    ``(x - mean) / std`` when the scenario sets ``input_normalization``."""
+    data, byzantine = _federation(cell, config, rng=rng)
+    normalization = cell.spec.get("input_normalization")
+    if normalization is None:
+        return data, byzantine
+    from securefl.data import ClientData
+
+    mean, std = (float(v) for v in normalization)
+
+    def scaled(d: Dataset) -> Dataset:
+        return Dataset(((d.features - mean) / std).astype(np.float32), d.labels,
+                       d.num_classes, d.name)
+
+    clients = {cid: ClientData(scaled(c.train), scaled(c.val)) for cid, c in data.clients.items()}
+    return dataclasses.replace(data, clients=clients, test=scaled(data.test)), byzantine
+
+
+def _federation(cell: Cell, config: Config, *,
+                rng: np.random.Generator) -> tuple[FederatedData, list[str]]:
     """The cell's clients and which of them are byzantine.
 
     ``byzantine_data = "partition"`` (the default): the data is partitioned over all

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ BYZANTINE = "$f"
 DATA_ATTACKS = ("label_flip", "pixel_trigger")
 
 _SCENARIO_KEYS = {"name", "description", "seeds", "byzantine_fractions", "byzantine_data",
-                  "evaluate_every"}
+                  "evaluate_every", "input_normalization"}
 #: where the byzantine clients' data comes from (see ``attacks/README.md``)
 BYZANTINE_DATA = ("partition", "iid")
 _ATTACK_KEYS = {"name", "update", "options", "data", "data_options", "adaptive"}
@@ -62,6 +63,9 @@ class Scenario:
     byzantine_data: str = "partition"
     #: central evaluation every k-th round and in the last (1: every round)
     evaluate_every: int = 1
+    #: ``(mean, std)``: every feature becomes ``(x - mean) / std`` (torchvision's
+    #: ``Normalize``, as Karimireddy et al.'s MNIST loader), None keeps the dataset's scale
+    input_normalization: tuple[float, float] | None = None
 
     def cells(self) -> list[Cell]:
         """Every cell of the grid, in a stable order (poisoning grid first)."""
@@ -104,6 +108,8 @@ class Scenario:
             spec["honest_clients"] = num_clients - assumed
         if self.evaluate_every > 1:
             spec["evaluate_every"] = self.evaluate_every
+        if self.input_normalization is not None:
+            spec["input_normalization"] = list(self.input_normalization)
         labels = {"distribution": dist["name"], "fraction": fraction,
                   "attack": attack["name"], "defense": defense["name"]}
         key = (f"poisoning/{dist['name']}/{fraction:g}/{attack['name']}/"
@@ -155,6 +161,9 @@ def _validate(scenario: Scenario) -> None:
         if data is not None and data not in DATA_ATTACKS:
             raise ConfigError(f"{where}: attack {attack['name']!r}: unknown data attack "
                               f"{data!r} (known: {', '.join(sorted(DATA_ATTACKS))})")
+        if data == "pixel_trigger" and scenario.input_normalization is not None:
+            raise ConfigError(f"{where}: attack {attack['name']!r}: a pixel trigger's value is "
+                              "on the dataset's scale; drop [scenario] input_normalization")
     for defense in scenario.defenses:
         if not isinstance(defense.get("rule"), str):
             raise ConfigError(f"{where}: defense {defense['name']!r} needs a string 'rule'")
@@ -195,6 +204,13 @@ def load_scenario(path: str | Path) -> Scenario:
     if not (isinstance(evaluate_every, int) and evaluate_every >= 1):
         raise ConfigError(f"{path}: [scenario] evaluate_every must be an int >= 1, "
                           f"got {evaluate_every!r}")
+    normalization = head.get("input_normalization")
+    if normalization is not None and not (
+            isinstance(normalization, list) and len(normalization) == 2
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in normalization)
+            and normalization[1] > 0):
+        raise ConfigError(f"{path}: [scenario] input_normalization must be [mean, std] with "
+                          f"std > 0, got {normalization!r}")
     if not (isinstance(seeds, list) and seeds
             and all(isinstance(s, int) and s >= 0 for s in seeds)):
         raise ConfigError(f"{path}: [scenario] seeds must be a non-empty list of ints >= 0")
@@ -210,7 +226,9 @@ def load_scenario(path: str | Path) -> Scenario:
         attacks=_named_list(table, "attacks", _ATTACK_KEYS, path),
         defenses=_named_list(table, "defenses", _DEFENSE_KEYS, path),
         cells_extra=_named_list(table, "cells", None, path), byzantine_data=byzantine_data,
-        evaluate_every=evaluate_every)
+        evaluate_every=evaluate_every,
+        input_normalization=None if normalization is None else (float(normalization[0]),
+                                                                float(normalization[1])))
     _validate(scenario)
     config_from_dict(scenario.base, source=f"{path} [base]")
     return scenario

@@ -180,3 +180,39 @@ def test_partition_scenario_gives_nine_two_class_clients_as_the_papers_split() -
     classes = sorted(len(np.unique(data.clients[c].train.labels)) for c in honest)
     assert classes == [1] * 11 + [2] * 9
     assert {len(data.clients[c].train) for c in [*honest, *byzantine]} == {178}
+
+
+def test_input_normalization_scales_every_client_and_the_test_set(tmp_path: Path) -> None:
+    """``input_normalization = [mean, std]``: the same clients and test set as without it,
+    every feature ``(x - mean) / std`` (Karimireddy et al.'s MNIST loader: 0.1307, 0.3081)."""
+    plain = _cells(tmp_path)["flip"]
+    scaled = _cells(tmp_path, GRID.replace('byzantine_data = "iid"\n', 'byzantine_data = "iid"\n'
+                                           'input_normalization = [0.5, 0.25]\n'))["flip"]
+    assert "input_normalization" not in plain.spec  # type: ignore[attr-defined]
+    assert scaled.spec["input_normalization"] == [0.5, 0.25]  # type: ignore[attr-defined]
+    assert scaled.fingerprint != plain.fingerprint  # type: ignore[attr-defined]
+    before, byz_before = harness.cell_federation(plain, harness.cell_config(plain),  # type: ignore
+                                                 rng=np.random.default_rng(0))
+    after, byz_after = harness.cell_federation(scaled, harness.cell_config(scaled),  # type: ignore
+                                               rng=np.random.default_rng(0))
+    assert byz_after == byz_before == ["client-8", "client-9"]
+    assert sorted(after.clients) == sorted(before.clients)
+    for cid, client in before.clients.items():
+        np.testing.assert_array_equal(after.clients[cid].train.labels, client.train.labels)
+        np.testing.assert_allclose(after.clients[cid].train.features,
+                                   (client.train.features - 0.5) / 0.25, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(after.test.features, (before.test.features - 0.5) * 4, atol=1e-6)
+    assert float(before.test.features.min()) == 0.0  # digits in [0, 1] ...
+    assert float(after.test.features.min()) == -2.0  # ... now from -2 to 2
+    assert float(after.test.features.max()) == 2.0
+
+
+def test_input_normalization_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"input_normalization must be \[mean, std\] with "
+                                          r"std > 0, got \[0.1, 0\]"):
+        _cells(tmp_path, GRID.replace("seeds = [3]", "seeds = [3]\ninput_normalization = [0.1, 0]"))
+    trigger = GRID.replace("seeds = [3]", "seeds = [3]\ninput_normalization = [0.1, 0.3]") + (
+        '\n[[attacks]]\nname = "backdoor"\ndata = "pixel_trigger"\n')
+    with pytest.raises(ConfigError, match=r"'backdoor': a pixel trigger's value is on the "
+                                          r"dataset's scale"):
+        _cells(tmp_path, trigger)
