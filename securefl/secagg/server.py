@@ -294,15 +294,9 @@ class SecAggServerRound:
         return reply
 
     def _request_consistency(self, live: Mapping[str, Message]) -> Mapping[str, Message]:
-        survivors = []
-        for cid in self._u2:
-            msg = live.get(cid)
-            if msg is None:
-                continue
-            if (isinstance(msg, Absorbed) and cid in self._sum.summed) or self._sum.add(cid, msg):
-                survivors.append(cid)
-            else:
-                self._reject(cid, "malformed SecAggMaskedInput")
+        survivors, malformed = self._sum.settle(live)
+        for cid in malformed:
+            self._reject(cid, "malformed SecAggMaskedInput")
         if self._sum.summed != set(survivors):  # the sum would hold an input outside U3
             raise ProtocolAbort.because(f"round {self._round}: a summed masked input was "
                                         "reported dropped; nothing is revealed")

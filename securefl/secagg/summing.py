@@ -10,11 +10,12 @@ of ``U2``, once, of the encoding's dtype and length), so the set of summed clien
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from securefl.engine.messages import Message
+from securefl.engine.protection import Absorbed
 from securefl.secagg.messages import SecAggMaskedInput
 
 __all__ = ["MaskedSum"]
@@ -23,7 +24,8 @@ __all__ = ["MaskedSum"]
 class MaskedSum:
     """``sum_u y_u`` over the inputs :meth:`add` accepted from ``members`` (``U2``)."""
 
-    def __init__(self, members: Collection[str], *, words: int, dtype: np.dtype) -> None:
+    def __init__(self, members: Sequence[str], *, words: int, dtype: np.dtype) -> None:
+        self._order = tuple(members)
         self._members = frozenset(members)
         self._words, self._dtype = words, dtype
         self._total: np.ndarray | None = None
@@ -42,6 +44,21 @@ class MaskedSum:
         np.add(self._total, msg.masked, out=self._total)
         self.summed.add(client_id)
         return True
+
+    def settle(self, live: Mapping[str, Message]) -> tuple[list[str], list[str]]:
+        """After the exchange, over ``U2`` in its order: ``(survivors, malformed)``.  A member
+        survives when its input was summed on arrival (``live`` holds :class:`Absorbed` for
+        it) or is acceptable now (it is added); a member whose reply is neither sent a
+        malformed input."""
+        survivors: list[str] = []
+        malformed: list[str] = []
+        for cid in self._order:
+            msg = live.get(cid)
+            if msg is None:
+                continue
+            summed = isinstance(msg, Absorbed) and cid in self.summed
+            (survivors if summed or self.add(cid, msg) else malformed).append(cid)
+        return survivors, malformed
 
     def take(self) -> np.ndarray | None:
         """The sum (``None`` before any input); the accumulator is handed over, not copied."""
