@@ -59,7 +59,15 @@ from securefl.runtime.receipts import ReceiptReply, ReceiptRequest, SiteReceipts
 from securefl.runtime.store import model_hash
 from securefl.runtime.tls import certificate_problem, client_credentials, site_paths
 from securefl.runtime.transport import METHOD
-from securefl.runtime.wire import Assembler, Envelope, Kind, WireError, channel_options, split
+from securefl.runtime.wire import (
+    Assembler,
+    Envelope,
+    Kind,
+    WireError,
+    channel_options,
+    error_payload,
+    split,
+)
 
 __all__ = ["SiteClient", "SiteEvidence", "build_site", "build_site_client",
            "command"]
@@ -265,17 +273,6 @@ class SiteClient:
         self.requests_handled += 1
         return split(kind, payload, round=envelope.round, seq=envelope.seq, client_id=self.site,
                      chunk_bytes=self.config.chunk_bytes)
-
-
-def error_payload(exc: BaseException) -> bytes:
-    """The ERROR frame's UTF-8 text: ``"<type>: <message>"``, and ``" [suspect: <site>]"``
-    when the failure is blamed on another party (an exception with a ``suspect`` attribute,
-    e.g. the sender of a share bundle that failed authentication)."""
-    text = f"{type(exc).__name__}: {exc}"
-    suspect = getattr(exc, "suspect", None)
-    if isinstance(suspect, str) and suspect:
-        text += f" [suspect: {suspect}]"
-    return text.encode()
 
 
 def _build(config: Config, site: str, *,

@@ -31,9 +31,10 @@ allowlisted sites always find a slot.  Bytes of partly received payloads count a
 payload of ``max_message_bytes`` is in flight, and memory grows with the bytes received.
 Repeated warnings about one site are rate-limited (:class:`~securefl.runtime.throttle.Throttle`).
 
-Blame: a site's error frame that ends in ``[suspect: A]`` (the sender of a message that failed
-authentication at the site, e.g. a tampered SecAgg share bundle) is logged naming ``A`` as the
-suspect and the site as the reporter, and recorded in :attr:`GrpcTransport.suspects`.
+Blame: a site's error frame that ends in ``[suspect: A]`` (:func:`~securefl.runtime.wire.
+blamed`: the sender of a message that failed authentication at the site, e.g. a tampered
+SecAgg share bundle) is logged naming ``A`` as the suspect and the site as the reporter, and
+recorded in :attr:`GrpcTransport.suspects`.
 
 Disconnections and missed deadlines appear in :attr:`Exchange.dropped`; nothing is raised, so
 the round logic (and secure aggregation's dropout recovery) runs exactly as in simulation.
@@ -44,7 +45,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -76,6 +76,7 @@ from securefl.runtime.wire import (
     Envelope,
     Kind,
     WireError,
+    blamed,
     channel_options,
     split,
 )
@@ -85,7 +86,6 @@ __all__ = ["METHOD", "GrpcTransport"]
 _log = logging.getLogger(__name__)
 SERVICE = "securefl.Federation"
 METHOD = f"/{SERVICE}/Connect"
-_SUSPECT = re.compile(r"\[suspect: ([^\]]{1,64})\]$")
 
 
 @dataclass
@@ -348,10 +348,9 @@ class GrpcTransport:
 
     def _blame(self, reporter: str, text: str) -> None:
         """Name the suspect of an error a site blames on another (``[suspect: A]``)."""
-        match = _SUSPECT.search(text)
-        if match is None:
+        suspect = blamed(text)
+        if suspect is None:
             return
-        suspect = match.group(1)
         if suspect in self._sites and suspect != reporter:
             self.suspects[reporter] = suspect
             _log.warning("round %s: suspect %s: %s reports that a message from %s failed "

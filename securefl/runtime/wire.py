@@ -20,6 +20,7 @@ engine codec decodes them from JSON and numeric arrays, so no received byte is e
 from __future__ import annotations
 
 import enum
+import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -29,8 +30,8 @@ from typing import Any
 from securefl.config.network import NetworkConfig
 from securefl.errors import MessageError
 
-__all__ = ["ENVELOPE_VERSION", "Assembler", "ByteBudget", "Envelope", "Kind", "WireError",
-           "channel_options", "split"]
+__all__ = ["ENVELOPE_VERSION", "Assembler", "ByteBudget", "Envelope", "Kind", "WireError", "blamed",
+           "channel_options", "error_payload", "split"]
 
 ENVELOPE_VERSION = 1
 _MAGIC = b"SFLW"
@@ -200,3 +201,24 @@ def channel_options(config: NetworkConfig) -> list[tuple[str, Any]]:
             # the server accepts the sites' keepalive pings (20 s) on idle streams
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 0)]
+
+
+_SUSPECT = re.compile(r"\[suspect: ([^\]]{1,64})\]$")
+
+
+def error_payload(exc: BaseException) -> bytes:
+    """An ERROR frame's UTF-8 text: ``"<type>: <message>"``, and ``" [suspect: <site>]"``
+    when the failure is blamed on another party (an exception with a ``suspect`` attribute,
+    e.g. the sender of a share bundle that failed authentication)."""
+    text = f"{type(exc).__name__}: {exc}"
+    suspect = getattr(exc, "suspect", None)
+    if isinstance(suspect, str) and suspect:
+        text += f" [suspect: {suspect}]"
+    return text.encode()
+
+
+def blamed(text: str) -> str | None:
+    """The ``<site>`` an ERROR frame's text (:func:`error_payload`) ends in, at most 64
+    characters, else None."""
+    match = _SUSPECT.search(text)
+    return None if match is None else match.group(1)
