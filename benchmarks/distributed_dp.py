@@ -87,11 +87,16 @@ def _configs() -> tuple[Config, Config]:
     return central, distributed.replace(privacy__participation_quantile=quantile)
 
 
-def noise(central: Config, distributed: Config) -> dict[str, Any]:
-    """Noise std of the released sum over ``C`` for both mechanisms (model units)."""
+def central_z(central: Config) -> float:
+    """The noise multiplier central DP-FedAvg calibrates for ``central`` (NaN without DP)."""
     clients = [f"client_{i}" for i in range(central.data.num_clients)]
     setup = build_privacy(central, run_dir=None, client_ids=clients, num_examples={})
-    z = next(iter(setup.noise_multipliers.values())) if setup is not None else math.nan
+    return float(next(iter(setup.noise_multipliers.values()))) if setup else math.nan
+
+
+def noise(central: Config, distributed: Config) -> dict[str, Any]:
+    """Noise std of the released sum over ``C`` for both mechanisms (model units)."""
+    z = central_z(central)
     size = _model_size(distributed)
     settings = distributed_settings(distributed, distributed.data.num_clients)
     plan = settings.plan(size)

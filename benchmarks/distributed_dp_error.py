@@ -56,10 +56,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_dp import _configs  # the two arms, exactly as the accuracy benchmark runs them
+# the two arms and the central z, exactly as the accuracy benchmark has them
+from distributed_dp import _configs, central_z
 
 from securefl.config import Config
-from securefl.privacy import build_privacy, distributed_settings
+from securefl.privacy import distributed_settings
 from securefl.privacy.distributed import DistributedMean, SkellamEncoding
 from securefl.privacy.dp_fedavg import UserLevelNoise, UserLevelTrainer
 from securefl.privacy.randomness import SecureRandom
@@ -176,19 +177,13 @@ def _paths(central: Config, distributed: Config) -> tuple[dict[str, Any], Any]:
         "clip_norm": {"central": central.privacy.clip_norm, "distributed": clip,
                       "central_adaptive": central.privacy.adaptive_clipping},
         "central": errors(central_run), "distributed": errors(dist_run),
-        "planned_z": {"central": _central_z(central),
+        "planned_z": {"central": central_z(central),
                       "distributed_full_cohort": math.sqrt(
                           plan.released_variance(plan.shares + plan.colluding_sites
                                                  if not plan.levels else plan.levels[-1]))
                       / unit,
                       "distributed_charged": math.sqrt(plan.variance) / unit}}
     return result, dist_run
-
-
-def _central_z(central: Config) -> float:
-    clients = [f"client_{i}" for i in range(central.data.num_clients)]
-    setup = build_privacy(central, run_dir=None, client_ids=clients, num_examples={})
-    return float(next(iter(setup.noise_multipliers.values()))) if setup else math.nan
 
 
 def _release(central: Config, distributed: Config, updates: dict[str, np.ndarray],
@@ -201,7 +196,7 @@ def _release(central: Config, distributed: Config, updates: dict[str, np.ndarray
     clip, bits = settings.clip_norm, settings.bits
     unit = plan.scale * clip
     truth = rows.sum(axis=0)
-    z = _central_z(central)
+    z = central_z(central)
     source = SecureRandom()
     half = 1 << (bits - 1)
     reveal = encoding.removable(cohort)
