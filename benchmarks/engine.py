@@ -18,8 +18,11 @@ at most 2 CPUs), every message crosses as wire-codec bytes (so ``wire`` is true)
 report adds ``ray_startup_seconds``: from the command (a fresh interpreter) to the start of
 round 1 of the quickstart (10 clients) in 2 actors (``total``), with its timeline (each
 mark's seconds from the command, see ``command_to_round_one``), the medians of
-``--startup-runs`` commands, next to the same for in-process (``inprocess_startup_seconds``,
-the machine-speed reference), the two taking turns.
+``--startup-runs`` commands, next to the same for in-process (``inprocess_startup_seconds``)
+and ``ray.init`` alone with securefl's arguments and with Ray's defaults
+(``ray_init_alone_seconds``), the machine-speed references, all taking turns; with
+``psutil``, the CPU seconds each kind of process had used by round 1 (``cpu_*``): on
+``cpu_count`` cores, ``cpu_total / cpu_count`` is a floor under ``total``.
 
     python benchmarks/engine.py --backend ray --clients          # only the start-up
 """
@@ -151,20 +154,27 @@ def imports():
     from securefl.simulation import build_simulation
     marks["imports"] = time.time()
     return load_config, build_simulation
+def timed(owner, name, start=None, mark=None):  # marks when owner.name returns
+    real = getattr(owner, name, None)
+    if real is None:  # a Ray without that step: no mark
+        return
+    def call(*args, **kwargs):
+        if start:
+            marks[start] = time.time()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            marks[mark or name] = time.time()
+    setattr(owner, name, call)
 if sys.argv[2] == "ray":  # what `securefl run` does for a [simulation] backend = "ray" file
     import ray
     marks["import_ray"] = time.time()
-    def timed(owner, name, start=None):  # marks when owner.name returns
-        real = getattr(owner, name)
-        def call(*args, **kwargs):
-            if start:
-                marks[start] = time.time()
-            try:
-                return real(*args, **kwargs)
-            finally:
-                marks[name] = time.time()
-        setattr(owner, name, call)
     timed(ray, "init", "ray_init_start")
+    from ray._private import node  # Ray's own steps inside ray.init (a private API: marks only)
+    timed(node.Node, "start_gcs_server", mark="ray_gcs_up")
+    timed(node.Node, "start_api_server", mark="ray_api_server_up")
+    timed(node.Node, "start_ray_processes", mark="ray_raylet_launched")
+    timed(node.Node, "__init__", mark="ray_node_registered")
     from securefl.engine.ray_backend import start_early
     load_config, build_simulation = start_early(None, imports)
     import securefl.ray_simulation as rs
@@ -175,12 +185,53 @@ else:
 config = load_config(sys.argv[1]).replace(simulation__backend=sys.argv[2], simulation__actors=2)
 sim = build_simulation(config)
 marks["round_1"] = time.time()  # round 1 starts here
+cpu = {}
 if sys.argv[2] == "ray":
     actors = ray.get([host.startup.remote() for host in sim.transport.hosts])
     marks.update({f"actors_{k}": max(a[k] for a in actors) for k in actors[0]})
+    try:  # CPU seconds of every process of the run, by kind, at round 1
+        import os, psutil
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            with proc.oneshot():
+                words = proc.cmdline() or [proc.name()]
+                cpu_times = proc.cpu_times()
+            kind = ("driver" if proc.pid == os.getpid() else words[0].split()[0]
+                    if words[0].startswith("ray::") else os.path.basename(
+                        next((w for w in words if w.endswith(".py")), words[0])))
+            cpu[kind] = cpu.get(kind, 0.0) + cpu_times.user + cpu_times.system
+    except ImportError:
+        pass
 sim.transport.close()
-print(json.dumps(marks))
+print(json.dumps({"marks": marks, "cpu": cpu}))
 """
+
+#: ``ray.init`` alone in a fresh interpreter (after ``import ray``): with securefl's arguments
+#: (:func:`securefl.engine.ray_backend.init_ray`'s) or Ray's defaults
+RAY_INIT_ALONE = """
+import sys, time
+import ray
+t = time.time()
+if sys.argv[1] == "securefl":
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+else:
+    ray.init()
+print(time.time() - t)
+ray.shutdown()
+"""
+
+
+def fresh(code: str, *arguments: str) -> tuple[float, str]:
+    """Run ``code`` in a fresh interpreter that imports this tree's securefl; return when it
+    started (``time.time()``) and its last line of output."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True,
+                          text=True, env=env, check=True, timeout=300, cwd=root)
+    return t0, done.stdout.splitlines()[-1]
 
 
 def command_to_round_one(backend: str) -> dict[str, float]:
@@ -188,36 +239,43 @@ def command_to_round_one(backend: str) -> dict[str, float]:
     (10 clients; with Ray, in 2 actors of a local Ray started for the run), and the
     timeline in between, each mark in seconds from the command: ``imports`` (securefl and
     torch; with Ray on a thread while ``ray.init`` runs, as ``securefl run`` does),
-    ``import_ray``, ``ray_init_start`` and ``ray_init_end``, ``actors_submitted`` (the
+    ``import_ray``, ``ray_init_start``, Ray's own steps inside ``ray.init`` (``ray_gcs_up``,
+    ``ray_api_server_up``: the dashboard process Ray waits for even without the dashboard,
+    ``ray_raylet_launched``: the raylet and the log monitor started, ``ray_node_registered``:
+    the raylet up, once its dashboard and runtime-env agents are, then the driver connects
+    and two workers are prestarted) and ``ray_init_end``, ``actors_submitted`` (the
     driver has built the data and asked Ray for the actors), the last actor's
     ``actors_entered`` (placed, its constructor begins), ``actors_imported`` (torch and
     securefl) and ``actors_built`` (its sites), ``actors_ready`` (the driver knows every
     actor is up; meanwhile it built ``[privacy]``, the evaluator and the keys) and
-    ``round_1`` (the key exchange and the server built)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
-    t0 = time.time()
-    done = subprocess.run([sys.executable, "-c", STARTUP, str(root / "examples/quickstart.toml"),
-                           backend], capture_output=True, text=True, env=env, check=True,
-                          timeout=300)
-    marks = json.loads(done.stdout.splitlines()[-1])
+    ``round_1`` (the key exchange and the server built).  With Ray, ``cpu_<kind>``: the CPU
+    seconds each kind of process (the driver, the actors, each of Ray's) had used by then
+    (with ``psutil``), and ``cpu_total``."""
+    t0, line = fresh(STARTUP, "examples/quickstart.toml", backend)
+    report = json.loads(line)
     names = {"init": "ray_init_end", "start_hosts": "actors_submitted",
              "RayTransport": "actors_ready"}
-    timeline = {names.get(k, k): v - t0 for k, v in marks.items()}
+    timeline = {names.get(k, k): v - t0 for k, v in report["marks"].items()}
+    cpu = {f"cpu_{k.removeprefix('ray::')}": v for k, v in sorted(report["cpu"].items())}
+    if cpu:
+        cpu["cpu_total"] = sum(cpu.values())
     return {"total": timeline.pop("round_1"), **dict(sorted(timeline.items(),
-                                                            key=lambda kv: kv[1]))}
+                                                            key=lambda kv: kv[1])), **cpu}
 
 
 def startup_medians(runs: int) -> dict[str, dict[str, float]]:
     """The median of each mark of :func:`command_to_round_one` over ``runs`` commands per
-    backend, Ray's and in-process's commands taking turns."""
-    measured: dict[str, list[dict[str, float]]] = {"ray": [], "inprocess": []}
+    backend, and of ``ray.init`` alone (:data:`RAY_INIT_ALONE`, with securefl's arguments and
+    with Ray's defaults), the four commands taking turns."""
+    measured: dict[str, list[dict[str, float]]] = {
+        "ray": [], "inprocess": [], "ray_init_alone": []}
     for _ in range(runs):
-        for backend, rows in measured.items():
-            rows.append(command_to_round_one(backend))
-    return {backend: {k: round(statistics.median(m[k] for m in rows), 3) for k in rows[0]}
-            for backend, rows in measured.items()}
+        for backend in ("ray", "inprocess"):
+            measured[backend].append(command_to_round_one(backend))
+        measured["ray_init_alone"].append({
+            args: float(fresh(RAY_INIT_ALONE, args)[1]) for args in ("securefl", "defaults")})
+    return {what: {k: round(statistics.median(m[k] for m in rows), 3) for k in rows[0]}
+            for what, rows in measured.items()}
 
 
 def quickstart_startup() -> float:
@@ -249,6 +307,12 @@ def main() -> None:
         extra = {"load_average_before": load_before,
                  "ray_startup_seconds": medians["ray"],
                  "inprocess_startup_seconds": medians["inprocess"],
+                 "ray_init_alone_seconds": medians["ray_init_alone"],
+                 "cpu_count": os.cpu_count(),
+                 # the run's CPU work spread perfectly over the cores: no overlap beats it
+                 "cpu_floor_seconds": round(medians["ray"]["cpu_total"]
+                                            / (os.cpu_count() or 1), 3)
+                 if "cpu_total" in medians["ray"] else None,
                  "load_average": os.getloadavg()}
         if not args.clients:
             print(json.dumps(extra))
