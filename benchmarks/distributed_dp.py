@@ -295,12 +295,17 @@ def _site_cost(settings: DistributedSettings, dimension: int, neighbours: int,
                                                             "total", "total_wall")}
     for _ in range(repeats):
         wall, start = time.perf_counter(), time.process_time()
-        rotated = rotate(delta.astype(np.float64), seed=seed) * plan.scale
+        # SkellamEncoding.encode's steps, one by one (integers = rotate, clip, round)
+        rotated = rotate(delta, seed=seed, scale=plan.scale)
+        norm = float(np.linalg.norm(rotated))
+        if norm > plan.scale * settings.clip_norm:
+            rotated *= plan.scale * settings.clip_norm / norm
         rotated_at = time.process_time()
         rounded = encoding.round_to_integers(rotated, plan.l2)
         rounded_at = time.process_time()
-        noisy = rounded + encoding.noise_share(dimension)[0]
-        words = (noisy & ((1 << bits) - 1)).astype(word_dtype(bits))
+        noisy, _ = encoding.noise_share(dimension, add_to=rounded)
+        noisy &= (1 << bits) - 1
+        words = noisy.astype(word_dtype(bits))
         noised_at = time.process_time()
         add_masks(words, keys)
         reduce(words, bits)

@@ -16,14 +16,16 @@ orthogonal, so ``R^T R = I`` and ``||R x|| = ||x||``: the L2 sensitivity is unch
 coordinate of ``R x`` is sub-Gaussian with variance proxy ``||x_B||^2 / B`` over the signs
 (what keeps the noisy sum inside the modulus, :func:`securefl.privacy.skellam.overflow_bound`).
 
-``H_B`` is applied as a Kronecker product of Hadamard matrices of at most 32 rows
+``H_B`` is applied as a Kronecker product of Hadamard matrices of at most 16 rows
 (``H_{2^a} (x) H_{2^b}``), one matrix product per factor: ``O(B log B)`` work in a few
-passes over memory.
+passes over memory, between the block and one scratch buffer (nothing else of the
+vector's size is allocated; the sign flips are one masked negation in place).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -33,7 +35,7 @@ __all__ = ["MAX_BLOCK", "MIN_BLOCK", "block_sizes", "padded_dimension", "rotate"
 
 MIN_BLOCK = 256
 MAX_BLOCK = 1 << 20
-_FACTOR_BITS = 5
+_FACTOR_BITS = 4  # H_16 factors: fewer flops than H_32, and as few passes as the cache needs
 
 
 def padded_dimension(dimension: int) -> int:
@@ -62,40 +64,42 @@ def _hadamard(size: int) -> np.ndarray:
     return matrix
 
 
-def _walsh_hadamard(block: np.ndarray) -> np.ndarray:
-    """``H_B x`` for ``B = 2^k``: ``k`` split into factors of at most 5 bits; each product
-    ``X^T H_f`` applies ``H_f`` along one axis and moves it last, so after all the factors
-    the axes are back in their original order."""
+def _walsh_hadamard(block: np.ndarray, scratch: np.ndarray, factor: float) -> None:
+    """``block <- factor H_B block`` in place for ``B = 2^k``: ``k`` split into factors of at
+    most :data:`_FACTOR_BITS` bits; each product ``X^T H_f`` applies ``H_f`` along one axis
+    and moves it last, so after all the factors the axes are back in their original order.
+    The products alternate between ``block`` and ``scratch`` (``B`` floats), and ``factor``
+    rides on the last one, so nothing of the block's size is allocated."""
     bits = block.size.bit_length() - 1
     factors = []
     while bits > 0:
         factors.append(min(_FACTOR_BITS, bits))
         bits -= factors[-1]
-    out = block
-    for factor in factors:
-        size = 1 << factor
-        out = out.reshape(size, -1).T @ _hadamard(size)
-    return out.reshape(-1)
+    source, target = block, scratch[:block.size]
+    for index, bits in enumerate(factors):
+        size = 1 << bits
+        matrix = _hadamard(size) * factor if index == len(factors) - 1 else _hadamard(size)
+        np.matmul(source.reshape(size, -1).T, matrix, out=target.reshape(-1, size))
+        source, target = target, source
+    if source is not block:
+        np.copyto(block, source)
 
 
-def _signs(seed: bytes, count: int) -> np.ndarray:
+def _negated(seed: bytes, count: int) -> np.ndarray:
+    """``D``'s diagonal as a mask: ``True`` where the sign is ``-1`` (a bit of the PRG)."""
     if len(seed) != 32:
         raise ValueError("the rotation seed is 32 bytes")
     words = prg_words(seed, b"securefl/privacy/rotation/v1", -(-count // 32))
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:count]
-    return 1.0 - 2.0 * bits.astype(np.float64)
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:count].view(bool)
 
 
-def rotate(vector: np.ndarray, *, seed: bytes) -> np.ndarray:
-    """``R x`` (float64, ``padded_dimension(d)`` coordinates) of a ``d``-vector."""
+def rotate(vector: np.ndarray, *, seed: bytes, scale: float = 1.0) -> np.ndarray:
+    """``scale R x`` (float64, ``padded_dimension(d)`` coordinates) of a ``d``-vector."""
     dimension = vector.shape[0]
     padded = np.zeros(padded_dimension(dimension), np.float64)
     padded[:dimension] = vector
-    padded *= _signs(seed, padded.size)
-    start = 0
-    for size in block_sizes(dimension):
-        padded[start:start + size] = _walsh_hadamard(padded[start:start + size]) / np.sqrt(size)
-        start += size
+    np.negative(padded, out=padded, where=_negated(seed, padded.size))
+    _blocks(padded, dimension, scale)
     return padded
 
 
@@ -104,11 +108,17 @@ def unrotate(rotated: np.ndarray, *, seed: bytes, dimension: int) -> np.ndarray:
     if rotated.shape != (padded_dimension(dimension),):
         raise ValueError(f"expected {padded_dimension(dimension)} rotated coordinates, "
                          f"got {rotated.shape}")
-    out = np.empty(rotated.shape[0], np.float64)
-    start = 0
-    for size in block_sizes(dimension):
-        out[start:start + size] = (_walsh_hadamard(np.asarray(rotated[start:start + size],
-                                                              np.float64)) / np.sqrt(size))
-        start += size
-    out *= _signs(seed, out.size)
+    out = np.array(rotated, np.float64)
+    _blocks(out, dimension, 1.0)
+    np.negative(out, out=out, where=_negated(seed, out.size))
     return out[:dimension]
+
+
+def _blocks(padded: np.ndarray, dimension: int, scale: float) -> None:
+    """``H_B / sqrt(B)`` times ``scale`` on every block of ``padded``, in place."""
+    sizes = block_sizes(dimension)
+    scratch = np.empty(sizes[0], np.float64)
+    start = 0
+    for size in sizes:
+        _walsh_hadamard(padded[start:start + size], scratch, scale / math.sqrt(size))
+        start += size

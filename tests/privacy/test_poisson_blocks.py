@@ -1,0 +1,84 @@
+"""The blocked PTRS sampler: exactly Hoermann's rule, candidate by candidate, on the one
+keystream of a request, block after block (boundaries included), and still Poisson."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from securefl.privacy import poisson as sampler
+from securefl.privacy.poisson import poisson, skellam
+from securefl.privacy.randomness import SecureRandom
+from tests.privacy.test_skellam import chi_square_p
+
+
+def fixed(key: int) -> SecureRandom:
+    return SecureRandom(entropy=lambda size: bytes([key]) * size)
+
+
+def reference(lam: float, count: int, words: np.ndarray, block: int) -> list[int]:
+    """PTRS (Hoermann 1993) in plain Python floats, one candidate at a time: block ``i``'s
+    words ``[2 B i, 2 B i + B)`` give ``U = j 2^-53 - 1/2`` and the next ``B`` give ``V``."""
+    b = 0.931 + 2.53 * math.sqrt(lam)
+    a = -0.059 + 0.02483 * b
+    log_alpha, v_r = math.log(1.1239 + 1.1328 / (b - 3.4)), 0.9277 - 3.6224 / (b - 2)
+    out: list[int] = []
+    for start in range(0, words.size, 2 * block):
+        for j in range(block):
+            big_u = int(words[start + j] >> np.uint64(11)) * 2.0 ** -53 - 0.5
+            v = int(words[start + block + j] >> np.uint64(11)) * 2.0 ** -53
+            u_s = 0.5 - abs(big_u)
+            if u_s == 0:
+                continue  # k = -inf: rejected
+            k = math.floor((2 * a / u_s + b) * big_u + lam + 0.43)
+            if not (u_s >= 0.07 and v <= v_r):
+                if k < 0 or (u_s < 0.013 and v > u_s):
+                    continue
+                log_v = math.log(v) if v > 0 else -math.inf
+                if (log_v + log_alpha - math.log(a / (u_s * u_s) + b)
+                        > -lam + k * math.log(lam) - math.lgamma(k + 1)):
+                    continue
+            out.append(k)
+            if len(out) == count:
+                return out
+    raise AssertionError("the reference ran out of words")
+
+
+@pytest.mark.parametrize("lam", [12.0, 331.5, 124_547.6])
+def test_the_blocks_follow_the_rule_candidate_by_candidate(lam, monkeypatch):
+    """Small blocks (many boundaries, and a surplus dropped at the end): the sampler's
+    draws are exactly the reference's on the same keystream."""
+    monkeypatch.setattr(sampler, "_BLOCK", 256)
+    count = 3000
+    draws = poisson(lam, count, source=fixed(7))
+    words = fixed(7).words(2 * 256 * 40)  # the same key's stream, further than needed
+    assert draws.tolist() == reference(lam, count, words, 256)
+
+
+def test_a_request_larger_than_a_block_crosses_the_boundary_exactly():
+    count = sampler._BLOCK  # about 1.1 candidates per draw: a second block is needed
+    block = sampler._block_size(count)
+    assert block == sampler._BLOCK
+    draws = poisson(5_000.0, count, source=fixed(3))
+    words = fixed(3).words(4 * block)
+    assert draws.tolist() == reference(5_000.0, count, words, block)
+
+
+def test_noise_added_into_a_vector_is_the_noise_alone_plus_the_vector():
+    base = np.arange(-500, 500, dtype=np.int64)
+    alone = skellam(300.0, 1000, source=fixed(9))
+    added = skellam(300.0, 1000, source=fixed(9), add_to=base.copy())
+    np.testing.assert_array_equal(added, base + alone)
+    with pytest.raises(ValueError, match="add_to"):
+        skellam(300.0, 1000, source=fixed(9), add_to=np.zeros(999, np.int64))
+
+
+def test_small_blocks_still_draw_poisson_and_skellam(monkeypatch):
+    monkeypatch.setattr(sampler, "_BLOCK", 256)
+    draws = poisson(40.0, 20_000, source=SecureRandom())
+    assert chi_square_p(draws, stats.poisson(40.0).pmf) > 1e-3
+    shares = skellam(90.0, 20_000, source=SecureRandom())
+    assert chi_square_p(shares, stats.skellam(45.0, 45.0).pmf) > 1e-3
