@@ -71,6 +71,7 @@ __all__ = ["OVERFLOW", "DistributedMean", "DistributedSettings", "SkellamEncodin
 #: the bound on the probability that a round's noisy sum wraps somewhere (accuracy only:
 #: wrap-around is post-processing of the noisy sum and costs no privacy)
 OVERFLOW = 1e-6
+_ROUNDING_BLOCK = 1 << 15
 _MAX_ROUNDINGS = 200  # each draw fails with probability <= beta = 0.61: 200 fail w.p. 2^-140
 
 
@@ -212,19 +213,29 @@ class SkellamEncoding:
         """Conditional randomized rounding: redraw ``floor(y) + [u < y - floor(y)]`` until its
         norm is at most ``bound`` (Kairouz, Liu and Steinke 2021, section 4.1).  With ``u =
         j 2^-53`` the test is ``j < (y - floor(y)) 2^53``, both sides exact in float64; the
-        draws are successive pieces of one CSPRNG keystream."""
-        floor = np.floor(rotated)
-        threshold = np.subtract(rotated, floor)
-        threshold *= 2.0 ** 53
+        draws are successive pieces of one CSPRNG keystream, read :data:`_ROUNDING_BLOCK`
+        coordinates at a time into cache-sized buffers (the squared norm, a sum of integers
+        below ``2^53``, is exact in any order)."""
+        out = np.empty(rotated.size, np.int64)
+        block = min(_ROUNDING_BLOCK, rotated.size)
+        floor, fraction, up = np.empty(block), np.empty(block), np.empty(block, bool)
         stream = self._source.stream()
-        up, rounded = np.empty(rotated.size, bool), np.empty_like(floor)
         for _ in range(_MAX_ROUNDINGS):
-            words = stream.words(rotated.size)
-            words >>= np.uint64(11)
-            np.less(words, threshold, out=up)
-            np.add(floor, up, out=rounded)
-            if float(np.dot(rounded, rounded)) <= bound * bound:
-                return rounded.astype(np.int64)
+            squared = 0.0
+            for start in range(0, rotated.size, block):
+                y = rotated[start:start + block]
+                low, high, above = floor[:y.size], fraction[:y.size], up[:y.size]
+                np.floor(y, out=low)
+                np.subtract(y, low, out=high)
+                high *= 2.0 ** 53
+                words = stream.words(y.size)
+                words >>= np.uint64(11)
+                np.less(words, high, out=above)
+                low += above
+                squared += float(np.dot(low, low))
+                out[start:start + y.size] = low
+            if squared <= bound * bound:
+                return out
         raise RuntimeError("conditional rounding did not meet its norm bound")
 
     def integers(self, delta: np.ndarray, *, seed: bytes) -> np.ndarray:

@@ -50,6 +50,7 @@ from securefl.privacy.randomness import SecureRandom
 __all__ = ["poisson", "skellam"]
 
 _PTRS_MIN = 10.0
+_FAR = 64  # candidates per chunk of the exact test's gammaln fallback (class _Ptrs)
 _BLOCK = 1 << 15  # most PTRS candidates per block: its buffers (1 MiB) stay in the L2 cache
 
 
@@ -71,13 +72,22 @@ def _block_size(total: int) -> int:
 
 
 class _Ptrs:
-    """PTRS's constants for one ``lam`` (module docstring), and ``width``, the size of a
-    block's exact test: the squeeze fails with probability ``f = 0.14 + 0.86 (1 - v_r)``
-    per candidate, and every block runs the exact test on ``f B + 10 sqrt(B f (1 - f))``
-    candidates, the ones that failed padded with repeats of one of them (their results
-    dropped), so a block's work does not depend on how many failed; ten standard deviations
-    are exceeded with probability below ``10^-23`` per block, and then the test runs on a
-    second ``width`` (the time shows that event, not the values)."""
+    """PTRS's constants for one ``lam`` (module docstring), and the exact test's fixed sizes.
+
+    * ``width``: the squeeze fails with probability ``f = 0.14 + 0.86 (1 - v_r)`` per
+      candidate, and every block runs the exact test on ``f B + 10 sqrt(B f (1 - f))``
+      candidates, the ones that failed padded with repeats of one of them (a repeat has the
+      same result), so a block's work does not depend on how many failed; ten standard
+      deviations are exceeded with probability below ``10^-23`` per block, and then the test
+      runs on a second ``width`` (the time shows that event, not the values).
+    * ``log k!`` is read from a table of ``gammaln(k + 1)`` (the same float64 values) over
+      ``lam + 0.43 +- R``, ``R = (2 a / 0.013 + b) / 2 + 2``, which holds every candidate
+      with ``u_s >= 0.013`` (``|k - lam - 0.43| <= (2 a / u_s + b) |U|`` and ``|U| <=
+      1/2``); of the others only those with ``V <= u_s`` reach the comparison
+      (probability ``0.013^2`` per candidate), and ``gammaln`` evaluates them in chunks of
+      :data:`_FAR`, one chunk per block unless more than 64 reach it (probability below
+      ``10^-40`` per block of at most 32768).  Past ``R = 2^15`` (``lam`` above about
+      ``3 10^7``) there is no table: ``gammaln`` on every candidate tested."""
 
     def __init__(self, lam: float, block: int) -> None:
         self.lam, self.log_lam = lam, math.log(lam)
@@ -88,14 +98,39 @@ class _Ptrs:
         fail = 0.14 + 0.86 * (1 - self.v_r)
         self.width = min(block, math.ceil(block * fail
                                           + 10 * math.sqrt(block * fail * (1 - fail))))
+        reach = (2 * self.a / 0.013 + self.b) / 2 + 2
+        self.low = float(max(0, math.floor(lam + 0.43 - reach)))
+        self.table = (gammaln(np.arange(self.low, math.ceil(lam + 0.43 + reach)) + 1)
+                      if reach <= 1 << 15 else None)
 
     def exact(self, k: np.ndarray, u_s: np.ndarray, v: np.ndarray) -> np.ndarray:
         """The exact test of candidates that failed the squeeze: ``k >= 0``, not (``u_s <
         0.013`` and ``V > u_s``), and the comparison of log densities."""
+        possible = (k >= 0) & ~((u_s < 0.013) & (v > u_s))
         with np.errstate(divide="ignore", invalid="ignore"):
             lhs = np.log(v) + self.log_alpha - np.log(self.a / (u_s * u_s) + self.b)
-            rhs = -self.lam + k * self.log_lam - gammaln(np.maximum(k, 0) + 1)
-        return (k >= 0) & (u_s > 0) & ~((u_s < 0.013) & (v > u_s)) & (lhs <= rhs)
+            rhs = k * self.log_lam - self.lam
+            rhs -= self._log_factorial(k, possible)
+        possible &= u_s > 0
+        possible &= lhs <= rhs
+        return possible
+
+    def _log_factorial(self, k: np.ndarray, needed: np.ndarray) -> np.ndarray:
+        """``gammaln(k + 1)`` wherever ``needed`` (anything elsewhere)."""
+        if self.table is None:
+            return gammaln(np.maximum(k, 0) + 1)
+        offset = k - self.low
+        outside = (offset < 0) | (offset >= self.table.size)
+        np.clip(offset, 0, self.table.size - 1, out=offset)
+        values = self.table[offset.astype(np.intp)]
+        far = np.flatnonzero(outside & needed)
+        chunk = np.zeros(_FAR, np.intp)
+        for start in range(0, max(far.size, 1), _FAR):
+            part = far[start:start + _FAR]
+            chunk[:part.size] = part
+            chunk[part.size:] = part[0] if part.size else 0
+            values[chunk] = gammaln(np.maximum(k[chunk], 0) + 1)
+        return values
 
 
 def _ptrs(lam: float, total: int, source: SecureRandom) -> Iterator[np.ndarray]:
@@ -109,14 +144,15 @@ def _ptrs(lam: float, total: int, source: SecureRandom) -> Iterator[np.ndarray]:
     # every candidate is accepted with probability above 0.8 (Hoermann 1993): a block of
     # B >= 128 accepts fewer than B / 2 with probability below 2^-37, so the last of these
     # blocks is never reached (probability below 2^-2000)
+    # V <= v_r iff j <= floor(v_r 2^53) iff the word is below (floor(v_r 2^53) + 1) 2^11
+    v_words = np.uint64((math.floor(ptrs.v_r * 2.0 ** 53) + 1) << 11)
     for _ in range(2 * total // block + 64):
         words = stream.words(2 * block)
-        np.right_shift(words, np.uint64(11), out=words)  # 53-bit integers j: u = j 2^-53
-        ints, floats = words.view(np.int64), words.view(np.float64)
-        np.subtract(ints[:block], 1 << 52, out=ints[:block])
-        big_u, v = floats[:block], floats[block:]  # in place: U = u - 1/2 exactly, and V
-        np.multiply(ints[:block], 2.0 ** -53, out=big_u)
-        np.multiply(ints[block:], 2.0 ** -53, out=v)
+        u_words, v_of = words[:block], words[block:]
+        np.right_shift(u_words, np.uint64(11), out=u_words)  # 53-bit integers j: u = j 2^-53
+        ints = u_words.view(np.int64)
+        ints -= 1 << 52
+        big_u = np.multiply(ints, 2.0 ** -53, out=u_words.view(np.float64))  # U = u - 1/2
         np.abs(big_u, out=u_s)
         np.subtract(0.5, u_s, out=u_s)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -127,16 +163,18 @@ def _ptrs(lam: float, total: int, source: SecureRandom) -> Iterator[np.ndarray]:
             np.floor(k, out=k)
         # the squeeze: accept at once if u_s >= 0.07 and V <= v_r
         np.greater_equal(u_s, 0.07, out=accept)
-        np.less_equal(v, ptrs.v_r, out=spare)
+        np.less(v_of, v_words, out=spare)
         accept &= spare
         np.logical_not(accept, out=spare)
         failed = np.flatnonzero(spare)
         for start in range(0, max(failed.size, 1), ptrs.width):
             part = failed[start:start + ptrs.width]
             chosen[:part.size] = part
-            chosen[part.size:] = part[0] if part.size else 0
-            passed = ptrs.exact(k[chosen], u_s[chosen], v[chosen])[:part.size]
-            accept[part[passed]] = True
+            chosen[part.size:] = part[0] if part.size else 0  # repeats: the same result
+            v = (v_of[chosen] >> np.uint64(11)).view(np.int64) * 2.0 ** -53
+            passed = ptrs.exact(k[chosen], u_s[chosen], v)
+            if part.size:
+                accept[chosen] = passed
         taken = k[accept][:total].astype(np.int64)
         yield taken
         total -= taken.size

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
+from scipy.special import gammaln
 
 from securefl.privacy import poisson as sampler
 from securefl.privacy.poisson import poisson, skellam
@@ -82,3 +83,29 @@ def test_small_blocks_still_draw_poisson_and_skellam(monkeypatch):
     assert chi_square_p(draws, stats.poisson(40.0).pmf) > 1e-3
     shares = skellam(90.0, 20_000, source=SecureRandom())
     assert chi_square_p(shares, stats.skellam(45.0, 45.0).pmf) > 1e-3
+
+
+def test_log_factorials_come_from_the_table_or_gammaln_bit_for_bit():
+    """Inside the table, and 300 candidates outside it (five fallback chunks): the values
+    the exact test reads are gammaln's, and so are its decisions."""
+    lam = 124_547.6
+    ptrs = sampler._Ptrs(lam, 1 << 15)
+    assert ptrs.table is not None and ptrs.table.size < 5000
+    rng = np.random.default_rng(1)
+    near = np.floor(rng.normal(lam, 700, 4000))
+    far = np.floor(np.concatenate([rng.uniform(0, ptrs.low, 150),
+                                   rng.uniform(ptrs.low + ptrs.table.size, 1e7, 150)]))
+    k = np.concatenate([near, far, [-np.inf, -3.0]])
+    u_s = np.concatenate([rng.uniform(0.013, 0.5, near.size), rng.uniform(1e-6, 0.013, 302)])
+    v = np.concatenate([rng.uniform(0, 1, near.size), u_s[near.size:] / 2])  # V <= u_s: tested
+    needed = k >= 0
+    values = ptrs._log_factorial(k.copy(), needed)
+    np.testing.assert_array_equal(values[needed], gammaln(k[needed] + 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rule = ((k >= 0) & (u_s > 0) & ~((u_s < 0.013) & (v > u_s))
+                & (np.log(v) + ptrs.log_alpha - np.log(ptrs.a / (u_s * u_s) + ptrs.b)
+                   <= -lam + k * ptrs.log_lam - gammaln(np.maximum(k, 0) + 1)))
+    decided = ptrs.exact(k, u_s, v)
+    np.testing.assert_array_equal(decided, rule)
+    assert 0 < decided.sum() < near.size  # both outcomes occur
+    assert sampler._Ptrs(1e9, 1 << 15).table is None  # past R = 2^15: gammaln throughout
