@@ -35,7 +35,8 @@ __all__ = ["MAX_BLOCK", "MIN_BLOCK", "block_sizes", "padded_dimension", "rotate"
 
 MIN_BLOCK = 256
 MAX_BLOCK = 1 << 20
-_FACTOR_BITS = 4  # H_16 factors: fewer flops than H_32, and as few passes as the cache needs
+_FACTOR_BITS = 4  # H_16 factors within a row: fewer flops than H_32
+_ROW_BITS = 14
 
 
 def padded_dimension(dimension: int) -> int:
@@ -56,7 +57,7 @@ def block_sizes(dimension: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _hadamard(size: int) -> np.ndarray:
     matrix = np.ones((1, 1))
     while matrix.shape[0] < size:
@@ -65,24 +66,42 @@ def _hadamard(size: int) -> np.ndarray:
 
 
 def _walsh_hadamard(block: np.ndarray, scratch: np.ndarray, factor: float) -> None:
-    """``block <- factor H_B block`` in place for ``B = 2^k``: ``k`` split into factors of at
-    most :data:`_FACTOR_BITS` bits; each product ``X^T H_f`` applies ``H_f`` along one axis
-    and moves it last, so after all the factors the axes are back in their original order.
-    The products alternate between ``block`` and ``scratch`` (``B`` floats), and ``factor``
-    rides on the last one, so nothing of the block's size is allocated."""
-    bits = block.size.bit_length() - 1
+    """``block <- factor H_B block`` in place for ``B = 2^k``, ``scratch`` holding ``B``
+    floats.  As an ``R x C`` matrix ``X`` (``C = 2^min(k, 14)`` columns, 128 KiB a row),
+    ``H_B x = vec(H_R X H_C)`` (``H_B = H_R (x) H_C``, both symmetric): one product
+    ``H_R X`` over memory into ``scratch`` (``R <= 64``), then each row's ``H_C`` while the
+    row is in cache, back into ``block``: two passes over memory whatever ``B``."""
+    columns = 1 << min(block.size.bit_length() - 1, _ROW_BITS)
+    rows = block.size // columns
+    if rows == 1:
+        _factored(block, scratch[:block.size], factor)
+        np.copyto(block, scratch[:block.size])
+        return
+    matrix, mixed = block.reshape(rows, columns), scratch[:block.size].reshape(rows, columns)
+    np.matmul(_hadamard(rows) * factor, matrix, out=mixed)
+    for row in range(rows):
+        _factored(mixed[row], matrix[row], 1.0)
+
+
+def _factored(source: np.ndarray, target: np.ndarray, factor: float) -> None:
+    """``target <- factor H_C source`` (``source`` is overwritten) for ``C = 2^c``: ``c``
+    split into factors of at most :data:`_FACTOR_BITS` bits; each product ``X^T H_f``
+    applies ``H_f`` along one axis and moves it last, so after all the factors the axes are
+    back in their original order.  The products alternate between the two buffers, and
+    ``factor`` rides on the last one."""
+    bits = source.size.bit_length() - 1
     factors = []
     while bits > 0:
         factors.append(min(_FACTOR_BITS, bits))
         bits -= factors[-1]
-    source, target = block, scratch[:block.size]
+    into, out_of = target, source
     for index, bits in enumerate(factors):
         size = 1 << bits
         matrix = _hadamard(size) * factor if index == len(factors) - 1 else _hadamard(size)
-        np.matmul(source.reshape(size, -1).T, matrix, out=target.reshape(-1, size))
-        source, target = target, source
-    if source is not block:
-        np.copyto(block, source)
+        np.matmul(out_of.reshape(size, -1).T, matrix, out=into.reshape(-1, size))
+        into, out_of = out_of, into
+    if out_of is not target:
+        np.copyto(target, out_of)
 
 
 def _negated(seed: bytes, count: int) -> np.ndarray:
