@@ -109,3 +109,14 @@ def test_log_factorials_come_from_the_table_or_gammaln_bit_for_bit():
     np.testing.assert_array_equal(decided, rule)
     assert 0 < decided.sum() < near.size  # both outcomes occur
     assert sampler._Ptrs(1e9, 1 << 15).table is None  # past R = 2^15: gammaln throughout
+
+
+def test_full_blocks_draw_poisson_at_a_large_lambda():
+    """Seven blocks of 32768 candidates at lam = 5000 (one request): chi-square on 200 000
+    draws, and the Skellam difference's variance."""
+    draws = poisson(5_000.0, 200_000, source=SecureRandom())
+    assert chi_square_p(draws, stats.poisson(5_000.0).pmf) > 1e-3
+    shares = skellam(10_000.0, 200_000, source=SecureRandom())
+    statistic = shares.size * shares.var() / 10_000.0
+    low, high = stats.chi2.ppf([5e-5, 1 - 5e-5], shares.size)
+    assert low <= statistic <= high
