@@ -27,13 +27,14 @@ Block by block, its ``2 B`` words give the ``B`` values of ``U`` (the first ``B`
 last block's surplus is dropped), so the output is a deterministic function of the
 keystream, as :meth:`~securefl.privacy.randomness.SecureRandom.seeded`'s regeneration needs.
 
-Timing: every block runs the same steps on all of its candidates, and the exact test on a
-fixed number of them (:class:`_Ptrs`), so a block's work does not depend on the values.
+Timing: every block runs the same steps on all of its candidates, the exact test on a
+fixed number of them and ``gammaln`` on a fixed number of far ones (:class:`_Ptrs`), so a
+block's work does not depend on the values.
 The number of blocks depends on how many candidates are accepted, and given which
 candidates are accepted the accepted values are independent and exactly Poisson, so the
 time taken reveals nothing about the noise values; it varies, from run to run, with the
 number of blocks alone.  (Not counted: the individual float instructions' timing, which
-is not data-independent on every CPU, and an overflow of the exact test's fixed size,
+is not data-independent on every CPU, and an overflow of the exact test's fixed sizes,
 probability below ``10^-23`` per block.)
 """
 

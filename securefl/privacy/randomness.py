@@ -13,7 +13,9 @@ cryptographic one.  So at a deployed site every random bit of DP-SGD comes from 
   request (one Poisson mask, one noise vector) and expands it with AES-256-CTR from
   ``cryptography`` (NIST SP 800-90A's CTR_DRBG construction, without reseeding, since every
   key is fresh).  Nothing is stored: a key lives only while its request is served, so there is
-  no generator state to recover, and nothing in the config reaches it.
+  no generator state to recover, and nothing in the config reaches it.  A request may read
+  its keystream in pieces (:class:`KeyStream`: distributed DP's sampler and rounding read a
+  cache-sized block at a time); the pieces are the one stream of the request's key.
 * **Seeded streams** (:meth:`SecureRandom.seeded`, distributed DP's removable noise only):
   the same AES-256-CTR, but the key of the ``i``-th request is
   ``HKDF-SHA256(ikm = seed, info = "securefl/privacy/seeded-stream/v1" || i)`` (RFC 5869;
