@@ -115,8 +115,9 @@ def _negated(seed: bytes, count: int) -> np.ndarray:
 def rotate(vector: np.ndarray, *, seed: bytes, scale: float = 1.0) -> np.ndarray:
     """``scale R x`` (float64, ``padded_dimension(d)`` coordinates) of a ``d``-vector."""
     dimension = vector.shape[0]
-    padded = np.zeros(padded_dimension(dimension), np.float64)
+    padded = np.empty(padded_dimension(dimension), np.float64)
     padded[:dimension] = vector
+    padded[dimension:] = 0.0
     np.negative(padded, out=padded, where=_negated(seed, padded.size))
     _blocks(padded, dimension, scale)
     return padded
