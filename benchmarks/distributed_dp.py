@@ -58,6 +58,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,11 @@ def _runs(arms: dict[str, Config], seeds: list[int], repeats: int) -> dict[str, 
                 started = time.perf_counter()
                 history = run_simulation(config.replace(run__seed=seed)).history
                 results[name].add(seed, history, time.perf_counter() - started)
+                # one line a run on stderr: a run stopped early still leaves its results
+                print(json.dumps({"arm": name, "seed": seed,
+                                  "final_accuracy": history.rounds[-1].accuracy,
+                                  "seconds": round(time.perf_counter() - started, 1)}),
+                      file=sys.stderr, flush=True)
     return {name: arm.summary() for name, arm in results.items()}
 
 
