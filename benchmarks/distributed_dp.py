@@ -11,7 +11,11 @@
   (``secure_mode`` for the central run, as deployed), so each of ``--repeats`` runs per seed
   is a fresh draw of the noise while data, model and sample follow the seed.  Reported per
   mechanism: final test accuracy of every run, the mean, its standard error, the mean over
-  the last 5 rounds; the paired difference (central - distributed, per seed) and its
+  the last 5 rounds, the rounds that aggregated fewer than the cohort's 20 updates (with
+  the fewest, and the dropped, declined and rejected updates: none, in a run that measures
+  what it should) and the arm's wall time; the arms' runs are interleaved (for each seed
+  and repeat, one run of each arm in turn, so that a drift of the shared machine falls on
+  every arm alike); the paired difference (central - distributed, per seed) and its
   standard error; and ``noise``: the central ``z`` and the distributed one in the same units
   (std of the noise in the released sum over ``C``: at exactly ``min_cohort`` survivors less
   ``colluding_sites``, what the ledger charges, and with the whole cohort after the
@@ -54,6 +58,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from securefl.config import Config, load_config
+from securefl.engine.history import History
 from securefl.engine.protection import Update
 from securefl.models import build_model
 from securefl.privacy import build_privacy, distributed_settings
@@ -142,23 +148,63 @@ def released_noise(settings: DistributedSettings, dimension: int, rounds: int = 
     return float(np.std(np.concatenate(errors)) / settings.clip_norm)
 
 
-def _runs(config: Config, seeds: list[int], repeats: int) -> dict[str, Any]:
-    finals: dict[int, list[float]] = {}
-    last5: list[float] = []
-    aborted = run_rounds = 0
+class _Arm:
+    """One arm's runs: final accuracies by seed, the mean of the last 5 rounds, and how
+    many updates each round aggregated (a round short of the cohort, a dropout, a decline
+    or a rejection would change what the arm measures)."""
+
+    def __init__(self, cohort: int) -> None:
+        self.cohort = cohort
+        self.finals: dict[int, list[float]] = {}
+        self.last5: list[float] = []
+        self.aborted = self.rounds = self.short = 0
+        self.fewest = cohort
+        self.dropped = self.declined = self.rejected = 0
+        self.seconds = 0.0
+
+    def add(self, seed: int, history: History, seconds: float) -> None:
+        self.finals.setdefault(seed, []).append(float(history.rounds[-1].accuracy))
+        self.last5.append(statistics.fmean(float(r.accuracy) for r in history.rounds[-5:]))
+        self.seconds += seconds
+        for record in history.rounds:
+            self.rounds += 1
+            self.aborted += record.aborted is not None
+            self.dropped += len(record.dropped)
+            self.declined += len(record.declined)
+            self.rejected += len(record.rejected)
+            if record.aborted is None:
+                self.short += len(record.clients) < self.cohort
+                self.fewest = min(self.fewest, len(record.clients))
+
+    def summary(self) -> dict[str, Any]:
+        every = [a for values in self.finals.values() for a in values]
+        return {"final_accuracy": {str(s): v for s, v in self.finals.items()},
+                "mean": statistics.fmean(every), "stderr": _stderr(every),
+                "mean_last5": statistics.fmean(self.last5), "stderr_last5": _stderr(self.last5),
+                "runs": len(every), "rounds_run": self.rounds, "aborted_rounds": self.aborted,
+                "rounds_short_of_the_cohort": self.short, "fewest_updates_in_a_round":
+                self.fewest, "dropped": self.dropped, "declined": self.declined,
+                "rejected": self.rejected, "seconds": self.seconds}
+
+
+def _runs(arms: dict[str, Config], seeds: list[int], repeats: int) -> dict[str, dict[str, Any]]:
+    """Every arm ``repeats`` times per seed, interleaved: for each seed and repeat, one run
+    of each arm in turn, so that whatever drifts over the benchmark's hour (the machine's
+    load, its other jobs) falls on all arms alike instead of on the arm that runs last."""
+    results = {name: _Arm(config.server.per_round(config.data.num_clients))
+               for name, config in arms.items()}
     for seed in seeds:
-        run = config.replace(run__seed=seed)
         for _ in range(repeats):
-            history = run_simulation(run).history
-            finals.setdefault(seed, []).append(float(history.rounds[-1].accuracy))
-            last5.append(statistics.fmean(float(r.accuracy) for r in history.rounds[-5:]))
-            aborted += sum(1 for r in history.rounds if r.aborted)
-            run_rounds += len(history.rounds)
-    every = [a for values in finals.values() for a in values]
-    return {"final_accuracy": {str(s): v for s, v in finals.items()},
-            "mean": statistics.fmean(every), "stderr": _stderr(every),
-            "mean_last5": statistics.fmean(last5), "stderr_last5": _stderr(last5),
-            "runs": len(every), "rounds_run": run_rounds, "aborted_rounds": aborted}
+            for name, config in arms.items():
+                started = time.perf_counter()
+                history = run_simulation(config.replace(run__seed=seed)).history
+                results[name].add(seed, history, time.perf_counter() - started)
+                # one line a run on stderr: a run stopped early still leaves its results
+                print(json.dumps({"arm": name, "seed": seed,
+                                  "final_accuracy": history.rounds[-1].accuracy,
+                                  "seconds": round(time.perf_counter() - started, 1)}),
+                      file=sys.stderr, flush=True)
+    return {name: arm.summary() for name, arm in results.items()}
 
 
 def _stderr(values: list[float]) -> float:
@@ -170,29 +216,35 @@ def accuracy(seeds: list[int], repeats: int, rounds: int | None, min_cohorts: li
     """The arms: central, distributed at each minimum cohort, and with ``matched`` a control
     (not a comparison at one epsilon): central DP-FedAvg at the noise multiplier the
     distributed sum carries with the whole cohort, which tells the price of that extra noise
-    from the rest of the mechanism (rotation, rounding, wrap-around)."""
+    from the rest of the mechanism (rotation, rounding, wrap-around).  The arms' runs are
+    interleaved (:func:`_runs`)."""
     central, distributed = _configs()
     if rounds is not None:
         central, distributed = (c.replace(run__rounds=rounds) for c in (central, distributed))
-    out: dict[str, Any] = {"central_dp_fedavg": _runs(central, seeds, repeats)}
+    arms: dict[str, Config] = {"central_dp_fedavg": central}
+    noises: dict[str, dict[str, Any]] = {}
+    controls: dict[str, tuple[str, float]] = {}
     for min_cohort in min_cohorts or [int(distributed.privacy.min_cohort or 0)]:
         # the example's noise levels that lie above this minimum cohort
         levels = tuple(level for level in distributed.privacy.noise_levels or ()
                        if level > min_cohort)
         config = distributed.replace(privacy__min_cohort=min_cohort, privacy__noise_levels=levels)
-        result = _runs(config, seeds, repeats)
-        result["noise"] = noise(central, config)
-        result.update(_paired(out["central_dp_fedavg"], result))
-        out[f"distributed_skellam_min_cohort_{min_cohort}"] = result
+        name = f"distributed_skellam_min_cohort_{min_cohort}"
+        arms[name], noises[name] = config, noise(central, config)
         if matched:
-            z = result["noise"]["distributed_z_full_cohort"]
-            control = _runs(central.replace(privacy__target_epsilon=None,
+            z = noises[name]["distributed_z_full_cohort"]
+            control = f"central_dp_fedavg_at_the_noise_of_min_cohort_{min_cohort}"
+            arms[control] = central.replace(privacy__target_epsilon=None,
                                             privacy__noise_multiplier=z,
-                                            privacy__participation_quantile=None),
-                            seeds, repeats)
-            control["noise_multiplier"] = z
-            control.update(_paired(control, result))
-            out[f"central_dp_fedavg_at_the_noise_of_min_cohort_{min_cohort}"] = control
+                                            privacy__participation_quantile=None)
+            controls[control] = (name, z)
+    out = _runs(arms, seeds, repeats)
+    for name, measured in noises.items():
+        out[name]["noise"] = measured
+        out[name].update(_paired(out["central_dp_fedavg"], out[name]))
+    for control, (name, z) in controls.items():
+        out[control]["noise_multiplier"] = z
+        out[control].update(_paired(out[control], out[name]))
     return out
 
 
@@ -295,12 +347,17 @@ def _site_cost(settings: DistributedSettings, dimension: int, neighbours: int,
                                                             "total", "total_wall")}
     for _ in range(repeats):
         wall, start = time.perf_counter(), time.process_time()
-        rotated = rotate(delta.astype(np.float64), seed=seed) * plan.scale
+        # SkellamEncoding.encode's steps, one by one (integers = rotate, clip, round)
+        rotated = rotate(delta, seed=seed, scale=plan.scale)
+        norm = float(np.linalg.norm(rotated))
+        if norm > plan.scale * settings.clip_norm:
+            rotated *= plan.scale * settings.clip_norm / norm
         rotated_at = time.process_time()
         rounded = encoding.round_to_integers(rotated, plan.l2)
         rounded_at = time.process_time()
-        noisy = rounded + encoding.noise_share(dimension)[0]
-        words = (noisy & ((1 << bits) - 1)).astype(word_dtype(bits))
+        noisy, _ = encoding.noise_share(dimension, add_to=rounded)
+        noisy &= (1 << bits) - 1
+        words = noisy.astype(word_dtype(bits))
         noised_at = time.process_time()
         add_masks(words, keys)
         reduce(words, bits)

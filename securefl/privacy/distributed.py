@@ -6,7 +6,7 @@ Per round, at each site ``i`` (:class:`SkellamEncoding`, the
 :class:`~securefl.secagg.encoding.Encoding` its SecAgg+ client masks with):
 
 1. clip: ``x_i <- x_i min(1, C / ||x_i||)`` (also done by the trainer; done again here, the
-   last step before anything leaves);
+   last step before anything leaves, on the rotated vector, which has the same norm);
 2. rotate and scale: ``y_i = s R x_i`` (:mod:`securefl.privacy.rotation`, signs from the
    round's public seed :func:`~securefl.secagg.encoding.shared_seed`), so ``||y_i|| <= s C``;
 3. conditional randomized rounding: ``r_i = floor(y_i) + Bernoulli(y_i - floor(y_i))``,
@@ -71,6 +71,7 @@ __all__ = ["OVERFLOW", "DistributedMean", "DistributedSettings", "SkellamEncodin
 #: the bound on the probability that a round's noisy sum wraps somewhere (accuracy only:
 #: wrap-around is post-processing of the noisy sum and costs no privacy)
 OVERFLOW = 1e-6
+_ROUNDING_BLOCK = 1 << 15
 _MAX_ROUNDINGS = 200  # each draw fails with probability <= beta = 0.61: 200 fail w.p. 2^-140
 
 
@@ -210,43 +211,67 @@ class SkellamEncoding:
 
     def round_to_integers(self, rotated: np.ndarray, bound: float) -> np.ndarray:
         """Conditional randomized rounding: redraw ``floor(y) + [u < y - floor(y)]`` until its
-        norm is at most ``bound`` (Kairouz, Liu and Steinke 2021, section 4.1)."""
-        floor = np.floor(rotated)
-        fraction = rotated - floor
+        norm is at most ``bound`` (Kairouz, Liu and Steinke 2021, section 4.1).  With ``u =
+        j 2^-53`` the test is ``j < (y - floor(y)) 2^53``, both sides exact in float64; the
+        draws are successive pieces of one CSPRNG keystream, read :data:`_ROUNDING_BLOCK`
+        coordinates at a time into cache-sized buffers (the squared norm, a sum of integers
+        below ``2^53``, is exact in any order)."""
+        out = np.empty(rotated.size, np.int64)
+        block = min(_ROUNDING_BLOCK, rotated.size)
+        floor, fraction, up = np.empty(block), np.empty(block), np.empty(block, bool)
+        stream = self._source.stream()
         for _ in range(_MAX_ROUNDINGS):
-            rounded = floor + (self._source.uniform(rotated.size) < fraction)
-            if float(np.dot(rounded, rounded)) <= bound * bound:
-                return rounded.astype(np.int64)
+            squared = 0.0
+            for start in range(0, rotated.size, block):
+                y = rotated[start:start + block]
+                low, high, above = floor[:y.size], fraction[:y.size], up[:y.size]
+                np.floor(y, out=low)
+                np.subtract(y, low, out=high)
+                high *= 2.0 ** 53
+                words = stream.words(y.size)
+                words >>= np.uint64(11)
+                np.less(words, high, out=above)
+                low += above
+                squared += float(np.dot(low, low))
+                out[start:start + y.size] = low
+            if squared <= bound * bound:
+                return out
         raise RuntimeError("conditional rounding did not meet its norm bound")
 
     def integers(self, delta: np.ndarray, *, seed: bytes) -> np.ndarray:
-        """Steps 1-3: the clipped, rotated, scaled update rounded to integers (norm <= Delta_2)."""
+        """Steps 1-3: the clipped, rotated, scaled update rounded to integers (norm <=
+        Delta_2).  The clip is applied after the rotation, to ``s R x`` at ``s C``: ``R`` is
+        orthogonal, so ``||s R x|| = s ||x||`` and ``min(1, s C / ||s R x||) s R x = s R
+        (x min(1, C / ||x||))``."""
         if delta.ndim != 1 or not np.isfinite(delta).all():
             raise ValueError("update must be a finite 1-d vector")
         plan = self.settings.plan(delta.shape[0])
-        vector = delta.astype(np.float64)
-        norm = float(np.linalg.norm(vector))
-        if norm > self.settings.clip_norm:
-            vector *= self.settings.clip_norm / norm
-        return self.round_to_integers(rotate(vector, seed=seed) * plan.scale, plan.l2)
+        rotated = rotate(delta, seed=seed, scale=plan.scale)
+        norm, most = float(np.linalg.norm(rotated)), plan.scale * self.settings.clip_norm
+        if norm > most:
+            rotated *= most / norm
+        return self.round_to_integers(rotated, plan.l2)
 
-    def noise_share(self, dimension: int) -> tuple[np.ndarray, tuple[bytes, ...]]:
+    def noise_share(self, dimension: int, *, add_to: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, tuple[bytes, ...]]:
         """Step 4: this site's ``Sk(mu / (n_min - k))`` for every rotated coordinate, as the
         CSPRNG base ``Sk(mu / (l_r - k))`` plus each level's excess ``E_j``, and the fresh
-        seeds ``s_j`` (``os.urandom``) the excess components are drawn from."""
+        seeds ``s_j`` (``os.urandom``) the excess components are drawn from.  With ``add_to``
+        (int64, one per rotated coordinate: the rounded update) the share is added into it."""
         plan = self.settings.plan(dimension)
-        noise = skellam(plan.base_variance, plan.padded, source=self._source)
+        noise = skellam(plan.base_variance, plan.padded, source=self._source, add_to=add_to)
         seeds = tuple(self._source.seed() for _ in plan.excess_variances)
         for level, level_seed in enumerate(seeds):
-            noise += self.excess(dimension, level=level, seed=level_seed)
+            self.excess(dimension, level=level, seed=level_seed, add_to=noise)
         return noise, seeds
 
-    def excess(self, dimension: int, *, level: int, seed: bytes) -> np.ndarray:
-        """``E_{level + 1}`` regenerated from its seed: the site draws it, the server
-        subtracts it once the seed is revealed."""
+    def excess(self, dimension: int, *, level: int, seed: bytes,
+               add_to: np.ndarray | None = None) -> np.ndarray:
+        """``E_{level + 1}`` regenerated from its seed (added into ``add_to`` if given): the
+        site draws it, the server subtracts it once the seed is revealed."""
         plan = self.settings.plan(dimension)
         return skellam(plan.excess_variances[level], plan.padded,
-                       source=SecureRandom.seeded(seed))
+                       source=SecureRandom.seeded(seed), add_to=add_to)
 
     def removable(self, survivors: int) -> int:
         """How many excess seeds a site reveals for ``|U3| = survivors`` (levels ``<= |U3|``)."""
@@ -255,9 +280,10 @@ class SkellamEncoding:
     def encode(self, update: Update, *, seed: bytes) -> tuple[np.ndarray, tuple[bytes, ...]]:
         """Steps 1-4, wrapped into ``Z_{2^b}`` (step 5's masking is SecAgg+'s), and the
         excess seeds, one per level, kept by the site until it may reveal them."""
-        rounded = self.integers(update.delta, seed=seed)
-        noise, seeds = self.noise_share(update.delta.shape[0])
-        return ((rounded + noise) & ((1 << self.bits) - 1)).astype(self._dtype), seeds
+        noisy, seeds = self.noise_share(update.delta.shape[0],
+                                        add_to=self.integers(update.delta, seed=seed))
+        noisy &= (1 << self.bits) - 1
+        return noisy.astype(self._dtype), seeds
 
     def decode(self, total: np.ndarray, *, seed: bytes, survivors: int, dimension: int,
                removed: Sequence[Sequence[bytes]] = ()) -> tuple[np.ndarray, float]:

@@ -13,7 +13,9 @@ cryptographic one.  So at a deployed site every random bit of DP-SGD comes from 
   request (one Poisson mask, one noise vector) and expands it with AES-256-CTR from
   ``cryptography`` (NIST SP 800-90A's CTR_DRBG construction, without reseeding, since every
   key is fresh).  Nothing is stored: a key lives only while its request is served, so there is
-  no generator state to recover, and nothing in the config reaches it.
+  no generator state to recover, and nothing in the config reaches it.  A request may read
+  its keystream in pieces (:class:`KeyStream`: distributed DP's sampler and rounding read a
+  cache-sized block at a time); the pieces are the one stream of the request's key.
 * **Seeded streams** (:meth:`SecureRandom.seeded`, distributed DP's removable noise only):
   the same AES-256-CTR, but the key of the ``i``-th request is
   ``HKDF-SHA256(ikm = seed, info = "securefl/privacy/seeded-stream/v1" || i)`` (RFC 5869;
@@ -59,7 +61,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
 
-__all__ = ["GAUSSIAN_SUMMANDS", "SecurePoissonSampler", "SecureRandom", "use_secure_noise"]
+__all__ = ["GAUSSIAN_SUMMANDS", "KeyStream", "SecurePoissonSampler", "SecureRandom",
+           "use_secure_noise"]
 
 #: Holohan and Braghin's 2n with n = 2: Gaussians summed per noise coordinate
 GAUSSIAN_SUMMANDS = 4
@@ -82,6 +85,31 @@ class _SeededKeys:
         self._requests += 1
         return HKDF(algorithm=hashes.SHA256(), length=size, salt=None,
                     info=info).derive(self._seed)
+
+
+class KeyStream:
+    """The AES-256-CTR keystream of one key (counter from zero), read in pieces: successive
+    :meth:`words` calls return successive words of the one stream, so a request can be
+    served block by block from a cache-sized buffer and still be the stream of its key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._cipher = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+        self._buffer = np.empty(0, np.uint8)
+
+    def words(self, count: int) -> np.ndarray:
+        """The next ``count`` 64-bit words, as a view of this stream's buffer: valid (and
+        writable) until the next call, which reuses the buffer."""
+        # AES-CTR over zeros, encrypted from one shared zero chunk; update_into needs
+        # block_size - 1 spare bytes past each chunk (the next chunk overwrites them), and
+        # every byte is written, so the buffer need not be zeroed first
+        size = 8 * count
+        if self._buffer.size < size + 15:
+            self._buffer = np.empty(size + 15, np.uint8)
+        view, zeros = self._buffer.data, memoryview(_ZEROS)
+        for start in range(0, size, len(_ZEROS)):
+            end = min(size, start + len(_ZEROS))
+            self._cipher.update_into(zeros[:end - start], view[start:end + 15])
+        return self._buffer[:size].view("<u8")
 
 
 class SecureRandom:
@@ -108,20 +136,13 @@ class SecureRandom:
             raise ValueError(f"the entropy source must return {_KEY_BYTES} bytes")
         return value
 
+    def stream(self) -> KeyStream:
+        """One request's keystream under a fresh key, to read piece by piece."""
+        return KeyStream(self.seed())
+
     def words(self, count: int) -> np.ndarray:
         """``count`` uniform 64-bit words (little-endian) of one fresh keystream."""
-        key = self.seed()
-        stream = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-        # the keystream is AES-CTR over zeros, encrypted from one shared zero chunk; update_into
-        # needs block_size - 1 spare bytes past each chunk (the next chunk overwrites them),
-        # and every byte is written, so the buffer need not be zeroed first
-        size = 8 * count
-        buffer = np.empty(size + 15, np.uint8)
-        view, zeros = buffer.data, memoryview(_ZEROS)
-        for start in range(0, size, len(_ZEROS)):
-            end = min(size, start + len(_ZEROS))
-            stream.update_into(zeros[:end - start], view[start:end + 15])
-        return buffer[:size].view("<u8")
+        return self.stream().words(count)
 
     def uniform(self, count: int) -> np.ndarray:
         """``count`` doubles ``k 2^-53``, ``k`` uniform in ``[0, 2^53)``."""

@@ -38,13 +38,16 @@ class Recording(SkellamEncoding):
     def integers(self, delta, *, seed):
         self.seeds.add(seed)
         rounded = super().integers(delta, seed=seed)
-        self.parts.append((rounded, np.zeros(0)))
+        self.parts.append((rounded.copy(), np.zeros(0)))  # encode adds the noise into it
         return rounded
 
-    def noise_share(self, dimension):
+    def noise_share(self, dimension, *, add_to=None):
         share, seeds = super().noise_share(dimension)
         self.parts[-1] = (self.parts[-1][0], share)
-        return share, seeds
+        if add_to is None:
+            return share, seeds
+        add_to += share
+        return add_to, seeds
 
 
 def wire(message):

@@ -41,13 +41,16 @@ class Recording(SkellamEncoding):
 
     def integers(self, delta, *, seed):
         rounded = super().integers(delta, seed=seed)
-        self.parts.append((rounded, np.zeros(0), ()))
+        self.parts.append((rounded.copy(), np.zeros(0), ()))  # encode adds the noise into it
         return rounded
 
-    def noise_share(self, dimension):
+    def noise_share(self, dimension, *, add_to=None):
         share, seeds = super().noise_share(dimension)
         self.parts[-1] = (self.parts[-1][0], share, seeds)
-        return share, seeds
+        if add_to is None:
+            return share, seeds
+        add_to += share
+        return add_to, seeds
 
 
 def settings(*, levels=(7, 8), colluding=1, min_cohort=6) -> DistributedSettings:
