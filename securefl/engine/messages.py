@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from securefl.engine.fields import field_checkers, field_hints, field_names
+from securefl.engine.layout import body_text, field_kinds, read_fields
 from securefl.errors import MessageError
 
 __all__ = [
@@ -74,6 +75,7 @@ _JSON_SCALARS = frozenset((type(None), bool, int, float, str))
 _SCALAR_TYPES = (bool, int, float, str)
 _KEY_TYPES = frozenset((int, str))
 _REGISTRY: dict[str, type] = {}
+_KIND_CACHE: dict[type, dict[str, str]] = {}
 T = TypeVar("T")
 # the tree holds fresh containers only, so the circular-reference check is skipped
 _HEADER = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False)
@@ -105,15 +107,25 @@ def registered() -> dict[str, type]:
 # nested closures: a recursive closure is a reference cycle, which would keep every frame's
 # blob list (the sender's 400 KB masked input, say) alive until the garbage collector runs.
 def encode(msg: Message) -> bytes:
-    """Serialize a registered message into one self-describing frame."""
+    """Serialize a registered message into one self-describing frame (the header written
+    directly as text, :func:`securefl.engine.layout.body_text`: the same bytes)."""
     blobs: list[bytes | memoryview] = []
     arrays: list[dict[str, Any]] = []
-    body = _tree(msg, blobs, arrays)
-    if not isinstance(body, dict) or "$msg" not in body:
+    names = _registered_fields(msg)
+    if names is None:
         raise MessageError("only registered messages can be encoded")
-    sizes = [len(b) if isinstance(b, bytes) else b.nbytes for b in blobs]
-    header = _HEADER.encode({"body": body, "arrays": arrays, "blobs": sizes}).encode()
+    body = body_text(msg, names, blobs, arrays, tree=_tree, dumps=_HEADER.encode,
+                     flat=_registered_fields)
+    sizes = ",".join([str(len(b) if isinstance(b, bytes) else b.nbytes) for b in blobs])
+    header = f'{{"body":{body},"arrays":{_HEADER.encode(arrays)},"blobs":[{sizes}]}}'.encode()
     return b"".join([_PREFIX.pack(_MAGIC, WIRE_VERSION, len(header)), header, *blobs])
+
+
+def _registered_fields(value: Any) -> tuple[str, ...] | None:
+    """The wire fields of ``value`` if the generic tree writes it as a message, else None."""
+    if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
+        return field_names(type(value))
+    return None
 
 
 def _tree(value: Any, blobs: list[bytes | memoryview], arrays: list[dict[str, Any]]) -> Any:
@@ -281,8 +293,15 @@ class _Reader:
             if "$m" in node and type(node["$m"]) is list:
                 return self.entries(node["$m"], depth)
             if "$msg" in node and type(node.get("f")) is dict:
-                fields = node["f"]
-                return _construct(node["$msg"], dict(zip(
+                fields, name = node["f"], node["$msg"]
+                cls = _REGISTRY.get(name) if type(name) is str else None
+                if cls is not None and fields.keys() == field_hints(cls).keys():
+                    values = read_fields(self, fields, _kinds(cls),
+                                         field_checkers(cls, message=Message), depth,
+                                         MAX_DEPTH)
+                    if values is not None:
+                        return cls(**values)
+                return _construct(name, dict(zip(
                     fields, self.items(list(fields.values()), depth), strict=True)))
         raise MessageError("malformed message body")
 
@@ -299,6 +318,13 @@ class _Reader:
             else:
                 out[key] = value if kind in _JSON_SCALARS else self.build(value, depth)
         return out
+
+
+def _kinds(cls: type) -> dict[str, str]:
+    kinds = _KIND_CACHE.get(cls)
+    if kinds is None:
+        kinds = _KIND_CACHE[cls] = field_kinds(field_hints(cls))
+    return kinds
 
 
 def _construct(name: Any, fields: dict[str, Any]) -> Message:
