@@ -23,13 +23,16 @@ from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Protocol
 
+import numpy as np
+
 __all__ = ["Reader", "body_text", "field_kinds", "read_fields"]
 
 Tree = Callable[[Any, list[Any], list[Any]], Any]
 
 # field kinds of the read path, by annotation
 _KINDS: dict[Any, str] = {bytes: "bytes", int: "int", str: "str", tuple[str, ...]: "ids",
-                          dict[str, bytes]: "blob_map", tuple[bytes, ...]: "blob_tuple"}
+                          dict[str, bytes]: "blob_map", tuple[bytes, ...]: "blob_tuple",
+                          np.ndarray: "array"}
 _NESTING = 3  # the read path nests at most this deep below a message (dict, pair, blob)
 
 
@@ -81,6 +84,8 @@ class Reader(Protocol):
 
     def blob_bytes(self, index: Any) -> bytes: ...
 
+    def array(self, index: Any) -> np.ndarray: ...
+
     def build(self, node: Any, depth: int) -> Any: ...
 
 
@@ -108,6 +113,10 @@ def read_fields(reader: Reader, fields: dict[str, Any], kinds: Mapping[str, str]
             if items is None or not all(type(v) is str for v in items):
                 return None
             values[name] = tuple(items)
+        elif kind == "array":
+            if not (type(node) is dict and len(node) == 1 and "$a" in node):
+                return None
+            values[name] = reader.array(node["$a"])
         elif kind == "blob_map":
             read = _blob_map(reader, node)
             if read is None:
