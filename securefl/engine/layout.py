@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Reader", "body_text", "field_kinds", "read_fields"]
+__all__ = ["Reader", "body_text", "field_kinds", "key_blobs", "read_fields", "str_to_bytes"]
 
 Tree = Callable[[Any, list[Any], list[Any]], Any]
 
@@ -33,12 +33,20 @@ Tree = Callable[[Any, list[Any], list[Any]], Any]
 _KINDS: dict[Any, str] = {bytes: "bytes", int: "int", str: "str", tuple[str, ...]: "ids",
                           dict[str, bytes]: "blob_map", tuple[bytes, ...]: "blob_tuple",
                           np.ndarray: "array"}
+_KIND_CACHE: dict[type, dict[str, str]] = {}
+_STR = frozenset((str,))
+_BYTES = frozenset((bytes,))
 _NESTING = 3  # the read path nests at most this deep below a message (dict, pair, blob)
 
 
-def field_kinds(hints: Mapping[str, Any]) -> dict[str, str]:
-    """``{field: kind}`` for the read path: a kind of ``_KINDS``, else ``"other"``."""
-    return {name: _KINDS.get(hint, "other") for name, hint in hints.items()}
+def field_kinds(cls: type, hints: Mapping[str, Any]) -> dict[str, str]:
+    """``{field: kind}`` of the message class ``cls`` with field annotations ``hints``, for
+    the read path: a kind of ``_KINDS``, else ``"other"`` (computed once per class)."""
+    kinds = _KIND_CACHE.get(cls)
+    if kinds is None:
+        kinds = _KIND_CACHE[cls] = {name: _KINDS.get(hint, "other")
+                                    for name, hint in hints.items()}
+    return kinds
 
 
 def body_text(msg: Any, names: tuple[str, ...], blobs: list[Any], arrays: list[Any], *,
@@ -60,11 +68,9 @@ def body_text(msg: Any, names: tuple[str, ...], blobs: list[Any], arrays: list[A
             text = int.__repr__(value)
         elif value is None:
             text = "null"
-        elif kind is dict and _all_str_to_bytes(value):
-            start = len(blobs)
+        elif kind is dict and str_to_bytes(value):
+            text = f'{{"$mb":[{",".join(map(_quote, value))}],"b":{len(blobs)}}}'
             blobs.extend(value.values())
-            text = '{"$m":[' + ",".join(
-                [f'[{_quote(key)},{{"$b":{start + i}}}]' for i, key in enumerate(value)]) + "]}"
         elif kind is tuple and all(type(v) is str for v in value):
             text = '{"$t":[' + ",".join(map(_quote, value)) + "]}"
         elif (fields := flat(value)) is not None:
@@ -75,14 +81,25 @@ def body_text(msg: Any, names: tuple[str, ...], blobs: list[Any], arrays: list[A
     return f'{{"$msg":{_quote(type(msg).__name__)},"f":{{{",".join(parts)}}}}}'
 
 
-def _all_str_to_bytes(value: dict[Any, Any]) -> bool:
-    return all(type(k) is str for k in value) and all(type(v) is bytes for v in value.values())
+def str_to_bytes(value: dict[Any, Any]) -> bool:
+    """Whether every key of ``value`` is a ``str`` and every value ``bytes`` (a ``$mb``)."""
+    return set(map(type, value)) <= _STR and set(map(type, value.values())) <= _BYTES
+
+
+def key_blobs(reader: Reader, node: dict[str, Any]) -> dict[str, bytes] | None:
+    """The dict of a ``{"$mb": [k, ...], "b": i}`` node (``None`` for any other shape)."""
+    keys = node.get("$mb")
+    if len(node) != 2 or type(keys) is not list or not set(map(type, keys)) <= _STR:
+        return None
+    return dict(zip(keys, reader.blob_run(node.get("b"), len(keys)), strict=True))
 
 
 class Reader(Protocol):
     """What :func:`read_fields` needs of the codec's frame reader."""
 
     def blob_bytes(self, index: Any) -> bytes: ...
+
+    def blob_run(self, first: Any, count: int) -> list[bytes]: ...
 
     def array(self, index: Any) -> np.ndarray: ...
 
@@ -118,7 +135,8 @@ def read_fields(reader: Reader, fields: dict[str, Any], kinds: Mapping[str, str]
                 return None
             values[name] = reader.array(node["$a"])
         elif kind == "blob_map":
-            read = _blob_map(reader, node)
+            read = (key_blobs(reader, node) if type(node) is dict and "$mb" in node
+                    else _blob_map(reader, node))
             if read is None:
                 return None
             values[name] = read

@@ -100,7 +100,10 @@ def test_the_direct_header_path_writes_and_reads_the_generic_frames(monkeypatch)
                       config={"lr": 0.5, "x": [1, None]},
                       protection=SecAggSetup(round=2, participants=ids))]
     bad_nodes = [None, 1, True, "x", [], {}, {"$b": 99}, {"$b": True}, {"$t": [1]},
-                 {"$m": [[1, {"$b": 0}]]}, {"$m": [["k", {"$b": 0}, 1]]}, {"$a": 0}]
+                 {"$m": [[1, {"$b": 0}]]}, {"$m": [["k", {"$b": 0}, 1]]}, {"$a": 0},
+                 {"$mb": ["k"], "b": 0}, {"$mb": ["k", "k"], "b": 0}, {"$mb": [1], "b": 0},
+                 {"$mb": ["k"], "b": 99}, {"$mb": ["k"], "b": True}, {"$mb": ["k"], "b": -1},
+                 {"$mb": "k", "b": 0}, {"$mb": ["k"]}, {"$mb": [], "b": 0, "x": 1}]
     frames = []
     for msg in samples:
         frame = encode(msg)
