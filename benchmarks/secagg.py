@@ -300,8 +300,9 @@ class CryptoFloor:
     self-mask key, ``k`` pairwise-mask keys, ``k`` share-channel key pairs and the shared
     randomness; the server one self-mask key per survivor), ``2 n k`` AES-256-GCM share
     bundles (sealed and opened), ``n^2 + 4 n`` SHA-256 commitments (every client opens all
-    ``n`` graph commitments) and ``n`` SHA-256 model digests of ``4 d`` bytes.  It is
-    reported beside the floor, never added to it.
+    ``n`` graph commitments) and ``n`` SHA-256 model digests of ``4 d`` bytes (each deployed
+    site hashes the model it received; the sites of one simulated process decode one broadcast
+    frame and hash it once).  It is reported beside the floor, never added to it.
 
     Each :meth:`sample` times every operation ``repeat`` times (the AES streams and model
     digests a twentieth as often), on both clocks at once; :meth:`report` takes the medians
