@@ -305,8 +305,9 @@ class CryptoFloor:
     frame and hash it once).  It is reported beside the floor, never added to it.
 
     Each :meth:`sample` times every operation ``repeat`` times (the AES streams and model
-    digests a twentieth as often), on both clocks at once; :meth:`report` takes the medians
-    over every sample so far.  ``bench_round`` samples between its rounds, so the floor and
+    digests a twentieth as often), on both clocks at once and after a few untimed calls that
+    bring its operands back into the caches; :meth:`report` takes the medians over every
+    sample so far.  ``bench_round`` samples between its rounds, so the floor and
     the round it is compared with are timed over the same minutes: a burst of other work on
     a shared machine then moves both, instead of only the one it happens to hit (timed once
     before or after the rounds, the floor alone moved by 25% between runs).  What is timed is
@@ -354,10 +355,14 @@ class CryptoFloor:
                              "sha256_commitment_s": n * n + 4 * n, "sha256_model_s": n}
 
     def sample(self, repeat: int) -> None:
-        """Time every operation ``repeat`` times (the d-sized ones ``repeat / 20``, >= 2)."""
+        """Time every operation ``repeat`` times (the d-sized ones ``repeat / 20``, >= 3),
+        each after a few untimed calls: between two rounds the operands have left the caches
+        (the 400 KB of a stream above all), and the floor is the warm, tight-loop cost."""
         for name, (operation, large) in (*self._ops.items(), *self._extra.items()):
             wall, cpu = self._wall[name], self._cpu[name]
-            for _ in range(max(2, repeat // 20) if large else repeat):
+            for _ in range(2 if large else 5):
+                operation()
+            for _ in range(max(3, repeat // 20) if large else repeat):
                 started, started_cpu = time.perf_counter(), time.thread_time()
                 operation()
                 cpu.append(time.thread_time() - started_cpu)
