@@ -252,10 +252,12 @@ class FixedTrainer:
 def engine_rounds(server_protection: ServerProtection,
                   client_protections: Mapping[str, ClientProtection], d: int, rounds: int,
                   *, wire: bool, cpu: list[float] | None = None,
-                  faults: list[int] | None = None) -> tuple[list[float], list[int]]:
+                  faults: list[int] | None = None,
+                  between: Callable[[], None] | None = None) -> tuple[list[float], list[int]]:
     """Wall seconds and contributors per round; ``cpu`` (if given) gets each round's CPU
     seconds in this thread (the in-process transport runs every client in it), ``faults``
-    each round's minor page faults (fresh memory the round touched)."""
+    each round's minor page faults (fresh memory the round touched); ``between`` (if given)
+    runs before every round and after the last, outside the timed rounds."""
     base = np.random.default_rng(2).normal(0, 0.05, d).astype(np.float32)
     clients = {c: Client(c, FixedTrainer(Update(base, float(1 + i % 50))), p)
                for i, (c, p) in enumerate(client_protections.items())}
@@ -266,6 +268,8 @@ def engine_rounds(server_protection: ServerProtection,
                     parameters=np.zeros(d, np.float32), seed=0)
     seconds, contributors = [], []
     for r in range(1, rounds + 1):
+        if between is not None:
+            between()
         started, faulted = time.thread_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         record = server.run_round(r)
         if cpu is not None:
@@ -274,12 +278,13 @@ def engine_rounds(server_protection: ServerProtection,
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
         seconds.append(record.seconds)
         contributors.append(len(record.clients))
+    if between is not None:
+        between()
     transport.close()
     return seconds, contributors
 
 
-def primitive_floor(n: int, d: int, k: int, repeat: int = 200,
-                    clock: Callable[[], float] = time.perf_counter) -> dict:
+class CryptoFloor:
     """What one round's cryptography costs on its own, from per-operation medians.
 
     A round with no dropout must run at least: ``2 n + n k + n t`` Ed25519 verifications
@@ -295,58 +300,91 @@ def primitive_floor(n: int, d: int, k: int, repeat: int = 200,
     self-mask key, ``k`` pairwise-mask keys, ``k`` share-channel key pairs and the shared
     randomness; the server one self-mask key per survivor), ``2 n k`` AES-256-GCM share
     bundles (sealed and opened), ``n^2 + 4 n`` SHA-256 commitments (every client opens all
-    ``n`` graph commitments) and ``n`` SHA-256 model digests of ``4 d`` bytes.  It is
-    reported beside the floor, never added to it.
+    ``n`` graph commitments) and ``n`` SHA-256 model digests of ``4 d`` bytes (each deployed
+    site hashes the model it received; the sites of one simulated process decode one broadcast
+    frame and hash it once).  It is reported beside the floor, never added to it.
+
+    Each :meth:`sample` times every operation ``repeat`` times (the AES streams and model
+    digests a twentieth as often), on both clocks at once and after a few untimed calls that
+    bring its operands back into the caches; :meth:`report` takes the medians over every
+    sample so far.  ``bench_round`` samples between its rounds, so the floor and
+    the round it is compared with are timed over the same minutes: a burst of other work on
+    a shared machine then moves both, instead of only the one it happens to hit (timed once
+    before or after the rounds, the floor alone moved by 25% between runs).  What is timed is
+    the same as before: the same operations, counted the same way.
     """
-    identity = Ed25519PrivateKey.generate()
-    public, message = identity.public_key().public_bytes_raw(), os.urandom(96)
-    signature = identity.sign(message)
-    mine, theirs = X25519PrivateKey.generate(), X25519PrivateKey.generate()
-    peer = theirs.public_key().public_bytes_raw()
-    zeros, buffer = bytes(4 * (d + 1)), bytearray(4 * (d + 1) + 15)
-    key = os.urandom(PRG_KEY_BYTES)
-    per_op = {
-        "ed25519_verify_s": median_seconds(
-            lambda: Ed25519PublicKey.from_public_bytes(public).verify(signature, message),
-            repeat, clock),
-        "ed25519_sign_s": median_seconds(lambda: identity.sign(message), repeat, clock),
-        "x25519_agree_s": median_seconds(
-            lambda: mine.exchange(X25519PublicKey.from_public_bytes(peer)), repeat, clock),
-        "x25519_keygen_s": median_seconds(
-            lambda: X25519PrivateKey.generate().public_key().public_bytes_raw(), repeat,
-            clock),
-        "aes128_ctr_stream_s": median_seconds(lambda: raw_ctr_stream(key, zeros, buffer),
-                                              max(5, repeat // 20), clock),
-    }
-    t = threshold_for(k, fraction=0.5)
-    counts = {"ed25519_verify_s": 2 * n + n * k + n * t, "ed25519_sign_s": 2 * n,
-              "x25519_agree_s": 2 * n * k, "x25519_keygen_s": 2 * n,
-              "aes128_ctr_stream_s": n * (k + 3)}
-    floor_s = sum(per_op[name] * c for name, c in counts.items())
-    # Not in the floor (the target keeps the definition above), reported so that the rest of
-    # the round can be told apart: the symmetric cryptography the protocol also runs.
-    aad, bundle = os.urandom(120), os.urandom(2 * shamir.SHARE_BYTES)
-    model = np.zeros(d, np.float32)
-    extra_op = {
-        "hkdf_sha256_s": median_seconds(lambda: derive_key(key * 2, aad, length=64), repeat,
-                                        clock),
-        "aes256_gcm_bundle_s": median_seconds(
-            lambda: AESGCM(key * 2).encrypt(bytes(12), bundle, aad), repeat, clock),
-        "sha256_commitment_s": median_seconds(
-            lambda: hashlib.sha256(aad + key * 2).digest(), repeat, clock),
-        "sha256_model_s": median_seconds(lambda: hashlib.sha256(model.data).digest(),
-                                         max(5, repeat // 20), clock),
-    }
-    extra_counts = {"hkdf_sha256_s": 2 * n * k + 3 * n + 1, "aes256_gcm_bundle_s": 2 * n * k,
-                    "sha256_commitment_s": n * n + 4 * n, "sha256_model_s": n}
-    extra_s = sum(extra_op[name] * c for name, c in extra_counts.items())
-    return {"k": k, "per_operation_s": per_op,
-            "operations": {name.removesuffix("_s"): c for name, c in counts.items()},
-            "floor_s": floor_s,
-            "not_in_floor": {"per_operation_s": extra_op,
-                             "operations": {name.removesuffix("_s"): c
-                                            for name, c in extra_counts.items()},
-                             "total_s": extra_s}}
+
+    def __init__(self, n: int, d: int, k: int) -> None:
+        self.n, self.d, self.k = n, d, k
+        identity = Ed25519PrivateKey.generate()
+        public, message = identity.public_key().public_bytes_raw(), os.urandom(96)
+        signature = identity.sign(message)
+        mine, theirs = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+        peer = theirs.public_key().public_bytes_raw()
+        zeros, buffer = bytes(4 * (d + 1)), bytearray(4 * (d + 1) + 15)
+        key = os.urandom(PRG_KEY_BYTES)
+        aad, bundle = os.urandom(120), os.urandom(2 * shamir.SHARE_BYTES)
+        model = np.zeros(d, np.float32)
+        # name -> (operation, True for the d-sized ones, timed a twentieth as often)
+        self._ops: dict[str, tuple[Callable[[], object], bool]] = {
+            "ed25519_verify_s": (
+                lambda: Ed25519PublicKey.from_public_bytes(public).verify(signature, message),
+                False),
+            "ed25519_sign_s": (lambda: identity.sign(message), False),
+            "x25519_agree_s": (
+                lambda: mine.exchange(X25519PublicKey.from_public_bytes(peer)), False),
+            "x25519_keygen_s": (
+                lambda: X25519PrivateKey.generate().public_key().public_bytes_raw(), False),
+            "aes128_ctr_stream_s": (lambda: raw_ctr_stream(key, zeros, buffer), True),
+        }
+        self._extra: dict[str, tuple[Callable[[], object], bool]] = {
+            "hkdf_sha256_s": (lambda: derive_key(key * 2, aad, length=64), False),
+            "aes256_gcm_bundle_s": (lambda: AESGCM(key * 2).encrypt(bytes(12), bundle, aad),
+                                    False),
+            "sha256_commitment_s": (lambda: hashlib.sha256(aad + key * 2).digest(), False),
+            "sha256_model_s": (lambda: hashlib.sha256(model.data).digest(), True),
+        }
+        self._wall: dict[str, list[float]] = {name: [] for name in (*self._ops, *self._extra)}
+        self._cpu: dict[str, list[float]] = {name: [] for name in self._wall}
+        t = threshold_for(k, fraction=0.5)
+        self.counts = {"ed25519_verify_s": 2 * n + n * k + n * t, "ed25519_sign_s": 2 * n,
+                       "x25519_agree_s": 2 * n * k, "x25519_keygen_s": 2 * n,
+                       "aes128_ctr_stream_s": n * (k + 3)}
+        self.extra_counts = {"hkdf_sha256_s": 2 * n * k + 3 * n + 1,
+                             "aes256_gcm_bundle_s": 2 * n * k,
+                             "sha256_commitment_s": n * n + 4 * n, "sha256_model_s": n}
+
+    def sample(self, repeat: int) -> None:
+        """Time every operation ``repeat`` times (the d-sized ones ``repeat / 20``, >= 3),
+        each after a few untimed calls: between two rounds the operands have left the caches
+        (the 400 KB of a stream above all), and the floor is the warm, tight-loop cost."""
+        for name, (operation, large) in (*self._ops.items(), *self._extra.items()):
+            wall, cpu = self._wall[name], self._cpu[name]
+            for _ in range(2 if large else 5):
+                operation()
+            for _ in range(max(3, repeat // 20) if large else repeat):
+                started, started_cpu = time.perf_counter(), time.thread_time()
+                operation()
+                cpu.append(time.thread_time() - started_cpu)
+                wall.append(time.perf_counter() - started)
+
+    def report(self, *, cpu: bool = False) -> dict:
+        """The floor from the medians of every sample (``cpu``: of the thread's CPU time)."""
+        samples = self._cpu if cpu else self._wall
+        per_op = {name: statistics.median(samples[name]) for name in self._ops}
+        extra_op = {name: statistics.median(samples[name]) for name in self._extra}
+        floor_s = sum(per_op[name] * c for name, c in self.counts.items())
+        # Not in the floor (the target keeps the definition above), reported so that the rest
+        # of the round can be told apart: the symmetric cryptography the protocol also runs.
+        extra_s = sum(extra_op[name] * c for name, c in self.extra_counts.items())
+        return {"k": self.k, "per_operation_s": per_op,
+                "operations": {name.removesuffix("_s"): c for name, c in self.counts.items()},
+                "samples_per_operation": {name: len(samples[name]) for name in self._ops},
+                "floor_s": floor_s,
+                "not_in_floor": {"per_operation_s": extra_op,
+                                 "operations": {name.removesuffix("_s"): c
+                                                for name, c in self.extra_counts.items()},
+                                 "total_s": extra_s}}
 
 
 def malicious_server_checks(n: int, k: int, repeat: int = 20) -> dict:
@@ -399,12 +437,15 @@ def bench_round(n: int, d: int, rounds: int, neighbours: int | str = "auto") -> 
     load = os.getloadavg()[0]
     secure_cpu: list[float] = []
     faults: list[int] = []
-    secure_s, contributors = engine_rounds(server, clients, d, rounds, wire=True,
-                                           cpu=secure_cpu, faults=faults)
-    plain_median, secure_median = statistics.median(plain_s), statistics.median(secure_s)
     k = degree(n, neighbours=neighbours)
-    floor = primitive_floor(n, d, k)
-    floor_cpu = primitive_floor(n, d, k, clock=time.thread_time)["floor_s"]
+    sampler = CryptoFloor(n, d, k)  # timed between the rounds (CryptoFloor's docstring)
+    slice_repeat = -(-200 // (rounds + 1))
+    secure_s, contributors = engine_rounds(server, clients, d, rounds, wire=True,
+                                           cpu=secure_cpu, faults=faults,
+                                           between=lambda: sampler.sample(slice_repeat))
+    plain_median, secure_median = statistics.median(plain_s), statistics.median(secure_s)
+    floor = sampler.report()
+    floor_cpu = sampler.report(cpu=True)["floor_s"]
     checks = malicious_server_checks(n, k)
     added = checks["round_total_s"] / (secure_median - checks["round_total_s"])
     return {"n": n, "d": d, "neighbours": neighbours, "wire": True,

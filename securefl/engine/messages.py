@@ -11,10 +11,11 @@ Frame layout (all integers little-endian)::
 The JSON header names the message type and describes its fields as a tree in which
 ``{"$b": i}`` is blob ``i`` (raw bytes), ``{"$a": i}`` is an array whose dtype and shape sit
 in ``header["arrays"][i]`` and whose bytes are a blob, ``{"$t": [...]}`` a tuple,
-``{"$m": [[k, v], ...]}`` a dict (keys ``int`` or ``str``) and ``{"$msg": name, "f": {...}}``
-a nested message.  Decoding never executes code: arrays are rebuilt with
-:func:`numpy.frombuffer` from a whitelist of dtypes (no object dtype, no pickle), and every
-decoded field is checked against the dataclass annotations before the object is built.
+``{"$m": [[k, v], ...]}`` a dict (keys ``int`` or ``str``), ``{"$mb": [k, ...], "b": i}`` a
+dict of ``str`` keys to the blobs ``i, i + 1, ...`` (version 2; version 1 lacks only it) and
+``{"$msg": name, "f": {...}}`` a nested message.  Decoding never executes code: arrays are
+rebuilt with :func:`numpy.frombuffer` from a whitelist of dtypes (no object dtype, no
+pickle), and every decoded field is checked against the dataclass annotations first.
 
 Decoding a frame from another party raises :class:`~securefl.errors.MessageError` and nothing
 else: the header is at most ``max_header_bytes`` (default :data:`MAX_HEADER_BYTES`, 1 MiB),
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from securefl.engine.fields import field_checkers, field_hints, field_names
+from securefl.engine.layout import body_text, field_kinds, key_blobs, read_fields, str_to_bytes
 from securefl.errors import MessageError
 
 __all__ = [
@@ -56,7 +58,8 @@ __all__ = [
     "registered",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+_READABLE = frozenset((1, WIRE_VERSION))  # version 1: the same frames without ``$mb`` nodes
 DEFAULT_MAX_BYTES = 1 << 31
 MAX_HEADER_BYTES = 1 << 20
 MAX_DEPTH = 32
@@ -108,12 +111,21 @@ def encode(msg: Message) -> bytes:
     """Serialize a registered message into one self-describing frame."""
     blobs: list[bytes | memoryview] = []
     arrays: list[dict[str, Any]] = []
-    body = _tree(msg, blobs, arrays)
-    if not isinstance(body, dict) or "$msg" not in body:
+    names = _registered_fields(msg)
+    if names is None:
         raise MessageError("only registered messages can be encoded")
-    sizes = [len(b) if isinstance(b, bytes) else b.nbytes for b in blobs]
-    header = _HEADER.encode({"body": body, "arrays": arrays, "blobs": sizes}).encode()
+    body = body_text(msg, names, blobs, arrays, tree=_tree, dumps=_HEADER.encode,
+                     flat=_registered_fields)
+    sizes = ",".join([str(len(b) if isinstance(b, bytes) else b.nbytes) for b in blobs])
+    header = f'{{"body":{body},"arrays":{_HEADER.encode(arrays)},"blobs":[{sizes}]}}'.encode()
     return b"".join([_PREFIX.pack(_MAGIC, WIRE_VERSION, len(header)), header, *blobs])
+
+
+def _registered_fields(value: Any) -> tuple[str, ...] | None:
+    """The wire fields of ``value`` if the generic tree writes it as a message, else None."""
+    if isinstance(value, Message) and type(value).__name__ in _REGISTRY:
+        return field_names(type(value))
+    return None
 
 
 def _tree(value: Any, blobs: list[bytes | memoryview], arrays: list[dict[str, Any]]) -> Any:
@@ -141,6 +153,10 @@ def _tree(value: Any, blobs: list[bytes | memoryview], arrays: list[dict[str, An
     if isinstance(value, list):
         return [_tree(v, blobs, arrays) for v in value]
     if isinstance(value, dict):
+        if str_to_bytes(value):  # ids to blobs, the shape of most protocol dicts
+            start = len(blobs)
+            blobs.extend(value.values())
+            return {"$mb": list(value), "b": start}
         for key in value:
             if type(key) is not str and (not isinstance(key, int | str)
                                          or isinstance(key, bool)):
@@ -182,7 +198,7 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
     magic, version, header_len = _PREFIX.unpack_from(view)
     if magic != _MAGIC:
         raise MessageError("not a securefl message")
-    if version != WIRE_VERSION:
+    if version not in _READABLE:
         raise MessageError(f"unsupported wire version {version}, expected {WIRE_VERSION}")
     if header_len > max_header_bytes:
         raise MessageError(f"message header of {header_len} bytes exceeds the limit of "
@@ -237,6 +253,14 @@ class _Reader:
             return self.whole[self.offsets[index]:self.offsets[index + 1]]
         return bytes(self.view[self.offsets[index]:self.offsets[index + 1]])
 
+    def blob_run(self, first: Any, count: int) -> list[bytes]:
+        """Blobs ``first .. first + count - 1`` as ``bytes``."""
+        if type(first) is not int or not 0 <= first <= first + count <= self.count:
+            raise MessageError("message refers to a missing blob")
+        spans = itertools.pairwise(self.offsets[first:first + count + 1])
+        source = self.whole if self.whole is not None else self.view
+        return [bytes(source[start:stop]) for start, stop in spans]
+
     def array(self, index: Any) -> np.ndarray:
         if not isinstance(index, int) or not 0 <= index < len(self.arrays):
             raise MessageError("message refers to a missing array")
@@ -280,9 +304,18 @@ class _Reader:
                 return tuple(self.items(node["$t"], depth))
             if "$m" in node and type(node["$m"]) is list:
                 return self.entries(node["$m"], depth)
+            if "$mb" in node and (table := key_blobs(self, node)) is not None:
+                return table
             if "$msg" in node and type(node.get("f")) is dict:
-                fields = node["f"]
-                return _construct(node["$msg"], dict(zip(
+                fields, name = node["f"], node["$msg"]
+                cls = _REGISTRY.get(name) if type(name) is str else None
+                if cls is not None and fields.keys() == field_hints(cls).keys():
+                    values = read_fields(self, fields, field_kinds(cls, field_hints(cls)),
+                                         field_checkers(cls, message=Message), depth,
+                                         MAX_DEPTH)
+                    if values is not None:
+                        return cls(**values)
+                return _construct(name, dict(zip(
                     fields, self.items(list(fields.values()), depth), strict=True)))
         raise MessageError("malformed message body")
 
@@ -319,11 +352,9 @@ def _construct(name: Any, fields: dict[str, Any]) -> Message:
 # ----------------------------------------------------------------------------- engine messages
 @message
 class FitIns(Message):
-    """Server -> client: train from ``parameters``; ``protection`` opens the protection's round.
-
-    ``run`` is the run id (:data:`securefl.engine.session.RUN_ID_BYTES` bytes) that a site
-    pins in its :class:`~securefl.engine.session.ReleaseLog`.
-    """
+    """Server -> client: train from ``parameters``; ``protection`` opens the protection's round;
+    ``run``: the run id (:data:`~securefl.engine.session.RUN_ID_BYTES` bytes) a site pins in
+    its :class:`~securefl.engine.session.ReleaseLog`."""
 
     run: bytes
     round: int

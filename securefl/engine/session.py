@@ -45,12 +45,55 @@ CREATE TABLE IF NOT EXISTS current (run BLOB PRIMARY KEY, round INTEGER NOT NULL
 CREATE TABLE IF NOT EXISTS releases (run BLOB NOT NULL, model BLOB NOT NULL,
                                      survivors TEXT NOT NULL, PRIMARY KEY (run, model));
 """
+_CURRENT = "SELECT round, model FROM current WHERE run = ?"
+_START = ("SELECT p.run, c.round, c.model FROM run AS p LEFT JOIN current AS c ON c.run = ? "
+          "WHERE p.id = 0")
+# the round in progress of a run, and the survivor set released for (run, model) if any
+_RELEASE = ("SELECT c.round, c.model, r.survivors FROM current AS c LEFT JOIN releases AS r "
+            "ON r.run = c.run AND r.model = ? WHERE c.run = ?")
 
 
 def model_digest(parameters: np.ndarray) -> bytes:
-    """``SHA-256(float32 little-endian bytes of the global parameters)``."""
+    """``SHA-256(float32 little-endian bytes of the global parameters)``.
+
+    A model read from an immutable ``bytes`` frame (what the codec's decoder returns: a
+    read-only view into the frame) is hashed once per frame and region: sites that share a
+    process (a simulation) receive one broadcast ``FitIns`` frame, and each would hash the
+    same immutable bytes again.  The digest is still exactly that of the bytes each site
+    received; a site in its own process (a deployment) hashes every frame it gets.
+    """
     flat = np.ascontiguousarray(parameters, dtype="<f4")
-    return hashlib.sha256(flat.data.cast("B")).digest()
+    frame = _frame_of(flat)
+    key = None
+    if frame is not None:
+        key = (flat.__array_interface__["data"][0], flat.nbytes)
+        held = _LAST_DIGEST
+        if held is not None and held[0] is frame and held[1] == key:
+            return held[2]
+    digest = hashlib.sha256(flat.data.cast("B")).digest()
+    if frame is not None and key is not None:
+        _remember(frame, key, digest)
+    return digest
+
+
+# (frame, (address, length), digest) of the last model hashed from an immutable frame; the
+# frame is held, so its identity and address cannot be reused while it is remembered
+_LAST_DIGEST: tuple[bytes, tuple[int, int], bytes] | None = None
+
+
+def _remember(frame: bytes, key: tuple[int, int], digest: bytes) -> None:
+    global _LAST_DIGEST
+    _LAST_DIGEST = (frame, key, digest)
+
+
+def _frame_of(array: np.ndarray) -> bytes | None:
+    """The ``bytes`` object whose memory ``array`` views (read-only), or None."""
+    base = array.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview) and base.readonly and type(base.obj) is bytes:
+        return base.obj
+    return None
 
 
 class ReleaseLog:
@@ -67,25 +110,27 @@ class ReleaseLog:
         self._lock = threading.Lock()
         self._new_run = new_run
 
-    def _pin(self, run: bytes) -> None:
+    def _pin(self, run: bytes, pinned: bytes | None) -> None:
+        """Pin ``run`` (``pinned``: the run already pinned, if any)."""
         if len(run) != RUN_ID_BYTES:
             raise ProtocolAbort.because(f"run id of {len(run)} bytes, expected {RUN_ID_BYTES}")
-        row = self._db.execute("SELECT run FROM run WHERE id = 0").fetchone()
-        if row is not None and bytes(row[0]) == run:
+        if pinned == run:
             return
-        if row is not None and not self._new_run:
+        if pinned is not None and not self._new_run:
             raise ProtocolAbort.because(
                 f"the server announced run {run.hex()[:16]}, but this site is in run "
-                f"{bytes(row[0]).hex()[:16]}; start the site for a new run to join it")
+                f"{pinned.hex()[:16]}; start the site for a new run to join it")
         self._db.execute("INSERT OR REPLACE INTO run (id, run) VALUES (0, ?)", (run,))
         self._new_run = False
 
     def start(self, *, run: bytes, round: int, model: bytes) -> bool:
         """Enter ``round`` of ``run`` training from ``model``; True for an identical repeat."""
         with self._lock:
-            self._pin(run)
-            row = self._db.execute("SELECT round, model FROM current WHERE run = ?",
-                                   (run,)).fetchone()
+            # one query: the pinned run and this run's round in progress (if any)
+            state = self._db.execute(_START, (run,)).fetchone()
+            pinned = None if state is None else bytes(state[0])
+            self._pin(run, pinned)
+            row = None if state is None or state[1] is None else state[1:]
             if row is not None:
                 last, last_model = int(row[0]), bytes(row[1])
                 if round == last and model == last_model:
@@ -105,8 +150,7 @@ class ReleaseLog:
 
     def current(self, run: bytes) -> tuple[int, bytes] | None:
         """The round in progress of ``run`` and the model it trains from, if any."""
-        row = self._db.execute("SELECT round, model FROM current WHERE run = ?",
-                               (run,)).fetchone()
+        row = self._db.execute(_CURRENT, (run,)).fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
     def release(self, *, run: bytes, round: int, model: bytes,
@@ -114,18 +158,18 @@ class ReleaseLog:
         """Allow one reveal for ``survivors``, or raise :class:`ProtocolAbort`."""
         chosen = json.dumps(sorted(set(survivors)))
         with self._lock:
-            if self.current(run) != (round, model):
+            # one query reads both rules' state: the round in progress and the one release
+            row = self._db.execute(_RELEASE, (model, run)).fetchone()
+            if row is None or (int(row[0]), bytes(row[1])) != (round, model):
                 raise ProtocolAbort.because(f"reveal for round {round}, which this site has "
                                             "left or never started")
-            row = self._db.execute("SELECT survivors FROM releases WHERE run = ? AND model = ?",
-                                   (run, model)).fetchone()
-            if row is None:
+            if row[2] is None:
                 self._db.execute("INSERT INTO releases (run, model, survivors) VALUES (?, ?, ?)",
                                  (run, model, chosen))
-            elif row[0] != chosen:
+            elif row[2] != chosen:
                 raise ProtocolAbort.because(
                     f"round {round}: a reveal for survivors {chosen} of a model already "
-                    f"revealed for survivors {row[0]}")
+                    f"revealed for survivors {row[2]}")
 
     def released(self, *, run: bytes, model: bytes) -> frozenset[str] | None:
         """The one survivor set revealed for ``(run, model)``, if any."""

@@ -10,6 +10,7 @@ reveal), so every client recomputes its own neighbourhood and aborts on a mismat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -60,7 +61,16 @@ def graph_seed(context: bytes, reveals: Mapping[str, bytes]) -> bytes:
 
 def ring(client_ids: Sequence[str], seed: bytes) -> list[str]:
     """The ids ordered by ``SHA-256(seed || id)``: a uniformly random relabelling."""
-    return sorted(client_ids, key=lambda cid: hashlib.sha256(seed + cid.encode()).digest())
+    return list(_ring(tuple(client_ids), seed))
+
+
+# Public values only (the round's ids and graph seed), so the order is kept for a few
+# rounds: every party of a round (each client checking its neighbourhood, the server
+# building the graph) orders the same ids by the same seed.
+@functools.lru_cache(maxsize=16)
+def _ring(client_ids: tuple[str, ...], seed: bytes) -> tuple[str, ...]:
+    return tuple(sorted(client_ids,
+                        key=lambda cid: hashlib.sha256(seed + cid.encode()).digest()))
 
 
 def _offsets(n: int, k: int) -> list[int]:

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from securefl.errors import ProtocolAbort
-from securefl.secagg.prg import derive_key, info_with_prefix, prg_key
+from securefl.secagg.prg import derive_key, encoded_id, info_with_prefix, prg_key
 from securefl.secagg.scope import Scope
 
 __all__ = [
@@ -106,8 +106,10 @@ def commitment(scope: Scope, label: str, client_id: str, value: bytes) -> bytes:
 
 def opens(scope: Scope, label: str, values: Mapping[str, bytes],
           commitments: Mapping[str, bytes]) -> bool:
-    """Whether every ``values[u]`` opens ``commitments[u]`` (:func:`commitment`)."""
-    return all(commitment(scope, label, u, value) == commitments[u]
+    """Whether every ``values[u]`` opens ``commitments[u]`` (:func:`commitment`; each client
+    opens all ``n`` of a round, so the shared ``info(label)`` prefix is built once)."""
+    prefix, sha256 = scope.info(label), hashlib.sha256
+    return all(sha256(prefix + encoded_id(u) + value).digest() == commitments[u]
                for u, value in values.items())
 
 

@@ -48,10 +48,11 @@ __all__ = [
 
 PROTOCOL_LABEL = b"securefl/secagg/v3/"
 #: the format of what SecAgg+ parties exchange (share encoding: nine 30-bit limbs over
-#: GF(2^31 - 1); one 64-byte HKDF per pair for both share-bundle keys).  It is part of the
+#: GF(2^31 - 1); one 64-byte HKDF per pair for both share-bundle keys; the tables of ids to
+#: bytes as the codec's ``$mb`` nodes, frames of version 2).  It is part of the
 #: hello check's manifest, so parties of two formats refuse each other before round 1,
 #: naming the difference, instead of aborting in the middle of a round.
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 PRG_KEY_BYTES = 16
 _ZERO_BLOCK = bytes(16)
 _SHA256 = hashes.SHA256()

@@ -363,10 +363,11 @@ class SecAggServerRound:
             if bad is not None:
                 self._reject(holder, f"malformed share of {bad!r}; its shares are unused")
         masks = []
+        advertised = scope.with_graph(b"")  # the seed commitments predate the graph
         for owner in survivors:
             seed = reconstruct(owner, seed_points[owner], threshold=self._threshold,
                                round=self._round)
-            if commitment(scope.with_graph(b""), "seed", owner,
+            if commitment(advertised, "seed", owner,
                           seed) != self._adverts[owner].seed_commitment:
                 raise ProtocolAbort.because(
                     f"round {self._round}: reconstructed seed of {owner!r} does not match its "

@@ -1,13 +1,27 @@
 """The SecAgg messages through the wire codec leave nothing for the garbage collector: a sent
-masked input is freed as soon as its frame exists (no reference cycle keeps it alive)."""
+masked input is freed as soon as its frame exists (no reference cycle keeps it alive); the
+header's direct path writes the generic frames and reads them (malformed ones included) as the
+generic path does; a model decoded from a frame is hashed exactly as received."""
 
 import gc
+import hashlib
+import json
+import struct
 import sys
 
 import numpy as np
 
-from securefl.engine.messages import decode, encode
-from securefl.secagg.messages import SecAggMaskedInput, SecAggShares, SecAggUnmaskRequest
+from securefl.engine import messages
+from securefl.engine.messages import EvaluateIns, FitIns, decode, encode
+from securefl.engine.session import model_digest
+from securefl.errors import MessageError
+from securefl.secagg.messages import (
+    SecAggMaskedInput,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmaskReply,
+    SecAggUnmaskRequest,
+)
 
 
 def test_encoding_a_masked_input_keeps_no_reference_to_it():
@@ -35,3 +49,76 @@ def test_encode_and_decode_create_no_cyclic_garbage():
     finally:
         if enabled:
             gc.enable()
+
+
+def test_a_model_read_from_a_frame_is_hashed_as_received():
+    """``model_digest`` hashes a broadcast frame's model once, and only that frame's bytes:
+    every site of a simulation gets SHA-256 of exactly what it decoded."""
+    first = np.linspace(-1, 1, 1000, dtype=np.float32)
+    second = first.copy()
+    second[500] += 1e-3
+    digests = []
+    for model in (first, first, second, first):
+        frame = encode(EvaluateIns(round=1, parameters=model))
+        for _ in range(3):  # three sites decode the same frame
+            received = decode(frame, expect=EvaluateIns).parameters
+            digests.append(model_digest(received))
+        assert digests[-1] == hashlib.sha256(model.astype("<f4").tobytes()).digest()
+    assert len(set(digests[:6])) == 1 and len(set(digests[6:9])) == 1
+    assert digests[6] != digests[0] and digests[9] == digests[0]
+    writable = first.copy()
+    before = model_digest(writable)
+    writable[0] = 7.0  # a model the site can change is hashed every time
+    assert model_digest(writable) != before
+
+
+def _generic_frame(msg) -> bytes:
+    """The frame as the generic tree and JSON encoder write it."""
+    blobs, arrays = [], []
+    body = messages._tree(msg, blobs, arrays)
+    sizes = [len(b) if isinstance(b, bytes) else b.nbytes for b in blobs]
+    header = messages._HEADER.encode({"body": body, "arrays": arrays, "blobs": sizes}).encode()
+    return struct.pack("<4sHI", b"SFLM", messages.WIRE_VERSION, len(header)) + header + b"".join(
+        bytes(b) for b in blobs)
+
+
+def _outcome(frame: bytes) -> tuple[str, object]:
+    try:
+        return "ok", encode(decode(frame))
+    except MessageError as exc:
+        return "error", str(exc)
+
+
+def test_the_direct_header_path_writes_and_reads_the_generic_frames(monkeypatch):
+    ids = ("c0001", "c0002", "é\n")
+    samples = [SecAggShares(ciphertexts={c: bytes([i]) * 76 for i, c in enumerate(ids)}),
+               SecAggUnmaskRequest(signatures={}),
+               SecAggSetup(round=7, participants=ids),
+               SecAggUnmaskReply(seed_shares={"c0001": b"s"}, key_shares={"c0002": b""},
+                                 withheld=("c0003",), excess=(bytes(32),)),
+               FitIns(run=bytes(32), round=2, parameters=np.arange(5, dtype=np.float32),
+                      config={"lr": 0.5, "x": [1, None]},
+                      protection=SecAggSetup(round=2, participants=ids))]
+    bad_nodes = [None, 1, True, "x", [], {}, {"$b": 99}, {"$b": True}, {"$t": [1]},
+                 {"$m": [[1, {"$b": 0}]]}, {"$m": [["k", {"$b": 0}, 1]]}, {"$a": 0},
+                 {"$mb": ["k"], "b": 0}, {"$mb": ["k", "k"], "b": 0}, {"$mb": [1], "b": 0},
+                 {"$mb": ["k"], "b": 99}, {"$mb": ["k"], "b": True}, {"$mb": ["k"], "b": -1},
+                 {"$mb": "k", "b": 0}, {"$mb": ["k"]}, {"$mb": [], "b": 0, "x": 1}]
+    frames = []
+    for msg in samples:
+        frame = encode(msg)
+        assert frame == _generic_frame(msg)
+        frames.append(frame)
+        _, _, size = struct.unpack_from("<4sHI", frame)
+        header, tail = json.loads(frame[10:10 + size]), frame[10 + size:]
+        for field in header["body"]["f"]:
+            for node in bad_nodes:  # each field replaced by each malformed node
+                bad = json.loads(json.dumps(header))
+                bad["body"]["f"][field] = node
+                raw = json.dumps(bad, separators=(",", ":")).encode()
+                frames.append(struct.pack("<4sHI", b"SFLM", 1, len(raw)) + raw + tail)
+    direct = [_outcome(frame) for frame in frames]
+    monkeypatch.setattr(messages, "read_fields", lambda *args, **kwargs: None)
+    generic = [_outcome(frame) for frame in frames]
+    assert direct == generic
+    assert sum(kind == "error" for kind, _ in direct) > len(frames) // 2
