@@ -137,7 +137,7 @@ def server_costs(d: int, thresholds: tuple[int, ...] = (16, 21, 26, 31), repeat:
     here to extrapolate a round to 10^4-10^6 sites: an Ed25519 verification, a Shamir
     reconstruction from ``t`` shares, one AES-128-CTR mask stream of ``d + 1`` words added
     into the sum, and adding one masked input into the sum."""
-    from secagg import median_seconds
+    from secagg_floor import median_seconds
 
     from securefl.secagg import shamir
     from securefl.secagg.keys import generate_identity, identity_public_bytes, sign, verify
