@@ -15,6 +15,7 @@ SCRIPT = Path(__file__).parents[2] / "benchmarks" / "distributed_dp.py"
 def load_benchmark(monkeypatch):
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(name, "1")  # the script's setdefault, undone after the test
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run: its own folder first
     spec = importlib.util.spec_from_file_location("distributed_dp_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
