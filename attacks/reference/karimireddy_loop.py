@@ -176,8 +176,9 @@ def capture(rows: torch.Tensor, *, honest: int, f: int) -> dict[str, object]:
     * distances: honest rows' pairwise squared distances (mean, min), honest-to-byzantine
       (mean, min), byzantine among themselves (max), the honest rows' mean norm and the
       norm of their mean (the component they share);
-    * Krum: the least honest and the least byzantine score (their quartic score) and the
-      chosen row;
+    * Krum (their quartic score): the least score of the rows at the byzantine point ``b``
+      (the byzantine rows, and under mimic the copied honest row) and of the other rows, and
+      which the rule returns;
     * geometric median: for the byzantine point ``b`` held by ``k`` identical rows,
       ``S = ||sum_{x_i != b} (x_i - b) / ||x_i - b|| ||``; ``b`` is the exact geometric
       median iff ``S <= k`` (the subgradient condition at a point of mass ``k``);
@@ -192,6 +193,7 @@ def capture(rows: torch.Tensor, *, honest: int, f: int) -> dict[str, object]:
     scores = krum_scores(rows, f=f)
     b = bad[0]
     same = (rows - b).norm(dim=1) <= 1e-9 * max(float(b.norm()), 1e-30)
+    chosen = int(torch.argmin(scores))
     others = rows[~same] - b
     s_value = float((others / others.norm(dim=1, keepdim=True)).sum(0).norm())
     z, weights = weiszfeld(rows.float())
@@ -200,9 +202,10 @@ def capture(rows: torch.Tensor, *, honest: int, f: int) -> dict[str, object]:
             "byz_sq_dist_max": float(dist[honest:, honest:].max()),
             "honest_norm_mean": float(good.norm(dim=1).mean()),
             "honest_mean_norm": float(good.mean(0).norm()), "byz_norm": float(b.norm()),
-            "krum_best_honest": float(scores[:honest].min()),
-            "krum_best_byz": float(scores[honest:].min()),
-            "krum_choice": "byzantine" if int(torch.argmin(scores)) >= honest else "honest",
+            "krum_best_at_b": float(scores[same].min()),
+            "krum_best_other": float(scores[~same].min()),
+            "krum_choice": "b" if bool(same[chosen]) else
+            ("honest" if chosen < honest else "byzantine"),
             "gm_rows_at_b": int(same.sum()), "gm_S": round(s_value, 3),
             "gm_b_is_median": bool(s_value <= int(same.sum())),
             "rfa_byz_weight": round(float(weights[same].sum()), 4),

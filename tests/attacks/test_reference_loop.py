@@ -78,8 +78,8 @@ def test_capture_of_the_identical_ipm_rows() -> None:
     Krum's choice (4 zero distances among their 18 nearest) and the exact geometric median
     (S, the norm of the sum of the unit vectors from them to the 20 others, is under 5)."""
     report = _loop().capture(_rows("ipm"), honest=20, f=5)
-    assert report["krum_choice"] == "byzantine"
-    assert report["krum_best_byz"] < 0.5 * report["krum_best_honest"]
+    assert report["krum_choice"] == "b"
+    assert report["krum_best_at_b"] < 0.5 * report["krum_best_other"]
     assert report["gm_rows_at_b"] == 5
     assert report["gm_S"] == pytest.approx(4.83, abs=0.05)  # sqrt(20) = 4.47 if orthogonal
     assert report["gm_b_is_median"] is True
@@ -91,5 +91,6 @@ def test_capture_of_the_mimic_rows_is_not_the_median() -> None:
     19 share b's component (cosines about 1/2), S about 13.6 > 6: b is not the median."""
     report = _loop().capture(_rows("mimic"), honest=20, f=5)
     assert report["gm_rows_at_b"] == 6
+    assert report["krum_choice"] == "b"  # 5 zero distances among its 18 nearest
     assert report["gm_S"] == pytest.approx(13.6, abs=0.3)
     assert report["gm_b_is_median"] is False
