@@ -66,12 +66,15 @@ class CNN(nn.Module):
 
 
 class MnistNet(nn.Module):
-    """The MNIST network of the PyTorch examples, the model of Karimireddy, He & Jaggi's code
-    (ICLR 2022, ``Net`` of their ``codes/tasks/mnist.py``): ``Conv(1->32, 3x3) -> ReLU ->
-    Conv(32->64, 3x3) -> ReLU -> MaxPool(2) -> Linear(9216->128) -> ReLU -> Linear(128->10)``
-    on 28x28 inputs, 1.2 M parameters.  The inputs are first normalised as their MNIST
-    transform does, ``(x - 0.1307) / 0.3081``.  The two dropout layers of the example are
-    left out: torch's dropout draws from the global RNG, which securefl never uses.
+    """The MNIST network of the PyTorch examples, as in Karimireddy, He & Jaggi's code (ICLR
+    2022): ``Conv(1->32, 3x3) -> ReLU -> Conv(32->64, 3x3) -> ReLU -> MaxPool(2) ->
+    Linear(9216->128) -> ReLU -> Linear(128->10)`` on 28x28 inputs, 1.2 M parameters.  The
+    inputs are first normalised as their MNIST transform does, ``(x - 0.1307) / 0.3081``.
+    Two differences from their ``Net`` (``codes/tasks/mnist.py``): theirs has no ReLU after
+    the second convolution, and it has the example's two dropout layers (``Dropout2d(0.25)``
+    after the pooling, ``Dropout2d(0.5)`` after the hidden layer), left out here because
+    torch's dropout draws from the global RNG, which securefl never uses
+    (``attacks/reference/karimireddy_loop.py --model cnn`` runs theirs, with its dropout).
     """
 
     MEAN, STD = 0.1307, 0.3081

@@ -18,6 +18,16 @@ def weiszfeld_coefficients(gram: np.ndarray, alpha: np.ndarray, *, smoothing: fl
     (:func:`affine_sq_norms`) and each iteration costs ``O(n^2)``, not ``O(n d)``.  Starts at
     the weighted medoid (the row with the least objective) and stops when a step moves ``z``
     by at most ``tolerance`` times the median distance from ``z`` to the rows.
+
+    Rows within ``smoothing`` of ``z`` count as *at* ``z`` (weight ``eta``), and the step is
+    Vardi & Zhang's ("The multivariate L1-median and associated data depth", PNAS 2000):
+    with ``beta_i = alpha_i / ||x_i - z||`` over the other rows, ``T = sum beta_i x_i / sum
+    beta_i`` and ``r = ||sum beta_i (x_i - z)||``, ``z <- (1 - min(1, eta / r)) T + min(1,
+    eta / r) z``.  So ``z`` stays at a point holding rows exactly when ``r <= eta``, the
+    first-order condition of the median at a point of mass ``eta``; the plain step, which
+    gives those rows ``alpha_i / smoothing``, would stay at the medoid, or at any point held
+    by several identical rows, whether or not it is the median.  Without rows at ``z`` it
+    is the plain Weiszfeld step.
     """
     alpha = alpha / alpha.sum()
     norms = np.diag(gram)
@@ -26,9 +36,19 @@ def weiszfeld_coefficients(gram: np.ndarray, alpha: np.ndarray, *, smoothing: fl
     coefficients[np.argmin(distances @ alpha)] = 1.0
     for _ in range(max_iterations):
         gaps = np.sqrt(affine_sq_norms(gram, coefficients))
-        beta = alpha / np.maximum(gaps, smoothing)
-        step = beta / beta.sum() - coefficients
-        coefficients += step
+        near = gaps <= smoothing
+        if near.all():
+            break
+        beta = np.where(near, 0.0, alpha / np.maximum(gaps, smoothing))
+        eta = float(alpha[near].sum())
+        target = beta / beta.sum()
+        if eta > 0.0:  # r = ||sum beta_i (x_i - z)||, a zero-sum combination: v^T G v
+            pull = beta - beta.sum() * coefficients
+            r = np.sqrt(max(float(pull @ gram @ pull), 0.0))
+            stay = 1.0 if r <= eta else eta / r
+            target = (1.0 - stay) * target + stay * coefficients
+        step = target - coefficients
+        coefficients = target
         moved = np.sqrt(max(float(step @ gram @ step), 0.0))
         if moved <= tolerance * float(np.median(gaps)):
             break
@@ -40,8 +60,9 @@ class GeometricMedian(Rule):
     IEEE Trans. Signal Processing 2022), computed by the smoothed Weiszfeld algorithm.
 
     ``z = argmin_z sum_i alpha_i ||z - x_i||`` with ``alpha_i = w_i / sum w``, by iterating
-    ``beta_i = alpha_i / max(nu, ||z - x_i||)``, ``z <- sum_i beta_i x_i / sum_i beta_i``
-    (``nu = smoothing``) from the weighted medoid, until ``z`` moves by less than
+    ``beta_i = alpha_i / ||z - x_i||``, ``z <- sum_i beta_i x_i / sum_i beta_i``, with Vardi &
+    Zhang's step where rows lie within ``nu = smoothing`` of ``z``
+    (:func:`weiszfeld_coefficients`), from the weighted medoid, until ``z`` moves by less than
     ``tolerance`` times its median distance to the rows, or ``max_iterations``.  Rows whose
     distance overflows get weight 0.  Precondition: ``n >= 1``.  Breakdown point: half the
     total weight (RFA weights by example counts, which clients report).

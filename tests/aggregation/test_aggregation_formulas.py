@@ -190,6 +190,41 @@ def test_geometric_median_satisfies_optimality() -> None:
     assert np.linalg.norm(gradient) < 1e-4 * weights.sum()
 
 
+def _identical_cluster(rng: np.random.Generator, *, copies: int) -> tuple[np.ndarray, float]:
+    """19 nearly orthogonal rows and ``copies`` copies of a 20th (the mimic attack's rows);
+    returns them and ``S = ||sum_{x_i != b} (x_i - b) / ||x_i - b|| ||`` at the copied row b."""
+    rows = rng.standard_normal((19 + copies, 400))
+    rows[19:] = rows[19]
+    others = rows[:19] - rows[19]
+    return rows, float(np.linalg.norm((others / np.linalg.norm(others, axis=1)[:, None]).sum(0)))
+
+
+@pytest.mark.parametrize("iterations", [8, 500])
+def test_geometric_median_leaves_identical_rows_that_are_not_the_median(iterations: int) -> None:
+    """Six copies of one row: their point b is the median iff S <= 6 (first-order condition at
+    a point of mass 6).  Here S > 6, so b is not; the medoid start is b, and the plain smoothed
+    step (weight 1 / smoothing on the copies) stayed there, with 8 or 500 iterations."""
+    rows, s_value = _identical_cluster(np.random.default_rng(11), copies=6)
+    assert s_value == pytest.approx(13.6, abs=0.1)  # > 6
+    z = GeometricMedian(max_iterations=iterations)(rows).astype(np.float64)
+    objective = lambda p: float(np.linalg.norm(rows - p, axis=1).sum())  # noqa: E731
+    assert np.linalg.norm(z - rows[19]) > 0.5 * np.linalg.norm(rows[19])
+    assert objective(z) < 0.93 * objective(rows[19])
+    best = GeometricMedian(max_iterations=5000, tolerance=1e-12)(rows).astype(np.float64)
+    assert objective(z) == pytest.approx(objective(best), rel=1e-3 if iterations == 8 else 1e-6)
+
+
+def test_geometric_median_stays_at_identical_rows_that_are_the_median() -> None:
+    """Five copies of ``-0.1`` times the mean of 20 nearly orthogonal rows (the IPM attack):
+    S < 5 there, so that point is the exact median, and the rule returns it."""
+    rng = np.random.default_rng(12)
+    honest = rng.standard_normal((20, 400))
+    rows = np.vstack([honest, np.repeat(-0.1 * honest.mean(0)[None, :], 5, axis=0)])
+    units = (honest - rows[20]) / np.linalg.norm(honest - rows[20], axis=1)[:, None]
+    assert np.linalg.norm(units.sum(0)) < 5
+    np.testing.assert_allclose(GeometricMedian(max_iterations=8)(rows), rows[20], atol=1e-6)
+
+
 # ---------------------------------------------------------------- Centered clipping
 ROWS_1D = np.array([[0.5], [3.0], [-4.0]])
 
