@@ -40,22 +40,9 @@ from securefl.engine.layout import body_text, field_kinds, key_blobs, read_field
 from securefl.errors import MessageError
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
-    "MAX_DEPTH",
-    "MAX_HEADER_BYTES",
-    "MAX_NDIM",
-    "WIRE_VERSION",
-    "Decline",
-    "EvaluateIns",
-    "EvaluateRes",
-    "FitIns",
-    "FitRes",
-    "Message",
-    "PlainUpdate",
-    "decode",
-    "encode",
-    "message",
-    "registered",
+    "DEFAULT_MAX_BYTES", "MAX_DEPTH", "MAX_HEADER_BYTES", "MAX_NDIM", "WIRE_VERSION",
+    "Decline", "EvaluateIns", "EvaluateRes", "FitIns", "FitRes", "Message", "PlainUpdate",
+    "decode", "encode", "message", "registered",
 ]
 
 WIRE_VERSION = 2
