@@ -16,7 +16,6 @@ import numpy as np
 from securefl.config import Config, load_config
 from securefl.models import build_model
 from securefl.privacy.distributed import DistributedSettings, SkellamEncoding
-from securefl.privacy.rotation import rotate
 from securefl.secagg.encoding import reduce, word_dtype
 from securefl.secagg.graph import auto_neighbours, degree
 from securefl.secagg.prg import add_masks
@@ -80,11 +79,8 @@ def _site_cost(settings: DistributedSettings, dimension: int, neighbours: int,
                                                             "total", "total_wall")}
     for _ in range(repeats):
         wall, start = time.perf_counter(), time.process_time()
-        # SkellamEncoding.encode's steps, one by one (integers = rotate, clip, round)
-        rotated = rotate(delta, seed=seed, scale=plan.scale)
-        norm = float(np.linalg.norm(rotated))
-        if norm > plan.scale * settings.clip_norm:
-            rotated *= plan.scale * settings.clip_norm / norm
+        # SkellamEncoding.encode's steps, one by one (integers = rotated, then rounded)
+        rotated = encoding.rotated(delta, seed=seed)
         rotated_at = time.process_time()
         rounded = encoding.round_to_integers(rotated, plan.l2)
         rounded_at = time.process_time()

@@ -243,6 +243,11 @@ class SkellamEncoding:
         Delta_2).  The clip is applied after the rotation, to ``s R x`` at ``s C``: ``R`` is
         orthogonal, so ``||s R x|| = s ||x||`` and ``min(1, s C / ||s R x||) s R x = s R
         (x min(1, C / ||x||))``."""
+        return self.round_to_integers(self.rotated(delta, seed=seed),
+                                      self.settings.plan(delta.shape[0]).l2)
+
+    def rotated(self, delta: np.ndarray, *, seed: bytes) -> np.ndarray:
+        """Steps 1-2: ``s R x`` clipped at ``s C`` (:meth:`integers`)."""
         if delta.ndim != 1 or not np.isfinite(delta).all():
             raise ValueError("update must be a finite 1-d vector")
         plan = self.settings.plan(delta.shape[0])
@@ -250,7 +255,7 @@ class SkellamEncoding:
         norm, most = float(np.linalg.norm(rotated)), plan.scale * self.settings.clip_norm
         if norm > most:
             rotated *= most / norm
-        return self.round_to_integers(rotated, plan.l2)
+        return rotated
 
     def noise_share(self, dimension: int, *, add_to: np.ndarray | None = None
                     ) -> tuple[np.ndarray, tuple[bytes, ...]]:

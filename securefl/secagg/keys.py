@@ -101,16 +101,20 @@ def participants_digest(participants: Sequence[str]) -> bytes:
 
 def commitment(scope: Scope, label: str, client_id: str, value: bytes) -> bytes:
     """``SHA-256(info(label, u) || value)``: hiding for a 256-bit random ``value``, binding."""
-    return hashlib.sha256(scope.info(label, client_id) + value).digest()
+    return _committed(scope.info(label), client_id, value)
 
 
 def opens(scope: Scope, label: str, values: Mapping[str, bytes],
           commitments: Mapping[str, bytes]) -> bool:
     """Whether every ``values[u]`` opens ``commitments[u]`` (:func:`commitment`; each client
     opens all ``n`` of a round, so the shared ``info(label)`` prefix is built once)."""
-    prefix, sha256 = scope.info(label), hashlib.sha256
-    return all(sha256(prefix + encoded_id(u) + value).digest() == commitments[u]
-               for u, value in values.items())
+    prefix = scope.info(label)
+    return all(_committed(prefix, u, value) == commitments[u] for u, value in values.items())
+
+
+def _committed(prefix: bytes, client_id: str, value: bytes) -> bytes:
+    """:func:`commitment` from ``info(label)``: ``info(label, u) = prefix || encoded_id(u)``."""
+    return hashlib.sha256(prefix + encoded_id(client_id) + value).digest()
 
 
 def advert_body(scope: Scope, *, client_id: str, participants: bytes, c_public: bytes,
