@@ -222,6 +222,24 @@ ray.shutdown()
 """
 
 
+def ray_install() -> dict[str, object]:
+    """Which Ray this measures: ``minimal`` without the dashboard's packages (``aiohttp`` and
+    the rest of ``ray[default]``; what ``pip install 'securefl[ray]'`` installs), else
+    ``default``: with them Ray's API-server process and dashboard agent load the dashboard's
+    modules, about 3 CPU seconds more before round 1.  Ray's own test decides, in a fresh
+    interpreter (importing ``ray.dashboard.optional_deps``).  ``pyarrow``: installed, so
+    each actor's serialization context imports it."""
+    import importlib.util
+
+    import ray
+
+    probe = subprocess.run([sys.executable, "-c", "import ray.dashboard.optional_deps"],
+                           capture_output=True, timeout=120)
+    return {"ray": ray.__version__,
+            "ray_install": "default" if probe.returncode == 0 else "minimal",
+            "pyarrow": importlib.util.find_spec("pyarrow") is not None}
+
+
 def fresh(code: str, *arguments: str) -> tuple[float, str]:
     """Run ``code`` in a fresh interpreter that imports this tree's securefl; return when it
     started (``time.time()``) and its last line of output."""
@@ -304,7 +322,7 @@ def main() -> None:
     if ray:  # before this process starts Ray: a fresh command each
         load_before = os.getloadavg()
         medians = startup_medians(args.startup_runs)
-        extra = {"load_average_before": load_before,
+        extra = {"load_average_before": load_before, **ray_install(),
                  "ray_startup_seconds": medians["ray"],
                  "inprocess_startup_seconds": medians["inprocess"],
                  "ray_init_alone_seconds": medians["ray_init_alone"],
