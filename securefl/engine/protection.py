@@ -19,6 +19,7 @@ Server and client halves are built separately (:class:`ServerProtection`,
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ __all__ = [
     "Combined",
     "KeepsModel",
     "OpensModel",
+    "opens_model",
     "Plain",
     "Receives",
     "Redoable",
@@ -214,6 +216,18 @@ class OpensModel(Protocol):
     def open_model(self, request: FitIns) -> np.ndarray:
         """The global model of ``request`` (float32), or :class:`ProtocolAbort`."""
         ...
+
+
+def opens_model(protection: object) -> bool:
+    """``isinstance(protection, OpensModel)``, decided once per class (its one member is a
+    method): a runtime protocol check inspects every attribute, and a site asks on every
+    ``FitIns``."""
+    return _opens_model(type(protection))
+
+
+@functools.cache
+def _opens_model(cls: type) -> bool:
+    return issubclass(cls, OpensModel)
 
 
 def check_update(vector: object, dimension: int) -> str | None:

@@ -47,7 +47,7 @@ from securefl.engine.protection import Update
 from securefl.engine.session import RoundContext
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
-from securefl.secagg.encoding import Checked, Encoding, FixedPoint, reduce, shared_seed
+from securefl.secagg.encoding import Encoding, FixedPoint, checks_first, reduce, shared_seed
 from securefl.secagg.graph import degree, graph_seed, neighbourhood, threshold_for
 from securefl.secagg.keys import (
     advert_body,
@@ -153,7 +153,7 @@ class SecAggClientRound:
             raise self._abort("round opened twice")
         self.phase = ClientPhase.ABORTED
         participants = self._check_setup(payload)
-        if isinstance(self._encoding, Checked):  # encoded when the masked input is due
+        if checks_first(self._encoding):  # encoded when the masked input is due
             self._encoding.check(update)
             self._update = update
         else:

@@ -35,6 +35,7 @@ __all__ = [
     "PRG_KEY_BYTES",
     "PROTOCOL_LABEL",
     "WIRE_VERSION",
+    "Keystream",
     "add_masks",
     "derive_key",
     "encoded_id",
@@ -113,14 +114,33 @@ def _encryptor(key: bytes) -> CipherContext:
 
 def keystream(key: bytes, count: int) -> np.ndarray:
     """The first ``count`` words of ``AES-128-CTR(key, 0^128)``, little-endian uint32."""
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    buffer = bytearray(4 * count + 15)  # update_into needs block_size - 1 spare bytes
-    view, encryptor = memoryview(buffer), _encryptor(key)
-    for start in range(0, 4 * count, len(_ZEROS)):  # one stream, block by block
-        size = min(len(_ZEROS), 4 * count - start)
-        encryptor.update_into(_ZEROS[:size], view[start:start + size + 15])
-    return np.frombuffer(buffer, dtype="<u4", count=count)
+    stream = Keystream(key, count)
+    stream.fill(count)
+    return stream.words
+
+
+class Keystream:
+    """:func:`keystream` written on demand: ``words`` (``count`` uint32, a fresh buffer) holds
+    the stream up to ``filled``, and :meth:`fill` extends it in order, so a caller can use each
+    block of it while that block is still in cache (the quantizer's dither)."""
+
+    def __init__(self, key: bytes, count: int) -> None:
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        self._buffer = bytearray(4 * count + 15)  # update_into needs block_size - 1 spare bytes
+        self._view, self._encryptor = memoryview(self._buffer), _encryptor(key)
+        self.words = np.frombuffer(self._buffer, dtype="<u4", count=count)
+        self.filled = 0
+
+    def fill(self, stop: int) -> None:
+        """Write the stream's words ``filled .. stop - 1`` (``stop <= count``)."""
+        if not self.filled <= stop <= self.words.shape[0]:
+            raise ValueError(f"cannot fill words {self.filled} to {stop}")
+        view, encryptor = self._view, self._encryptor
+        for start in range(4 * self.filled, 4 * stop, len(_ZEROS)):  # block by block
+            size = min(len(_ZEROS), 4 * stop - start)
+            encryptor.update_into(_ZEROS[:size], view[start:start + size + 15])
+        self.filled = stop
 
 
 def add_masks(accumulator: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> None:
