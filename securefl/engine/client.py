@@ -44,9 +44,9 @@ class Client:
       trained from), and at most once per round: the server gets no query oracle on the
       site's validation data.
 
-    Under a protection that opens the model (:class:`~securefl.engine.protection.OpensModel`: HE with a blind server)
-    the site decrypts and checks the global model itself before anything else, hashes *that*
-    model into the release log, and evaluates only that model.
+    Under a protection that opens the model (:class:`~securefl.engine.protection.OpensModel`:
+    HE with a blind server) the site decrypts and checks the global model itself before
+    anything else, hashes *that* model into the release log, and evaluates only that model.
     """
 
     def __init__(self, client_id: str, trainer: Trainer, protection: ClientProtection, *,

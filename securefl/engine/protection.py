@@ -38,7 +38,6 @@ __all__ = [
     "Combined",
     "KeepsModel",
     "OpensModel",
-    "opens_model",
     "Plain",
     "Receives",
     "Redoable",
@@ -49,6 +48,7 @@ __all__ = [
     "Update",
     "WeightedSum",
     "check_update",
+    "opens_model",
 ]
 
 _log = logging.getLogger(__name__)
