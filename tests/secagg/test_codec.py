@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from securefl.engine import messages
+from securefl.engine import layout, messages, plans
 from securefl.engine.messages import EvaluateIns, FitIns, decode, encode
 from securefl.engine.session import model_digest
 from securefl.errors import MessageError
@@ -117,8 +117,15 @@ def test_the_direct_header_path_writes_and_reads_the_generic_frames(monkeypatch)
                 bad["body"]["f"][field] = node
                 raw = json.dumps(bad, separators=(",", ":")).encode()
                 frames.append(struct.pack("<4sHI", b"SFLM", 1, len(raw)) + raw + tail)
+    monkeypatch.setattr(plans, "_PLANS", {})
     direct = [_outcome(frame) for frame in frames]
-    monkeypatch.setattr(messages, "read_fields", lambda *args, **kwargs: None)
+    parsed, parse = [], plans.parse
+    monkeypatch.setattr(plans, "parse", lambda *a, **k: parsed.append(1) or parse(*a, **k))
+    planned = [_outcome(frame) for frame in frames]  # each header's plan from the first pass
+    # every header that decoded is read from its plan: only the malformed ones are parsed
+    assert len(parsed) == sum(kind == "error" for kind, _ in direct)
+    monkeypatch.setattr(layout, "read_fields", lambda *args, **kwargs: None)
+    monkeypatch.setattr(plans, "lookup", lambda *args: None)
     generic = [_outcome(frame) for frame in frames]
-    assert direct == generic
+    assert direct == planned == generic
     assert sum(kind == "error" for kind, _ in direct) > len(frames) // 2
