@@ -178,17 +178,15 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
     if plan is not None:  # a header decoded before (securefl.engine.plans)
         if plan.end != view.nbytes:
             raise MessageError("message length does not match its header")
-        reader = _Reader(frame, view, plan.offsets, plan.arrays)
-        values = None if plan.message is None or plan.recipe is None else layout.replay(
-            reader, plan.recipe, _checks(plan.message), 1)
-        msg = plan.message(**values) if values is not None else reader.build(plan.body, 0)
-        if not isinstance(msg, Message):
-            raise MessageError("message body is not a message")
+        reader, cls = _Reader(frame, view, plan.offsets, plan.arrays), plan.message
+        values = None if cls is None else layout.replay(reader, plan.recipe, _checks(cls), 1)
+        msg = reader.build(plan.body, 0) if cls is None or values is None else cls(**values)
     else:
-        msg, plan = _first(frame, view, text, version, start)
-        if not isinstance(msg, Message):
-            raise MessageError("message body is not a message")
-        plans.remember(text, plan)  # only a frame that decoded
+        msg, fresh = _first(frame, view, text, version, start)
+    if not isinstance(msg, Message):
+        raise MessageError("message body is not a message")
+    if plan is None:
+        plans.remember(text, fresh)  # only a frame that decoded
     if expect is not None and not isinstance(msg, expect):
         raise MessageError(f"expected {expect.__name__}, got {type(msg).__name__}")
     return msg  # type: ignore[return-value]
@@ -202,7 +200,7 @@ def _first(frame: bytes | bytearray | memoryview, view: memoryview, text: bytes,
     recipe: list[layout.Step] = []
     msg, cls = reader.top(body, recipe)
     return msg, plans.Plan(version=version, end=view.nbytes, offsets=offsets, arrays=arrays,
-                           body=body, message=cls, recipe=tuple(recipe) if cls else None)
+                           body=body, message=cls, recipe=tuple(recipe) if cls else ())
 
 
 class _Reader:

@@ -35,8 +35,9 @@ MAX_PLANS = 1024
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A decoded header: frame ``version``, the frame length ``end`` its blob table gives,
-    the blob ``offsets`` and ``arrays`` table, the parsed ``body``; ``message`` and
-    ``recipe`` when the direct path read the top-level message (else ``None``)."""
+    the blob ``offsets`` and ``arrays`` table, the parsed ``body``; the top-level
+    ``message`` class and the ``recipe`` of its fields when the direct path read them all
+    (else ``None`` and ``()``)."""
 
     version: int
     end: int
@@ -44,7 +45,7 @@ class Plan:
     arrays: list[Any]
     body: Any
     message: type | None
-    recipe: tuple[Step, ...] | None
+    recipe: tuple[Step, ...]
 
 
 _PLANS: dict[tuple[int, bytes], Plan] = {}

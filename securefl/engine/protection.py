@@ -19,11 +19,10 @@ Server and client halves are built separately (:class:`ServerProtection`,
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 
@@ -218,16 +217,18 @@ class OpensModel(Protocol):
         ...
 
 
-def opens_model(protection: object) -> bool:
+def opens_model(protection: object) -> TypeGuard[OpensModel]:
     """``isinstance(protection, OpensModel)``, decided once per class (its one member is a
     method): a runtime protocol check inspects every attribute, and a site asks on every
     ``FitIns``."""
-    return _opens_model(type(protection))
+    cls = type(protection)
+    known = _OPENS_MODEL.get(cls)
+    if known is None:
+        known = _OPENS_MODEL[cls] = issubclass(cls, OpensModel)
+    return known
 
 
-@functools.cache
-def _opens_model(cls: type) -> bool:
-    return issubclass(cls, OpensModel)
+_OPENS_MODEL: dict[type, bool] = {}
 
 
 def check_update(vector: object, dimension: int) -> str | None:

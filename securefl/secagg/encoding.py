@@ -22,10 +22,9 @@ the server hands them to ``decode`` as ``removed`` (none for :class:`FixedPoint`
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 
@@ -95,15 +94,17 @@ class Checked(Protocol):
         ...
 
 
-def checks_first(encoding: Encoding) -> bool:
+def checks_first(encoding: Encoding) -> TypeGuard[Checked]:
     """``isinstance(encoding, Checked)``, decided once per class (its one member is a method:
     a runtime protocol check inspects every attribute, on every round of every site)."""
-    return _checks_first(type(encoding))
+    cls = type(encoding)
+    known = _CHECKS_FIRST.get(cls)
+    if known is None:
+        known = _CHECKS_FIRST[cls] = issubclass(cls, Checked)
+    return known
 
 
-@functools.cache
-def _checks_first(cls: type) -> bool:
-    return issubclass(cls, Checked)
+_CHECKS_FIRST: dict[type, bool] = {}
 
 
 def word_dtype(bits: int) -> np.dtype:
