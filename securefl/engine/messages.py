@@ -185,7 +185,7 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
         msg, fresh = _first(frame, view, text, version, start)
     if not isinstance(msg, Message):
         raise MessageError("message body is not a message")
-    if plan is None:
+    if plan is None and fresh is not None:
         plans.remember(text, fresh)  # only a frame that decoded
     if expect is not None and not isinstance(msg, expect):
         raise MessageError(f"expected {expect.__name__}, got {type(msg).__name__}")
@@ -193,14 +193,16 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
 
 
 def _first(frame: bytes | bytearray | memoryview, view: memoryview, text: bytes, version: int,
-           start: int) -> tuple[Any, plans.Plan]:
-    """The value of a frame whose header has no plan yet, and the plan it gives."""
+           start: int) -> tuple[Any, plans.Plan | None]:
+    """The value of a frame whose header has no plan yet, and the plan it gives if wanted."""
     offsets, arrays, body = plans.parse(text, start=start, end=view.nbytes)
     reader = _Reader(frame, view, offsets, arrays)
+    if not plans.wanted(text, version):
+        return reader.build(body, 0), None
     recipe: list[layout.Step] = []
     msg, cls = reader.top(body, recipe)
-    return msg, plans.Plan(version=version, end=view.nbytes, offsets=offsets, arrays=arrays,
-                           body=body, message=cls, recipe=tuple(recipe) if cls else ())
+    return msg, plans.Plan(version, view.nbytes, offsets, arrays, body, cls,
+                           tuple(recipe) if cls else ())
 
 
 class _Reader:

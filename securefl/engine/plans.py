@@ -9,21 +9,23 @@ table, the array descriptions, the tree and the field types.  A :class:`Plan` ke
 the first decode of a header found, the parsed header and, when the direct path read
 every field of the message, its :data:`~securefl.engine.layout.Step` recipe, so that the
 next frame with that header text skips the JSON parse and the tree walk and reads its
-blobs with the same steps.  The result is the value a full decode gives; a frame is planned
-only after it decoded without error, and its length is still checked against the header.
+blobs with the same steps.  A header is planned the second time it is seen (most headers
+that name a site's neighbours occur once), and only from a frame that decoded without
+error; its length is still checked against the header.  The result is the value a full
+decode gives.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from securefl.engine.layout import Step
 from securefl.errors import MessageError
 
-__all__ = ["MAX_PLANNED_HEADER_BYTES", "MAX_PLANS", "Plan", "lookup", "parse", "remember"]
+__all__ = ["MAX_PLANNED_HEADER_BYTES", "MAX_PLANS", "Plan", "lookup", "parse", "remember",
+           "wanted"]
 
 #: headers longer than this are decoded in full every time
 MAX_PLANNED_HEADER_BYTES = 8192
@@ -32,8 +34,7 @@ MAX_PLANNED_HEADER_BYTES = 8192
 MAX_PLANS = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     """A decoded header: frame ``version``, the frame length ``end`` its blob table gives,
     the blob ``offsets`` and ``arrays`` table, the parsed ``body``; the top-level
     ``message`` class and the ``recipe`` of its fields when the direct path read them all
@@ -49,11 +50,26 @@ class Plan:
 
 
 _PLANS: dict[tuple[int, bytes], Plan] = {}
+_SEEN: set[tuple[int, bytes]] = set()
 
 
 def lookup(header: bytes, version: int) -> Plan | None:
     """The plan of a header text of frame ``version``, if one was remembered."""
     return _PLANS.get((version, header))
+
+
+def wanted(header: bytes, version: int) -> bool:
+    """Whether a header without a plan is worth one: it was seen once before (a header
+    that every site of a round sends, not one of the many that name a site's neighbours
+    and occur once).  Marks it seen."""
+    key = (version, header)
+    if key in _SEEN:
+        return True
+    if len(header) <= MAX_PLANNED_HEADER_BYTES:
+        if len(_SEEN) >= MAX_PLANS:
+            _SEEN.clear()
+        _SEEN.add(key)
+    return False
 
 
 def remember(header: bytes, plan: Plan) -> None:
