@@ -128,9 +128,11 @@ class Keystream:
     def __init__(self, key: bytes, count: int) -> None:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
-        self._buffer = bytearray(4 * count + 15)  # update_into needs block_size - 1 spare bytes
-        self._view, self._encryptor = memoryview(self._buffer), _encryptor(key)
-        self.words = np.frombuffer(self._buffer, dtype="<u4", count=count)
+        # update_into needs block_size - 1 spare bytes; not zero-filled: every word is written
+        # before it is read
+        buffer = np.empty(4 * count + 16, np.uint8)
+        self._view, self._encryptor = buffer.data, _encryptor(key)
+        self.words = buffer[:4 * count].view("<u4")
         self.filled = 0
 
     def fill(self, stop: int) -> None:
@@ -156,14 +158,14 @@ def add_masks(accumulator: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> Non
     width = accumulator.dtype.itemsize
     encryptors = [(_encryptor(key), sign) for key, sign in keys]
     zeros = _ZEROS[:width * _BLOCK_WORDS]
-    buffer = bytearray(width * _BLOCK_WORDS + 15)
-    words = np.frombuffer(buffer, dtype=f"<u{width}", count=_BLOCK_WORDS)
+    buffer = np.empty(width * _BLOCK_WORDS + 16, np.uint8)  # not zero-filled: written first
+    words, output = buffer[:width * _BLOCK_WORDS].view(f"<u{width}"), buffer.data
     for start in range(0, accumulator.shape[0], _BLOCK_WORDS):
         block = accumulator[start:start + _BLOCK_WORDS]
         size = block.shape[0]
         source = zeros if size == _BLOCK_WORDS else zeros[:width * size]
         for encryptor, sign in encryptors:
-            encryptor.update_into(source, buffer)
+            encryptor.update_into(source, output)
             if sign > 0:
                 np.add(block, words[:size], out=block)
             else:
