@@ -25,8 +25,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Reader", "Step", "body_text", "field_kinds", "key_blobs", "read_fields", "replay",
-           "str_to_bytes"]
+from securefl.engine.fields import field_checkers, field_hints
+from securefl.engine.registry import REGISTRY, Message
+
+__all__ = ["Reader", "Step", "body_text", "field_kinds", "key_blobs", "planned", "read_fields",
+           "replay", "str_to_bytes"]
 
 Tree = Callable[[Any, list[Any], list[Any]], Any]
 
@@ -39,7 +42,7 @@ _STR = frozenset((str,))
 _BYTES = frozenset((bytes,))
 _NESTING = 3  # the read path nests at most this deep below a message (dict, pair, blob)
 # the steps of a recipe (read_fields, replay): how one field is read from a frame's blobs
-_BLOB, _CONST, _RUN, _ARRAY, _MAP, _BLOBS, _NODE = range(7)
+_BLOB, _CONST, _RUN, _ARRAY, _MAP, _BLOBS, _NODE, _NESTED = range(8)
 #: ``(field, operation, argument)``: one field of a :func:`replay` recipe
 Step = tuple[str, int, Any]
 
@@ -160,15 +163,37 @@ def read_fields(reader: Reader, fields: dict[str, Any], kinds: Mapping[str, str]
                 return None
             values[name] = tuple([reader.blob_bytes(v["$b"]) for v in items])
             steps.append((name, _BLOBS, tuple(v["$b"] for v in items)))
-        else:
-            value = reader.build(node, depth)
+        else:  # a nested message is read the same way, and its steps kept with it
+            inner: list[Step] = []
+            value, cls = planned(reader, node, depth, max_depth, inner)
             if not checks[name](value):
                 return None
             values[name] = value
-            steps.append((name, _NODE, node))
+            steps.append((name, _NESTED, (cls, tuple(inner), node)) if cls is not None
+                         else (name, _NODE, node))
     if recipe is not None:
         recipe.extend(steps)
     return values
+
+
+def planned(reader: Reader, node: Any, depth: int, max_depth: int,
+            recipe: list[Step]) -> tuple[Any, type | None]:
+    """``reader.build(node, depth)``, and the class of the message ``node`` if
+    :func:`read_fields` read all its fields (their steps are then in ``recipe``)."""
+    if (type(node) is dict and len(node) == 2 and depth < max_depth
+            and type(fields := node.get("f")) is dict):
+        name = node.get("$msg")
+        cls = REGISTRY.get(name) if type(name) is str else None
+        if cls is not None and fields.keys() == field_hints(cls).keys():
+            values = read_fields(reader, fields, field_kinds(cls, field_hints(cls)),
+                                 _checks(cls), depth + 1, max_depth, recipe)
+            if values is not None:
+                return cls(**values), cls
+    return reader.build(node, depth), None
+
+
+def _checks(cls: type) -> dict[str, Callable[[Any], bool]]:
+    return field_checkers(cls, message=Message)
 
 
 def replay(reader: Reader, recipe: tuple[Step, ...],
@@ -192,7 +217,12 @@ def replay(reader: Reader, recipe: tuple[Step, ...],
         elif op == _BLOBS:
             values[name] = tuple([reader.blob_bytes(index) for index in arg])
         else:
-            value = reader.build(arg, depth)
+            if op == _NESTED:
+                cls, inner, node = arg
+                read = replay(reader, inner, _checks(cls), depth + 1)
+                value = cls(**read) if read is not None else reader.build(node, depth)
+            else:
+                value = reader.build(arg, depth)
             if not checks[name](value):
                 return None
             values[name] = value

@@ -200,7 +200,7 @@ def _first(frame: bytes | bytearray | memoryview, view: memoryview, text: bytes,
     if not plans.wanted(text, version):
         return reader.build(body, 0), None
     recipe: list[layout.Step] = []
-    msg, cls = reader.top(body, recipe)
+    msg, cls = layout.planned(reader, body, 0, MAX_DEPTH, recipe)
     return msg, plans.Plan(version, view.nbytes, offsets, arrays, body, cls,
                            tuple(recipe) if cls else ())
 
@@ -261,19 +261,6 @@ class _Reader:
 
     def items(self, nodes: list[Any], depth: int) -> list[Any]:
         return [v if type(v) in _JSON_SCALARS else self.build(v, depth) for v in nodes]
-
-    def top(self, body: Any, recipe: list[layout.Step]) -> tuple[Any, type | None]:
-        """``build(body, 0)``, and the class of the message if the direct path read all its
-        fields (their steps are then in ``recipe``)."""
-        if type(body) is dict and len(body) == 2 and type(fields := body.get("f")) is dict:
-            name = body.get("$msg")
-            cls = _REGISTRY.get(name) if type(name) is str else None
-            if cls is not None and fields.keys() == field_hints(cls).keys():
-                values = layout.read_fields(self, fields, _kinds(cls), _checks(cls), 1,
-                                            MAX_DEPTH, recipe)
-                if values is not None:
-                    return cls(**values), cls
-        return self.build(body, 0), None
 
     def build(self, node: Any, depth: int) -> Any:
         kind = type(node)  # json.loads makes exactly these types, never subclasses

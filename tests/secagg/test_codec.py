@@ -111,10 +111,17 @@ def test_the_direct_header_path_writes_and_reads_the_generic_frames(monkeypatch)
         frames.append(frame)
         _, _, size = struct.unpack_from("<4sHI", frame)
         header, tail = json.loads(frame[10:10 + size]), frame[10 + size:]
-        for field in header["body"]["f"]:
-            for node in bad_nodes:  # each field replaced by each malformed node
+        # each field, and each field of a nested message, replaced by each malformed node
+        paths = [(field,) for field in header["body"]["f"]]
+        paths += [(field, "f", inner) for field, node in header["body"]["f"].items()
+                  if isinstance(node, dict) and "$msg" in node for inner in node["f"]]
+        for path in paths:
+            for node in bad_nodes:
                 bad = json.loads(json.dumps(header))
-                bad["body"]["f"][field] = node
+                parent = bad["body"]["f"]
+                for key in path[:-1]:
+                    parent = parent[key]
+                parent[path[-1]] = node
                 raw = json.dumps(bad, separators=(",", ":")).encode()
                 frames.append(struct.pack("<4sHI", b"SFLM", 1, len(raw)) + raw + tail)
     monkeypatch.setattr(plans, "_PLANS", {})
