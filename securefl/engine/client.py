@@ -15,7 +15,7 @@ from securefl.engine.messages import (
     FitRes,
     Message,
 )
-from securefl.engine.protection import ClientProtection, ClientRound, OpensModel, Update
+from securefl.engine.protection import ClientProtection, ClientRound, Update, opens_model
 from securefl.engine.session import ReleaseLog, RoundContext, model_digest
 from securefl.engine.trainer import Trainer
 from securefl.errors import BudgetExceeded, MessageError
@@ -44,9 +44,9 @@ class Client:
       trained from), and at most once per round: the server gets no query oracle on the
       site's validation data.
 
-    Under a protection that opens the model (:class:`OpensModel`: HE with a blind server)
-    the site decrypts and checks the global model itself before anything else, hashes *that*
-    model into the release log, and evaluates only that model.
+    Under a protection that opens the model (:class:`~securefl.engine.protection.OpensModel`:
+    HE with a blind server) the site decrypts and checks the global model itself before
+    anything else, hashes *that* model into the release log, and evaluates only that model.
     """
 
     def __init__(self, client_id: str, trainer: Trainer, protection: ClientProtection, *,
@@ -78,7 +78,7 @@ class Client:
 
     def _fit(self, request: FitIns) -> Message:
         parameters = request.parameters
-        if isinstance(self.protection, OpensModel):
+        if opens_model(self.protection):
             parameters = self.protection.open_model(request)
         digest = model_digest(parameters)
         self.releases.start(run=request.run, round=request.round, model=digest)
@@ -102,7 +102,7 @@ class Client:
             return Decline(reason="federated evaluation is disabled at this site")
         current = None if self._run is None else self.releases.current(self._run)
         parameters = request.parameters
-        if isinstance(self.protection, OpensModel) and self._model is not None \
+        if opens_model(self.protection) and self._model is not None \
                 and parameters.size == 0:  # the server never holds the model: use our own
             parameters = self._model
         if current != (request.round, model_digest(parameters)):

@@ -25,7 +25,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Reader", "body_text", "field_kinds", "key_blobs", "read_fields", "str_to_bytes"]
+from securefl.engine.fields import field_checkers, field_hints
+from securefl.engine.registry import REGISTRY, Message
+
+__all__ = ["Reader", "Step", "body_text", "field_kinds", "key_blobs", "planned", "read_fields",
+           "replay", "str_to_bytes"]
 
 Tree = Callable[[Any, list[Any], list[Any]], Any]
 
@@ -37,6 +41,10 @@ _KIND_CACHE: dict[type, dict[str, str]] = {}
 _STR = frozenset((str,))
 _BYTES = frozenset((bytes,))
 _NESTING = 3  # the read path nests at most this deep below a message (dict, pair, blob)
+# the steps of a recipe (read_fields, replay): how one field is read from a frame's blobs
+_BLOB, _CONST, _RUN, _ARRAY, _MAP, _BLOBS, _NODE, _NESTED = range(8)
+#: ``(field, operation, argument)``: one field of a :func:`replay` recipe
+Step = tuple[str, int, Any]
 
 
 def field_kinds(cls: type, hints: Mapping[str, Any]) -> dict[str, str]:
@@ -108,46 +116,113 @@ class Reader(Protocol):
 
 def read_fields(reader: Reader, fields: dict[str, Any], kinds: Mapping[str, str],
                 checks: Mapping[str, Callable[[Any], bool]], depth: int,
-                max_depth: int) -> dict[str, Any] | None:
+                max_depth: int, recipe: list[Step] | None = None) -> dict[str, Any] | None:
     """The values of a message's ``fields`` (the header's ``"f"`` object, whose keys are
     exactly those of ``kinds``) read at ``depth``, or ``None`` where the generic reader must
-    decide (module docstring)."""
+    decide (module docstring).  ``recipe``, if given, gets one :data:`Step` per field: how
+    :func:`replay` reads the same field of another frame with this header."""
     if depth + _NESTING >= max_depth:
         return None
     values: dict[str, Any] = {}
+    steps: list[Step] = []
     for name, node in fields.items():
         kind = kinds[name]
         if kind == "bytes":
             if not (type(node) is dict and len(node) == 1 and "$b" in node):
                 return None
             values[name] = reader.blob_bytes(node["$b"])
+            steps.append((name, _BLOB, node["$b"]))
         elif kind == "int" or kind == "str":
             if type(node) is not (int if kind == "int" else str):
                 return None
             values[name] = node
+            steps.append((name, _CONST, node))
         elif kind == "ids":
             items = _sequence(node, "$t")
             if items is None or not all(type(v) is str for v in items):
                 return None
             values[name] = tuple(items)
+            steps.append((name, _CONST, values[name]))  # a tuple of str: immutable
         elif kind == "array":
             if not (type(node) is dict and len(node) == 1 and "$a" in node):
                 return None
             values[name] = reader.array(node["$a"])
+            steps.append((name, _ARRAY, node["$a"]))
         elif kind == "blob_map":
-            read = (key_blobs(reader, node) if type(node) is dict and "$mb" in node
-                    else _blob_map(reader, node))
+            mb = type(node) is dict and "$mb" in node
+            read = key_blobs(reader, node) if mb else _blob_map(reader, node)
             if read is None:
                 return None
             values[name] = read
+            steps.append((name, _RUN, (tuple(node["$mb"]), node["b"])) if mb
+                         else (name, _MAP, tuple((k, v["$b"]) for k, v in node["$m"])))
         elif kind == "blob_tuple":
             items = _sequence(node, "$t")
             if items is None or not all(type(v) is dict and len(v) == 1 and "$b" in v
                                         for v in items):
                 return None
             values[name] = tuple([reader.blob_bytes(v["$b"]) for v in items])
+            steps.append((name, _BLOBS, tuple(v["$b"] for v in items)))
+        else:  # a nested message is read the same way, and its steps kept with it
+            inner: list[Step] = []
+            value, cls = planned(reader, node, depth, max_depth, inner)
+            if not checks[name](value):
+                return None
+            values[name] = value
+            steps.append((name, _NESTED, (cls, tuple(inner), node)) if cls is not None
+                         else (name, _NODE, node))
+    if recipe is not None:
+        recipe.extend(steps)
+    return values
+
+
+def planned(reader: Reader, node: Any, depth: int, max_depth: int,
+            recipe: list[Step]) -> tuple[Any, type | None]:
+    """``reader.build(node, depth)``, and the class of the message ``node`` if
+    :func:`read_fields` read all its fields (their steps are then in ``recipe``)."""
+    if (type(node) is dict and len(node) == 2 and depth < max_depth
+            and type(fields := node.get("f")) is dict):
+        name = node.get("$msg")
+        cls = REGISTRY.get(name) if type(name) is str else None
+        if cls is not None and fields.keys() == field_hints(cls).keys():
+            values = read_fields(reader, fields, field_kinds(cls, field_hints(cls)),
+                                 _checks(cls), depth + 1, max_depth, recipe)
+            if values is not None:
+                return cls(**values), cls
+    return reader.build(node, depth), None
+
+
+def _checks(cls: type) -> dict[str, Callable[[Any], bool]]:
+    return field_checkers(cls, message=Message)
+
+
+def replay(reader: Reader, recipe: tuple[Step, ...],
+           checks: Mapping[str, Callable[[Any], bool]], depth: int) -> dict[str, Any] | None:
+    """What :func:`read_fields` read into ``recipe`` from a frame with the same header text,
+    read from ``reader``'s frame (whose blob table that header fixes): the same values,
+    without parsing the header again; ``None`` where a field would now fail its check."""
+    values: dict[str, Any] = {}
+    for name, op, arg in recipe:
+        if op == _BLOB:
+            values[name] = reader.blob_bytes(arg)
+        elif op == _CONST:
+            values[name] = arg
+        elif op == _RUN:
+            keys, first = arg
+            values[name] = dict(zip(keys, reader.blob_run(first, len(keys)), strict=True))
+        elif op == _ARRAY:
+            values[name] = reader.array(arg)
+        elif op == _MAP:
+            values[name] = {key: reader.blob_bytes(index) for key, index in arg}
+        elif op == _BLOBS:
+            values[name] = tuple([reader.blob_bytes(index) for index in arg])
         else:
-            value = reader.build(node, depth)
+            if op == _NESTED:
+                cls, inner, node = arg
+                read = replay(reader, inner, _checks(cls), depth + 1)
+                value = cls(**read) if read is not None else reader.build(node, depth)
+            else:
+                value = reader.build(arg, depth)
             if not checks[name](value):
                 return None
             values[name] = value

@@ -21,22 +21,24 @@ Decoding a frame from another party raises :class:`~securefl.errors.MessageError
 else: the header is at most ``max_header_bytes`` (default :data:`MAX_HEADER_BYTES`, 1 MiB),
 its tree at most :data:`MAX_DEPTH` (32) containers deep, an array at most :data:`MAX_NDIM`
 dimensions whose element count is computed exactly (no int64 wrap-around), and any other
-failure inside the decoder is reported as a malformed message.
+failure inside the decoder is reported as a malformed message.  A header text decoded once
+is not parsed again (:mod:`securefl.engine.plans`): the next frame with the same header
+reads its blobs with the steps the first one found, and gets the same value.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import struct
-import typing
 from typing import Any, TypeVar
 
 import numpy as np
 
+from securefl.engine import layout, plans
 from securefl.engine.fields import field_checkers, field_hints, field_names
-from securefl.engine.layout import body_text, field_kinds, key_blobs, read_fields, str_to_bytes
+from securefl.engine.registry import REGISTRY as _REGISTRY
+from securefl.engine.registry import Message, message, registered
 from securefl.errors import MessageError
 
 __all__ = [
@@ -63,31 +65,9 @@ _DTYPES = frozenset(
 _JSON_SCALARS = frozenset((type(None), bool, int, float, str))
 _SCALAR_TYPES = (bool, int, float, str)
 _KEY_TYPES = frozenset((int, str))
-_REGISTRY: dict[str, type] = {}
 T = TypeVar("T")
 # the tree holds fresh containers only, so the circular-reference check is skipped
 _HEADER = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False)
-
-
-class Message:
-    """Marker base class of every wire message."""
-
-
-@typing.dataclass_transform(frozen_default=True, eq_default=False)
-def message(cls: type[T]) -> type[T]:
-    """Class decorator: make ``cls`` a frozen message dataclass and register it by name."""
-    if cls.__name__ in _REGISTRY:
-        raise TypeError(f"message type {cls.__name__!r} is already registered")
-    if not issubclass(cls, Message):
-        raise TypeError(f"{cls.__name__} must subclass securefl.engine.messages.Message")
-    data_cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
-    _REGISTRY[cls.__name__] = data_cls
-    return data_cls
-
-
-def registered() -> dict[str, type]:
-    """A copy of the name -> class registry (used by the round-trip contract tests)."""
-    return dict(_REGISTRY)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -101,7 +81,7 @@ def encode(msg: Message) -> bytes:
     names = _registered_fields(msg)
     if names is None:
         raise MessageError("only registered messages can be encoded")
-    body = body_text(msg, names, blobs, arrays, tree=_tree, dumps=_HEADER.encode,
+    body = layout.body_text(msg, names, blobs, arrays, tree=_tree, dumps=_HEADER.encode,
                      flat=_registered_fields)
     sizes = ",".join([str(len(b) if isinstance(b, bytes) else b.nbytes) for b in blobs])
     header = f'{{"body":{body},"arrays":{_HEADER.encode(arrays)},"blobs":[{sizes}]}}'.encode()
@@ -140,7 +120,7 @@ def _tree(value: Any, blobs: list[bytes | memoryview], arrays: list[dict[str, An
     if isinstance(value, list):
         return [_tree(v, blobs, arrays) for v in value]
     if isinstance(value, dict):
-        if str_to_bytes(value):  # ids to blobs, the shape of most protocol dicts
+        if layout.str_to_bytes(value):  # ids to blobs, the shape of most protocol dicts
             start = len(blobs)
             blobs.extend(value.values())
             return {"$mb": list(value), "b": start}
@@ -193,27 +173,36 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
     start = _PREFIX.size + header_len
     if start > view.nbytes:
         raise MessageError("truncated message header")
-    try:
-        header = json.loads(str(view[_PREFIX.size:start], "utf-8"))
-        sizes = header["blobs"]
-        arrays = header["arrays"]
-        body = header["body"]
-        # json.loads makes ints of exact type int (a bool is not a size)
-        well_formed = (type(sizes) is list and set(map(type, sizes)) <= {int}
-                       and type(arrays) is list)
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise MessageError("malformed message header") from None
-    if not well_formed:
-        raise MessageError("malformed message header")
-    if (sizes and min(sizes) < 0) or start + sum(sizes) != view.nbytes:
-        raise MessageError("message length does not match its header")
-    msg = _Reader(frame, view, list(itertools.accumulate(sizes, initial=start)),
-                  arrays).build(body, 0)
+    text = view[_PREFIX.size:start].tobytes()
+    plan = plans.lookup(text, version)
+    if plan is not None:  # a header decoded before (securefl.engine.plans)
+        if plan.end != view.nbytes:
+            raise MessageError("message length does not match its header")
+        reader, cls = _Reader(frame, view, plan.offsets, plan.arrays), plan.message
+        values = None if cls is None else layout.replay(reader, plan.recipe, _checks(cls), 1)
+        msg = reader.build(plan.body, 0) if cls is None or values is None else cls(**values)
+    else:
+        msg, fresh = _first(frame, view, text, version, start)
     if not isinstance(msg, Message):
         raise MessageError("message body is not a message")
+    if plan is None and fresh is not None:
+        plans.remember(text, fresh)  # only a frame that decoded
     if expect is not None and not isinstance(msg, expect):
         raise MessageError(f"expected {expect.__name__}, got {type(msg).__name__}")
     return msg  # type: ignore[return-value]
+
+
+def _first(frame: bytes | bytearray | memoryview, view: memoryview, text: bytes, version: int,
+           start: int) -> tuple[Any, plans.Plan | None]:
+    """The value of a frame whose header has no plan yet, and the plan it gives if wanted."""
+    offsets, arrays, body = plans.parse(text, start=start, end=view.nbytes)
+    reader = _Reader(frame, view, offsets, arrays)
+    if not plans.wanted(text, version):
+        return reader.build(body, 0), None
+    recipe: list[layout.Step] = []
+    msg, cls = layout.planned(reader, body, 0, MAX_DEPTH, recipe)
+    return msg, plans.Plan(version, view.nbytes, offsets, arrays, body, cls,
+                           tuple(recipe) if cls else ())
 
 
 class _Reader:
@@ -291,15 +280,14 @@ class _Reader:
                 return tuple(self.items(node["$t"], depth))
             if "$m" in node and type(node["$m"]) is list:
                 return self.entries(node["$m"], depth)
-            if "$mb" in node and (table := key_blobs(self, node)) is not None:
+            if "$mb" in node and (table := layout.key_blobs(self, node)) is not None:
                 return table
             if "$msg" in node and type(node.get("f")) is dict:
                 fields, name = node["f"], node["$msg"]
                 cls = _REGISTRY.get(name) if type(name) is str else None
                 if cls is not None and fields.keys() == field_hints(cls).keys():
-                    values = read_fields(self, fields, field_kinds(cls, field_hints(cls)),
-                                         field_checkers(cls, message=Message), depth,
-                                         MAX_DEPTH)
+                    values = layout.read_fields(self, fields, _kinds(cls), _checks(cls),
+                                                depth, MAX_DEPTH)
                     if values is not None:
                         return cls(**values)
                 return _construct(name, dict(zip(
@@ -319,6 +307,14 @@ class _Reader:
             else:
                 out[key] = value if kind in _JSON_SCALARS else self.build(value, depth)
         return out
+
+
+def _kinds(cls: type) -> dict[str, str]:
+    return layout.field_kinds(cls, field_hints(cls))
+
+
+def _checks(cls: type) -> dict[str, Any]:
+    return field_checkers(cls, message=Message)
 
 
 def _construct(name: Any, fields: dict[str, Any]) -> Message:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 
@@ -47,6 +47,7 @@ __all__ = [
     "Update",
     "WeightedSum",
     "check_update",
+    "opens_model",
 ]
 
 _log = logging.getLogger(__name__)
@@ -214,6 +215,20 @@ class OpensModel(Protocol):
     def open_model(self, request: FitIns) -> np.ndarray:
         """The global model of ``request`` (float32), or :class:`ProtocolAbort`."""
         ...
+
+
+def opens_model(protection: object) -> TypeGuard[OpensModel]:
+    """``isinstance(protection, OpensModel)``, decided once per class (its one member is a
+    method): a runtime protocol check inspects every attribute, and a site asks on every
+    ``FitIns``."""
+    cls = type(protection)
+    known = _OPENS_MODEL.get(cls)
+    if known is None:
+        known = _OPENS_MODEL[cls] = issubclass(cls, OpensModel)
+    return known
+
+
+_OPENS_MODEL: dict[type, bool] = {}
 
 
 def check_update(vector: object, dimension: int) -> str | None:

@@ -47,7 +47,7 @@ from securefl.engine.protection import Update
 from securefl.engine.session import RoundContext
 from securefl.errors import ProtocolAbort
 from securefl.secagg import shamir, suspects
-from securefl.secagg.encoding import Checked, Encoding, FixedPoint, reduce, shared_seed
+from securefl.secagg.encoding import Encoding, FixedPoint, checks_first, reduce, shared_seed
 from securefl.secagg.graph import degree, graph_seed, neighbourhood, threshold_for
 from securefl.secagg.keys import (
     advert_body,
@@ -153,7 +153,7 @@ class SecAggClientRound:
             raise self._abort("round opened twice")
         self.phase = ClientPhase.ABORTED
         participants = self._check_setup(payload)
-        if isinstance(self._encoding, Checked):  # encoded when the masked input is due
+        if checks_first(self._encoding):  # encoded when the masked input is due
             self._encoding.check(update)
             self._update = update
         else:
@@ -294,16 +294,16 @@ class SecAggClientRound:
         if not set(senders) <= set(self._peers) or len(senders) < self._threshold:
             raise self._abort("bad relay sender set")
         self._encoded = self._update = None
-        if update is not None:  # written, masked and sent while it is in cache
-            encoded, self._excess = self._encoding.encode(update, seed=shared_seed(self._base))
-        if encoded is None:
-            raise self._abort("masked input requested twice")
         self._inbox = dict(senders)
         masks = [(self_mask_key(self._seed, scope=self._scope, client_id=self.client_id), 1)]
         for peer in sorted(senders):
             shared = agree(self._s_key, self._peers[peer].s_public, peer=peer)
             key = pairwise_mask_key(shared, scope=self._scope, first=self.client_id, second=peer)
             masks.append((key, 1 if self.client_id < peer else -1))
+        if update is not None:  # written just before the masks are added, while in cache
+            encoded, self._excess = self._encoding.encode(update, seed=shared_seed(self._base))
+        if encoded is None:
+            raise self._abort("masked input requested twice")
         add_masks(encoded, masks)  # in place: the quantized input becomes y_u
         reduce(encoded, self._encoding.bits)
         return SecAggMaskedInput(masked=encoded)

@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 
 from securefl.config.secagg import SecAggConfig
 from securefl.engine.protection import Update
-from securefl.secagg.prg import PRG_KEY_BYTES, derive_key, keystream
+from securefl.secagg.prg import PRG_KEY_BYTES, derive_key
 from securefl.secagg.quantize import Quantizer, levels_for
 from securefl.secagg.scope import Scope
 
-__all__ = ["SECRET_BYTES", "Checked", "Encoding", "FixedPoint", "reduce", "reveal_problem",
-           "shared_seed", "word_dtype"]
+__all__ = ["SECRET_BYTES", "Checked", "Encoding", "FixedPoint", "checks_first", "reduce",
+           "reveal_problem", "shared_seed", "word_dtype"]
 
 #: bytes of each secret an encoding lets a survivor reveal (:meth:`Encoding.removable`)
 SECRET_BYTES = 32
@@ -94,6 +94,19 @@ class Checked(Protocol):
         ...
 
 
+def checks_first(encoding: Encoding) -> TypeGuard[Checked]:
+    """``isinstance(encoding, Checked)``, decided once per class (its one member is a method:
+    a runtime protocol check inspects every attribute, on every round of every site)."""
+    cls = type(encoding)
+    known = _CHECKS_FIRST.get(cls)
+    if known is None:
+        known = _CHECKS_FIRST[cls] = issubclass(cls, Checked)
+    return known
+
+
+_CHECKS_FIRST: dict[type, bool] = {}
+
+
 def word_dtype(bits: int) -> np.dtype:
     """``<u2`` for ``bits <= 16``, ``<u4`` up to 32."""
     if not 2 <= bits <= 32:
@@ -134,8 +147,8 @@ class FixedPoint:
 
     def encode(self, update: Update, *, seed: bytes) -> tuple[np.ndarray, tuple[bytes, ...]]:
         # a fresh AES-128 key from the CSPRNG: the dither is private and used once
-        dither = keystream(os.urandom(PRG_KEY_BYTES), update.delta.shape[0] + 1)
-        words = self.quantizer.encode(update.delta, float(update.weight), dither, in_place=True)
+        words = self.quantizer.encode_keyed(update.delta, float(update.weight),
+                                            dither_key=os.urandom(PRG_KEY_BYTES))
         return words, ()
 
     def removable(self, survivors: int) -> int:

@@ -18,12 +18,16 @@ coordinate (below ``W / L`` on the weight).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+from securefl.secagg.prg import Keystream
 
 __all__ = ["MAX_SUM", "Quantizer", "levels_for"]
 
 MAX_SUM = (1 << 31) - 1
-_CHUNK_WORDS = 1 << 14  # 128 KiB of float64 per chunk: the scratch stays in L2
+_CHUNK_WORDS = 1 << 15  # 256 KiB of float64 per chunk: the scratch stays in a 1 MiB L2
 
 
 def levels_for(num_clients: int, *, bits: int | str) -> int:
@@ -85,16 +89,35 @@ class Quantizer:
         self.check(delta, weight)
         if dither.shape != (delta.shape[0] + 1,) or dither.dtype != np.uint32:
             raise ValueError("dither must be d + 1 uint32 words")
-        bound = self.levels * (weight / self.max_weight)  # <= L, since w / W <= 1
-        size = delta.shape[0]
         if in_place and not dither.flags.writeable:
             raise ValueError("in_place needs a writeable dither")
-        words = dither.view(np.int32) if in_place else np.empty(size + 1, np.int32)
+        words = dither if in_place else np.empty(delta.shape[0] + 1, np.uint32)
+        return self._rounded(delta, weight, dither, words, fill=None)
+
+    def encode_keyed(self, delta: np.ndarray, weight: float, *, dither_key: bytes) -> np.ndarray:
+        """``encode(delta, weight, keystream(dither_key, d + 1), in_place=True)``, bit for bit,
+        with each chunk of the dither written just before it is rounded (while it is in
+        cache) instead of all ``d + 1`` words first."""
+        self.check(delta, weight)
+        stream = Keystream(dither_key, delta.shape[0] + 1)
+        return self._rounded(delta, weight, stream.words, stream.words, fill=stream.fill)
+
+    def _rounded(self, delta: np.ndarray, weight: float, dither: np.ndarray, out: np.ndarray,
+                 *, fill: Callable[[int], None] | None) -> np.ndarray:
+        """The words into ``out`` (which may be ``dither``); ``fill(stop)``, if given, writes
+        the dither up to word ``stop`` first."""
+        bound = self.levels * (weight / self.max_weight)  # <= L, since w / W <= 1
+        size = delta.shape[0]
+        words = out.view(np.int32)
         # one cache-sized chunk at a time: no d-sized float64 temporaries (each would cost a
         # fresh, page-faulting allocation larger than the whole computation)
         scratch = _Scratch(min(size, _CHUNK_WORDS))
-        for start in range(0, size, _CHUNK_WORDS):
+        for start in range(0, size + 1, _CHUNK_WORDS):
             stop = min(start + _CHUNK_WORDS, size)
+            if fill is not None:
+                fill(min(start + _CHUNK_WORDS, size + 1))
+            if stop <= start:
+                break
             scaled = scratch.scaled[:stop - start]
             # float64 first (clipping in float32 could exceed the clip), then clip at the
             # bound itself, after scaling: rounding can never push a coordinate past L,
@@ -105,7 +128,7 @@ class Quantizer:
         scratch = _Scratch(1)
         scratch.scaled[0] = bound
         scratch.round_into(scratch.scaled, dither[size:], words[size:])
-        return words.view(np.uint32)
+        return out
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """``(sum_i w_i x_i, sum_i w_i)`` from the ``d + 1``-word sum of encodings."""

@@ -20,10 +20,10 @@ On the wire a share is the nine values, limb 0 first, each 4 big-endian bytes
 (:data:`SHARE_BYTES` = 36), and in code the integer those bytes spell.
 
 Why this field: the shares of one secret at ``n`` points are a ``9 x n`` array of int64,
-evaluated by Horner's rule for all points and limbs at once (``t - 1`` vectorised steps of
-``v <- v x + a``); values below ``2**31`` times points below ``2**31`` cannot overflow
-int64, and with small points several steps run between two reductions.  Over the single
-257-bit prime of earlier versions every step cost ``2 n`` Python big-integer operations.
+evaluated for all points and limbs at once as integer matrix products of the coefficients
+with the public table of powers ``x^k mod p`` (values below ``2**31``, so products split in
+half-words stay exact in int64).  Over the single 257-bit prime of earlier versions every
+step cost ``2 n`` Python big-integer operations.
 
 The coefficients are uniform in ``[0, p)`` by rejection from :func:`secrets.token_bytes`.
 """
@@ -45,7 +45,7 @@ LIMB_BITS = 30
 LIMBS = 9  # 9 * 30 >= 256
 SHARE_BYTES = 4 * LIMBS
 _TOP_BITS = 256 - LIMB_BITS * (LIMBS - 1)
-_INT64_MAX = (1 << 63) - 1
+_POWER_ROWS = 1 << 15  # terms summed per reduction: 2**15 products below 2**47 fit int64
 _LAGRANGE_ROWS = 256  # rows of the (t x t) difference table handled at once
 _SHARE = struct.Struct(f">{LIMBS}I")
 _SPREAD = struct.Struct(">" + "4xQ" * LIMBS)  # one 96-bit slot per limb
@@ -94,7 +94,8 @@ def _checked(secrets_: Sequence[int], threshold: int, xs: Sequence[int]) -> list
 def _random_coefficients(count: int) -> np.ndarray:
     """``count x 9`` elements uniform in ``[0, p)``: 31 random bits each, ``p`` itself redrawn."""
     values = np.frombuffer(secrets.token_bytes(4 * count * LIMBS), "<u4") >> 1
-    while (redraw := np.flatnonzero(values == PRIME)).size:  # probability 2**-31 each
+    while (drawn_p := values == PRIME).any():  # probability 2**-31 each
+        redraw = np.flatnonzero(drawn_p)
         values[redraw] = np.frombuffer(secrets.token_bytes(4 * redraw.size), "<u4") >> 1
     return values.astype(np.int64).reshape(count, LIMBS)
 
@@ -104,30 +105,47 @@ def _limbs(secret: int) -> list[int]:
 
 
 def _evaluate(secrets_: Sequence[int], coefficients: np.ndarray, points: list[int]) -> list[int]:
-    """Horner's rule ``v <- v x + a`` for the nine limbs of every secret at every point at
-    once, reducing modulo ``p`` only when the next step could leave int64.  Row ``k - 1`` of
-    ``coefficients`` holds ``a_{j,k}`` of every secret in turn (``9 m`` values for ``m``
-    secrets); the shares come back point by point, secret by secret."""
+    """``f_j(x_i) = sum_k a_{j,k} x_i^k mod p`` for the nine limbs of every secret at every
+    point at once, as two integer matrix products with the table of powers ``x_i^k mod p``
+    (public, cached per points and degree).  Row ``k - 1`` of ``coefficients`` holds
+    ``a_{j,k}`` of every secret in turn (``9 m`` values for ``m`` secrets); the shares come
+    back point by point, secret by secret.
+
+    Exact in int64: each coefficient is split into its high 15 and low 16 bits, so every
+    product with a power (``< 2**31``) is below ``2**47``, and at most :data:`_POWER_ROWS`
+    of them are summed before a reduction."""
     width = LIMBS * len(secrets_)
-    rows = [np.array([limb for secret in secrets_ for limb in _limbs(secret)],
-                     np.int64)[:, None],  # a_{j,0} = s_j
-            *coefficients.reshape(-1, width)[:, :, None]]
-    x = np.array(points, np.int64)
-    largest = max(points)
-    values = np.empty((width, len(points)), np.int64)
-    values[:] = rows[-1]
-    bound = PRIME - 1  # the largest value ``values`` can hold
-    for row in reversed(rows[:-1]):
-        if bound * largest + PRIME - 1 > _INT64_MAX:
-            np.remainder(values, PRIME, out=values)
-            bound = PRIME - 1
-        values *= x
-        values += row
-        bound = bound * largest + PRIME - 1
-    np.remainder(values, PRIME, out=values)
+    table = np.empty((coefficients.size // width + 1, width), np.int64)
+    table[0] = [limb for secret in secrets_ for limb in _limbs(secret)]  # a_{j,0} = s_j
+    table[1:] = coefficients.reshape(-1, width)
+    powers = _powers(tuple(points), table.shape[0])
+    values = np.zeros((width, len(points)), np.int64)
+    for start in range(0, table.shape[0], _POWER_ROWS):
+        rows, power = table[start:start + _POWER_ROWS].T, powers[start:start + _POWER_ROWS]
+        high = (rows >> 16) @ power
+        high %= PRIME
+        high <<= 16  # below 2**47
+        low = (rows & 0xFFFF) @ power
+        low %= PRIME
+        values += high
+        values += low
+        values %= PRIME
     raw = values.T.astype(">u4").tobytes()
     return [int.from_bytes(raw[i:i + SHARE_BYTES], "big")
             for i in range(0, len(raw), SHARE_BYTES)]
+
+
+@functools.lru_cache(maxsize=256)
+def _powers(points: tuple[int, ...], count: int) -> np.ndarray:
+    """``x_i^k mod p`` for ``k < count`` (rows) and each point (columns); read-only."""
+    x = np.array(points, np.int64)
+    table = np.empty((count, len(points)), np.int64)
+    table[0] = 1
+    for k in range(1, count):
+        np.multiply(table[k - 1], x, out=table[k])  # below 2**62
+        np.remainder(table[k], PRIME, out=table[k])
+    table.flags.writeable = False
+    return table
 
 
 def _share_limbs(shares: Sequence[int]) -> list[tuple[int, ...]]:

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from securefl.engine import messages
+from securefl.engine import layout, messages, plans
 from securefl.engine.messages import EvaluateIns, FitIns, decode, encode
 from securefl.engine.session import model_digest
 from securefl.errors import MessageError
@@ -111,14 +111,49 @@ def test_the_direct_header_path_writes_and_reads_the_generic_frames(monkeypatch)
         frames.append(frame)
         _, _, size = struct.unpack_from("<4sHI", frame)
         header, tail = json.loads(frame[10:10 + size]), frame[10 + size:]
-        for field in header["body"]["f"]:
-            for node in bad_nodes:  # each field replaced by each malformed node
+        # each field, and each field of a nested message, replaced by each malformed node
+        paths = [(field,) for field in header["body"]["f"]]
+        paths += [(field, "f", inner) for field, node in header["body"]["f"].items()
+                  if isinstance(node, dict) and "$msg" in node for inner in node["f"]]
+        for path in paths:
+            for node in bad_nodes:
                 bad = json.loads(json.dumps(header))
-                bad["body"]["f"][field] = node
+                parent = bad["body"]["f"]
+                for key in path[:-1]:
+                    parent = parent[key]
+                parent[path[-1]] = node
                 raw = json.dumps(bad, separators=(",", ":")).encode()
                 frames.append(struct.pack("<4sHI", b"SFLM", 1, len(raw)) + raw + tail)
+    monkeypatch.setattr(plans, "_PLANS", {})
+    monkeypatch.setattr(plans, "_SEEN", set())
     direct = [_outcome(frame) for frame in frames]
-    monkeypatch.setattr(messages, "read_fields", lambda *args, **kwargs: None)
+    assert [_outcome(frame) for frame in frames] == direct  # seen twice: planned now
+    parsed, parse = [], plans.parse
+    monkeypatch.setattr(plans, "parse", lambda *a, **k: parsed.append(1) or parse(*a, **k))
+    planned = [_outcome(frame) for frame in frames]  # each header's plan from the first pass
+    # every header that decoded is read from its plan: only the malformed ones are parsed
+    assert len(parsed) == sum(kind == "error" for kind, _ in direct)
+    monkeypatch.setattr(layout, "read_fields", lambda *args, **kwargs: None)
+    monkeypatch.setattr(plans, "lookup", lambda *args: None)
     generic = [_outcome(frame) for frame in frames]
-    assert direct == generic
+    assert direct == planned == generic
     assert sum(kind == "error" for kind, _ in direct) > len(frames) // 2
+
+
+def test_a_planned_header_still_checks_the_frame_and_reads_its_own_blobs(monkeypatch):
+    monkeypatch.setattr(plans, "_PLANS", {})
+    monkeypatch.setattr(plans, "_SEEN", set())
+    frames = [encode(SecAggShares(ciphertexts={"c0001": bytes([i]) * 76, "c0002": b"k" * 76}))
+              for i in range(3)]
+    assert len({f[:10 + struct.unpack_from("<I", f, 6)[0]] for f in frames}) == 1  # one header
+    decoded = [decode(frame).ciphertexts for frame in frames]  # the second one planned it
+    assert len(plans._PLANS) == 1
+    assert [d["c0001"] for d in decoded] == [bytes([i]) * 76 for i in range(3)]
+    assert decoded[2] is not decoded[1] and decode(frames[0]).ciphertexts == decoded[0]
+    for bad in (frames[0] + b"x", frames[0][:-1]):
+        try:
+            decode(bad)
+        except MessageError as exc:
+            assert "length does not match" in str(exc)
+        else:
+            raise AssertionError("a frame longer or shorter than its header decoded")
