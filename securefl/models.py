@@ -1,9 +1,12 @@
-"""Small reference models (logistic regression, MLP, a CNN for 8x8 to 32x32 images) and a
-site's own model (``[model] factory`` or a Python object, see :func:`own_model`).
+"""Small reference models (logistic regression, MLP, a CNN for 8x8 to 32x32 images, the
+MNIST network of Karimireddy et al. 2022 with or without its dropout) and a site's own model
+(``[model] factory`` or a Python object, see :func:`own_model`).
 
 All layers are Opacus-compatible (no BatchNorm).  Parameters are initialised from an
 explicit ``torch.Generator`` (PyTorch's default ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
 scheme), never from the global RNG, so the same seed gives the same model everywhere.
+Dropout masks (:class:`SeededDropout`) come from an explicit generator too, which the site's
+trainer replaces by its own (:func:`seed_dropout`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from torch import nn
 from securefl.config import ModelConfig
 from securefl.errors import ConfigError
 
-__all__ = ["CNN", "MLP", "MnistNet", "OwnModel", "build_model", "import_callable", "import_factory",
-           "logistic", "own_model"]
+__all__ = ["CNN", "MLP", "MnistNet", "OwnModel", "SeededDropout", "build_model",
+           "import_callable", "import_factory", "logistic", "own_model", "seed_dropout"]
 
 #: what a user brings: a module (copied for every party) or a factory that returns one
 OwnModel = nn.Module | Callable[..., nn.Module]
@@ -65,26 +68,75 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
+class SeededDropout(nn.Module):
+    """Inverted dropout with masks drawn from ``generator``, never from torch's global RNG.
+
+    In training mode ``y = x * m / (1 - p)`` with ``m_j ~ Bernoulli(1 - p)`` independently;
+    ``channels``: one ``m`` per example and channel, shared by all its positions (dropping
+    whole feature maps, as ``nn.Dropout2d``), otherwise one per element (``nn.Dropout``).
+    In eval mode the identity.  The masks are drawn on the CPU (the generator's device) and
+    moved to the input's device, so a run draws the same masks on any device.
+    """
+
+    def __init__(self, p: float, *, channels: bool, generator: torch.Generator) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.channels, self.generator = p, channels, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if self.channels else tuple(x.shape)
+        keep = 1.0 - self.p
+        mask = (torch.rand(shape, generator=self.generator) < keep).to(x.dtype) / keep
+        return x * mask.to(x.device)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, channels={self.channels}"
+
+
+def seed_dropout(model: nn.Module, generator: torch.Generator) -> int:
+    """Let every :class:`SeededDropout` of ``model`` draw its masks from ``generator`` (the
+    site's trainer owns it, seeded from the site's seed); returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, SeededDropout)]
+    for layer in layers:
+        layer.generator = generator
+    return len(layers)
+
+
 class MnistNet(nn.Module):
     """The MNIST network of the PyTorch examples, as in Karimireddy, He & Jaggi's code (ICLR
     2022): ``Conv(1->32, 3x3) -> ReLU -> Conv(32->64, 3x3) -> ReLU -> MaxPool(2) ->
     Linear(9216->128) -> ReLU -> Linear(128->10)`` on 28x28 inputs, 1.2 M parameters.  The
     inputs are first normalised as their MNIST transform does, ``(x - 0.1307) / 0.3081``.
-    Two differences from their ``Net`` (``codes/tasks/mnist.py``): theirs has no ReLU after
-    the second convolution, and it has the example's two dropout layers (``Dropout2d(0.25)``
-    after the pooling, ``Dropout2d(0.5)`` after the hidden layer), left out here because
-    torch's dropout draws from the global RNG, which securefl never uses
-    (``attacks/reference/karimireddy_loop.py --model cnn`` runs theirs, with its dropout).
+
+    ``variant = "karimireddy2022"`` is exactly their ``Net`` (``codes/tasks/mnist.py``): no
+    ReLU after the second convolution, ``Dropout2d(0.25)`` after the pooling (whole channels
+    per example) and dropout 0.5 on the hidden units (single units: their ``Dropout2d`` on a
+    2-D input, in the torch of 2021).  ``variant = "plain"`` (the default) has the ReLU and
+    no dropout.  The masks come from ``generator`` (:class:`SeededDropout`).
     """
 
     MEAN, STD = 0.1307, 0.3081
+    VARIANTS = ("plain", "karimireddy2022")
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, *, variant: str = "plain",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant must be one of {self.VARIANTS}, got {variant!r}")
+        theirs = variant == "karimireddy2022"
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(9216, 128), nn.ReLU(), nn.Linear(128, num_classes))
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3),
+            *([] if theirs else [nn.ReLU()]), nn.MaxPool2d(2),
+            *([SeededDropout(0.25, channels=True, generator=gen)] if theirs else []),
+            nn.Flatten())
+        self.head = nn.Sequential(
+            nn.Linear(9216, 128), nn.ReLU(),
+            *([SeededDropout(0.5, channels=False, generator=gen)] if theirs else []),
+            nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features((x - self.MEAN) / self.STD))
@@ -109,7 +161,8 @@ def build_model(config: ModelConfig, in_shape: Sequence[int], num_classes: int, 
         if tuple(in_shape[1:]) != (28, 28):
             raise ConfigError(f"[model] name = \"mnist_cnn\" is the 28x28 MNIST network, but "
                               f"the data's examples have shape {tuple(in_shape)}; use \"cnn\"")
-        model = MnistNet(in_shape[0], num_classes)
+        model = MnistNet(in_shape[0], num_classes, variant=config.variant,
+                         generator=torch.Generator().manual_seed(seed + 1))
     else:
         if len(in_shape) != 3 or min(in_shape[1:]) < 4:
             raise ConfigError(f"[model] name = \"cnn\" needs image inputs (channels, height "

@@ -24,7 +24,9 @@ github.com/epfml/byzantine-robust-noniid-optimizer) does it:
 MNIST example): ``Conv(1->32, 3) -> ReLU -> Conv(32->64, 3) -> MaxPool(2) -> Dropout2d(0.25)
 -> Linear(9216->128) -> ReLU -> Dropout2d(0.5) -> Linear(128->10)``, their inputs
 ``(x - 0.1307) / 0.3081``.  (No ReLU after the second convolution, as in their file;
-securefl's ``mnist_cnn`` has one there and no dropout.)  Their first dropout drops whole
+securefl's ``mnist_cnn`` is this network with ``variant = "karimireddy2022"``, and has the ReLU
+and no dropout with the default ``variant = "plain"``; securefl draws independent masks per
+site and step, this loop's ``--dropout independent``.)  Their first dropout drops whole
 channels per example, the second single units (``Dropout2d`` of the torch of 2021 on a 2-D
 input).  ``--dropout`` says how the masks are drawn: ``none``; ``shared``, as their
 simulator does (it saves torch's RNG state before every worker's call and restores it

@@ -62,12 +62,16 @@ class ModelConfig:
     (``name`` becomes ``"factory"``; ``path`` is the folder put first on the import path,
     by default the config file's, for ``[client] loss`` and ``step`` too), or
     ``name = "python"`` for a module given as a Python object through :mod:`securefl.own`,
-    whose ``factory`` then records its class."""
+    whose ``factory`` then records its class.  ``variant`` selects ``mnist_cnn``'s form:
+    ``"plain"`` (ReLU after both convolutions, no dropout) or ``"karimireddy2022"`` (their
+    ``Net``: no ReLU after the second convolution, dropout 0.25 on channels and 0.5 on the
+    hidden units; :class:`securefl.models.MnistNet`)."""
 
     name: Literal["logistic", "mlp", "cnn", "mnist_cnn", "factory", "python"] = "mlp"
     hidden: tuple[int, ...] = (64,)
     factory: str | None = None
     path: str | None = None
+    variant: Literal["plain", "karimireddy2022"] = "plain"
 
     def __post_init__(self) -> None:
         if self.factory is not None and self.name == "mlp":  # the default: factory wins
@@ -79,6 +83,8 @@ class ModelConfig:
               f"is required with name = {self.name!r}")
         check(self.factory is None or self.name in ("factory", "python"), "factory",
               f"and name = {self.name!r} both given; give one")
+        check(self.variant == "plain" or self.name == "mnist_cnn", "variant",
+              f"= {self.variant!r} is a form of name = \"mnist_cnn\", not of {self.name!r}")
         if self.name == "factory":
             check(_import_path(str(self.factory)), "factory",
                   f"must be \"package.module:function\", got {self.factory!r}")

@@ -14,6 +14,7 @@ from torch import nn
 
 from securefl.data import Dataset
 from securefl.engine.protection import Update
+from securefl.models import seed_dropout
 from securefl.objective import Objective, scalar
 from securefl.vector import Layout, flatten, unflatten
 
@@ -96,9 +97,12 @@ class LocalTrainer:
 
     Batches are drawn by shuffling with the trainer's own ``torch.Generator`` (seeded per
     client, on the CPU whatever the ``device``), so runs are reproducible without touching
-    the global RNG.  ``device`` holds the model and the data (:mod:`securefl.device`);
-    ``objective`` is the loss and step (:mod:`securefl.objective`; cross-entropy by default).
-    The weight of the update is the number of training examples (FedAvg weighting).
+    the global RNG; the model's dropout masks (:class:`securefl.models.SeededDropout`) come
+    from a second generator the trainer owns, seeded from ``(seed, 1)``, so every site and
+    every step draws its own masks.  ``device`` holds the model and the data
+    (:mod:`securefl.device`); ``objective`` is the loss and step (:mod:`securefl.objective`;
+    cross-entropy by default).  The weight of the update is the number of training examples
+    (FedAvg weighting).
     """
 
     def __init__(self, model: nn.Module, train: Dataset, val: Dataset, *, epochs: int,
@@ -121,6 +125,9 @@ class LocalTrainer:
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
         self.generator = torch.Generator().manual_seed(seed)
+        self.dropout = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+        seed_dropout(self.model, self.dropout)
         self.local_steps, self.keep_momentum = local_steps, keep_momentum
         self._order = torch.empty(0, dtype=torch.long)  # the rest of the current pass
         self._optimizer: torch.optim.Optimizer | None = None
@@ -171,15 +178,17 @@ class LocalTrainer:
         optimizer.step()
         return float(loss.item())
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:
-        """Everything a round changes besides the model: the shuffling generator, the rest of
-        the current pass and the kept optimizer state (copied)."""
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any] | None]:
+        """Everything a round changes besides the model: the shuffling and dropout
+        generators, the rest of the current pass and the kept optimizer state (copied)."""
         state = None if self._optimizer is None else copy.deepcopy(self._optimizer.state_dict())
-        return self.generator.get_state(), self._order.clone(), state
+        return self.generator.get_state(), self.dropout.get_state(), self._order.clone(), state
 
-    def restore(self, snap: tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]) -> None:
-        generator, order, state = snap
+    def restore(self, snap: tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                  dict[str, Any] | None]) -> None:
+        generator, dropout, order, state = snap
         self.generator.set_state(generator)
+        self.dropout.set_state(dropout)
         self._order = order.clone()
         if state is None:
             self._optimizer = None

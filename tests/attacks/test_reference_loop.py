@@ -51,6 +51,28 @@ def test_their_cnn_dropout_masks_drop_channels_then_units() -> None:
     assert net(x, (first[:3], second[:3])).shape == (3, 10)
 
 
+def test_securefl_variant_computes_their_net() -> None:
+    """``[model] name = "mnist_cnn", variant = "karimireddy2022"`` is the loop's ``TheirNet``:
+    with the same weights and the same masks (both drawn as ``rand < 1 - p`` from equal
+    generator states, channels first), the same logits, in training and in eval mode."""
+    from securefl.config import ModelConfig
+    from securefl.models import build_model, seed_dropout
+    from securefl.vector import flatten, unflatten
+
+    loop = _loop()
+    theirs = loop.TheirNet()
+    ours = build_model(ModelConfig(name="mnist_cnn", variant="karimireddy2022"),
+                       (1, 28, 28), 10, seed=5)
+    unflatten(theirs, flatten(ours))
+    x = torch.rand((6, 1, 28, 28), generator=torch.Generator().manual_seed(3))
+    scaled = (x - 0.1307) / 0.3081
+    seed_dropout(ours, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        masks = loop.TheirNet.draw_masks(6, torch.Generator().manual_seed(9))
+        torch.testing.assert_close(ours.train()(x), theirs(scaled, masks))
+        torch.testing.assert_close(ours.eval()(x), theirs(scaled))
+
+
 def test_shared_masks_are_the_same_object_for_every_worker() -> None:
     """``shared`` (their simulator's saved and restored RNG): every call of an epoch gets the
     epoch's masks; ``independent``: a fresh draw per call; ``none``: no dropout."""
