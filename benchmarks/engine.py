@@ -226,9 +226,9 @@ def ray_install() -> dict[str, object]:
     """Which Ray this measures: ``minimal`` without the dashboard's packages (``aiohttp`` and
     the rest of ``ray[default]``; what ``pip install 'securefl[ray]'`` installs), else
     ``default``: with them Ray's API-server process and dashboard agent load the dashboard's
-    modules (``cpu_dashboard.py`` and ``cpu_DashboardAgent`` are larger).  Ray's own test decides, in a fresh
-    interpreter (importing ``ray.dashboard.optional_deps``).  ``pyarrow``: installed, so
-    each actor's serialization context imports it."""
+    modules (``cpu_dashboard.py`` and ``cpu_DashboardAgent`` are larger).  Ray's own test
+    decides, in a fresh interpreter (importing ``ray.dashboard.optional_deps``).
+    ``pyarrow``: installed, so each actor's serialization context imports it."""
     import importlib.util
 
     import ray

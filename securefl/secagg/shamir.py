@@ -46,6 +46,7 @@ LIMBS = 9  # 9 * 30 >= 256
 SHARE_BYTES = 4 * LIMBS
 _TOP_BITS = 256 - LIMB_BITS * (LIMBS - 1)
 _POWER_ROWS = 1 << 15  # terms summed per reduction: 2**15 products below 2**47 fit int64
+_CACHED_POWERS = 1 << 16  # values of a power table worth keeping (512 KiB)
 _LAGRANGE_ROWS = 256  # rows of the (t x t) difference table handled at once
 _SHARE = struct.Struct(f">{LIMBS}I")
 _SPREAD = struct.Struct(">" + "4xQ" * LIMBS)  # one 96-bit slot per limb
@@ -135,9 +136,21 @@ def _evaluate(secrets_: Sequence[int], coefficients: np.ndarray, points: list[in
             for i in range(0, len(raw), SHARE_BYTES)]
 
 
-@functools.lru_cache(maxsize=256)
 def _powers(points: tuple[int, ...], count: int) -> np.ndarray:
-    """``x_i^k mod p`` for ``k < count`` (rows) and each point (columns); read-only."""
+    """``x_i^k mod p`` for ``k < count`` (rows) and each point (columns), read-only; cached
+    up to :data:`_CACHED_POWERS` values a table (a neighbourhood's), so the cache stays
+    below 256 x 512 KiB whatever sizes the sharings have."""
+    if count * len(points) <= _CACHED_POWERS:
+        return _cached_powers(points, count)
+    return _power_table(points, count)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_powers(points: tuple[int, ...], count: int) -> np.ndarray:
+    return _power_table(points, count)
+
+
+def _power_table(points: tuple[int, ...], count: int) -> np.ndarray:
     x = np.array(points, np.int64)
     table = np.empty((count, len(points)), np.int64)
     table[0] = 1
