@@ -146,3 +146,21 @@ def test_a_large_sharing_reconstructs_from_any_threshold_subset():
     for _ in range(2):
         chosen = sorted(secrets.SystemRandom().sample(xs, 251))
         assert shamir.combine({x: shares[x] for x in chosen}, threshold=251) == secret
+
+
+def test_power_tables_are_cached_only_up_to_their_bound_and_agree_with_the_direct_ones():
+    """A server that asks for ever larger sharings cannot grow the cache of power tables
+    past 256 tables of at most 65,536 values; a cached table equals the one made directly."""
+    small = tuple(range(1, 19))  # a neighbourhood: cached
+    large = tuple(range(1, 501))  # 500 parties, 251 rows: 125,500 values, made each call
+    before = shamir._cached_powers.cache_info().currsize
+    assert shamir._powers(large, 251).shape == (251, 500)
+    assert shamir._cached_powers.cache_info().currsize == before
+    cached = shamir._powers(small, 10)
+    assert (cached == shamir._power_table(small, 10)).all()
+    assert shamir._powers(small, 10) is cached and not cached.flags.writeable
+    assert int(shamir._power_table(large, 251)[250, 499]) == pow(500, 250, PRIME)
+    secret = secrets.randbits(256)
+    shares = shamir.split(secret, threshold=251, xs=list(large))
+    assert shamir.combine(dict(zip(large[249:], shares[249:], strict=True)),
+                          threshold=251) == secret
