@@ -37,6 +37,7 @@ __all__ = [
     "Combined",
     "KeepsModel",
     "OpensModel",
+    "PerClass",
     "Plain",
     "Receives",
     "Redoable",
@@ -217,18 +218,31 @@ class OpensModel(Protocol):
         ...
 
 
+class PerClass:
+    """``isinstance(value, protocol)`` for a runtime-checkable ``protocol`` whose members are
+    all methods, decided once per class of ``value``: the protocol check itself inspects
+    every attribute, and the engine asks on every message.  Bounded by the number of
+    classes a process defines."""
+
+    def __init__(self, protocol: type) -> None:
+        self.protocol = protocol
+        self._known: dict[type, bool] = {}
+
+    def __call__(self, value: object) -> bool:
+        cls = type(value)
+        known = self._known.get(cls)
+        if known is None:
+            known = self._known[cls] = issubclass(cls, self.protocol)
+        return known
+
+
+_OPENS_MODEL = PerClass(OpensModel)
+
+
 def opens_model(protection: object) -> TypeGuard[OpensModel]:
-    """``isinstance(protection, OpensModel)``, decided once per class (its one member is a
-    method): a runtime protocol check inspects every attribute, and a site asks on every
-    ``FitIns``."""
-    cls = type(protection)
-    known = _OPENS_MODEL.get(cls)
-    if known is None:
-        known = _OPENS_MODEL[cls] = issubclass(cls, OpensModel)
-    return known
-
-
-_OPENS_MODEL: dict[type, bool] = {}
+    """``isinstance(protection, OpensModel)`` (:class:`PerClass`; a site asks on every
+    ``FitIns``)."""
+    return _OPENS_MODEL(protection)
 
 
 def check_update(vector: object, dimension: int) -> str | None:

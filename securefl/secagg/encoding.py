@@ -29,7 +29,7 @@ from typing import Protocol, TypeGuard, runtime_checkable
 import numpy as np
 
 from securefl.config.secagg import SecAggConfig
-from securefl.engine.protection import Update
+from securefl.engine.protection import PerClass, Update
 from securefl.secagg.prg import PRG_KEY_BYTES, derive_key
 from securefl.secagg.quantize import Quantizer, levels_for
 from securefl.secagg.scope import Scope
@@ -94,17 +94,13 @@ class Checked(Protocol):
         ...
 
 
+_CHECKS_FIRST = PerClass(Checked)
+
+
 def checks_first(encoding: Encoding) -> TypeGuard[Checked]:
-    """``isinstance(encoding, Checked)``, decided once per class (its one member is a method:
-    a runtime protocol check inspects every attribute, on every round of every site)."""
-    cls = type(encoding)
-    known = _CHECKS_FIRST.get(cls)
-    if known is None:
-        known = _CHECKS_FIRST[cls] = issubclass(cls, Checked)
-    return known
-
-
-_CHECKS_FIRST: dict[type, bool] = {}
+    """``isinstance(encoding, Checked)`` (:class:`~securefl.engine.protection.PerClass`:
+    asked on every round of every site)."""
+    return _CHECKS_FIRST(encoding)
 
 
 def word_dtype(bits: int) -> np.dtype:
