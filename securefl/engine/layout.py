@@ -28,8 +28,8 @@ import numpy as np
 from securefl.engine.fields import field_checkers, field_hints
 from securefl.engine.registry import REGISTRY, Message
 
-__all__ = ["Reader", "Step", "body_text", "field_kinds", "key_blobs", "planned", "read_fields",
-           "replay", "str_to_bytes"]
+__all__ = ["Reader", "Step", "body_text", "checks_of", "direct_message", "field_kinds",
+           "key_blobs", "kinds_of", "planned", "read_fields", "replay", "str_to_bytes"]
 
 Tree = Callable[[Any, list[Any], list[Any]], Any]
 
@@ -182,17 +182,31 @@ def planned(reader: Reader, node: Any, depth: int, max_depth: int,
     :func:`read_fields` read all its fields (their steps are then in ``recipe``)."""
     if (type(node) is dict and len(node) == 2 and depth < max_depth
             and type(fields := node.get("f")) is dict):
-        name = node.get("$msg")
-        cls = REGISTRY.get(name) if type(name) is str else None
-        if cls is not None and fields.keys() == field_hints(cls).keys():
-            values = read_fields(reader, fields, field_kinds(cls, field_hints(cls)),
-                                 _checks(cls), depth + 1, max_depth, recipe)
-            if values is not None:
-                return cls(**values), cls
+        msg = direct_message(reader, node.get("$msg"), fields, depth + 1, max_depth, recipe)
+        if msg is not None:
+            return msg, type(msg)
     return reader.build(node, depth), None
 
 
-def _checks(cls: type) -> dict[str, Callable[[Any], bool]]:
+def direct_message(reader: Reader, name: Any, fields: dict[str, Any], depth: int,
+                   max_depth: int, recipe: list[Step] | None = None) -> Any | None:
+    """The registered message ``name`` with the header's ``fields``, read by
+    :func:`read_fields` at ``depth``; ``None`` where the generic reader must decide."""
+    cls = REGISTRY.get(name) if type(name) is str else None
+    if cls is None or fields.keys() != field_hints(cls).keys():
+        return None
+    values = read_fields(reader, fields, kinds_of(cls), checks_of(cls), depth, max_depth,
+                         recipe)
+    return None if values is None else cls(**values)
+
+
+def kinds_of(cls: type) -> dict[str, str]:
+    """:func:`field_kinds` of the registered message class ``cls``."""
+    return field_kinds(cls, field_hints(cls))
+
+
+def checks_of(cls: type) -> dict[str, Callable[[Any], bool]]:
+    """The field checks of the registered message class ``cls`` (built once per class)."""
     return field_checkers(cls, message=Message)
 
 
@@ -219,7 +233,7 @@ def replay(reader: Reader, recipe: tuple[Step, ...],
         else:
             if op == _NESTED:
                 cls, inner, node = arg
-                read = replay(reader, inner, _checks(cls), depth + 1)
+                read = replay(reader, inner, checks_of(cls), depth + 1)
                 value = cls(**read) if read is not None else reader.build(node, depth)
             else:
                 value = reader.build(arg, depth)

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from securefl.engine import layout, plans
-from securefl.engine.fields import field_checkers, field_hints, field_names
+from securefl.engine.fields import field_hints, field_names
 from securefl.engine.registry import REGISTRY as _REGISTRY
 from securefl.engine.registry import Message, message, registered
 from securefl.errors import MessageError
@@ -179,7 +179,8 @@ def _decode(frame: bytes | bytearray | memoryview, *, max_bytes: int, max_header
         if plan.end != view.nbytes:
             raise MessageError("message length does not match its header")
         reader, cls = _Reader(frame, view, plan.offsets, plan.arrays), plan.message
-        values = None if cls is None else layout.replay(reader, plan.recipe, _checks(cls), 1)
+        values = None if cls is None else layout.replay(reader, plan.recipe,
+                                                        layout.checks_of(cls), 1)
         msg = reader.build(plan.body, 0) if cls is None or values is None else cls(**values)
     else:
         msg, fresh = _first(frame, view, text, version, start)
@@ -284,12 +285,9 @@ class _Reader:
                 return table
             if "$msg" in node and type(node.get("f")) is dict:
                 fields, name = node["f"], node["$msg"]
-                cls = _REGISTRY.get(name) if type(name) is str else None
-                if cls is not None and fields.keys() == field_hints(cls).keys():
-                    values = layout.read_fields(self, fields, _kinds(cls), _checks(cls),
-                                                depth, MAX_DEPTH)
-                    if values is not None:
-                        return cls(**values)
+                msg = layout.direct_message(self, name, fields, depth, MAX_DEPTH)
+                if msg is not None:
+                    return msg
                 return _construct(name, dict(zip(
                     fields, self.items(list(fields.values()), depth), strict=True)))
         raise MessageError("malformed message body")
@@ -309,14 +307,6 @@ class _Reader:
         return out
 
 
-def _kinds(cls: type) -> dict[str, str]:
-    return layout.field_kinds(cls, field_hints(cls))
-
-
-def _checks(cls: type) -> dict[str, Any]:
-    return field_checkers(cls, message=Message)
-
-
 def _construct(name: Any, fields: dict[str, Any]) -> Message:
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
@@ -325,7 +315,7 @@ def _construct(name: Any, fields: dict[str, Any]) -> Message:
     if fields.keys() != hints.keys():
         raise MessageError(f"{name}: fields {sorted(fields)[:16]} do not match "
                            f"{sorted(hints)}")
-    checkers = field_checkers(cls, message=Message)
+    checkers = layout.checks_of(cls)
     for key, value in fields.items():
         if not checkers[key](value):
             raise MessageError(f"{name}.{key} has the wrong type ({type(value).__name__})")

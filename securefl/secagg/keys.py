@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from securefl.errors import ProtocolAbort
-from securefl.secagg.prg import derive_key, encoded_id, info_with_prefix, prg_key
+from securefl.secagg.prg import derive_key, info_with_prefix, prg_key
 from securefl.secagg.scope import Scope
 
 __all__ = [
@@ -113,8 +113,8 @@ def opens(scope: Scope, label: str, values: Mapping[str, bytes],
 
 
 def _committed(prefix: bytes, client_id: str, value: bytes) -> bytes:
-    """:func:`commitment` from ``info(label)``: ``info(label, u) = prefix || encoded_id(u)``."""
-    return hashlib.sha256(prefix + encoded_id(client_id) + value).digest()
+    """:func:`commitment` from the prefix of ``info(label)``."""
+    return hashlib.sha256(info_with_prefix(prefix, client_id) + value).digest()
 
 
 def advert_body(scope: Scope, *, client_id: str, participants: bytes, c_public: bytes,

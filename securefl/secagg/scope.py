@@ -27,7 +27,7 @@ import struct
 from collections.abc import Mapping
 
 from securefl.config.secagg import SecAggConfig
-from securefl.secagg.prg import encoded_id, info_prefix, info_with_prefix
+from securefl.secagg.prg import info_prefix, info_with_prefix
 
 __all__ = ["Scope", "federation_id"]
 
@@ -83,10 +83,6 @@ class Scope:
         prefix = self._prefixes.get(label)
         if prefix is None:
             prefix = self._prefixes[label] = info_prefix(label, self._encoded)
-        if len(client_ids) == 1:  # the common cases, without the join
-            return prefix + encoded_id(client_ids[0])
-        if len(client_ids) == 2:
-            return prefix + encoded_id(client_ids[0]) + encoded_id(client_ids[1])
         return info_with_prefix(prefix, *client_ids)
 
     def with_graph(self, seed: bytes) -> Scope:
