@@ -152,25 +152,33 @@ def build_model(config: ModelConfig, in_shape: Sequence[int], num_classes: int, 
                               "object; pass it again with securefl.own.run(..., model=...)")
         return own_model(own if own is not None else import_factory(config), in_shape,
                          num_classes, seed=seed)
+    # the layers' own default initialisation draws from torch's global RNG before
+    # ``initialise`` redraws every parameter from the seeded generator: its state is restored
+    with torch.random.fork_rng(devices=[]):
+        model = _layers(config, in_shape, num_classes, seed=seed)
+    initialise(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def _layers(config: ModelConfig, in_shape: Sequence[int], num_classes: int, *,
+            seed: int) -> nn.Module:
+    """The configured built-in model's layers, not yet initialised by :func:`initialise`."""
     in_features = math.prod(in_shape)
     if config.name == "logistic":
-        model = logistic(in_features, num_classes)
-    elif config.name == "mlp":
-        model = MLP(in_features, num_classes, config.hidden)
-    elif config.name == "mnist_cnn":
+        return logistic(in_features, num_classes)
+    if config.name == "mlp":
+        return MLP(in_features, num_classes, config.hidden)
+    if config.name == "mnist_cnn":
         if tuple(in_shape[1:]) != (28, 28):
             raise ConfigError(f"[model] name = \"mnist_cnn\" is the 28x28 MNIST network, but "
                               f"the data's examples have shape {tuple(in_shape)}; use \"cnn\"")
-        model = MnistNet(in_shape[0], num_classes, variant=config.variant,
-                         generator=torch.Generator().manual_seed(seed + 1))
-    else:
-        if len(in_shape) != 3 or min(in_shape[1:]) < 4:
-            raise ConfigError(f"[model] name = \"cnn\" needs image inputs (channels, height "
-                              f">= 4, width >= 4), but the data's examples have shape "
-                              f"{tuple(in_shape)}; use \"mlp\" or \"logistic\"")
-        model = CNN(in_shape[0], num_classes)
-    initialise(model, torch.Generator().manual_seed(seed))
-    return model
+        return MnistNet(in_shape[0], num_classes, variant=config.variant,
+                        generator=torch.Generator().manual_seed(seed + 1))
+    if len(in_shape) != 3 or min(in_shape[1:]) < 4:
+        raise ConfigError(f"[model] name = \"cnn\" needs image inputs (channels, height "
+                          f">= 4, width >= 4), but the data's examples have shape "
+                          f"{tuple(in_shape)}; use \"mlp\" or \"logistic\"")
+    return CNN(in_shape[0], num_classes)
 
 
 def initialise(model: nn.Module, generator: torch.Generator) -> None:

@@ -68,3 +68,17 @@ def test_same_seed_same_model():
     a = build_model(ModelConfig(name="mlp", hidden=(8,)), (4,), 3, seed=1)
     b = build_model(ModelConfig(name="mlp", hidden=(8,)), (4,), 3, seed=1)
     np.testing.assert_array_equal(flatten(a), flatten(b))
+
+
+@pytest.mark.parametrize("name,shape,variant", [
+    ("logistic", (30,), "plain"), ("mlp", (1, 8, 8), "plain"), ("cnn", (3, 32, 32), "plain"),
+    ("mnist_cnn", (1, 28, 28), "plain"), ("mnist_cnn", (1, 28, 28), "karimireddy2022")])
+def test_building_a_model_leaves_the_global_rng_alone(name, shape, variant):
+    """The weights come from the seed alone: torch's global RNG neither sets them nor is
+    advanced by building them (the layers' default initialisation is redrawn)."""
+    config = ModelConfig(name=name, variant=variant)
+    before = torch.random.get_rng_state()
+    first = flatten(build_model(config, shape, 10, seed=5))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(12345)
+    np.testing.assert_array_equal(flatten(build_model(config, shape, 10, seed=5)), first)
