@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     attack_run.add_argument("scenario", nargs="+", help="scenario TOML file(s)")
     attack_run.add_argument("--out", help="output directory")
     attack_run.add_argument("--results", help="also regenerate this RESULTS.md")
+    attack_run.add_argument("--jobs", type=int, default=1, metavar="N",
+                            help="run up to N cells at once, each in its own process "
+                                 "(default 1)")
 
     certs = add(sub, "certs", help="TLS certificates for a deployment")
     certs_sub = certs.add_subparsers(dest="action", required=True, metavar="ACTION")

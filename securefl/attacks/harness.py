@@ -33,6 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from securefl.aggregation.base import Aggregator
 from securefl.attacks.data_poisoning import LabelFlip, PixelTrigger
+from securefl.attacks.jobs import check_jobs, run_parallel
 from securefl.attacks.registry import UpdateAttack, build_attack
 from securefl.attacks.results import (
     append_result,
@@ -252,44 +253,57 @@ def _describe(record: dict[str, Any]) -> str:
 
 def run_scenario(scenario: Scenario, out_dir: Path, *,
                  report: Callable[[Cell, dict[str, Any] | None, int, int], None] | None = None,
-                 ) -> dict[str, dict[str, Any]]:
+                 jobs: int = 1) -> dict[str, dict[str, Any]]:
     """Run every unfinished cell of ``scenario``, then write ``results.md`` and the heatmap.
 
     A cell counts as finished when ``results.jsonl`` already holds an ``ok`` record with its
-    key and fingerprint.  ``report(cell, record_or_None_if_skipped, index, total)`` is called
-    after each cell.
+    key and fingerprint.  ``report(cell, record_or_None_if_skipped, finished, total)`` is
+    called after each cell.  ``jobs`` > 1 runs up to that many cells at once, each in its
+    own process (:mod:`securefl.attacks.jobs`): the same records, sooner on more cores.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.jsonl"
     done = load_results(path)
     cells = scenario.cells()
-    # cells run one after another; one thread each (torch and numpy's BLAS, whose idle
-    # threads otherwise spin on shared cores) keeps small models fast
-    with torch_threads(1), threadpool_limits(limits=1):
-        _run_cells(cells, done, path, report)
+    pending = [i for i, cell in enumerate(cells) if not _finished(cell, done)]
+    for count, cell in enumerate(c for c in cells if _finished(c, done)):
+        if report is not None:
+            report(cell, None, count + 1, len(cells))
+
+    def keep(record: dict[str, Any]) -> None:
+        append_result(path, record)
+        done[record["key"]] = record
+
+    if check_jobs(jobs) > 1 and len(pending) > 1:
+        def reported(cell: Cell, record: dict[str, Any], finished: int) -> None:
+            if report is not None:
+                report(cell, record, len(cells) - len(pending) + finished, len(cells))
+
+        run_parallel(scenario.path, cells, pending, out_dir, jobs=jobs, append=keep,
+                     report=reported)
+    else:
+        # one thread (torch and numpy's BLAS, whose idle threads otherwise spin on shared
+        # cores) keeps small models fast
+        with torch_threads(1), threadpool_limits(limits=1):
+            for finished, index in enumerate(pending, 1):
+                keep(run_cell(cells[index]))
+                if report is not None:
+                    report(cells[index], done[cells[index].key],
+                           len(cells) - len(pending) + finished, len(cells))
     current = {c.key: done[c.key] for c in cells if c.key in done}
     atomic_write(out_dir / "results.md", scenario_markdown(scenario, current))
     plot_heatmap(scenario, current, out_dir / "heatmap.png")
     return current
 
 
-def _run_cells(cells: list[Cell], done: dict[str, dict[str, Any]], path: Path,
-               report: Callable[[Cell, dict[str, Any] | None, int, int], None] | None) -> None:
-    for index, cell in enumerate(cells, 1):
-        previous = done.get(cell.key)
-        if (previous is not None and previous.get("fingerprint") == cell.fingerprint
-                and previous.get("status") == "ok"):
-            if report is not None:
-                report(cell, None, index, len(cells))
-            continue
-        record = run_cell(cell)
-        append_result(path, record)
-        done[cell.key] = record
-        if report is not None:
-            report(cell, record, index, len(cells))
+def _finished(cell: Cell, done: dict[str, dict[str, Any]]) -> bool:
+    previous = done.get(cell.key)
+    return (previous is not None and previous.get("fingerprint") == cell.fingerprint
+            and previous.get("status") == "ok")
 
 
-def _run_with_progress(scenario: Scenario, out_dir: Path) -> dict[str, dict[str, Any]]:
+def _run_with_progress(scenario: Scenario, out_dir: Path, *,
+                       jobs: int = 1) -> dict[str, dict[str, Any]]:
     """The grid with a bar on a terminal, one INFO line per cell elsewhere, quiet under -q."""
     from securefl.progress import progress
 
@@ -300,17 +314,18 @@ def _run_with_progress(scenario: Scenario, out_dir: Path) -> dict[str, dict[str,
             bar.update(completed=index - 1)
             bar.advance(status=f"{cell.key}: {status}"[:100])
 
-        return run_scenario(scenario, out_dir, report=advance)
+        return run_scenario(scenario, out_dir, report=advance, jobs=jobs)
 
 
 def command(args: Any) -> int:
-    """``securefl attack run SCENARIO... [--out DIR] [--results MD]``."""
+    """``securefl attack run SCENARIO... [--out DIR] [--results MD] [--jobs N]``."""
+    jobs = check_jobs(getattr(args, "jobs", 1))
     scenarios = [mnist_fallback(load_scenario(path)) for path in args.scenario]
     names = [s.path.stem for s in scenarios]
     if len(set(names)) != len(names):
         raise ConfigError("scenario file names must be distinct (each gets its own folder)")
     root = Path(args.out) if args.out else Path("runs") / "attacks"
-    collected = [(s, *_run_one(s, root)) for s in scenarios]
+    collected = [(s, *_run_one(s, root, jobs=jobs)) for s in scenarios]
     if args.results:
         write_results_document(Path(args.results), collected)
         print(f"wrote {args.results}")
@@ -344,13 +359,14 @@ def missing_folder(scenario: Scenario) -> str | None:
             f"{scenario.path.name} to a local {data['dataset']} folder)")
 
 
-def _run_one(scenario: Scenario, root: Path) -> tuple[dict[str, dict[str, Any]], Path]:
+def _run_one(scenario: Scenario, root: Path, *,
+             jobs: int = 1) -> tuple[dict[str, dict[str, Any]], Path]:
     out_dir = root / scenario.path.stem
     reason = missing_folder(scenario)
     if reason is not None:
         print(f"{scenario.name}: skipped, {reason}")
         return {}, out_dir
-    records = _run_with_progress(scenario, out_dir)
+    records = _run_with_progress(scenario, out_dir, jobs=jobs)
     failed = sum(1 for r in records.values() if r["status"] != "ok")
     print(f"{scenario.name}: {len(records)} cells ({failed} not runnable); "
           f"table {out_dir / 'results.md'}")

@@ -19,8 +19,8 @@ from typing import Any
 
 from securefl.output import atomic_write, pyplot, save_figure
 
-__all__ = ["append_result", "load_results", "mean_sd", "plot_heatmap", "scenario_markdown",
-           "write_results_document"]
+__all__ = ["append_result", "load_results", "mean_sd", "plot_heatmap", "record_json",
+           "scenario_markdown", "write_results_document"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,11 +50,16 @@ def load_results(path: Path) -> dict[str, dict[str, Any]]:
 def append_result(path: Path, record: Mapping[str, Any]) -> None:
     """Append one record as a JSON line and flush it to disk before returning.  JSON has no
     NaN or infinity: a non-finite metric (a diverged model's loss) is written as null."""
-    line = json.dumps(_json_safe(record), sort_keys=True, allow_nan=False) + "\n"
+    line = record_json(record) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def record_json(record: Mapping[str, Any]) -> str:
+    """One record as a line of JSON, keys sorted, a non-finite float as null."""
+    return json.dumps(_json_safe(record), sort_keys=True, allow_nan=False)
 
 
 def _json_safe(value: Any) -> Any:
