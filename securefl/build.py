@@ -154,7 +154,9 @@ def local_trainer(config: Config, data: FederatedData, client_id: str, *,
         momentum=c.momentum, weight_decay=c.weight_decay, local_steps=c.local_steps,
         keep_momentum=c.keep_momentum,
         seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]),
-        device=select_device(config.run.device), objective=objective or resolve(config))
+        device=select_device(config.run.device), objective=objective or resolve(config),
+        shared_masks=((seed, config.model.mask_period)
+                      if config.model.dropout_masks == "shared" else None))
 
 
 def central_evaluator(config: Config, data: FederatedData, *,

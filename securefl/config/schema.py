@@ -65,13 +65,22 @@ class ModelConfig:
     whose ``factory`` then records its class.  ``variant`` selects ``mnist_cnn``'s form:
     ``"plain"`` (ReLU after both convolutions, no dropout) or ``"karimireddy2022"`` (their
     ``Net``: no ReLU after the second convolution, dropout 0.25 on channels and 0.5 on the
-    hidden units; :class:`securefl.models.MnistNet`)."""
+    hidden units; :class:`securefl.models.MnistNet`).  ``dropout_masks`` says where a model's
+    dropout masks (:class:`securefl.models.SeededDropout`) come from: ``"site"``, each site's
+    own generator, fresh at every step; ``"shared"``, the same masks at every site, from a
+    generator reseeded from ``([run] seed, round // mask_period)`` at the start of each
+    round, as Karimireddy et al.'s simulator draws them (it restores torch's RNG after each
+    worker's call, so every worker gets the same masks until the evaluation draws, every 30
+    iterations: ``mask_period = 30``).  Dropout masks are not a privacy mechanism; the
+    site's ones follow from its seed as well."""
 
     name: Literal["logistic", "mlp", "cnn", "mnist_cnn", "factory", "python"] = "mlp"
     hidden: tuple[int, ...] = (64,)
     factory: str | None = None
     path: str | None = None
     variant: Literal["plain", "karimireddy2022"] = "plain"
+    dropout_masks: Literal["site", "shared"] = "site"
+    mask_period: int = 1
 
     def __post_init__(self) -> None:
         if self.factory is not None and self.name == "mlp":  # the default: factory wins
@@ -85,6 +94,11 @@ class ModelConfig:
               f"and name = {self.name!r} both given; give one")
         check(self.variant == "plain" or self.name == "mnist_cnn", "variant",
               f"= {self.variant!r} is a form of name = \"mnist_cnn\", not of {self.name!r}")
+        check(self.mask_period >= 1, "mask_period", f"must be >= 1, got {self.mask_period}")
+        check(self.dropout_masks == "site" or self.variant != "plain"
+              or self.name in ("factory", "python"), "dropout_masks",
+              f"= {self.dropout_masks!r} needs a model with dropout (name = \"mnist_cnn\", "
+              f"variant = \"karimireddy2022\", or the site's own)")
         if self.name == "factory":
             check(_import_path(str(self.factory)), "factory",
                   f"must be \"package.module:function\", got {self.factory!r}")

@@ -14,6 +14,7 @@ from torch import nn
 
 from securefl.data import Dataset
 from securefl.engine.protection import Update
+from securefl.errors import ConfigError
 from securefl.models import seed_dropout
 from securefl.objective import Objective, scalar
 from securefl.vector import Layout, flatten, unflatten
@@ -81,6 +82,8 @@ class LocalTask:
     generator: torch.Generator
     objective: Objective
     device: torch.device
+    #: called with the round's number before it trains (:meth:`LocalTrainer.begin_round`)
+    begin_round: Callable[[int], None]
 
 
 class LocalTrainer:
@@ -99,17 +102,20 @@ class LocalTrainer:
     client, on the CPU whatever the ``device``), so runs are reproducible without touching
     the global RNG; the model's dropout masks (:class:`securefl.models.SeededDropout`) come
     from a second generator the trainer owns, seeded from ``(seed, 1)``, so every site and
-    every step draws its own masks.  ``device`` holds the model and the data
-    (:mod:`securefl.device`); ``objective`` is the loss and step (:mod:`securefl.objective`;
-    cross-entropy by default).  The weight of the update is the number of training examples
-    (FedAvg weighting).
+    every step draws its own masks; with ``shared_masks = (seed, period)`` that generator is
+    reseeded from ``(seed, round // period)`` as each round begins instead, so sites with
+    the same ``seed`` draw the same masks (``[model] dropout_masks = "shared"``).  ``device``
+    holds the model and the data (:mod:`securefl.device`); ``objective`` is the loss and
+    step (:mod:`securefl.objective`; cross-entropy by default).  The weight of the update is
+    the number of training examples (FedAvg weighting).
     """
 
     def __init__(self, model: nn.Module, train: Dataset, val: Dataset, *, epochs: int,
                  batch_size: int, lr: float, optimizer: str = "sgd", momentum: float = 0.0,
                  weight_decay: float = 0.0, local_steps: int | None = None,
                  keep_momentum: bool = False, seed: int,
-                 device: torch.device | str = "cpu", objective: Objective | None = None) -> None:
+                 device: torch.device | str = "cpu", objective: Objective | None = None,
+                 shared_masks: tuple[int, int] | None = None) -> None:
         if len(train) == 0:
             raise ValueError("a client needs at least one training example")
         self.objective = objective or Objective()
@@ -127,7 +133,10 @@ class LocalTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.dropout = torch.Generator().manual_seed(
             int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
-        seed_dropout(self.model, self.dropout)
+        if seed_dropout(self.model, self.dropout) == 0 and shared_masks is not None:
+            raise ConfigError("[model] dropout_masks = \"shared\": the model has no "
+                              "SeededDropout layer to draw masks for")
+        self.shared_masks = shared_masks
         self.local_steps, self.keep_momentum = local_steps, keep_momentum
         self._order = torch.empty(0, dtype=torch.long)  # the rest of the current pass
         self._optimizer: torch.optim.Optimizer | None = None
@@ -142,7 +151,15 @@ class LocalTrainer:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)
 
+    def begin_round(self, round: int) -> None:
+        """Reseed the shared dropout masks for ``round`` (nothing with per-site masks)."""
+        if self.shared_masks is not None:
+            seed, period = self.shared_masks
+            self.dropout.manual_seed(
+                int(np.random.SeedSequence([seed, 2, round // period]).generate_state(1)[0]))
+
     def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
+        self.begin_round(round)
         unflatten(self.model, parameters, self.layout)
         if self.keep_momentum:
             if self._optimizer is None:
@@ -205,7 +222,8 @@ class LocalTrainer:
         """This trainer's model, data and settings, for a trainer that wraps it."""
         return LocalTask(self.model, self.layout, self.features, self.labels,
                          self.val_features, self.val_labels, self.epochs, self.batch_size,
-                         self.make_optimizer, self.generator, self.objective, self.device)
+                         self.make_optimizer, self.generator, self.objective, self.device,
+                         self.begin_round)
 
 
 class RoundRewind:

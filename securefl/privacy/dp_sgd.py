@@ -179,6 +179,7 @@ class DPSGDTrainer:
         spent = self.ledger.charge(self.client_id, self.round_event(), round=round,
                                    release=release)
         task = self.task
+        task.begin_round(round)
         unflatten(self.model, parameters, task.layout)
         self.optimizer.original_optimizer.state.clear()  # a round starts a fresh optimizer
         self.module.train()

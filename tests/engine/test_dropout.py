@@ -146,3 +146,77 @@ def test_bad_variant_is_a_one_line_config_error(tmp_path):
 def test_seeded_dropout_refuses_a_bad_probability():
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         SeededDropout(1.0, channels=False, generator=torch.Generator())
+
+
+def _dp_sgd(site: int, ledger_path: object) -> object:
+    """Site ``site``'s trainer for their Net under DP-SGD (Opacus, hooks), as
+    :mod:`securefl.privacy` wraps it."""
+    from securefl.privacy.dp_sgd import DPSGDTrainer
+    from securefl.privacy.ledger import PrivacyLedger
+
+    base = local_trainer(_config(), _federation(), f"client-{site}")
+    ledger = PrivacyLedger(ledger_path, delta=1e-5, budgets={"c": None})  # type: ignore[arg-type]
+    return DPSGDTrainer(base.task(), client_id="c", ledger=ledger, noise_multiplier=0.5,
+                        max_grad_norm=1.0)
+
+
+def test_dp_sgd_draws_the_masks_from_the_site_generator(tmp_path):
+    """Under Opacus the masks still come from the site's own generator: the same site
+    trained twice gives the same noisy update, another site (same images and batches,
+    other masks and noise) another, and torch's global RNG is never drawn from."""
+    start = flatten(build_model(THEIRS, (1, 28, 28), 10, seed=0))
+    before = torch.random.get_rng_state()
+    first = _dp_sgd(0, tmp_path / "a.db").fit(start, round=0)[0].delta  # type: ignore[attr-defined]
+    again = _dp_sgd(0, tmp_path / "b.db").fit(start, round=0)[0].delta  # type: ignore[attr-defined]
+    other = _dp_sgd(1, tmp_path / "c.db").fit(start, round=0)[0].delta  # type: ignore[attr-defined]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first).max() > 0 and not np.array_equal(first, other)
+
+
+def _shared(period: int) -> object:
+    return config_from_dict({"model": {"name": "mnist_cnn", "variant": "karimireddy2022",
+                                       "dropout_masks": "shared", "mask_period": period},
+                             "client": {"batch_size": 8, "lr": 0.1, "local_steps": 1}})
+
+
+def test_shared_masks_are_the_same_at_every_site_within_a_period():
+    """``dropout_masks = "shared"``: every site draws the masks of ``(seed, round //
+    mask_period)``, as their simulator gives every worker the same masks for 30 iterations;
+    one site with one image per batch trains exactly as another with the same image."""
+    data = _federation()
+    trainers = [local_trainer(_shared(3), data, f"client-{i}") for i in range(2)]  # type: ignore[arg-type]
+    x = torch.ones(16, 64, 1, 1)
+
+    def masks(trainer: LocalTrainer, round: int) -> torch.Tensor:
+        trainer.begin_round(round)
+        return trainer.model.features[4](x)
+
+    first = [masks(t, 0) for t in trainers]
+    assert torch.equal(first[0], first[1])
+    assert torch.equal(masks(trainers[0], 2), first[0])  # rounds 0, 1, 2: one period
+    assert not torch.equal(masks(trainers[0], 3), first[0])
+    assert torch.equal(masks(trainers[1], 3), masks(trainers[0], 3))
+    own = local_trainer(_config(), data, "client-0")  # type: ignore[arg-type]
+    own.begin_round(0)
+    assert not torch.equal(own.model.features[4](x), first[0])  # per-site masks differ
+    one = {f"client-{i}": ClientData(_images(1, 0), _images(1, 2)) for i in range(2)}
+    single = FederatedData(one, _images(1, 1), 10, (1, 28, 28))
+    start = flatten(build_model(THEIRS, (1, 28, 28), 10, seed=0))
+    a, b = (local_trainer(_shared(30), single, f"client-{i}").fit(start, round=4)[0].delta  # type: ignore[arg-type]
+            for i in range(2))
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("table,message", [
+    ({"name": "mnist_cnn", "dropout_masks": "shared"},
+     "[model] dropout_masks = 'shared' needs a model with dropout"),
+    ({"name": "mnist_cnn", "variant": "karimireddy2022", "mask_period": 0},
+     "[model] mask_period must be >= 1, got 0")])
+def test_shared_masks_settings_are_checked(tmp_path, table, message):
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"')
+                                          for k, v in table.items()))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {message}") and "\n" not in str(info.value)
