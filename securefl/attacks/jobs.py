@@ -3,7 +3,7 @@
 The cells of a grid are independent runs, each seeded from its own ``seed``, so a grid
 gives the same ``results.jsonl`` records (all but ``seconds``) whether its cells run one
 after another or up to ``N`` at once.  Each pending cell runs in a fresh child process
-(``python -m securefl.attacks.jobs``, one torch and BLAS thread, like the sequential
+(``python -m securefl.attacks.cell_process``, one torch and BLAS thread, like the sequential
 harness), which:
 
 * reads the same scenario file (with the same MNIST fallback) and picks the cell by its
@@ -28,12 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from securefl.attacks.results import record_json
-from securefl.attacks.scenario import Cell, load_scenario
+from securefl.attacks.scenario import Cell
 from securefl.errors import ConfigError
-from securefl.output import atomic_write
 
-__all__ = ["MAX_RECORD_BYTES", "check_jobs", "main", "run_parallel"]
+__all__ = ["MAX_RECORD_BYTES", "check_jobs", "run_parallel"]
 
 #: the largest record a cell's process may hand back (a record is a few KB: its curves)
 MAX_RECORD_BYTES = 16 << 20
@@ -91,7 +89,7 @@ def _start(scenario_path: Path, cell: Cell, index: int, work: Path) -> subproces
         stale.unlink(missing_ok=True)
     with open(work / f"{index}.log", "wb") as log:
         return subprocess.Popen(  # noqa: S603 (this interpreter, this module, our own paths)
-            [sys.executable, "-m", "securefl.attacks.jobs", str(scenario_path), str(index),
+            [sys.executable, "-m", "securefl.attacks.cell_process", str(scenario_path), str(index),
              cell.key, cell.fingerprint, str(work / f"{index}.json")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
@@ -116,27 +114,3 @@ def _collect(cell: Cell, index: int, work: Path, code: int, *,
     path.unlink()
     log.unlink(missing_ok=True)
     return record
-
-
-def main(argv: Sequence[str]) -> int:
-    """A cell's process: ``SCENARIO INDEX KEY FINGERPRINT RECORD_PATH``."""
-    from threadpoolctl import threadpool_limits
-
-    from securefl.attacks.harness import mnist_fallback, run_cell
-    from securefl.engine.trainer import torch_threads
-
-    scenario_path, index, key, fingerprint, out = argv
-    cells = mnist_fallback(load_scenario(scenario_path)).cells()
-    cell = cells[int(index)] if 0 <= int(index) < len(cells) else None
-    if cell is None or (cell.key, cell.fingerprint) != (key, fingerprint):
-        print(f"{scenario_path}: cell {index} is not {key} ({fingerprint}): the file "
-              f"changed while the grid ran", file=sys.stderr)
-        return 2
-    with torch_threads(1), threadpool_limits(limits=1):
-        record = run_cell(cell)
-    atomic_write(Path(out), record_json(record))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -90,7 +90,7 @@ def test_a_cell_process_refuses_a_scenario_that_changed(tmp_path: Path) -> None:
     path = write(tmp_path, ONE_SEED)
     cell = load_scenario(path).cells()[0]
     out = tmp_path / "record.json"
-    done = subprocess.run([sys.executable, "-m", "securefl.attacks.jobs", str(path), "0",
+    done = subprocess.run([sys.executable, "-m", "securefl.attacks.cell_process", str(path), "0",
                            cell.key, "0" * 16, str(out)], capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 2 and not out.exists()
