@@ -28,7 +28,7 @@ from securefl.engine.client import Client
 from securefl.engine.optim import build_server_optimizer
 from securefl.engine.protection import ClientProtection, Plain, ServerProtection
 from securefl.engine.server import Sampler, Server, ServerHook
-from securefl.engine.trainer import LocalTrainer, Trainer, evaluate_model
+from securefl.engine.trainer import LocalTrainer, Trainer, derive_seed, evaluate_model
 from securefl.engine.transport import Transport
 from securefl.errors import ConfigError
 from securefl.models import OwnModel, build_model
@@ -153,7 +153,7 @@ def local_trainer(config: Config, data: FederatedData, client_id: str, *,
         shard.val, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
         momentum=c.momentum, weight_decay=c.weight_decay, local_steps=c.local_steps,
         keep_momentum=c.keep_momentum,
-        seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]),
+        seed=derive_seed(seed, index),
         device=select_device(config.run.device), objective=objective or resolve(config),
         shared_masks=((seed, config.model.mask_period)
                       if config.model.dropout_masks == "shared" else None))

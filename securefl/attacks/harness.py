@@ -274,10 +274,11 @@ def run_scenario(scenario: Scenario, out_dir: Path, *,
         append_result(path, record)
         done[record["key"]] = record
 
+    earlier = len(cells) - len(pending)
     if check_jobs(jobs) > 1 and len(pending) > 1:
         def reported(cell: Cell, record: dict[str, Any], finished: int) -> None:
             if report is not None:
-                report(cell, record, len(cells) - len(pending) + finished, len(cells))
+                report(cell, record, earlier + finished, len(cells))
 
         run_parallel(scenario.path, cells, pending, out_dir, jobs=jobs, append=keep,
                      report=reported)
@@ -288,8 +289,8 @@ def run_scenario(scenario: Scenario, out_dir: Path, *,
             for finished, index in enumerate(pending, 1):
                 keep(run_cell(cells[index]))
                 if report is not None:
-                    report(cells[index], done[cells[index].key],
-                           len(cells) - len(pending) + finished, len(cells))
+                    report(cells[index], done[cells[index].key], earlier + finished,
+                           len(cells))
     current = {c.key: done[c.key] for c in cells if c.key in done}
     atomic_write(out_dir / "results.md", scenario_markdown(scenario, current))
     plot_heatmap(scenario, current, out_dir / "heatmap.png")

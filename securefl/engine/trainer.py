@@ -19,7 +19,8 @@ from securefl.models import seed_dropout
 from securefl.objective import Objective, scalar
 from securefl.vector import Layout, flatten, unflatten
 
-__all__ = ["LocalTask", "LocalTrainer", "RoundRewind", "Trainer", "evaluate_model", "torch_threads"]
+__all__ = ["LocalTask", "LocalTrainer", "RoundRewind", "Trainer", "derive_seed", "evaluate_model",
+           "torch_threads"]
 
 
 @contextmanager
@@ -60,6 +61,13 @@ def evaluate_model(model: nn.Module, features: torch.Tensor, labels: torch.Tenso
             loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == target).sum())
     return n, loss_sum / n, correct / n
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed for one purpose, ``SeedSequence(parts).generate_state(1)[0]``: a site's
+    seed from ``(run seed, its index)``, its dropout generator's from ``(site seed, 1)``, the
+    shared masks' from ``(run seed, 2, round // period)``."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
@@ -131,8 +139,7 @@ class LocalTrainer:
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
         self.generator = torch.Generator().manual_seed(seed)
-        self.dropout = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+        self.dropout = torch.Generator().manual_seed(derive_seed(seed, 1))
         if seed_dropout(self.model, self.dropout) == 0 and shared_masks is not None:
             raise ConfigError("[model] dropout_masks = \"shared\": the model has no "
                               "SeededDropout layer to draw masks for")
@@ -155,8 +162,7 @@ class LocalTrainer:
         """Reseed the shared dropout masks for ``round`` (nothing with per-site masks)."""
         if self.shared_masks is not None:
             seed, period = self.shared_masks
-            self.dropout.manual_seed(
-                int(np.random.SeedSequence([seed, 2, round // period]).generate_state(1)[0]))
+            self.dropout.manual_seed(derive_seed(seed, 2, round // period))
 
     def fit(self, parameters: np.ndarray, *, round: int) -> tuple[Update, dict[str, float]]:
         self.begin_round(round)
