@@ -26,23 +26,17 @@ from securefl.privacy.rotation import rotate
 from securefl.secagg import SecAggConfig, build_simulation
 from securefl.secagg.messages import SecAggConsistency, SecAggUnmaskRequest
 from tests.contracts.protection import ctx
-from tests.privacy.test_skellam import chi_square_p, counter_entropy
+from tests.privacy.test_skellam import chi_square_p, fixed_source
 
 D = 4096  # a multiple of the rotation's blocks: the rotated noise is i.i.d. per coordinate
 IDS = [f"s{i}" for i in range(8)]
 
 
-def fixed_source(label: bytes) -> SecureRandom:
-    """The real CSPRNG under reproducible keys (tests only): the statistical bounds below
-    then decide the same way on every run instead of failing once in about 10^4."""
-    return SecureRandom(entropy=counter_entropy(label))
-
-
 class Recording(SkellamEncoding):
     """The real encoding, remembering each site's integers, noise and seeds (test only)."""
 
-    def __init__(self, settings: DistributedSettings, *, label: bytes = b"recording") -> None:
-        super().__init__(settings, source=fixed_source(label))
+    def __init__(self, settings: DistributedSettings) -> None:
+        super().__init__(settings, source=fixed_source(b"recording"))
         self.parts: list[tuple[np.ndarray, np.ndarray, tuple[bytes, ...]]] = []
 
     def integers(self, delta, *, seed):
