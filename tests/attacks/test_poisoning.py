@@ -160,6 +160,9 @@ def test_ipm_is_minus_eps_times_the_mean() -> None:
     rows = honest_rows()
     out = IPM(eps=0.5)(rows, num_byzantine=2, rng=np.random.default_rng(0))
     np.testing.assert_allclose(out, np.tile(-0.5 * rows.mean(0), (2, 1)), rtol=1e-5)
+    # exactly the float64 mean of a float64 copy, which the attack no longer makes
+    exact = (-0.5 * rows.astype(np.float64).mean(axis=0)).astype(np.float32)
+    assert out.dtype == np.float32 and np.array_equal(out, np.tile(exact, (2, 1)))
     # FedAvg inner product with mu: (1 - p - p eps)|mu|^2
     mu = rows.mean(0).astype(np.float64)
     aggregate = FedAvg()(np.vstack([rows, out]))
